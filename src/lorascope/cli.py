@@ -1,0 +1,144 @@
+"""Command line. Subcommands map one-to-one to stages; `run` chains them.
+
+Exit codes: 0 success, 2 bad input (one line on stderr), 1 failure."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+from lorascope import __version__
+from lorascope.config import TaskConfig, apply_overrides, load_config, validate
+from lorascope.errors import InputError
+
+STAGE_ORDER = ("prepare", "baselines", "train")
+
+
+def _add_config_args(parser: argparse.ArgumentParser, config_positional: bool) -> None:
+    if config_positional:
+        parser.add_argument("config", nargs="?", help="study YAML (default: the profile alone)")
+    else:
+        parser.add_argument("--config", help="study YAML (default: the profile alone)")
+    parser.add_argument("--profile", help="smoke | quick | paper (default quick when no config is given)")
+    parser.add_argument("--out", help="study directory (default studies/<name>)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set training.lora.lr=3e-4 (repeatable)")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorascope", description="What LoRA buys and costs vs full fine-tuning.")
+    parser.add_argument("--version", action="version", version=f"lorascope {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run every stage of a study", description="Run every stage of a study.")
+    _add_config_args(run, config_positional=True)
+
+    for stage, text in (("prepare", "load, check, split and tokenize the tasks"),
+                        ("baselines", "majority class, head-only probe, overfit sanity check")):  # fmt: skip
+        sub = commands.add_parser(stage, help=text, description=f"{text} (on an existing study directory)")
+        sub.add_argument("study", help="study directory")
+
+    train = commands.add_parser(
+        "train", help="train the study's grid, or one run with --task/--method/--seed",
+        description="Train every run of STUDY, or a single run given --task, --method and --seed.",
+    )
+    train.add_argument("study", nargs="?", help="study directory (its config.yaml is used)")
+    train.add_argument("--task")
+    train.add_argument("--method", choices=("lora", "full"))
+    train.add_argument("--seed", type=int)
+    _add_config_args(train, config_positional=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _quiet_libraries()
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("interrupted; finished results are kept, rerun to resume", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI's single exit point
+        if args.debug:
+            traceback.print_exc()
+        print(f"lorascope: error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, InputError) else 1
+
+
+def _dispatch(args) -> int:
+    from lorascope import stages
+    from lorascope.study import Study, run_stages
+
+    if args.command == "run":
+        config = load_config(args.config, args.profile, args.overrides)
+        out = _out_dir(args, config)
+        _set_threads(config)
+        run_stages(config, out, [(name, stages.STAGES[name]) for name in STAGE_ORDER])
+        print(f"study written to {out}")
+        return 0
+    if args.command == "train" and (args.task or args.method or args.seed is not None):
+        return _single_run(args)
+    if not args.study:
+        raise InputError(f"{args.command} needs a study directory")
+    study = Study(args.study)
+    config = study.load_config()
+    _set_threads(config)
+    upto = STAGE_ORDER[: STAGE_ORDER.index(args.command) + 1]
+    run_stages(config, study.root, [(name, stages.STAGES[name]) for name in upto], write_config=False)
+    print(f"{args.command} done in {study.root}")
+    return 0
+
+
+def _single_run(args) -> int:
+    """One task x method x seed through the same stages as a study. Into an existing study it
+    uses that study's config (plus --set) and leaves its config.yaml alone."""
+    from lorascope import stages
+    from lorascope.study import Study, run_stages
+
+    missing = [f"--{k}" for k in ("task", "method", "seed") if getattr(args, k) is None]
+    if missing:
+        raise InputError(f"a single run needs {', '.join(missing)}")
+    out = args.out or args.study
+    existing = out is not None and (Path(out) / "config.yaml").is_file()
+    if existing and not (args.config or args.profile):
+        raw = Study(out).load_config().model_dump(mode="json")
+        config = validate(apply_overrides(raw, args.overrides), source="--set")
+    else:
+        config = load_config(args.config, args.profile, args.overrides)
+    task_cfg = config.tasks.get(args.task, TaskConfig())
+    config = config.model_copy(update={"tasks": {args.task: task_cfg}, "methods": [args.method], "seeds": [args.seed]})
+    out = Path(out) if out else _out_dir(args, config)
+    _set_threads(config)
+    run_stages(config, out, [("prepare", stages.prepare), ("train", stages.train)], write_config=not existing)
+    print(f"run written to {Study(out).run_dir(args.task, args.method, args.seed)}")
+    return 0
+
+
+def _out_dir(args, config) -> Path:
+    return Path(args.out) if args.out else Path("studies") / config.name
+
+
+def _set_threads(config) -> None:
+    if config.runtime.threads:
+        import torch
+
+        torch.set_num_threads(config.runtime.threads)
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal to progress bars and lorascope's own lines."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # weight-loading bars; training bars stay
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

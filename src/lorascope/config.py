@@ -1,0 +1,284 @@
+"""Study configuration: pydantic models (unknown keys are errors), profiles, `--set` overrides,
+and the fingerprints that decide which stage outputs are still valid."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lorascope.errors import InputError
+
+PROFILES = ("smoke", "quick", "paper")
+DEFAULT_PROFILE = "quick"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    name: str = Field("minilm-l6", description="bundled alias, Hub id or local folder")
+    max_length: int = Field(128, gt=1)
+    gradient_checkpointing: bool = False
+
+
+class DataConfig(Strict):
+    glue: str = Field(
+        default_factory=lambda: os.environ.get("LORASCOPE_GLUE", "nyu-mll/glue"),
+        description="Hub id or local folder in the nyu-mll/glue layout (env LORASCOPE_GLUE)",
+    )
+    dev_fraction: float = Field(0.1, gt=0, lt=1)
+    dev_max: int = Field(1000, gt=0)
+    probe_size: int = Field(256, gt=0)
+    split_seed: int = 0
+
+
+class TaskConfig(Strict):
+    """A built-in task (only the size keys apply) or a custom one (`source` given)."""
+
+    train_max: int | None = Field(None, gt=0, description="stratified subsample of train")
+    eval_max: int | None = Field(None, gt=0, description="first N eval examples (smoke tests only)")
+    source: str | None = Field(None, description="Hub id, dataset folder, or CSV/TSV/JSON file")
+    subset: str | None = None
+    eval_source: str | None = Field(None, description="file with the eval split (file sources)")
+    train_split: str = "train"
+    eval_split: str = "validation"
+    text: str | None = None
+    text_pair: str | None = None
+    label: str = "label"
+    label_names: list[str] | None = None
+    metric: Literal["accuracy", "f1"] | None = None
+
+
+class MethodConfig(Strict):
+    """Hyperparameters of one training method; every key reaches the Trainer or lorascope's
+    own callbacks (tests/test_config_reaches_trainer.py proves it)."""
+
+    lr: float = Field(gt=0)
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    adam_beta2: float = Field(0.999, gt=0, lt=1)
+    eval_every: int = Field(0, ge=0, description="dev evaluation every N steps; 0 = each epoch")
+    patience: int = Field(0, ge=0, description="early stop after N evals without gain; 0 = off")
+
+
+class LoraMethodConfig(MethodConfig):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="None = per-architecture default")
+    modules_to_save: list[str] | None = Field(
+        None, description="trained besides the adapter and classifier; None = per-architecture (BERT: pooler)"
+    )
+
+
+class TrainingConfig(Strict):
+    lora: LoraMethodConfig = LoraMethodConfig(lr=5e-4)
+    full: MethodConfig = MethodConfig(lr=5e-5)
+    head: MethodConfig = MethodConfig(lr=1e-3)
+    eval_batch_size: int = Field(64, gt=0)
+
+
+class BaselinesConfig(Strict):
+    head_only: bool = True
+    overfit_examples: int = Field(16, gt=1)
+    overfit_steps: int = Field(30, gt=0)
+    overfit_threshold: float = Field(0.9, gt=0, le=1)
+
+
+class RuntimeConfig(Strict):
+    """How to run; only `device` and `bf16` can change results, so only they are fingerprinted."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = Field(True, description="bf16 autocast on CUDA (weights stay fp32)")
+    threads: int | None = Field(None, gt=0)
+    report_to: list[Literal["none", "wandb", "mlflow", "tensorboard"]] = ["none"]
+    progress: bool = True
+
+
+class StudyConfig(Strict):
+    name: str = "study"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    tasks: dict[str, TaskConfig] = {"sst2": TaskConfig(), "mrpc": TaskConfig(), "rte": TaskConfig()}
+    methods: list[Literal["lora", "full"]] = ["lora", "full"]
+    seeds: list[int] = [42, 1337, 2024]
+    training: TrainingConfig = TrainingConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _grid_not_empty(self) -> StudyConfig:
+        for key in ("tasks", "methods", "seeds"):
+            if not getattr(self, key):
+                raise ValueError(f"`{key}` must not be empty")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"`seeds` has duplicates: {self.seeds}")
+        return self
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    profile: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> StudyConfig:
+    """Profile (default `quick` when no file is given) < config file < `--set` overrides."""
+    raw: dict[str, Any] = {}
+    if profile is not None or path is None:
+        raw = _read_profile(profile or DEFAULT_PROFILE)
+    if path is not None:
+        _deep_merge(raw, _read_yaml(Path(path)))
+    return validate(apply_overrides(raw, overrides), source=str(path) if path else f"profile {profile or DEFAULT_PROFILE}")
+
+
+def apply_overrides(raw: dict[str, Any], overrides) -> dict[str, Any]:
+    """`--set a.b.c=value` on a plain config dict; the value is parsed as YAML."""
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+    return raw
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> StudyConfig:
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as err:
+        raise InputError(f"{source}: {_explain(err)}") from None
+
+
+def _read_profile(name: str) -> dict[str, Any]:
+    if name not in PROFILES:
+        raise InputError(f"unknown profile '{name}'; choose one of {', '.join(PROFILES)}")
+    text = resources.files("lorascope.profiles").joinpath(f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML ({err})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: the top level must be a mapping of keys to values")
+    return data
+
+
+def _deep_merge(into: dict, new: dict) -> dict:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise InputError(f"--set expects key=value, got '{item}'")
+    _check_dotted_key(key)
+    return key, yaml.safe_load(text) if text else None
+
+
+def _check_dotted_key(key: str) -> None:
+    """`--set` may only name keys that exist; dict-valued keys (tasks) accept new entries."""
+    model: type[BaseModel] | None = StudyConfig
+    parts = key.split(".")
+    i = 0
+    while i < len(parts):
+        if model is None:
+            raise InputError(f"--set {key}: '{parts[i - 1]}' has no sub-keys")
+        fields = model.model_fields
+        if parts[i] not in fields:
+            where = ".".join(parts[:i]) or "the top level"
+            raise InputError(f"--set {key}: no key '{parts[i]}' in {where}{_suggest(parts[i], fields)}")
+        annotation = fields[parts[i]].annotation
+        if getattr(annotation, "__origin__", None) is dict:
+            model, i = annotation.__args__[1], i + 2
+        else:
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            i += 1
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise InputError(f"--set {key}: '{part}' is not a mapping")
+    node[leaf] = value
+
+
+def _suggest(name: str, valid) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
+
+
+def _explain(err: ValidationError) -> str:
+    """One line per problem: where it is, what is wrong, and the closest valid key."""
+    lines = []
+    for problem in err.errors():
+        loc = ".".join(str(p) for p in problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            parent = _model_at(problem["loc"][:-1])
+            hint = _suggest(str(problem["loc"][-1]), parent.model_fields) if parent else ""
+            lines.append(f"unknown key '{loc}'{hint}")
+        else:
+            lines.append(f"{loc or 'config'}: {problem['msg']}")
+    return "; ".join(lines)
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: Any = StudyConfig
+    skip_next = False
+    for part in loc:
+        if skip_next:
+            skip_next = False
+            continue
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if getattr(annotation, "__origin__", None) is dict:
+            model, skip_next = annotation.__args__[1], True
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return None
+    return model
+
+
+# ---------------------------------------------------------------- fingerprints and saving
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable short hash of plain data (pydantic models are dumped first)."""
+    plain = [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts]
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def results_fingerprint(config: StudyConfig) -> str:
+    """Everything that can change a number in the study (progress bars and loggers cannot)."""
+    return fingerprint(config.model_dump(mode="json", exclude={"runtime": {"threads", "report_to", "progress"}}))
+
+
+def to_yaml(config: StudyConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,14 @@
+"""Errors a user can fix. The CLI prints them as one line and exits with code 2."""
+
+
+class InputError(Exception):
+    """Bad config, bad data or a bad path: the message says what is wrong and where."""
+
+
+class Diverged(Exception):
+    """Training loss became NaN or inf; the run is recorded as `diverged`, the study goes on."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"loss became {loss} at step {step}")
+        self.step = step
+        self.loss = loss

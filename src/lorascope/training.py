@@ -1,0 +1,262 @@
+"""One training run (LoRA, full fine-tuning or head-only) with the Hugging Face Trainer:
+length-grouped batches in an order fixed by the seed, dev-based early stopping and
+best-checkpoint selection, divergence detection, and everything saved for later stages."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import datasets
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from lorascope import modeling
+from lorascope.config import MethodConfig, RuntimeConfig
+from lorascope.errors import Diverged
+from lorascope.evaluation import evaluate, make_collator
+from lorascope.tasks import Task
+
+# Method hyperparameter -> TrainingArguments field. Keys consumed by lorascope itself are in
+# CALLBACK_KEYS, LoRA's own keys reach PEFT through modeling.lora_config.
+TRAINER_KEYS = {
+    "lr": "learning_rate",
+    "epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size",
+    "grad_accum": "gradient_accumulation_steps",
+    "scheduler": "lr_scheduler_type",
+    "warmup_ratio": "warmup_steps",  # a float in [0, 1) is a ratio of the total steps
+    "weight_decay": "weight_decay",
+    "max_grad_norm": "max_grad_norm",
+    "adam_beta2": "adam_beta2",
+}
+CALLBACK_KEYS = {"eval_every", "patience"}
+PEFT_KEYS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules",
+             "modules_to_save": "modules_to_save"}  # fmt: skip
+
+
+@dataclasses.dataclass
+class RunSetup:
+    """What one run needs besides its data: the model, the method and how to run it."""
+
+    model_name: str
+    task: Task
+    method: str  # lora | full | head
+    seed: int
+    hp: MethodConfig
+    runtime: RuntimeConfig
+    eval_batch_size: int
+    gradient_checkpointing: bool = False
+    max_steps: int = -1
+    save_weights: bool = True  # the overfit sanity check keeps only its metrics
+
+
+def training_arguments(setup: RunSetup, device: torch.device, output_dir: str) -> TrainingArguments:
+    hp = setup.hp
+    cuda = device.type == "cuda"
+    return TrainingArguments(
+        output_dir=output_dir,
+        **{arg: getattr(hp, key) for key, arg in TRAINER_KEYS.items()},
+        max_steps=setup.max_steps,
+        seed=setup.seed,
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        bf16=cuda and setup.runtime.bf16,
+        use_cpu=not cuda,
+        activation_checkpointing=setup.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if setup.gradient_checkpointing else None,
+        eval_strategy="no",  # dev evaluation goes through lorascope's single evaluation path
+        save_strategy="no",  # the best state is kept in memory, see DevSelection
+        logging_steps=10,
+        logging_nan_inf_filter=False,  # a NaN must be seen, not filtered out
+        report_to=setup.runtime.report_to,
+        disable_tqdm=not setup.runtime.progress,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+class LorascopeTrainer(Trainer):
+    """Trainer whose data order depends on the seed alone (a LoRA run and a full run with the
+    same seed see the same batches) and which stops at the first non-finite loss."""
+
+    def __init__(self, *args, order_seed: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.order_seed = order_seed
+        self.order_digest = hashlib.sha256()
+        self.tokens_seen = 0
+        self.padded_tokens_seen = 0
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return LengthGroupedSampler(
+            self.args.train_batch_size * self.args.gradient_accumulation_steps,
+            lengths=dataset["length"],
+            generator=torch.Generator().manual_seed(self.order_seed),
+        )
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        ids = inputs.pop("example_id")
+        self.order_digest.update(ids.cpu().numpy().tobytes())
+        self.tokens_seen += int(inputs["attention_mask"].sum())
+        self.padded_tokens_seen += inputs["attention_mask"].numel()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise Diverged(self.state.global_step + 1, float(loss))
+        return loss
+
+
+class RunProgress(ProgressCallback):
+    """The Trainer's per-run progress bar (with ETA) without its log lines: losses go to
+    history.csv, the terminal keeps to bars."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+class DevSelection(TrainerCallback):
+    """Evaluates on dev every `eval_every` steps (or each epoch), keeps the best trainable
+    weights in memory, stops after `patience` evaluations without gain, and restores the best
+    at the end. In memory because Trainer's own best-checkpoint logic writes full checkpoints
+    with optimizer state to disk at every evaluation."""
+
+    def __init__(self, score_dev, metric: str, eval_every: int, patience: int):
+        self.score_dev, self.metric = score_dev, metric
+        self.eval_every, self.patience = eval_every, patience
+        self.best_value, self.best_step, self.best_state = -math.inf, 0, None
+        self.bad_evals, self.last_eval_step = 0, -1
+
+    def on_step_end(self, args, state, control, model=None, **_):
+        if self.eval_every and state.global_step % self.eval_every == 0:
+            self._evaluate(state, control, model)
+
+    def on_epoch_end(self, args, state, control, model=None, **_):
+        if not self.eval_every:
+            self._evaluate(state, control, model)
+
+    def on_train_end(self, args, state, control, model=None, **_):
+        if self.last_eval_step != state.global_step:
+            self._evaluate(state, control, model)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if self.best_state and name in self.best_state:
+                    param.copy_(self.best_state[name])
+
+    def _evaluate(self, state, control, model):
+        self.last_eval_step = state.global_step
+        metrics = self.score_dev(model)
+        state.log_history.append({"step": state.global_step, "epoch": state.epoch, **{f"dev_{k}": v for k, v in metrics.items()}})
+        if metrics[self.metric] > self.best_value:
+            self.best_value, self.best_step, self.bad_evals = metrics[self.metric], state.global_step, 0
+            self.best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        else:
+            self.bad_evals += 1
+            if self.patience and self.bad_evals >= self.patience:
+                control.should_training_stop = True
+
+
+def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, out_dir: Path) -> dict:
+    """Train on splits['train'], select on splits['dev'] when present, score splits['eval'],
+    and write weights, metrics.json, history.csv, hparams.json and predictions.csv to out_dir.
+    Returns the metrics dict (status ok or diverged)."""
+    device = modeling.pick_device(setup.runtime)
+    task, hp = setup.task, setup.hp
+    model = modeling.load_model(setup.model_name, task.label_names, setup.seed, tokenizer)
+    head_digest = modeling.tensor_digest(modeling.head_parameters(model))
+    model = modeling.prepare_for_method(model, setup.method, hp).to(device)
+    trainable, total = modeling.count_parameters(model)
+
+    def score(split):
+        return evaluate(
+            model, split, tokenizer=tokenizer, num_labels=task.num_labels,
+            batch_size=setup.eval_batch_size, device=device, bf16=setup.runtime.bf16,
+        )  # fmt: skip
+
+    selection = None
+    callbacks = []
+    if splits.get("dev") is not None:
+        selection = DevSelection(lambda m: score(splits["dev"]).metrics, task.metric, hp.eval_every, hp.patience)
+        callbacks.append(selection)
+    with tempfile.TemporaryDirectory() as scratch:
+        args = training_arguments(setup, device, scratch)
+        trainer = LorascopeTrainer(
+            model=model, args=args, train_dataset=splits["train"], data_collator=make_collator(tokenizer, device),
+            callbacks=callbacks, order_seed=setup.seed,
+        )  # fmt: skip
+        if setup.runtime.progress:
+            trainer.remove_callback(ProgressCallback)
+            trainer.add_callback(RunProgress())
+        started = time.perf_counter()
+        diverged = None
+        try:
+            trainer.train()
+        except Diverged as err:
+            diverged = err
+        seconds = time.perf_counter() - started
+
+    result = {
+        "task": task.name, "method": setup.method, "seed": setup.seed,
+        "status": "diverged" if diverged else "ok",
+        "primary_metric": task.metric, "primary_value": None,
+        "train_seconds": round(seconds, 3), "steps": trainer.state.global_step,
+        "trainable_params": trainable, "total_params": total,
+        "train_examples": len(splits["train"]), "tokens_seen": trainer.tokens_seen,
+        "padding_fraction": 1 - trainer.tokens_seen / max(trainer.padded_tokens_seen, 1),
+        "head_init_digest": head_digest, "data_order_digest": trainer.order_digest.hexdigest()[:16],
+        "device": device.type,
+    }  # fmt: skip
+    if selection is not None:
+        result |= {"best_step": selection.best_step, f"dev_{task.metric}": selection.best_value}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(trainer.state.log_history).to_csv(out_dir / "history.csv", index=False)
+    _write_json(out_dir / "hparams.json", _resolved_hparams(setup, trainer.args, model))
+    if diverged:
+        result |= {"diverged_step": diverged.step, "diverged_loss": str(diverged.loss)}
+    else:
+        evaluation = score(splits["eval"])
+        result |= {f"eval_{k}": v for k, v in evaluation.metrics.items()}
+        result |= {"accuracy": evaluation.metrics["accuracy"], "f1": evaluation.metrics["f1"]}
+        result["primary_value"] = evaluation.metrics[task.metric]
+        evaluation.predictions.to_csv(out_dir / "predictions.csv", index=False)
+        if setup.save_weights:
+            save_weights(model, setup.method, out_dir)
+    _write_json(out_dir / "metrics.json", result)
+    return result
+
+
+def save_weights(model: torch.nn.Module, method: str, out_dir: Path) -> None:
+    """LoRA: PEFT adapter (with the head); full: the whole model; head-only: the head."""
+    if method == "head":
+        head = {n: p.detach().cpu().contiguous() for n, p in modeling.head_parameters(model).items()}
+        save_file(head, str(out_dir / "head.safetensors"))
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def _resolved_hparams(setup: RunSetup, args: TrainingArguments, model) -> dict:
+    """What actually ran: the configured values and the values the Trainer and PEFT hold."""
+    resolved = {
+        "model": setup.model_name, "method": setup.method, "seed": setup.seed,
+        "configured": setup.hp.model_dump(mode="json"),
+        "trainer": {arg: getattr(args, arg) for arg in TRAINER_KEYS.values()} | {"max_steps": args.max_steps, "optim": getattr(args.optim, "value", args.optim), "bf16": args.bf16},
+    }  # fmt: skip
+    if setup.method == "lora":
+        peft = model.peft_config["default"]
+        resolved["peft"] = {arg: _plain(getattr(peft, arg)) for arg in PEFT_KEYS.values()}
+    return resolved
+
+
+def _plain(value):
+    return sorted(value) if isinstance(value, (set, frozenset)) else value
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")

@@ -1,0 +1,73 @@
+"""Tiny models built offline from configs (2-layer BERT and Llama sharing MiniLM's tokenizer),
+the local GLUE copy, and small study configs that run in seconds."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE = Path(os.environ.get("LORASCOPE_GLUE", REPO.parent / "shared" / "data" / "glue"))
+os.environ["LORASCOPE_GLUE"] = str(GLUE)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    from lorascope.modeling import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path("minilm-l6"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512)  # fmt: skip
+    BertModel(config).save_pretrained(folder)  # a backbone without a classifier, like a real checkpoint
+    _minilm_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A decoder whose tokenizer has no pad token (as TinyLlama's), eos = [SEP]."""
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    tokenizer = _minilm_tokenizer()
+    config = LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
+                         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                         pad_token_id=None)  # fmt: skip
+    LlamaModel(config).save_pretrained(folder)
+    tokenizer.eos_token = tokenizer.sep_token
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def tiny_config(tiny_bert_dir):
+    """A complete study on the tiny BERT and 48 real SST-2 / RTE examples: seconds per run."""
+    from lorascope.config import load_config
+
+    return load_config(None, "smoke", [
+        f"model.name={tiny_bert_dir}", "model.max_length=48",
+        "tasks={sst2: {train_max: 48, eval_max: 40}, rte: {train_max: 48, eval_max: 40}}",
+        "data.dev_max=16", "data.probe_size=16", "baselines.overfit_steps=3", "runtime.progress=false",
+        "training.lora.lr=1e-2", "training.full.lr=1e-3",
+    ])  # fmt: skip
