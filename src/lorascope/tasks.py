@@ -10,6 +10,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from sklearn.model_selection import train_test_split
 
 from lorascope.config import DataConfig, TaskConfig
 from lorascope.errors import InputError
@@ -106,11 +107,15 @@ def _load_files(task: Task, fmt: str) -> tuple[datasets.Dataset, datasets.Datase
     kwargs = {"delimiter": "\t"} if Path(task.source).suffix.lower() == ".tsv" else {}
     if fmt == "csv":
         kwargs["keep_default_na"] = False  # an empty text stays "", not NaN
-    try:
-        loaded = datasets.load_dataset(fmt, data_files=files, **kwargs)
-    except Exception as err:  # noqa: BLE001 - datasets raises many types for unreadable files
-        raise InputError(f"tasks.{task.name}: cannot read {task.source}: {_first_line(err)}") from None
-    return loaded["train"], loaded["eval"]
+    loaded = []
+    for split, path in files.items():  # one file at a time: their columns may differ, checked after
+        try:
+            loaded.append(datasets.load_dataset(fmt, data_files=path, split="train", **kwargs))
+        except Exception as err:  # noqa: BLE001 - datasets raises many types for unreadable files
+            if "corresponds to no data" in str(err):  # how datasets says a file has no rows
+                raise InputError(f"{_where(task, split)}: the split is empty (no rows in {path})") from None
+            raise InputError(f"tasks.{task.name}: cannot read {path}: {_first_line(err)}") from None
+    return loaded[0], loaded[1]
 
 
 def _load_dataset(task: Task) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -142,12 +147,15 @@ def _require_columns(task: Task, ds: datasets.Dataset, split: str) -> None:
 
 
 def _normalise(task: Task, ds: datasets.Dataset, split: str) -> datasets.Dataset:
-    where = _where(task, split)
-    labels = _label_ids(task, ds[task.label], where)
-    ids = ds["idx"] if "idx" in ds.column_names else list(range(len(ds)))
-    columns = {"text": [str(t) for t in ds[task.text]], "label": labels, "example_id": ids}
+    names = [task.text, task.label] + ([task.text_pair] if task.text_pair else [])
+    raw = ds.select_columns(names + (["idx"] if "idx" in ds.column_names else [])).to_dict()
+    columns = {
+        "text": [str(t) for t in raw[task.text]],
+        "label": _label_ids(task, raw[task.label], _where(task, split)),
+        "example_id": raw.get("idx", list(range(len(ds)))),
+    }
     if task.text_pair:
-        columns["text_pair"] = [str(t) for t in ds[task.text_pair]]
+        columns["text_pair"] = [str(t) for t in raw[task.text_pair]]
     features = datasets.Features(
         {k: datasets.Value("string") for k in columns if k.startswith("text")}
         | {"label": datasets.ClassLabel(names=list(task.label_names)), "example_id": datasets.Value("int64")}
@@ -180,13 +188,12 @@ def make_splits(task: Task, train: datasets.Dataset, evaluation: datasets.Datase
     """train / dev (stratified hold-out of train) / eval (the reported split) / probe (fixed,
     ordered subset of eval for representations). Deterministic in `data.split_seed` only, so
     every run of a study sees the same splits."""
+    labels = np.asarray(train["label"])
     n_dev = min(data.dev_max, max(len(task.label_names), round(data.dev_fraction * len(train))))
-    held = train.train_test_split(test_size=n_dev, stratify_by_column="label", seed=data.split_seed)
-    train_part, dev = held["train"], held["test"]
-    if task.train_max and task.train_max < len(train_part):
-        train_part = train_part.train_test_split(
-            train_size=task.train_max, stratify_by_column="label", seed=data.split_seed
-        )["train"]
+    keep, dev = train_test_split(np.arange(len(train)), test_size=n_dev, stratify=labels, random_state=data.split_seed)
+    if task.train_max and task.train_max < len(keep):
+        keep, _ = train_test_split(keep, train_size=task.train_max, stratify=labels[keep], random_state=data.split_seed)
+    train_part, dev = train.select(np.sort(keep)), train.select(np.sort(dev))
     if task.eval_max:
         evaluation = evaluation.select(range(min(task.eval_max, len(evaluation))))
     rng = np.random.default_rng(data.split_seed)

@@ -1,0 +1,44 @@
+"""One end-to-end smoke study: the real bundled MiniLM-L6 on real GLUE, through the CLI."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from lorascope.cli import main
+
+pytestmark = pytest.mark.e2e
+MINILM_LORA_PARAMS = 6 * 2 * (2 * 384 * 8) + (384 * 2 + 2) + (384 * 384 + 384)  # q,v adapters + classifier + pooler
+MINILM_PARAMS = 22_713_986
+
+
+def test_smoke_study_end_to_end(tmp_path):
+    out = tmp_path / "smoke"
+    assert main(["run", "--profile", "smoke", "--out", str(out), "--set", "runtime.progress=false"]) == 0
+
+    performance = pd.read_csv(out / "tables" / "performance.csv")
+    assert list(performance.columns[:10]) == ["task", "method", "seed", "status", "primary_metric", "primary_value",
+                                              "accuracy", "f1", "train_seconds", "trainable_params"]  # fmt: skip
+    assert len(performance) == 6 and set(performance["status"]) == {"ok"}
+    assert dict(zip(performance["task"], performance["primary_metric"])) == {"sst2": "accuracy", "mrpc": "f1", "rte": "accuracy"}
+    assert set(performance.loc[performance["method"] == "lora", "trainable_params"]) == {MINILM_LORA_PARAMS}
+    assert set(performance.loc[performance["method"] == "full", "trainable_params"]) == {MINILM_PARAMS}
+
+    for row in performance.itertuples():
+        run = out / "runs" / row.task / row.method / f"seed{row.seed}"
+        weights = "adapter_model.safetensors" if row.method == "lora" else "model.safetensors"
+        for name in (weights, "metrics.json", "history.csv", "hparams.json", "predictions.csv"):
+            assert (run / name).is_file(), run / name
+        predictions = pd.read_csv(run / "predictions.csv")
+        assert len(predictions) == 64
+        assert row.accuracy == pytest.approx((predictions["label"] == predictions["prediction"]).mean())
+
+    baselines = pd.read_csv(out / "tables" / "baselines.csv")
+    assert set(baselines["baseline"]) == {"majority", "head_only", "overfit_lora", "overfit_full"}
+    assert len(baselines) == 3 * 4
+    mrpc_majority = baselines[(baselines["task"] == "mrpc") & (baselines["baseline"] == "majority")].iloc[0]
+    assert mrpc_majority["accuracy"] < mrpc_majority["f1"]  # all-positive: F1 above accuracy, as in GLUE
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {k: v["status"] for k, v in manifest["stages"].items()} == {"prepare": "done", "baselines": "done", "train": "done"}
+    assert (out / "config.yaml").is_file()

@@ -1,0 +1,100 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorascope import stages
+from lorascope.config import to_yaml
+from lorascope.errors import InputError
+from lorascope.study import PARTIAL, Study, atomic_dir, run_stages
+
+PREPARE_TRAIN = [("prepare", stages.prepare), ("train", stages.train)]
+
+
+def _mtimes(study):
+    return {p.parent.relative_to(study.root): p.stat().st_mtime_ns for p in study.root.glob("runs/*/*/*/metrics.json")}
+
+
+def test_atomic_dir_keeps_the_old_result_when_the_block_fails(tmp_path):
+    target = tmp_path / "run"
+    with atomic_dir(target) as scratch:
+        (scratch / "a.txt").write_text("first")
+    with pytest.raises(RuntimeError), atomic_dir(target) as scratch:
+        (scratch / "a.txt").write_text("half")
+        raise RuntimeError("killed")
+    assert (target / "a.txt").read_text() == "first"
+    assert not list(tmp_path.glob(f"{PARTIAL}*"))
+
+
+def test_finished_work_is_skipped_and_changed_work_redone(tiny_config, tmp_path):
+    config = tiny_config.model_copy(update={"tasks": {"sst2": tiny_config.tasks["sst2"]}})
+    study = run_stages(config, tmp_path, PREPARE_TRAIN)
+    first = _mtimes(study)
+    assert len(first) == 2
+    run_stages(config, tmp_path, PREPARE_TRAIN)
+    assert _mtimes(study) == first  # nothing recomputed
+    config.training.full = config.training.full.model_copy(update={"lr": 5e-4})
+    run_stages(config, tmp_path, PREPARE_TRAIN)
+    again = _mtimes(study)
+    full, lora = (Path(f"runs/sst2/{m}/seed42") for m in ("full", "lora"))
+    assert again[lora] == first[lora]
+    assert again[full] != first[full]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["stages"]["train"]["status"] == "done"
+    assert manifest["versions"]["torch"] and manifest["hardware"]["cpu_count"] >= 1
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["training"]["full"]["lr"] == 5e-4
+
+
+def test_a_second_writer_is_refused(tiny_config, tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import filelock, sys, time; l = filelock.FileLock(sys.argv[1]); l.acquire(); "
+         "print('locked', flush=True); time.sleep(60)", str(tmp_path / ".lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(InputError, match="being written by another lorascope process"):
+            run_stages(tiny_config, tmp_path, PREPARE_TRAIN)
+    finally:
+        holder.kill()
+        holder.wait()
+    run_stages(tiny_config.model_copy(update={"tasks": {"sst2": tiny_config.tasks["sst2"]}}), tmp_path, [])
+
+
+def test_a_study_killed_mid_run_resumes_without_losing_finished_runs(tiny_config, tmp_path):
+    config = tiny_config.model_copy(update={"seeds": [1, 2, 3]})
+    config.training.full = config.training.full.model_copy(update={"epochs": 4.0})
+    config.training.lora = config.training.lora.model_copy(update={"epochs": 4.0})
+    config_file = tmp_path / "study.yaml"
+    config_file.write_text(to_yaml(config))
+    out = tmp_path / "study"
+    command = [sys.executable, "-m", "lorascope", "run", str(config_file), "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    first_run = Study(out).run_dir("sst2", "lora", 1) / "metrics.json"
+    deadline = time.time() + 240
+    while not first_run.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert first_run.exists(), "the first run never finished"
+    time.sleep(0.5)  # well into the next run
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    study = Study(out)
+    kept = _mtimes(study)
+    assert kept and len(kept) < 12
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["train"]["status"] == "running"  # it never got to say otherwise
+
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    after = _mtimes(study)
+    assert len(after) == 12
+    assert all(after[k] == v for k, v in kept.items())  # finished runs kept as they were
+    assert not list(out.rglob(f"{PARTIAL}*"))
+    assert json.loads((out / "manifest.json").read_text())["stages"]["train"]["status"] == "done"
+    statuses = {json.loads((study.root / k / "metrics.json").read_text())["status"] for k in after}
+    assert statuses == {"ok"}
