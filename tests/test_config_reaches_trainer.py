@@ -13,7 +13,7 @@ from lorascope.config import LoraMethodConfig, MethodConfig, RuntimeConfig
 from lorascope.study import run_stages
 from lorascope.training import CALLBACK_KEYS, PEFT_KEYS, TRAINER_KEYS, RunSetup, training_arguments
 
-DISTINCT = dict(lr=3.7e-4, epochs=2.5, batch_size=7, grad_accum=3, scheduler="cosine", warmup_ratio=0.13,
+DISTINCT = dict(lr=3.7e-4, head_lr=2.2e-3, epochs=2.5, batch_size=7, grad_accum=3, scheduler="cosine", warmup_ratio=0.13,
                 weight_decay=0.031, max_grad_norm=0.77, adam_beta2=0.987, eval_every=5, patience=4)  # fmt: skip
 DISTINCT_LORA = dict(r=3, alpha=11.0, dropout=0.07, target_modules=["query", "key"], modules_to_save=["pooler"])
 
@@ -49,8 +49,9 @@ def test_peft_keys_reach_the_lora_config(tiny_bert_dir):
 
 def test_callback_keys_shape_training_and_everything_is_saved(tiny_config, tmp_path):
     """eval_every sets when dev is scored; patience stops a run whose dev score cannot improve
-    (lr ~ 0); hparams.json records what the Trainer and PEFT actually held."""
-    lora = dict(lr=1e-12, epochs=3.0, batch_size=4, grad_accum=1, scheduler="cosine", warmup_ratio=0.13,
+    (lr ~ 0); head_lr reaches the optimizer; hparams.json records what the Trainer, its
+    optimizer and PEFT actually held."""
+    lora = dict(lr=1e-12, head_lr=1e-11, epochs=3.0, batch_size=4, grad_accum=1, scheduler="cosine", warmup_ratio=0.13,
                 weight_decay=0.031, max_grad_norm=0.77, adam_beta2=0.987, eval_every=2, patience=3,
                 r=3, alpha=11.0, dropout=0.07, target_modules=["query", "key"], modules_to_save=["pooler"])  # fmt: skip
     config = tiny_config.model_copy(update={"tasks": {"sst2": tiny_config.tasks["sst2"]}, "methods": ["lora"]})
@@ -69,6 +70,10 @@ def test_callback_keys_shape_training_and_everything_is_saved(tiny_config, tmp_p
     assert saved["peft"]["r"] == 3 and saved["peft"]["lora_alpha"] == 11.0 and saved["peft"]["lora_dropout"] == 0.07
     assert sorted(saved["peft"]["target_modules"]) == ["key", "query"]
     assert "pooler" in saved["peft"]["modules_to_save"]
+    groups = {(g["lr"], g["weight_decay"]): g["params"] for g in saved["optimizer_groups"]}
+    hidden, layers, r = 32, 2, 3
+    assert groups[(1e-12, 0.031)] + groups.get((1e-12, 0.0), 0) == layers * 2 * 2 * hidden * r  # query and key adapters
+    assert groups[(1e-11, 0.031)] + groups[(1e-11, 0.0)] == (2 * hidden + 2) + (hidden * hidden + hidden)  # head
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

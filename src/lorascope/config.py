@@ -27,6 +27,7 @@ class Strict(BaseModel):
 class ModelConfig(Strict):
     name: str = Field("minilm-l6", description="bundled alias, Hub id or local folder")
     max_length: int = Field(128, gt=1)
+    dropout: float | None = Field(None, ge=0, lt=1, description="hidden and attention dropout; None = checkpoint's")
     gradient_checkpointing: bool = False
 
 
@@ -63,6 +64,7 @@ class MethodConfig(Strict):
     own callbacks (tests/test_config_reaches_trainer.py proves it)."""
 
     lr: float = Field(gt=0)
+    head_lr: float | None = Field(None, gt=0, description="learning rate of the classifier head; None = lr")
     epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(16, gt=0)
     grad_accum: int = Field(1, gt=0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from peft.utils.constants import SEQ_CLS_HEAD_NAMES
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from lorascope.config import LoraMethodConfig, RuntimeConfig
 from lorascope.errors import InputError
@@ -33,6 +33,8 @@ DEFAULT_LORA_TARGETS = {
 # reads its CLS token through the (NSP-trained) pooler, which RoBERTa-style models keep inside
 # `classifier`. Trained with the head by LoRA and by the head-only probe, like RoBERTa's.
 EXTRA_HEAD_MODULES = {"bert": ["pooler"]}
+DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "hidden_dropout",
+                "dropout", "attention_probs_dropout", "classifier_dropout")  # fmt: skip
 
 
 def resolve_model_path(name: str) -> str:
@@ -65,17 +67,23 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_model(name: str, label_names: tuple[str, ...], seed: int, tokenizer) -> torch.nn.Module:
+def load_model(
+    name: str, label_names: tuple[str, ...], seed: int, tokenizer, dropout: float | None = None
+) -> torch.nn.Module:
     """fp32 classifier whose head is initialised from `seed` alone, so a LoRA run and a full
-    fine-tuning run with the same seed start from the identical head."""
+    fine-tuning run with the same seed start from the identical head. `dropout` replaces every
+    hidden / attention dropout rate the architecture's config has."""
     path = resolve_model_path(name)
     try:
+        config = AutoConfig.from_pretrained(path)
+        overrides = {k: dropout for k in DROPOUT_KEYS if dropout is not None and getattr(config, k, None) is not None}
         model = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
             dtype=torch.float32,
+            **overrides,
         )
     except (OSError, ValueError) as err:
         raise InputError(f"model.name: cannot load '{name}': {str(err).splitlines()[0]}") from None

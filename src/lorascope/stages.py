@@ -75,7 +75,7 @@ def _setup(config: StudyConfig, task: Task, method: str, seed: int, hp=None, **c
         model_name=config.model.name, task=task, method=method, seed=seed,
         hp=hp or getattr(config.training, method), runtime=config.runtime,
         eval_batch_size=config.training.eval_batch_size,
-        gradient_checkpointing=config.model.gradient_checkpointing, **changes,
+        gradient_checkpointing=config.model.gradient_checkpointing, dropout=config.model.dropout, **changes,
     )  # fmt: skip
 
 

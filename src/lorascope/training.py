@@ -26,8 +26,8 @@ from lorascope.errors import Diverged
 from lorascope.evaluation import evaluate, make_collator
 from lorascope.tasks import Task
 
-# Method hyperparameter -> TrainingArguments field. Keys consumed by lorascope itself are in
-# CALLBACK_KEYS, LoRA's own keys reach PEFT through modeling.lora_config.
+# Method hyperparameter -> TrainingArguments field. Keys consumed by lorascope's own Trainer
+# subclass and callbacks are in CALLBACK_KEYS, LoRA's own keys reach PEFT (modeling.lora_config).
 TRAINER_KEYS = {
     "lr": "learning_rate",
     "epochs": "num_train_epochs",
@@ -39,7 +39,7 @@ TRAINER_KEYS = {
     "max_grad_norm": "max_grad_norm",
     "adam_beta2": "adam_beta2",
 }
-CALLBACK_KEYS = {"eval_every", "patience"}
+CALLBACK_KEYS = {"eval_every", "patience", "head_lr"}
 PEFT_KEYS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules",
              "modules_to_save": "modules_to_save"}  # fmt: skip
 
@@ -56,6 +56,7 @@ class RunSetup:
     runtime: RuntimeConfig
     eval_batch_size: int
     gradient_checkpointing: bool = False
+    dropout: float | None = None
     max_steps: int = -1
     save_weights: bool = True  # the overfit sanity check keeps only its metrics
 
@@ -88,9 +89,10 @@ class LorascopeTrainer(Trainer):
     """Trainer whose data order depends on the seed alone (a LoRA run and a full run with the
     same seed see the same batches) and which stops at the first non-finite loss."""
 
-    def __init__(self, *args, order_seed: int, **kwargs):
+    def __init__(self, *args, order_seed: int, head_lr: float | None = None, head_names=(), **kwargs):
         super().__init__(*args, **kwargs)
         self.order_seed = order_seed
+        self.head_lr, self.head_names = head_lr, tuple(head_names)
         self.order_digest = hashlib.sha256()
         self.tokens_seen = 0
         self.padded_tokens_seen = 0
@@ -102,6 +104,26 @@ class LorascopeTrainer(Trainer):
             lengths=dataset["length"],
             generator=torch.Generator().manual_seed(self.order_seed),
         )
+
+    def create_optimizer(self, model=None):
+        """The Trainer's AdamW groups, with the head's parameters moved to groups of their own
+        at `head_lr`: a new head at a full-fine-tuning learning rate barely moves for hundreds
+        of steps, and while it is small the backbone gets almost no gradient."""
+        optimizer = super().create_optimizer(model)
+        if self.head_lr is None or getattr(optimizer, "_lorascope_head_split", False):
+            return optimizer
+        model = self.model if model is None else model
+        head = {id(p) for n, p in model.named_parameters() if set(n.split(".")) & set(self.head_names)}
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in head]
+            if len(moved) == len(group["params"]):
+                group["lr"] = self.head_lr
+            elif moved:
+                group["params"] = [p for p in group["params"] if id(p) not in head]
+                settings = {k: v for k, v in group.items() if k != "params"}
+                optimizer.add_param_group({**settings, "params": moved, "lr": self.head_lr})
+        optimizer._lorascope_head_split = True
+        return optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         ids = inputs.pop("example_id")
@@ -169,7 +191,7 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
     Returns the metrics dict (status ok or diverged)."""
     device = modeling.pick_device(setup.runtime)
     task, hp = setup.task, setup.hp
-    model = modeling.load_model(setup.model_name, task.label_names, setup.seed, tokenizer)
+    model = modeling.load_model(setup.model_name, task.label_names, setup.seed, tokenizer, setup.dropout)
     head_digest = modeling.tensor_digest(modeling.head_parameters(model))
     model = modeling.prepare_for_method(model, setup.method, hp).to(device)
     trainable, total = modeling.count_parameters(model)
@@ -189,7 +211,8 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
         args = training_arguments(setup, device, scratch)
         trainer = LorascopeTrainer(
             model=model, args=args, train_dataset=splits["train"], data_collator=make_collator(tokenizer, device),
-            callbacks=callbacks, order_seed=setup.seed,
+            callbacks=callbacks, order_seed=setup.seed, head_lr=hp.head_lr,
+            head_names=modeling.head_modules(model, getattr(hp, "modules_to_save", None)),
         )  # fmt: skip
         if setup.runtime.progress:
             trainer.remove_callback(ProgressCallback)
@@ -217,7 +240,7 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
         result |= {"best_step": selection.best_step, f"dev_{task.metric}": selection.best_value}
     out_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(trainer.state.log_history).to_csv(out_dir / "history.csv", index=False)
-    _write_json(out_dir / "hparams.json", _resolved_hparams(setup, trainer.args, model))
+    _write_json(out_dir / "hparams.json", _resolved_hparams(setup, trainer, model))
     if diverged:
         result |= {"diverged_step": diverged.step, "diverged_loss": str(diverged.loss)}
     else:
@@ -241,13 +264,19 @@ def save_weights(model: torch.nn.Module, method: str, out_dir: Path) -> None:
         model.save_pretrained(out_dir, safe_serialization=True)
 
 
-def _resolved_hparams(setup: RunSetup, args: TrainingArguments, model) -> dict:
-    """What actually ran: the configured values and the values the Trainer and PEFT hold."""
+def _resolved_hparams(setup: RunSetup, trainer: LorascopeTrainer, model) -> dict:
+    """What actually ran: the configured values and the values the Trainer, its optimizer and
+    PEFT hold."""
+    args = trainer.args
     resolved = {
         "model": setup.model_name, "method": setup.method, "seed": setup.seed,
         "configured": setup.hp.model_dump(mode="json"),
         "trainer": {arg: getattr(args, arg) for arg in TRAINER_KEYS.values()} | {"max_steps": args.max_steps, "optim": getattr(args.optim, "value", args.optim), "bf16": args.bf16},
     }  # fmt: skip
+    if trainer.optimizer is not None:
+        groups = trainer.optimizer.param_groups
+        resolved["optimizer_groups"] = [{"lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"],
+                                         "params": sum(p.numel() for p in g["params"])} for g in groups]  # fmt: skip
     if setup.method == "lora":
         peft = model.peft_config["default"]
         resolved["peft"] = {arg: _plain(getattr(peft, arg)) for arg in PEFT_KEYS.values()}
