@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from lorascope import modeling
 from lorascope.config import StudyConfig, fingerprint
+from lorascope.errors import InputError
 from lorascope.study import Study, atomic_dir, atomic_write_text, load_done
 from lorascope.tasks import Task, compute_metrics, load_raw, majority_label, make_splits, resolve_task, tokenize
 from lorascope.training import RunSetup, train_run
@@ -97,6 +98,8 @@ def _run_once(config, setup: RunSetup, splits: dict, target, splits_fp: str, tok
     with atomic_dir(target) as scratch:
         try:
             result = train_run(setup, splits, tokenizer, scratch)
+        except InputError:
+            raise  # a config problem concerns every run: stop with exit code 2
         except Exception as err:  # noqa: BLE001 - recorded as a failed run; the study goes on
             result = {"task": setup.task.name, "method": setup.method, "seed": setup.seed, "status": "failed",
                       "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}  # fmt: skip
