@@ -82,7 +82,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--study", help="a finished study whose per-stage wall time to print")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
 
     config = load_config(None, "quick", ["runtime.progress=false"])
     work = Path(tempfile.mkdtemp(prefix="lorascope-bench-"))
