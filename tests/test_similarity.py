@@ -1,0 +1,182 @@
+import itertools
+import math
+
+import pytest
+import torch
+
+from lorascope import similarity as sim
+
+D = torch.float64
+
+
+def _data(n=64, d1=20, d2=30, seed=0):
+    """y depends on x plus noise, both with an offset (centring must happen inside)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d1, generator=g, dtype=D) + 3.0
+    y = x @ torch.randn(d1, d2, generator=g, dtype=D) + 2 * torch.randn(n, d2, generator=g, dtype=D) - 1.0
+    return x, y
+
+
+def _orthogonal(d, seed=1):
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=D))
+    return q
+
+
+def _kornblith_debiased(x, y):
+    """Feature-space debiased CKA as in Kornblith's reference notebook: an independent formula."""
+    x, y = x - x.mean(0), y - y.mean(0)
+    n = x.shape[0]
+    rows_x, rows_y = (x * x).sum(1), (y * y).sum(1)
+
+    def hsic(xty, rx, ry):
+        return xty - n / (n - 2) * rx @ ry + rx.sum() * ry.sum() / ((n - 1) * (n - 2))
+
+    xy = hsic(torch.linalg.matrix_norm(x.T @ y) ** 2, rows_x, rows_y)
+    xx = hsic(torch.linalg.matrix_norm(x.T @ x) ** 2, rows_x, rows_x)
+    yy = hsic(torch.linalg.matrix_norm(y.T @ y) ** 2, rows_y, rows_y)
+    return (xy / torch.sqrt(xx * yy)).item()
+
+
+@pytest.mark.parametrize("cka", [sim.linear_cka, sim.debiased_cka, sim.rbf_cka])
+def test_self_similarity_is_one_and_invariances_hold(cka):
+    x, y = _data()
+    assert cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    reference = cka(x, y)
+    assert 0.2 < reference < 0.99
+    assert cka(y, x) == pytest.approx(reference, abs=1e-12)
+    assert cka(x @ _orthogonal(x.shape[1]), y) == pytest.approx(reference, abs=1e-10)
+    assert cka(x * 7.5, y / 3.0) == pytest.approx(reference, abs=1e-10)
+
+
+def test_gram_form_equals_feature_form_for_different_widths():
+    x, y = _data(d1=12, d2=50)
+    assert sim.linear_cka_gram(x @ x.T, y @ y.T) == pytest.approx(sim.linear_cka(x, y), abs=1e-10)
+
+
+def test_debiased_equals_kornblith_feature_space_formula():
+    x, y = _data(n=40)
+    assert sim.debiased_cka(x, y) == pytest.approx(_kornblith_debiased(x, y), abs=1e-10)
+
+
+def test_debiased_is_near_zero_for_independent_inputs_where_biased_is_not():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 64, generator=g), torch.randn(256, 64, generator=g)
+    assert abs(sim.debiased_cka(x, y)) < 0.05
+    assert 0.15 < sim.linear_cka(x, y) < 0.3  # ≈0.2: the floor a naive reading would call similarity
+
+
+def test_rbf_with_a_wide_kernel_tends_to_linear_cka():
+    x, y = _data()
+    assert sim.rbf_cka(x, y, sigma_scale=1e3) == pytest.approx(sim.linear_cka(x, y), abs=1e-4)
+    assert sim.rbf_cka(x, y, sigma_scale=0.5) != pytest.approx(sim.linear_cka(x, y), abs=1e-2)
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, y = _data()
+    with pytest.raises(ValueError, match="same examples: x has 64 rows, y has 63"):
+        sim.linear_cka(x, y[:63])
+    nan = x.clone()
+    nan[3, 4] = float("nan")
+    for cka in (sim.linear_cka, sim.debiased_cka, sim.rbf_cka, sim.bootstrap_cka):
+        with pytest.raises(ValueError, match="x contains NaN or inf"):
+            cka(nan, y)
+    with pytest.raises(ValueError, match="y contains NaN or inf"):
+        sim.linear_cka(x, y.index_fill(0, torch.tensor([0]), float("inf")))
+    constant = torch.full((64, 5), 0.1)
+    for cka in (sim.linear_cka, sim.debiased_cka, sim.rbf_cka):
+        with pytest.raises(ValueError, match="y: all features are constant"):
+            cka(x, constant)
+    with pytest.raises(ValueError, match="kx: Gram matrix is constant"):
+        sim.linear_cka_gram(constant @ constant.T, y @ y.T)
+    with pytest.raises(ValueError, match="must be 2-D"):
+        sim.linear_cka(x[:, 0], y)
+    with pytest.raises(ValueError, match="at least 4 examples"):
+        sim.debiased_cka(x[:3], y[:3])
+
+
+def test_cosine_against_hand_values():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    y = torch.tensor([[1.0, 0.0], [1.0, 1.0], [-1.0, -1.0]])
+    plain = sim.cosine_per_example(x, y, centered=False)
+    assert plain.dtype == D
+    assert plain.tolist() == pytest.approx([1.0, 1 / math.sqrt(2), -1.0], abs=1e-12)
+    centred = sim.cosine_per_example(x, y, centered=True)  # x - [2/3, 2/3], y - [1/3, 0]
+    assert centred.tolist() == pytest.approx([1 / math.sqrt(5), -1 / math.sqrt(65), -7 / (5 * math.sqrt(2))], abs=1e-12)
+
+
+def test_cosine_is_the_mean_of_the_per_example_cosines():
+    x, y = torch.randn(20, 5), torch.randn(20, 5)
+    assert sim.cosine(x, y) == pytest.approx(sim.cosine_per_example(x, y, centered=True).mean().item(), abs=1e-12)
+    assert sim.cosine(x, 3 * x, centered=False) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_cosine_rejects_unequal_widths_and_zero_rows():
+    x, y = _data()
+    with pytest.raises(ValueError, match="equal widths: x has 20 features, y has 30"):
+        sim.cosine_per_example(x, y, centered=True)
+    with pytest.raises(ValueError, match="x: row 2 is a zero vector"):
+        sim.cosine_per_example(x.index_fill(0, torch.tensor([2]), 0.0), x, centered=False)
+
+
+def _counts(idx, n):
+    return torch.zeros(len(idx), n, dtype=D).scatter_add_(1, idx, torch.ones(idx.shape, dtype=D))
+
+
+def test_resampled_linear_cka_is_the_resampled_gram_without_pairs_of_copies():
+    x, y = _data(n=30)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    idx = torch.randint(30, (4, 30), generator=torch.Generator().manual_seed(2))
+    fast = sim._resampled_cka(_counts(idx, 30), xc @ xc.T, yc @ yc.T, unbiased=False)
+    for i, row in enumerate(idx):
+        copies = (row[:, None] == row[None, :]) & ~torch.eye(30, dtype=torch.bool)
+        kx, ky = ((z @ z.T)[row][:, row].masked_fill(copies, 0.0) for z in (xc, yc))
+        assert fast[i].item() == pytest.approx(sim._gram_cka(kx, ky).item(), abs=1e-12)
+    ones = torch.ones(1, 30, dtype=D)
+    assert sim._resampled_cka(ones, xc @ xc.T, yc @ yc.T, unbiased=False).item() == pytest.approx(
+        sim.linear_cka(x, y), abs=1e-12
+    )
+
+
+def test_resampled_unbiased_hsic_is_the_weighted_u_statistic_over_distinct_examples():
+    x, y = _data(n=7, d1=3, d2=2)
+    k, l = x @ x.T, y @ y.T
+    w = torch.tensor([[3.0, 0, 1, 2, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]], dtype=D)
+    fast = sim._resampled_hsic(w, k, l, w @ k, w @ l, unbiased=True)
+    for row, value in zip(w, fast):
+        terms = []  # E[k_ij l_ij], E[k_ij l_qr], E[k_ij l_iq] over distinct examples, weighted by counts
+        for size, term in ((2, lambda i, j: k[i, j] * l[i, j]), (4, lambda i, j, q, r: k[i, j] * l[q, r]),
+                           (3, lambda i, j, q: k[i, j] * l[i, q])):  # fmt: skip
+            tuples = list(itertools.permutations(range(7), size))
+            weights = torch.stack([row[list(t)].prod() for t in tuples])
+            terms.append((weights * torch.stack([term(*t) for t in tuples])).sum() / weights.sum())
+        assert value.item() == pytest.approx((terms[0] + terms[1] - 2 * terms[2]).item(), abs=1e-10)
+    assert fast[1].item() == pytest.approx(sim._unbiased_hsic(k, l).item(), abs=1e-10)  # w = 1: the estimator
+
+
+@pytest.mark.parametrize("measure, point", [("linear", sim.linear_cka), ("debiased", sim.debiased_cka)])
+def test_bootstrap_interval(measure, point):
+    x, y = _data(n=128)
+    low, high = sim.bootstrap_cka(x, y, measure, n_resamples=200, seed=3)
+    assert low < point(x, y) < high
+    assert high - low < 0.2
+    assert sim.bootstrap_cka(x, y, measure, n_resamples=200, seed=3) == (low, high)
+    assert sim.bootstrap_cka(x, y, measure, n_resamples=200, seed=4) != (low, high)
+    assert sim.bootstrap_cka(x, x, measure, n_resamples=100) == (1.0, 1.0)
+
+
+def test_bootstrap_of_independent_inputs_stays_at_the_estimate():
+    """Pairs of copies of one example would read as shared structure (naive interval ≈ 0.5 here)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(128, 256, generator=g), torch.randn(128, 256, generator=g)
+    low, high = sim.bootstrap_cka(x, y, "debiased", n_resamples=200)
+    assert low < 0 < high and low < sim.debiased_cka(x, y) < high and high < 0.1
+    low, high = sim.bootstrap_cka(x, y, "linear", n_resamples=200)
+    assert low < sim.linear_cka(x, y) < high
+
+
+def test_bootstrap_rejects_bad_arguments():
+    x, y = _data()
+    with pytest.raises(ValueError, match="measure must be"):
+        sim.bootstrap_cka(x, y, "rbf")
+    with pytest.raises(ValueError, match="confidence"):
+        sim.bootstrap_cka(x, y, confidence=1.5)
