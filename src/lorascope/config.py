@@ -101,6 +101,56 @@ class BaselinesConfig(Strict):
     overfit_threshold: float = Field(0.9, gt=0, le=1)
 
 
+class RepresentConfig(Strict):
+    """Which hidden states the `represent` stage pools on each task's `probe` split."""
+
+    layers: list[int] | None = Field(None, description="0 = embedding output, i = block i; None = all")
+    poolings: list[Literal["mean", "head"]] = ["mean", "head"]
+    skip_special_tokens: bool = Field(False, description="leave [CLS]/[SEP]/BOS/EOS out of mean pooling")
+    batch_size: int = Field(64, gt=0)
+
+
+class DriftConfig(Strict):
+    measures: list[Literal["linear_cka", "debiased_cka", "rbf_cka", "cosine"]] = ["linear_cka", "debiased_cka", "cosine"]
+    bootstrap: int = Field(1000, ge=0, description="resamples over probe examples; 0 = no intervals")
+    confidence: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
+
+
+class WeightsConfig(Strict):
+    intruder_k: int = Field(10, gt=0, description="top singular vectors of W_ft checked (Shuttleworth et al. 2024)")
+    intruder_epsilon: float = Field(0.5, gt=0, lt=1, description="max |cosine| with every base singular vector")
+
+
+class DeployConfig(Strict):
+    """Serving benchmark of the study's runs: strategies, grid and timing budget."""
+
+    enabled: bool = True
+    strategies: list[Literal["base", "full", "merged", "separate", "switch", "mixed"]] = [
+        "base", "full", "merged", "separate", "switch", "mixed"
+    ]  # fmt: skip
+    batch_sizes: list[int] = [1, 2, 4, 8, 16]
+    seq_lens: list[Literal["natural"] | int] = ["natural", 32, 128]
+    warmup: int = Field(3, ge=0, description="untimed calls per cell before timing")
+    repeats: int = Field(30, gt=1, description="timed calls per strategy and cell")
+    threads: int | None = Field(None, gt=0, description="torch threads while timing; None = all cores")
+    seed: int | None = Field(None, description="which run seed to serve; None = the first seed")
+    bootstrap: int = Field(1000, ge=0)
+    compile: bool = Field(False, description="also time torch.compile variants of merged and separate")
+
+
+class AnalysisConfig(Strict):
+    """Success criteria of the reference study and how failed runs are flagged."""
+
+    quality_max_gap_pp: float = Field(3.0, ge=0, description="LoRA within this many points of full FT")
+    drift_min_reduction: float = Field(0.20, description="LoRA drift at least this fraction lower")
+    deploy_max_overhead: float = Field(0.30, description="separate-adapter overhead at batch 1")
+    majority_margin: float = Field(0.01, ge=0, description="a run must beat the majority baseline by this")
+    confidence: float = Field(0.95, gt=0, lt=1)
+    bootstrap: int = Field(10000, ge=0)
+    seed: int = 0
+
+
 class RuntimeConfig(Strict):
     """How to run; only `device` and `bf16` can change results, so only they are fingerprinted."""
 
@@ -120,6 +170,11 @@ class StudyConfig(Strict):
     seeds: list[int] = [42, 1337, 2024]
     training: TrainingConfig = TrainingConfig()
     baselines: BaselinesConfig = BaselinesConfig()
+    represent: RepresentConfig = RepresentConfig()
+    drift: DriftConfig = DriftConfig()
+    weights: WeightsConfig = WeightsConfig()
+    deploy: DeployConfig = DeployConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
