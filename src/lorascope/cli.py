@@ -15,7 +15,8 @@ from lorascope import __version__
 from lorascope.config import TaskConfig, apply_overrides, load_config, validate
 from lorascope.errors import InputError
 
-STAGE_ORDER = ("prepare", "baselines", "train")
+STAGE_ORDER = ("prepare", "baselines", "train", "represent", "drift", "weights", "analyze", "report")
+STANDALONE = ("analyze", "report")
 
 
 def _add_config_args(parser: argparse.ArgumentParser, config_positional: bool) -> None:
@@ -39,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(run, config_positional=True)
 
     for stage, text in (("prepare", "load, check, split and tokenize the tasks"),
-                        ("baselines", "majority class, head-only probe, overfit sanity check")):  # fmt: skip
+                        ("baselines", "majority class, head-only probe, overfit sanity check"),
+                        ("represent", "pooled hidden states of every layer on the probe split"),
+                        ("drift", "layer-wise CKA / cosine of every run against the base, with references"),
+                        ("weights", "weight-space change of every run: update norms, rank, intruders"),
+                        ("analyze", "statistics across seeds, flagged runs, verdict"),
+                        ("report", "report.md and a self-contained report.html")):  # fmt: skip
         sub = commands.add_parser(stage, help=text, description=f"{text} (on an existing study directory)")
         sub.add_argument("study", help="study directory")
 
@@ -88,7 +94,8 @@ def _dispatch(args) -> int:
     study = Study(args.study)
     config = study.load_config()
     _set_threads(config)
-    upto = STAGE_ORDER[: STAGE_ORDER.index(args.command) + 1]
+    # compute stages bring their inputs up to date first; analyze and report read what exists
+    upto = (args.command,) if args.command in STANDALONE else STAGE_ORDER[: STAGE_ORDER.index(args.command) + 1]
     run_stages(config, study.root, [(name, stages.STAGES[name]) for name in upto], write_config=False)
     print(f"{args.command} done in {study.root}")
     return 0

@@ -10,7 +10,7 @@ import hashlib
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, TaskType, get_peft_model
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -91,6 +91,23 @@ def load_model(
     _init_head(model, seed)
     return model
 
+
+
+def load_run_model(run_dir: Path, method: str, name: str, label_names: tuple[str, ...], tokenizer,
+                   merge: bool = True) -> torch.nn.Module:
+    """A trained run in eval mode: the saved full model, or the base with the run's adapter
+    (merged into the weights unless `merge=False`, which keeps PEFT's separate path)."""
+    run_dir = Path(run_dir)
+    if method == "full":
+        model = AutoModelForSequenceClassification.from_pretrained(run_dir, dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    elif method == "lora":
+        base = load_model(name, label_names, seed=0, tokenizer=tokenizer)  # head comes from the adapter
+        model = PeftModel.from_pretrained(base, run_dir)
+        model = model.merge_and_unload() if merge else model
+    else:
+        raise ValueError(f"no saved model for method '{method}'")
+    return model.eval()
 
 def _init_head(model: torch.nn.Module, seed: int) -> None:
     # from_pretrained draws the missing head from the global RNG, whose state depends on

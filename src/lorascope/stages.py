@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import traceback
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -197,4 +198,144 @@ def _few_examples(train: datasets.Dataset, n: int, seed: int) -> datasets.Datase
     return train.select(rows)
 
 
-STAGES = {"prepare": prepare, "baselines": baselines, "train": train}
+# ---------------------------------------------------------------- represent
+
+
+def _feature_path(study: Study, task: str, model_id: str) -> Path:
+    return study.root / "features" / task / f"{model_id}.safetensors"
+
+
+def _finished_runs(study: Study, config: StudyConfig, task: str) -> list[tuple[str, int, dict]]:
+    """(method, seed, metrics) of the configured runs of `task` that trained without error."""
+    runs = []
+    for method in config.methods:
+        for seed in config.seeds:
+            path = study.run_dir(task, method, seed) / "metrics.json"
+            if path.is_file() and (metrics := json.loads(path.read_text()))["status"] == "ok":
+                runs.append((method, seed, metrics))
+    return runs
+
+
+def represent(study: Study, config: StudyConfig) -> None:
+    """Pooled features of every layer on `probe`: the base model twice (the second pass with
+    other batches, for the base-vs-base check) and every finished run."""
+    from lorascope import representations as rep
+
+    tokenizer = modeling.load_tokenizer(config.model.name)
+    device = modeling.pick_device(config.runtime)
+    bf16 = config.runtime.bf16 and device.type == "cuda"
+    rc = config.represent
+    for name in config.tasks:
+        task, splits = load_prepared(study, name)
+        base_fp = fingerprint(RESULTS_VERSION, _prepare_fingerprint(config, name), config.model, rc, device.type, bf16)
+        items = [("base", base_fp, rc.batch_size, None), ("base-again", base_fp, max(1, rc.batch_size // 2), None)]
+        items += [(f"{m}-seed{s}", fingerprint(base_fp, metrics["fingerprint"]), rc.batch_size, (m, s))
+                  for m, s, metrics in _finished_runs(study, config, name)]  # fmt: skip
+        todo = [item for item in items if rep.features_fingerprint(_feature_path(study, name, item[0])) != item[1]]
+        for model_id, fp, batch_size, run in tqdm(todo, desc=f"represent {name}", disable=not config.runtime.progress):
+            if run is None:
+                model = modeling.load_model(config.model.name, task.label_names, 0, tokenizer).eval()
+            else:
+                model = modeling.load_run_model(study.run_dir(name, *run), run[0], config.model.name,
+                                                task.label_names, tokenizer)  # fmt: skip
+            features, layers = rep.pooled_features(
+                model.to(device), splits["probe"], tokenizer=tokenizer, layers=rc.layers, poolings=tuple(rc.poolings),
+                skip_special_tokens=rc.skip_special_tokens, batch_size=batch_size, device=device, bf16=bf16,
+            )  # fmt: skip
+            rep.save_features(_feature_path(study, name, model_id), features, splits["probe"]["example_id"], layers, fp)
+
+
+# ---------------------------------------------------------------- drift
+
+
+def _table_current(study: Study, table: str, fp: str) -> bool:
+    marks = study.tables / ".fingerprints.json"
+    return (study.tables / table).is_file() and json.loads(marks.read_text() if marks.is_file() else "{}").get(table) == fp
+
+
+def _write_table(study: Study, table: str, frame: pd.DataFrame, fp: str) -> None:
+    atomic_write_text(study.tables / table, frame.to_csv(index=False))
+    marks = study.tables / ".fingerprints.json"
+    current = json.loads(marks.read_text()) if marks.is_file() else {}
+    atomic_write_text(marks, json.dumps({**current, table: fp}, indent=2) + "\n")
+
+
+def drift(study: Study, config: StudyConfig) -> None:
+    """Per-layer similarity of every run to the base, with base-vs-base (must be 1), seed-vs-seed
+    and shuffled-base references and bootstrap intervals over probe examples."""
+    from lorascope import drift as drift_mod
+    from lorascope import representations as rep
+
+    files = sorted(study.root.glob("features/*/*.safetensors"))
+    fp = fingerprint(RESULTS_VERSION, config.drift, config.represent, [rep.features_fingerprint(f) for f in files])
+    if _table_current(study, "drift_layers.csv", fp):
+        return
+    rows = []
+    for name in config.tasks:
+        base, _, layers = rep.load_features(_feature_path(study, name, "base"))
+        again, _, _ = rep.load_features(_feature_path(study, name, "base-again"))
+        runs = {(m, s): rep.load_features(_feature_path(study, name, f"{m}-seed{s}"))[0]
+                for m, s, _ in _finished_runs(study, config, name)}  # fmt: skip
+        for pooling in config.represent.poolings:
+            rows += drift_mod.task_drift_rows(
+                name, pooling, base[pooling], again[pooling], {k: v[pooling] for k, v in runs.items()}, layers,
+                config.drift.measures, bootstrap=config.drift.bootstrap, confidence=config.drift.confidence,
+                seed=config.drift.seed,
+            )  # fmt: skip
+    columns = ["task", "comparison", "method", "seed", "layer", "pooling", "measure", "value", "ci_low", "ci_high"]
+    layer_table = pd.DataFrame(rows, columns=columns)
+    summary = pd.DataFrame(drift_mod.summary_rows(layer_table))
+    summary = summary[["task", "method", "seed", "pooling", "measure", "mean_over_layers", "mean_last_third", "comparison"]]
+    _write_table(study, "drift_summary.csv", summary, fp)
+    _write_table(study, "drift_layers.csv", layer_table, fp)
+
+
+# ---------------------------------------------------------------- weights
+
+
+def weights(study: Study, config: StudyConfig) -> None:
+    """Weight-space change of every finished run against the base: relative update, effective
+    rank of the update and intruder dimensions, per matrix."""
+    from safetensors.torch import load_file
+
+    from lorascope import weights as weights_mod
+
+    runs = [(t, m, s, metrics["fingerprint"]) for t in config.tasks for m, s, metrics in _finished_runs(study, config, t)]
+    fp = fingerprint(RESULTS_VERSION, config.weights, [r[3] for r in runs])
+    if _table_current(study, "weights.csv", fp):
+        return
+    tokenizer = modeling.load_tokenizer(config.model.name)
+    base_state = modeling.load_model(config.model.name, ("0", "1"), 0, tokenizer).state_dict()
+    k, epsilon = config.weights.intruder_k, config.weights.intruder_epsilon
+    rows = []
+    for task, method, seed, _ in tqdm(runs, desc="weights", disable=not config.runtime.progress):
+        folder = study.run_dir(task, method, seed)
+        if method == "lora":
+            adapter = json.loads((folder / "adapter_config.json").read_text())
+            deltas = weights_mod.lora_deltas(load_file(str(folder / "adapter_model.safetensors")), base_state,
+                                             adapter["lora_alpha"], adapter["r"], adapter.get("use_rslora", False))  # fmt: skip
+        else:
+            deltas = weights_mod.full_deltas(load_file(str(folder / "model.safetensors")), base_state)
+        for row in weights_mod.weight_change_rows(deltas, k=k, epsilon=epsilon):
+            rows.append({"task": task, "method": method, "seed": seed, **row})
+    table = pd.DataFrame(rows).rename(columns={"intruder_dimensions": "intruders"})
+    leading = ["task", "method", "seed", "module", "relative_update", "effective_rank", "intruders"]
+    _write_table(study, "weights.csv", table[leading + [c for c in table.columns if c not in leading]], fp)
+
+
+def analyze(study: Study, config: StudyConfig) -> None:
+    from lorascope.analysis import analyze as analyze_tables
+
+    analyze_tables(study, config)
+
+
+def report(study: Study, config: StudyConfig) -> None:
+    from lorascope.report import write_report
+
+    write_report(study.root)
+
+
+STAGES = {
+    "prepare": prepare, "baselines": baselines, "train": train, "represent": represent, "drift": drift,
+    "weights": weights, "analyze": analyze, "report": report,
+}  # fmt: skip

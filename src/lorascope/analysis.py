@@ -1,0 +1,113 @@
+"""The `analyze` stage: statistics across seeds, flagged runs, and the verdict against the
+reference study's success criteria, from the tables earlier stages wrote."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from lorascope import stats
+from lorascope.config import StudyConfig
+from lorascope.study import Study, atomic_write_text
+
+METRICS = ("primary_value", "accuracy", "f1")
+P_VALUES = ("welch_p", "paired_t_p", "permutation_paired_p", "permutation_unpaired_p")
+DRIFT_MEASURE, DRIFT_POOLING = "linear_cka", "mean"
+
+
+def _read(study: Study, name: str) -> pd.DataFrame | None:
+    path = study.tables / name
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def flagged_performance(study: Study, config: StudyConfig) -> pd.DataFrame:
+    performance = _read(study, "performance.csv")
+    baselines = _read(study, "baselines.csv")
+    majority = {}
+    if baselines is not None:
+        rows = baselines[baselines["baseline"] == "majority"]
+        majority = dict(zip(rows["task"], rows["primary_value"]))
+    for task in set(performance["task"]) - set(majority):
+        majority[task] = -math.inf  # no baseline stage: flag on status only
+    return stats.flag_runs(performance, majority, config.analysis.majority_margin)
+
+
+def describe_rows(flags: pd.DataFrame, confidence: float) -> list[dict]:
+    rows = []
+    for subset, frame in (("all", flags[flags["status"] == "ok"]), ("unflagged", flags[~flags["flagged"]])):
+        for (task, method), group in frame.groupby(["task", "method"]):
+            for metric in METRICS:
+                values = group[metric].dropna()
+                name = group["primary_metric"].iloc[0] if metric == "primary_value" else metric
+                rows.append({"kind": "describe", "task": task, "method": method, "metric": name, "subset": subset,
+                             **stats.describe(values, confidence)})  # fmt: skip
+    return rows
+
+
+def comparison_rows(flags: pd.DataFrame, config: StudyConfig) -> list[dict]:
+    """LoRA vs full per task on the primary metric, Holm-corrected across tasks per test."""
+    rows = []
+    for subset, frame in (("all", flags[flags["status"] == "ok"]), ("unflagged", flags[~flags["flagged"]])):
+        family = []
+        for task, group in frame.groupby("task"):
+            by_seed = {m: dict(zip(g["seed"], g["primary_value"])) for m, g in group.groupby("method")}
+            if len(by_seed.get("lora", {})) < 1 or len(by_seed.get("full", {})) < 1:
+                continue
+            result = stats.compare(by_seed["lora"], by_seed["full"], confidence=config.analysis.confidence,
+                                   n_resamples=config.analysis.bootstrap, seed=config.analysis.seed)  # fmt: skip
+            family.append({"kind": "compare", "task": task, "metric": group["primary_metric"].iloc[0],
+                           "subset": subset, **result})  # fmt: skip
+        for p in P_VALUES:
+            for row, adjusted in zip(family, stats.holm([row[p] for row in family])):
+                row[f"{p}_holm"] = adjusted
+        rows += family
+    return rows
+
+
+def drift_estimate(study: Study, task: str, confidence: float) -> stats.Estimate | None:
+    """Relative drift reduction 1 - drift_lora / drift_full (drift = 1 - mean linear CKA over
+    layers, mean pooling), per seed pair, with a t-interval over seeds."""
+    summary = _read(study, "drift_summary.csv")
+    if summary is None:
+        return None
+    rows = summary[(summary["task"] == task) & (summary["comparison"] == "run_vs_base")
+                   & (summary["measure"] == DRIFT_MEASURE) & (summary["pooling"] == DRIFT_POOLING)]  # fmt: skip
+    drift = {m: dict(zip(g["seed"].astype(int), 1 - g["mean_over_layers"])) for m, g in rows.groupby("method")}
+    lora, full = drift.get("lora", {}), drift.get("full", {})
+    reductions = [1 - lora[s] / full[s] for s in sorted(set(lora) & set(full)) if full[s] > 0]
+    if not reductions:
+        return None
+    summary = stats.describe(reductions, confidence)
+    return stats.Estimate(summary["mean"], summary["ci_low"], summary["ci_high"])
+
+
+def deployment_estimate(study: Study) -> stats.Estimate | None:
+    """Separate-adapter latency over full FT at batch size 1 on natural-length inputs, minus 1."""
+    table = _read(study, "deployment.csv")
+    if table is None:
+        return None
+    rows = table[(table["strategy"] == "separate") & (table["batch_size"] == 1) & (table["seq_len"].astype(str) == "natural")]
+    if rows.empty:
+        return None
+    row = rows.iloc[0]
+    return stats.Estimate(row["overhead_vs_full"] - 1, row["overhead_ci_low"] - 1, row["overhead_ci_high"] - 1)
+
+
+def analyze(study: Study, config: StudyConfig) -> None:
+    flags = flagged_performance(study, config)
+    atomic_write_text(study.tables / "flags.csv", flags.to_csv(index=False))
+    statistics = pd.DataFrame(describe_rows(flags, config.analysis.confidence) + comparison_rows(flags, config))
+    atomic_write_text(study.tables / "statistics.csv", statistics.to_csv(index=False))
+    verdict = []
+    for task, group in flags[flags["status"] == "ok"].groupby("task"):
+        by_seed = {m: dict(zip(g["seed"], g["primary_value"])) for m, g in group.groupby("method")}
+        quality = None
+        if by_seed.get("lora") and by_seed.get("full"):
+            quality = stats.quality_gap(by_seed["lora"], by_seed["full"], config.analysis.confidence)
+        verdict += stats.verdict_rows(
+            task, quality=quality, drift=drift_estimate(study, task, config.analysis.confidence),
+            deployment=deployment_estimate(study), quality_threshold=config.analysis.quality_max_gap_pp,
+            drift_threshold=config.analysis.drift_min_reduction, deployment_threshold=config.analysis.deploy_max_overhead,
+        )  # fmt: skip
+    atomic_write_text(study.tables / "verdict.csv", pd.DataFrame(verdict, columns=stats.VERDICT_COLUMNS).to_csv(index=False))

@@ -1,0 +1,107 @@
+"""Representational drift tables: each run against the base model, layer by layer, with the
+references a reader needs to judge a number: base vs base (the pipeline's check: must be 1),
+seed vs seed within a method (the noise floor) and base vs shuffled base (the estimator's
+bias floor). Plain tensors in, table rows out."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from lorascope import similarity as sim
+
+BASE_VS_BASE_TOLERANCE = 1e-6
+POINT = {
+    "linear_cka": sim.linear_cka,
+    "debiased_cka": sim.debiased_cka,
+    "rbf_cka": sim.rbf_cka,
+    "cosine": lambda x, y: sim.cosine(x, y, centered=True),
+}
+
+
+class DriftCheckFailed(RuntimeError):
+    """Base vs base is not 1: the feature pipeline is not deterministic, so no drift number
+    can be trusted (the reference study's CKA scored its base model 0.23-0.40 against itself)."""
+
+
+def cosine_interval(x: torch.Tensor, y: torch.Tensor, n_resamples: int, seed: int, confidence: float):
+    per_example = sim.cosine_per_example(x, y, centered=True)
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(per_example), (n_resamples, len(per_example)), generator=generator)
+    alpha = (1 - confidence) / 2
+    low, high = torch.quantile(per_example[idx].mean(dim=1), torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
+    return low.item(), high.item()
+
+
+def compare(x: torch.Tensor, y: torch.Tensor, measure: str, bootstrap: int, seed: int, confidence: float) -> dict:
+    """One measure between two [examples × hidden] matrices, with its bootstrap interval over
+    examples (none for RBF CKA, whose resampled kernels are not worth the time)."""
+    value = POINT[measure](x, y)
+    low = high = math.nan
+    if bootstrap and measure in ("linear_cka", "debiased_cka"):
+        kind = "linear" if measure == "linear_cka" else "debiased"
+        low, high = sim.bootstrap_cka(x, y, kind, n_resamples=bootstrap, seed=seed, confidence=confidence)
+    elif bootstrap and measure == "cosine":
+        low, high = cosine_interval(x, y, bootstrap, seed, confidence)
+    return {"measure": measure, "value": value, "ci_low": low, "ci_high": high}
+
+
+def layer_rows(x: torch.Tensor, y: torch.Tensor, layers: list[int], measures, *, bootstrap=0, bootstrap_seed=0,
+               confidence=0.95, **fields) -> list[dict]:
+    """Rows for every layer and measure of two [layers × examples × hidden] stacks."""
+    return [
+        {**fields, "layer": layer, **compare(x[i], y[i], m, bootstrap, bootstrap_seed, confidence)}
+        for i, layer in enumerate(layers)
+        for m in measures
+    ]
+
+
+def task_drift_rows(task: str, pooling: str, base: torch.Tensor, base_again: torch.Tensor,
+                    runs: dict[tuple[str, int], torch.Tensor], layers: list[int], measures, *,
+                    bootstrap: int, confidence: float, seed: int) -> list[dict]:
+    """All drift_layers.csv rows of one task and pooling. `base_again` is the base model's
+    features computed a second time with different batches (so different padding)."""
+    common = {"task": task, "pooling": pooling}
+    informative = [i for i in range(len(layers)) if not _constant(base[i])]
+    if len(informative) < len(layers):  # e.g. an encoder's first token before attention: always [CLS]
+        keep = torch.tensor(informative, dtype=torch.long)
+        base, base_again, layers = base[keep], base_again[keep], [layers[i] for i in informative]
+        runs = {key: features[keep] for key, features in runs.items()}
+    rows = layer_rows(base, base_again, layers, measures, comparison="base_vs_base", method="", seed="", **common)
+    for row in rows:
+        if row["measure"] != "cosine" and abs(row["value"] - 1) > BASE_VS_BASE_TOLERANCE:
+            raise DriftCheckFailed(f"{task} {pooling} layer {row['layer']}: {row['measure']} of the base model "
+                                   f"with itself is {row['value']:.8f}, not 1")  # fmt: skip
+    shuffled = base[:, torch.randperm(base.shape[1], generator=torch.Generator().manual_seed(seed))]
+    rows += layer_rows(base, shuffled, layers, measures, comparison="shuffled_base", method="", seed="", **common)
+    options = {"bootstrap": bootstrap, "bootstrap_seed": seed, "confidence": confidence}
+    for (method, run_seed), features in sorted(runs.items()):
+        rows += layer_rows(base, features, layers, measures, comparison="run_vs_base", method=method,
+                           seed=str(run_seed), **options, **common)  # fmt: skip
+    for method in sorted({m for m, _ in runs}):
+        seeds = sorted(s for m, s in runs if m == method)
+        for a, b in itertools.combinations(seeds, 2):
+            rows += layer_rows(runs[(method, a)], runs[(method, b)], layers, measures, comparison="seed_vs_seed",
+                               method=method, seed=f"{a}-{b}", **options, **common)  # fmt: skip
+    return rows
+
+
+def _constant(features: torch.Tensor) -> bool:
+    """Every example has the same features, so no similarity is defined."""
+    features = features.double()
+    return bool((features - features.mean(dim=0)).abs().max() <= 1e-6 * features.abs().max().clamp_min(1e-12))
+
+
+def summary_rows(layer_table) -> list[dict]:
+    """Per run (and per reference): the mean over layers, and over the last third of layers,
+    where task-specific change concentrates."""
+    rows = []
+    keys = ["task", "method", "seed", "pooling", "measure", "comparison"]
+    for key, group in layer_table.groupby(keys, sort=True, dropna=False):
+        group = group.sort_values("layer")
+        last = group.tail(max(1, math.ceil(len(group) / 3)))
+        rows.append({**dict(zip(keys, key)), "mean_over_layers": group["value"].mean(),
+                     "mean_last_third": last["value"].mean()})  # fmt: skip
+    return rows

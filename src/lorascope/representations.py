@@ -1,0 +1,112 @@
+"""Layer-wise pooled hidden states on a task's fixed `probe` examples.
+
+Padding never enters a feature (pooling goes through the attention mask), token-level states
+live for one batch only, and the features come back in the probe's own order whatever the
+batching, so features of two models line up example by example."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lorascope.errors import InputError
+from lorascope.evaluation import MODEL_INPUTS, make_collator
+from lorascope.modeling import autocast
+
+POOLINGS = ("mean", "head")
+
+
+def head_reads_last_token(model: torch.nn.Module) -> bool:
+    """Decoder classifiers (`score` head) read the last non-pad token, encoder classifiers
+    (`classifier` head) the first: the `head` pooling takes the token the head reads."""
+    if hasattr(model, "peft_config"):  # PeftModel -> LoraModel -> the transformers classifier
+        model = model.base_model.model
+    return hasattr(model, "score") and not hasattr(model, "classifier")
+
+
+def resolve_layers(requested: list[int] | None, available: int) -> list[int]:
+    """Indices into the model's hidden states: 0 = embedding output, i = output of block i."""
+    if requested is None:
+        return list(range(available))
+    bad = [i for i in requested if not 0 <= i < available]
+    if bad:
+        raise InputError(f"represent.layers: {bad} out of range; this model has layers 0..{available - 1}")
+    return sorted(set(requested))
+
+
+@torch.no_grad()
+def pooled_features(
+    model: torch.nn.Module,
+    split: datasets.Dataset,
+    *,
+    tokenizer,
+    layers: list[int] | None,
+    poolings: tuple[str, ...] = POOLINGS,
+    skip_special_tokens: bool = False,
+    batch_size: int = 64,
+    device: torch.device = torch.device("cpu"),
+    bf16: bool = False,
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """{pooling: float32 [layers × examples × hidden]} in the split's order, and the layer
+    indices. Batches are formed by length (less padding) and written back in order."""
+    model.eval()
+    collate = make_collator(tokenizer, device)
+    inputs = [c for c in MODEL_INPUTS if c in split.column_names]
+    order = np.argsort(split["length"], kind="stable")
+    last_token = head_reads_last_token(model)
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    out: dict[str, torch.Tensor] = {}
+    chosen: list[int] = []
+    for start in range(0, len(split), batch_size):
+        rows = torch.from_numpy(order[start : start + batch_size])
+        batch = {k: v.to(device) for k, v in collate(split.select(rows.numpy()).select_columns(inputs).to_list()).items()}
+        with autocast(device, bf16):
+            hidden = model(**batch, output_hidden_states=True).hidden_states
+        if not out:
+            chosen = resolve_layers(layers, len(hidden))
+            out = {p: torch.empty(len(chosen), len(split), hidden[0].shape[-1]) for p in poolings}
+        mask = batch["attention_mask"].bool()
+        if "mean" in out:
+            keep = mask & ~torch.isin(batch["input_ids"], special.to(device)) if skip_special_tokens else mask
+            if not keep.any(dim=1).all():
+                raise InputError("represent.skip_special_tokens: a probe example has no other tokens")
+            weights = (keep.float() / keep.sum(dim=1, keepdim=True)).unsqueeze(-1)
+        position = mask.sum(dim=1) - 1 if last_token else torch.zeros(len(rows), dtype=torch.long, device=device)
+        for slot, layer in enumerate(chosen):
+            states = hidden[layer].float()
+            if "mean" in out:
+                out["mean"][slot, rows] = (states * weights).sum(dim=1).cpu()
+            if "head" in out:
+                out["head"][slot, rows] = states[torch.arange(len(rows), device=device), position].cpu()
+        del hidden
+    return out, chosen
+
+
+def save_features(path: Path, features: dict[str, torch.Tensor], example_ids, layers: list[int], fingerprint: str) -> None:
+    """One safetensors file per model and task: a tensor per pooling plus the example ids."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {p: t.contiguous() for p, t in features.items()}
+    tensors["example_ids"] = torch.as_tensor(list(example_ids), dtype=torch.int64)
+    scratch = path.with_name(f".partial-{path.name}")
+    save_file(tensors, str(scratch), metadata={"layers": json.dumps(layers), "fingerprint": fingerprint})
+    scratch.replace(path)
+
+
+def load_features(path: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[int]]:
+    with safe_open(str(path), "pt") as f:
+        layers = json.loads(f.metadata()["layers"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return {k: v for k, v in tensors.items() if k != "example_ids"}, tensors["example_ids"], layers
+
+
+def features_fingerprint(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get("fingerprint")

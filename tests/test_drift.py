@@ -1,0 +1,59 @@
+import pandas as pd
+import pytest
+import torch
+
+from lorascope import drift
+
+MEASURES = ["linear_cka", "debiased_cka", "cosine"]
+
+
+def _stack(layers=3, n=64, width=16, seed=0):
+    return torch.randn(layers, n, width, generator=torch.Generator().manual_seed(seed))
+
+
+def _rows(base, again, runs, bootstrap=50):
+    return pd.DataFrame(drift.task_drift_rows("sst2", "mean", base, again, runs, [0, 1, 2], MEASURES,
+                                              bootstrap=bootstrap, confidence=0.9, seed=0))  # fmt: skip
+
+
+def test_references_and_runs_have_the_expected_values():
+    base = _stack()
+    same = base.clone()
+    moved = base + 0.5 * _stack(seed=1)
+    table = _rows(base, base.clone(), {("lora", 42): same, ("lora", 7): moved, ("full", 42): _stack(seed=2)})
+    by = table.set_index(["comparison", "method", "seed", "layer", "measure"])["value"]
+    assert table[table.comparison == "base_vs_base"]["value"].sub(1).abs().max() < 1e-12
+    assert by[("run_vs_base", "lora", "42", 1, "linear_cka")] == pytest.approx(1.0)
+    assert by[("run_vs_base", "lora", "7", 1, "linear_cka")] < 1
+    assert set(table[table.comparison == "seed_vs_seed"]["seed"]) == {"7-42"}  # one pair, within lora only
+    shuffled = table[table.comparison == "shuffled_base"].set_index("measure")["value"]
+    assert shuffled["linear_cka"].min() > 0.1  # biased estimator's floor on unrelated rows of n=64
+    assert shuffled["debiased_cka"].abs().max() < 0.1
+    runs = table[table.comparison == "run_vs_base"]
+    assert runs["ci_low"].le(runs["value"] + 1e-9).all() and runs["ci_high"].ge(runs["value"] - 1e-9).all()
+    assert len(table) == 3 * 3 * (2 + 3 + 1)  # layers x measures x (references + runs + seed pairs)
+
+
+def test_base_that_is_not_itself_stops_the_stage():
+    base = _stack()
+    again = base.clone()
+    again[1] += 0.01 * torch.randn_like(again[1])
+    with pytest.raises(drift.DriftCheckFailed, match="sst2 mean layer 1: linear_cka of the base model with itself"):
+        _rows(base, again, {})
+
+
+def test_a_constant_layer_is_left_out():
+    base = _stack()
+    base[0] = 1.0  # e.g. an encoder's first token at the embedding layer: always [CLS]
+    table = _rows(base, base.clone(), {("full", 1): base + 0.1 * _stack(seed=3)}, bootstrap=0)
+    assert sorted(table["layer"].unique()) == [1, 2]
+    assert table["ci_low"].isna().all()
+
+
+def test_summary_means_over_all_and_over_the_last_third_of_layers():
+    rows = [{"task": "t", "comparison": "run_vs_base", "method": "lora", "seed": "1", "pooling": "mean",
+             "measure": "linear_cka", "layer": layer, "value": value}
+            for layer, value in enumerate([1.0, 0.9, 0.8, 0.7, 0.6, 0.3])]  # fmt: skip
+    (summary,) = drift.summary_rows(pd.DataFrame(rows))
+    assert summary["mean_over_layers"] == pytest.approx(4.3 / 6)
+    assert summary["mean_last_third"] == pytest.approx(0.45)

@@ -1,0 +1,71 @@
+import datasets
+import pytest
+import torch
+
+from lorascope import modeling
+from lorascope import representations as rep
+from lorascope.errors import InputError
+from lorascope.tasks import tokenize
+
+TEXTS = ["a fine film", "dull", "the plot holds together until the last ten minutes", "yes", "not bad at all"]
+
+
+def _probe(tokenizer):
+    raw = datasets.Dataset.from_dict({"text": TEXTS, "label": [1, 0, 1, 1, 0], "example_id": list(range(5))})
+    return tokenize(datasets.DatasetDict(train=raw), tokenizer, 32)["train"]
+
+
+def _setup(path):
+    tokenizer = modeling.load_tokenizer(str(path))
+    return modeling.load_model(str(path), ("n", "p"), 0, tokenizer).eval(), tokenizer
+
+
+def _states_alone(model, tokenizer, text):
+    batch = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch, output_hidden_states=True).hidden_states, batch["input_ids"][0]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert_dir", "tiny_llama_dir"])
+def test_features_do_not_depend_on_batching_and_match_each_example_alone(fixture, request):
+    model, tokenizer = _setup(request.getfixturevalue(fixture))
+    probe = _probe(tokenizer)
+    batched, layers = rep.pooled_features(model, probe, tokenizer=tokenizer, layers=None, batch_size=5)
+    single, _ = rep.pooled_features(model, probe, tokenizer=tokenizer, layers=None, batch_size=1)
+    assert layers == [0, 1, 2] and batched["mean"].shape == (3, 5, 32)
+    for pooling in ("mean", "head"):
+        torch.testing.assert_close(batched[pooling], single[pooling], atol=1e-5, rtol=1e-5)
+    last = fixture == "tiny_llama_dir"
+    assert rep.head_reads_last_token(model) is last
+    hidden, _ = _states_alone(model, tokenizer, TEXTS[2])
+    for i, layer in enumerate(layers):
+        torch.testing.assert_close(batched["mean"][i, 2], hidden[layer][0].mean(dim=0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batched["head"][i, 2], hidden[layer][0, -1 if last else 0], atol=1e-5, rtol=1e-5)
+
+
+def test_special_tokens_can_be_left_out_of_the_mean(tiny_bert_dir):
+    model, tokenizer = _setup(tiny_bert_dir)
+    features, _ = rep.pooled_features(model, _probe(tokenizer), tokenizer=tokenizer, layers=[2], poolings=("mean",),
+                                      skip_special_tokens=True)  # fmt: skip
+    hidden, ids = _states_alone(model, tokenizer, TEXTS[0])
+    words = ~torch.isin(ids, torch.tensor(tokenizer.all_special_ids))
+    torch.testing.assert_close(features["mean"][0, 0], hidden[2][0, words].mean(dim=0), atol=1e-5, rtol=1e-5)
+
+
+def test_layer_subset_and_out_of_range(tiny_bert_dir):
+    model, tokenizer = _setup(tiny_bert_dir)
+    probe = _probe(tokenizer)
+    features, layers = rep.pooled_features(model, probe, tokenizer=tokenizer, layers=[2, 0])
+    assert layers == [0, 2] and features["head"].shape[0] == 2
+    with pytest.raises(InputError, match=r"represent.layers: \[7\] out of range; this model has layers 0..2"):
+        rep.pooled_features(model, probe, tokenizer=tokenizer, layers=[7])
+
+
+def test_saved_features_round_trip_with_ids_layers_and_fingerprint(tmp_path):
+    features = {"mean": torch.randn(2, 4, 3), "head": torch.randn(2, 4, 3)}
+    path = tmp_path / "sst2" / "base.safetensors"
+    rep.save_features(path, features, [10, 11, 12, 13], [0, 6], "abc")
+    loaded, ids, layers = rep.load_features(path)
+    assert layers == [0, 6] and ids.tolist() == [10, 11, 12, 13] and rep.features_fingerprint(path) == "abc"
+    assert all(torch.equal(loaded[k], features[k]) for k in features)
+    assert rep.features_fingerprint(tmp_path / "missing.safetensors") is None
