@@ -65,6 +65,24 @@ def comparison_rows(flags: pd.DataFrame, config: StudyConfig) -> list[dict]:
     return rows
 
 
+def quality_estimate(runs: pd.DataFrame, confidence: float) -> tuple[stats.Estimate | None, str]:
+    """Full FT - LoRA over the seeds where neither run is flagged: a run that did not beat the
+    majority class says nothing about what LoRA costs. With no such pair the gap over all runs
+    is shown without an interval, which reads inconclusive."""
+    by_seed = {m: dict(zip(g["seed"], g["primary_value"])) for m, g in runs.groupby("method")}
+    if not (by_seed.get("lora") and by_seed.get("full")):
+        return None, ""
+    flagged = set(runs.loc[runs["flagged"], "seed"])
+    kept = {m: {s: v for s, v in values.items() if s not in flagged} for m, values in by_seed.items()}
+    pairs = len(set(by_seed["lora"]) & set(by_seed["full"]))
+    clean = len(set(kept["lora"]) & set(kept["full"]))
+    note = f" ({clean} of {pairs} seed pairs without a flagged run"
+    if clean >= 2:
+        return stats.quality_gap(kept["lora"], kept["full"], confidence), note + ")"
+    everything = stats.quality_gap(by_seed["lora"], by_seed["full"], confidence)
+    return stats.Estimate(everything.value, float("nan"), float("nan")), note + ": value over all runs, no interval)"
+
+
 def drift_estimate(study: Study, task: str, confidence: float) -> stats.Estimate | None:
     """Relative drift reduction 1 - drift_lora / drift_full (drift = 1 - mean linear CKA over
     layers, mean pooling), per seed pair, with a t-interval over seeds."""
@@ -101,13 +119,12 @@ def analyze(study: Study, config: StudyConfig) -> None:
     atomic_write_text(study.tables / "statistics.csv", statistics.to_csv(index=False))
     verdict = []
     for task, group in flags[flags["status"] == "ok"].groupby("task"):
-        by_seed = {m: dict(zip(g["seed"], g["primary_value"])) for m, g in group.groupby("method")}
-        quality = None
-        if by_seed.get("lora") and by_seed.get("full"):
-            quality = stats.quality_gap(by_seed["lora"], by_seed["full"], config.analysis.confidence)
-        verdict += stats.verdict_rows(
+        quality, note = quality_estimate(group, config.analysis.confidence)
+        rows = stats.verdict_rows(
             task, quality=quality, drift=drift_estimate(study, task, config.analysis.confidence),
             deployment=deployment_estimate(study), quality_threshold=config.analysis.quality_max_gap_pp,
             drift_threshold=config.analysis.drift_min_reduction, deployment_threshold=config.analysis.deploy_max_overhead,
         )  # fmt: skip
+        rows[0]["rule"] += note
+        verdict += rows
     atomic_write_text(study.tables / "verdict.csv", pd.DataFrame(verdict, columns=stats.VERDICT_COLUMNS).to_csv(index=False))

@@ -3,6 +3,7 @@ skips every item already done with the same fingerprint, and writes items atomic
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import traceback
@@ -11,9 +12,12 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
+from lorascope import drift as drift_mod
 from lorascope import modeling
+from lorascope import representations as rep
 from lorascope.config import StudyConfig, fingerprint
 from lorascope.errors import InputError
 from lorascope.study import Study, atomic_dir, atomic_write_text, load_done
@@ -219,8 +223,6 @@ def _finished_runs(study: Study, config: StudyConfig, task: str) -> list[tuple[s
 def represent(study: Study, config: StudyConfig) -> None:
     """Pooled features of every layer on `probe`: the base model twice (the second pass with
     other batches, for the base-vs-base check) and every finished run."""
-    from lorascope import representations as rep
-
     tokenizer = modeling.load_tokenizer(config.model.name)
     device = modeling.pick_device(config.runtime)
     bf16 = config.runtime.bf16 and device.type == "cuda"
@@ -263,31 +265,47 @@ def _write_table(study: Study, table: str, frame: pd.DataFrame, fp: str) -> None
 def drift(study: Study, config: StudyConfig) -> None:
     """Per-layer similarity of every run to the base, with base-vs-base (must be 1), seed-vs-seed
     and shuffled-base references and bootstrap intervals over probe examples."""
-    from lorascope import drift as drift_mod
-    from lorascope import representations as rep
-
     files = sorted(study.root.glob("features/*/*.safetensors"))
     fp = fingerprint(RESULTS_VERSION, config.drift, config.represent, [rep.features_fingerprint(f) for f in files])
     if _table_current(study, "drift_layers.csv", fp):
         return
     rows = []
-    for name in config.tasks:
-        base, _, layers = rep.load_features(_feature_path(study, name, "base"))
-        again, _, _ = rep.load_features(_feature_path(study, name, "base-again"))
-        runs = {(m, s): rep.load_features(_feature_path(study, name, f"{m}-seed{s}"))[0]
-                for m, s, _ in _finished_runs(study, config, name)}  # fmt: skip
-        for pooling in config.represent.poolings:
-            rows += drift_mod.task_drift_rows(
-                name, pooling, base[pooling], again[pooling], {k: v[pooling] for k, v in runs.items()}, layers,
-                config.drift.measures, bootstrap=config.drift.bootstrap, confidence=config.drift.confidence,
-                seed=config.drift.seed,
-            )  # fmt: skip
+    with _one_thread():
+        for name in config.tasks:
+            rows += _task_drift(study, config, name)
     columns = ["task", "comparison", "method", "seed", "layer", "pooling", "measure", "value", "ci_low", "ci_high"]
     layer_table = pd.DataFrame(rows, columns=columns)
     summary = pd.DataFrame(drift_mod.summary_rows(layer_table))
     summary = summary[["task", "method", "seed", "pooling", "measure", "mean_over_layers", "mean_last_third", "comparison"]]
     _write_table(study, "drift_summary.csv", summary, fp)
     _write_table(study, "drift_layers.csv", layer_table, fp)
+
+
+def _task_drift(study: Study, config: StudyConfig, name: str) -> list[dict]:
+    base, _, layers = rep.load_features(_feature_path(study, name, "base"))
+    again, _, _ = rep.load_features(_feature_path(study, name, "base-again"))
+    runs = {(m, s): rep.load_features(_feature_path(study, name, f"{m}-seed{s}"))[0]
+            for m, s, _ in _finished_runs(study, config, name)}  # fmt: skip
+    rows = []
+    for pooling in config.represent.poolings:
+        rows += drift_mod.task_drift_rows(
+            name, pooling, base[pooling], again[pooling], {k: v[pooling] for k, v in runs.items()}, layers,
+            config.drift.measures, bootstrap=config.drift.bootstrap, confidence=config.drift.confidence,
+            seed=config.drift.seed,
+        )  # fmt: skip
+    return rows
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """CKA on [256 x 384] features is many small float64 products: on a busy 2-core machine two
+    threads ran them 15x slower than one (spin-waiting), and one thread is never much slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- weights
@@ -308,16 +326,17 @@ def weights(study: Study, config: StudyConfig) -> None:
     base_state = modeling.load_model(config.model.name, ("0", "1"), 0, tokenizer).state_dict()
     k, epsilon = config.weights.intruder_k, config.weights.intruder_epsilon
     rows = []
-    for task, method, seed, _ in tqdm(runs, desc="weights", disable=not config.runtime.progress):
-        folder = study.run_dir(task, method, seed)
-        if method == "lora":
-            adapter = json.loads((folder / "adapter_config.json").read_text())
-            deltas = weights_mod.lora_deltas(load_file(str(folder / "adapter_model.safetensors")), base_state,
-                                             adapter["lora_alpha"], adapter["r"], adapter.get("use_rslora", False))  # fmt: skip
-        else:
-            deltas = weights_mod.full_deltas(load_file(str(folder / "model.safetensors")), base_state)
-        for row in weights_mod.weight_change_rows(deltas, k=k, epsilon=epsilon):
-            rows.append({"task": task, "method": method, "seed": seed, **row})
+    with _one_thread():
+        for task, method, seed, _ in tqdm(runs, desc="weights", disable=not config.runtime.progress):
+            folder = study.run_dir(task, method, seed)
+            if method == "lora":
+                adapter = json.loads((folder / "adapter_config.json").read_text())
+                deltas = weights_mod.lora_deltas(load_file(str(folder / "adapter_model.safetensors")), base_state,
+                                                 adapter["lora_alpha"], adapter["r"], adapter.get("use_rslora", False))  # fmt: skip
+            else:
+                deltas = weights_mod.full_deltas(load_file(str(folder / "model.safetensors")), base_state)
+            for row in weights_mod.weight_change_rows(deltas, k=k, epsilon=epsilon):
+                rows.append({"task": task, "method": method, "seed": seed, **row})
     table = pd.DataFrame(rows).rename(columns={"intruder_dimensions": "intruders"})
     leading = ["task", "method", "seed", "module", "relative_update", "effective_rank", "intruders"]
     _write_table(study, "weights.csv", table[leading + [c for c in table.columns if c not in leading]], fp)
