@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup study test bench clean
+.PHONY: setup system-packages study test bench clean
 
 $(BIN)/lorascope: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,10 +19,19 @@ $(BIN)/lorascope: pyproject.toml
 
 setup: $(BIN)/lorascope
 
+# Debian packages some tests use: Chromium renders report.html, PostgreSQL serves the
+# multi-worker tuning test. Installed when missing and we may (root + apt); else those tests skip.
+system-packages:
+	@missing=""; command -v chromium >/dev/null || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	elif [ -n "$$missing" ]; then echo "not installed:$$missing (their tests will skip)"; fi
+
 study: setup
 	$(BIN)/lorascope run --profile quick --out studies/quick
 
-test: setup
+test: setup system-packages
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -15,7 +15,7 @@ from lorascope import __version__
 from lorascope.config import TaskConfig, apply_overrides, load_config, validate
 from lorascope.errors import InputError
 
-STAGE_ORDER = ("prepare", "baselines", "train", "represent", "drift", "weights", "analyze", "report")
+STAGE_ORDER = ("prepare", "baselines", "tune", "train", "represent", "drift", "weights", "analyze", "report")
 STANDALONE = ("analyze", "report")
 
 
@@ -48,6 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
                         ("report", "report.md and a self-contained report.html")):  # fmt: skip
         sub = commands.add_parser(stage, help=text, description=f"{text} (on an existing study directory)")
         sub.add_argument("study", help="study directory")
+
+    tune = commands.add_parser(
+        "tune", help="Optuna search per task x method on the dev split",
+        description="Search hyperparameters per task x method on dev. Several workers: one study "
+                    "directory each (--out), one shared --storage.",
+    )  # fmt: skip
+    tune.add_argument("study", help="study directory or config YAML")
+    tune.add_argument("--task", action="append", help="only this task (repeatable)")
+    tune.add_argument("--method", action="append", choices=("lora", "full"), help="only this method (repeatable)")
+    tune.add_argument("--trials", type=int, help="finished trials per task x method (default tune.trials)")
+    tune.add_argument("--storage", help="Optuna storage URL (postgresql://, mysql://, sqlite:///) or a journal file")
+    tune.add_argument("--out", help="study directory when STUDY is a config file")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key (repeatable)")  # fmt: skip
 
     train = commands.add_parser(
         "train", help="train the study's grid, or one run with --task/--method/--seed",
@@ -87,6 +101,8 @@ def _dispatch(args) -> int:
         run_stages(config, out, [(name, stages.STAGES[name]) for name in STAGE_ORDER])
         print(f"study written to {out}")
         return 0
+    if args.command == "tune":
+        return _tune(args)
     if args.command == "train" and (args.task or args.method or args.seed is not None):
         return _single_run(args)
     if not args.study:
@@ -123,6 +139,30 @@ def _single_run(args) -> int:
     _set_threads(config)
     run_stages(config, out, [("prepare", stages.prepare), ("train", stages.train)], write_config=not existing)
     print(f"run written to {Study(out).run_dir(args.task, args.method, args.seed)}")
+    return 0
+
+
+def _tune(args) -> int:
+    """The search alone, on a study directory or a config file; each worker of a shared search
+    uses its own study directory (the study lock) and the same --storage."""
+    from lorascope import stages
+    from lorascope.study import Study, run_stages
+    from lorascope.tuning import tune_study
+
+    path = Path(args.study)
+    if path.is_dir():
+        raw = Study(path).load_config().model_dump(mode="json")
+        config, out, write = validate(apply_overrides(raw, args.overrides), source="--set"), path, False
+    else:
+        config = load_config(path, None, args.overrides)
+        out, write = _out_dir(args, config), True
+    _set_threads(config)
+
+    def search(study, cfg):
+        tune_study(study, cfg, tasks=args.task, methods=args.method, trials=args.trials, storage=args.storage)
+
+    run_stages(config, out, [("prepare", stages.prepare), ("tune", search)], write_config=write)
+    print(f"tuned hyperparameters in {out / 'tuned'}")
     return 0
 
 

@@ -9,10 +9,10 @@ import json
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from lorascope.errors import InputError
 
@@ -151,6 +151,154 @@ class AnalysisConfig(Strict):
     seed: int = 0
 
 
+class SearchParam(Strict):
+    """One searched hyperparameter: a range `{low, high, log, step}` (whole numbers for integer
+    hyperparameters such as `r`) or a set `{choices: [...]}`."""
+
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = Field(False, description="sample uniformly in log space (needs low > 0)")
+    step: int | float | None = Field(None, gt=0, description="grid step of a range; None = continuous")
+    choices: list[bool | int | float | str] | None = None
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> SearchParam:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise ValueError("give either {low, high, log, step} or {choices}, not both")
+            if not self.choices:
+                raise ValueError("`choices` must not be empty")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs both `low` and `high` (or give `choices`)")
+        if self.low > self.high:
+            raise ValueError(f"low {self.low} > high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("a range is either `log` or has a `step`, not both")
+        return self
+
+
+# Method hyperparameters a search may not vary: trials train at the production effective batch
+# size, on the production targets, and evaluate on dev as often as the runs they stand for.
+UNSEARCHABLE = {
+    "batch_size": "trials use the production batch size (training.<method>.batch_size)",
+    "grad_accum": "trials use the production effective batch size (training.<method>.grad_accum)",
+    "eval_every": "trials evaluate on dev as often as the runs they stand for",
+    "target_modules": "a list-valued setting; set it in training.lora",
+    "modules_to_save": "a list-valued setting; set it in training.lora",
+}
+
+
+class SearchSpace(Strict):
+    """Base of the per-method spaces: one optional field per searchable hyperparameter of the
+    method's config (None = not searched, the training.<method> value is used)."""
+
+    method: ClassVar[str]
+    hparams: ClassVar[type[MethodConfig]]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_parameters(cls, data: Any) -> Any:
+        """Unknown names, and names that are not hyperparameters of this method (so would never
+        reach its trainer), are errors that name the dotted key."""
+        for key in data if isinstance(data, dict) else ():
+            if key in cls.model_fields:
+                continue
+            where = f"tune.spaces.{cls.method}.{key}"
+            if key in UNSEARCHABLE:
+                raise ValueError(f"{where} cannot be searched: {UNSEARCHABLE[key]}")
+            if key in LoraMethodConfig.model_fields:
+                raise ValueError(f"{where}: '{key}' is not a hyperparameter of method {cls.method}, so it would "
+                                 f"never reach the trainer (searchable: {', '.join(cls.model_fields)})")  # fmt: skip
+            raise ValueError(f"{where}: unknown parameter{_suggest(key, cls.model_fields)}")
+        return data
+
+    @model_validator(mode="after")
+    def _values_are_valid_hparams(self) -> SearchSpace:
+        """Both ends of every range and every choice must be a valid value of the hyperparameter
+        (e.g. dropout < 1, an integer for `r`); they are stored as the hyperparameter's type."""
+        for name, param in self.params().items():
+            where = f"tune.spaces.{self.method}.{name}"
+            if param.choices is not None:
+                update = {"choices": [_check_hparam(self.hparams, name, v, f"{where}.choices") for v in param.choices]}
+            else:
+                update = {end: _check_hparam(self.hparams, name, getattr(param, end), f"{where}.{end}")
+                          for end in ("low", "high")}  # fmt: skip
+            object.__setattr__(self, name, param.model_copy(update=update))  # no re-validation loop
+        return self
+
+    def params(self) -> dict[str, SearchParam]:
+        """The searched hyperparameters, in a fixed order."""
+        return {name: getattr(self, name) for name in type(self).model_fields if getattr(self, name) is not None}
+
+
+def _check_hparam(model: type[MethodConfig], name: str, value: Any, where: str) -> Any:
+    try:
+        return getattr(model.model_validate({"lr": 1.0, name: value}), name)
+    except ValidationError as err:
+        raise ValueError(f"{where}: {value!r} is not a valid {name} ({err.errors()[0]['msg']})") from None
+
+
+def _search_space(name: str, method: str, hparams: type[MethodConfig], defaults: dict[str, SearchParam]):
+    fields = {key: (SearchParam | None, defaults.get(key)) for key in hparams.model_fields if key not in UNSEARCHABLE}
+    space = create_model(name, __base__=SearchSpace, **fields)
+    space.method, space.hparams = method, hparams
+    space.__doc__ = f"Search space of method {method}: any of {', '.join(fields)}; null = not searched."
+    return space
+
+
+_SHARED_DEFAULTS = {
+    "warmup_ratio": SearchParam(low=0.0, high=0.2),
+    "weight_decay": SearchParam(low=0.0, high=0.1),
+    "epochs": SearchParam(choices=[1, 2, 3]),
+}
+LoraSearchSpace = _search_space("LoraSearchSpace", "lora", LoraMethodConfig, {
+    "lr": SearchParam(low=1e-5, high=5e-3, log=True),  # contains the quick profile's 2e-3
+    "alpha": SearchParam(choices=[8, 16, 32]),
+    "dropout": SearchParam(low=0.0, high=0.2),
+    **_SHARED_DEFAULTS,
+})  # fmt: skip
+FullSearchSpace = _search_space("FullSearchSpace", "full", MethodConfig, {
+    "lr": SearchParam(low=1e-6, high=3e-4, log=True),  # contains the quick profile's 1e-4
+    **_SHARED_DEFAULTS,
+})  # fmt: skip
+
+
+class TuneSpaces(Strict):
+    lora: LoraSearchSpace = LoraSearchSpace()  # type: ignore[valid-type]
+    full: FullSearchSpace = FullSearchSpace()  # type: ignore[valid-type]
+
+
+class TuneConfig(Strict):
+    """Optuna search per task x method on the `dev` split (stage `tune`, `lorascope tune`)."""
+
+    enabled: bool = Field(False, description="`run` tunes, then trains the grid with the tuned hyperparameters")
+    trials: int = Field(20, gt=1, description="finished (complete or pruned) trials per task x method")
+    startup_trials: int = Field(8, gt=0, description="random trials before TPE takes over; < trials")
+    seed: int = Field(0, description="TPE sampler seed")
+    storage: str | None = Field(
+        None, description="Optuna storage URL (sqlite:///, postgresql://, mysql://) or a journal file path; "
+        "None = sqlite file tune/optuna.db in the study directory (one process)",
+    )  # fmt: skip
+    prune: bool = Field(True, description="median pruner on the dev metric of each evaluation")
+    prune_startup_trials: int = Field(4, ge=0, description="trials that finish before any trial is pruned")
+    prune_warmup_steps: int = Field(0, ge=0, description="optimizer steps before a trial can be pruned")
+    heartbeat_s: int = Field(30, gt=0, description="shared storages: a trial silent for 4 heartbeats is failed")
+    max_retries: int = Field(2, ge=0, description="times a trial of a killed worker is rerun with its parameters")
+    spaces: TuneSpaces = TuneSpaces()
+
+    @model_validator(mode="after")
+    def _fewer_startup_trials(self) -> TuneConfig:
+        if self.startup_trials >= self.trials:
+            raise ValueError(
+                f"tune.startup_trials ({self.startup_trials}) must be below tune.trials ({self.trials}), "
+                "or TPE never leaves its random start-up phase"
+            )
+        return self
+
+
 class RuntimeConfig(Strict):
     """How to run; only `device` and `bf16` can change results, so only they are fingerprinted."""
 
@@ -170,6 +318,7 @@ class StudyConfig(Strict):
     seeds: list[int] = [42, 1337, 2024]
     training: TrainingConfig = TrainingConfig()
     baselines: BaselinesConfig = BaselinesConfig()
+    tune: TuneConfig = TuneConfig()
     represent: RepresentConfig = RepresentConfig()
     drift: DriftConfig = DriftConfig()
     weights: WeightsConfig = WeightsConfig()

@@ -113,6 +113,22 @@ def _run_once(config, setup: RunSetup, splits: dict, target, splits_fp: str, tok
     return result
 
 
+def tune(study: Study, config: StudyConfig) -> None:
+    """The optional Optuna search (tune.enabled); `lorascope tune` runs it regardless."""
+    if config.tune.enabled:
+        from lorascope.tuning import tune_study  # lazy: tuning imports this module
+
+        tune_study(study, config)
+
+
+def _method_hparams(study: Study, config: StudyConfig, task: str, method: str):
+    if not config.tune.enabled:
+        return getattr(config.training, method), None
+    from lorascope.tuning import tuned_hparams
+
+    return tuned_hparams(study.root, config, task, method)
+
+
 def train(study: Study, config: StudyConfig) -> None:
     grid = [(t, m, s) for t in config.tasks for m in config.methods for s in config.seeds]
     tokenizer = modeling.load_tokenizer(config.model.name)
@@ -123,7 +139,8 @@ def train(study: Study, config: StudyConfig) -> None:
         if name not in prepared:
             prepared[name] = load_prepared(study, name)
         task, splits = prepared[name]
-        setup = _setup(config, task, method, seed)
+        hp, source = _method_hparams(study, config, name, method)
+        setup = _setup(config, task, method, seed, hp=hp, hp_source=source)
         _run_once(config, setup, splits, study.run_dir(name, method, seed), _prepare_fingerprint(config, name), tokenizer)
     write_performance_table(study)
     failed = study_failures(study)
@@ -355,6 +372,6 @@ def report(study: Study, config: StudyConfig) -> None:
 
 
 STAGES = {
-    "prepare": prepare, "baselines": baselines, "train": train, "represent": represent, "drift": drift,
+    "prepare": prepare, "baselines": baselines, "tune": tune, "train": train, "represent": represent, "drift": drift,
     "weights": weights, "analyze": analyze, "report": report,
 }  # fmt: skip

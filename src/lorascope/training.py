@@ -59,6 +59,8 @@ class RunSetup:
     dropout: float | None = None
     max_steps: int = -1
     save_weights: bool = True  # the overfit sanity check keeps only its metrics
+    callbacks: list = dataclasses.field(default_factory=list)  # more TrainerCallbacks, after DevSelection
+    hp_source: dict[str, str] | None = None  # key -> "tuned" | "config" when tune.enabled
 
 
 def training_arguments(setup: RunSetup, device: torch.device, output_dir: str) -> TrainingArguments:
@@ -211,7 +213,7 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
         args = training_arguments(setup, device, scratch)
         trainer = LorascopeTrainer(
             model=model, args=args, train_dataset=splits["train"], data_collator=make_collator(tokenizer, device),
-            callbacks=callbacks, order_seed=setup.seed, head_lr=hp.head_lr,
+            callbacks=callbacks + list(setup.callbacks), order_seed=setup.seed, head_lr=hp.head_lr,
             head_names=modeling.head_modules(model, getattr(hp, "modules_to_save", None)),
         )  # fmt: skip
         if setup.runtime.progress:
@@ -243,7 +245,7 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
     _write_json(out_dir / "hparams.json", _resolved_hparams(setup, trainer, model))
     if diverged:
         result |= {"diverged_step": diverged.step, "diverged_loss": str(diverged.loss)}
-    else:
+    elif "eval" in splits:  # tuning trials are given train and dev only
         evaluation = score(splits["eval"])
         result |= {f"eval_{k}": v for k, v in evaluation.metrics.items()}
         result |= {"accuracy": evaluation.metrics["accuracy"], "f1": evaluation.metrics["f1"]}
@@ -280,6 +282,8 @@ def _resolved_hparams(setup: RunSetup, trainer: LorascopeTrainer, model) -> dict
     if setup.method == "lora":
         peft = model.peft_config["default"]
         resolved["peft"] = {arg: _plain(getattr(peft, arg)) for arg in PEFT_KEYS.values()}
+    if setup.hp_source is not None:
+        resolved["source"] = setup.hp_source
     return resolved
 
 

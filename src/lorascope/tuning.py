@@ -1,0 +1,587 @@
+"""Optuna hyperparameter search: one study per task x method, scored on the `dev` split (the
+reported `eval` split is never handed to a trial), trained by the same `train_run` code path at
+the production batch size as the runs it stands for.
+
+Reproducible: the TPE sampler is seeded anew for every trial from (tune.seed, the trial's place
+in the search), so the same config gives the same sequence of trials, also across a kill and
+a resume. Resumable: finished trials stay in the storage; rerunning continues to the requested
+number of finished (complete or pruned) trials; a trial left RUNNING by a killed process is
+failed and rerun with its parameters. Scalable: workers on several machines fill one search
+through a shared storage (a PostgreSQL / MySQL URL or a journal file)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import socket
+import threading
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import filelock
+import optuna
+import pandas as pd
+import yaml
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import TrialState
+from sqlalchemy.exc import DBAPIError
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from lorascope import modeling, stages
+from lorascope.config import MethodConfig, StudyConfig, fingerprint, validate
+from lorascope.errors import InputError
+from lorascope.study import PARTIAL, Study, atomic_dir, atomic_write_text
+from lorascope.training import train_run
+
+METHODS = ("lora", "full")
+TRIALS_COLUMNS = ["task", "method", "trial", "state", "value", "duration_s"]
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+SQLITE_SUFFIXES = {".db", ".sqlite", ".sqlite3"}
+WAIT_S = 1.0  # poll interval while other workers finish the last trials
+MAX_FAILURES_IN_A_ROW = 3  # trials that raise; then the search stops with the last error
+
+
+class SurplusTrial(Exception):
+    """Other workers already hold the requested number of trials; this one is dropped (FAIL)."""
+
+
+class TrialError(Exception):
+    """A trial raised (not a config problem): it is recorded as FAIL and the search goes on."""
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def tune_study(
+    study: Study,
+    config: StudyConfig,
+    tasks: list[str] | None = None,
+    methods: list[str] | None = None,
+    trials: int | None = None,
+    storage: str | None = None,
+) -> dict[tuple[str, str], dict]:
+    """Search every task x method (or the given ones) until `trials` (default tune.trials) trials
+    have finished, then write tuned/<task>_<method>.yaml, tables/trials.csv and
+    figures/tune_<task>_<method>.png. `storage` (default tune.storage, else a SQLite file in the
+    study) is any Optuna storage URL or a journal file path. When the study's tuned files already
+    record finished searches of this config, nothing is opened or run. Returns the tuned records."""
+    target = trials or config.tune.trials
+    check_search(config, target)
+    tasks, methods = _select(config, tasks, methods)
+    done = {(t, m): _finished_record(study, config, t, m, target) for t in tasks for m in methods}
+    if all(done.values()):  # e.g. filled by workers on a shared storage; nothing left to search
+        return done
+    stages.prepare(study, config.model_copy(update={"tasks": {t: config.tasks[t] for t in tasks}}))
+    backend = open_storage(study.root, config, storage)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tokenizer = modeling.load_tokenizer(config.model.name)
+    records = {}
+    with backend.exclusive():
+        for task_name in tasks:
+            task, splits = stages.load_prepared(study, task_name)
+            for method in methods:
+                ostudy = optuna.create_study(
+                    storage=backend.storage, study_name=study_name(config, task_name, method),
+                    direction="maximize", load_if_exists=True, pruner=_pruner(config),
+                    sampler=TrialSeededTPE(config.tune.seed, config.tune.startup_trials),
+                )  # fmt: skip
+                objective = _Objective(study, config, task, method, splits, tokenizer, backend, target)
+                _fill(ostudy, objective, target, backend, config, f"tune {task_name} {method}")
+                records[task_name, method] = write_tuned(study, config, task_name, method, task.metric, ostudy,
+                                                         backend, target)  # fmt: skip
+                write_history_figure(study, task_name, method, ostudy, task.metric)
+        write_trials_table(study, config, backend)
+    return records
+
+
+def tuned_hparams(study_root, config: StudyConfig, task: str, method: str) -> tuple[MethodConfig, dict[str, str]]:
+    """The hyperparameters `train` uses when tune.enabled: training.<method> with the best trial's
+    values, and where each value came from ("tuned" or "config"). Refuses a tuned file written
+    for another search (data, model, base hyperparameters, space or sampler changed) or one
+    whose search has not reached tune.trials finished trials."""
+    path = Path(study_root) / "tuned" / f"{task}_{method}.yaml"
+    if not path.is_file():
+        raise InputError(f"no tuned hyperparameters for {task}/{method} ({path}); run `lorascope tune` first")
+    data = yaml.safe_load(path.read_text())
+    if data.get("study_name") != study_name(config, task, method):
+        raise InputError(f"{path} comes from another search than this config's; rerun `lorascope tune`")
+    finished = data["trials"]["complete"] + data["trials"]["pruned"]
+    if finished < config.tune.trials:
+        raise InputError(f"{path}: {finished} of tune.trials={config.tune.trials} trials finished; "
+                         "rerun `lorascope tune` to finish the search")  # fmt: skip
+    if data.get("best_params") is None:
+        raise InputError(f"{path}: no trial of the search completed; nothing to train with")
+    hp = hparams_with(getattr(config.training, method), data["best_params"], f"{path}: best_params")
+    return hp, {key: "tuned" if key in data["best_params"] else "config" for key in type(hp).model_fields}
+
+
+def _finished_record(study: Study, config: StudyConfig, task: str, method: str, target: int) -> dict | None:
+    path = study.root / "tuned" / f"{task}_{method}.yaml"
+    if not path.is_file():
+        return None
+    data = yaml.safe_load(path.read_text())
+    same = data.get("study_name") == study_name(config, task, method)
+    return data if same and data["trials"]["complete"] + data["trials"]["pruned"] >= target else None
+
+
+def check_search(config: StudyConfig, trials: int | None = None) -> None:
+    """Every rule on tune.* again (a config built with model_copy skipped validation), with
+    `trials` as the number of trials; raises InputError before any trial runs."""
+    raw = config.model_dump(mode="json")
+    if trials is not None:
+        if trials < 2:
+            raise InputError(f"--trials must be at least 2, got {trials}")
+        raw["tune"]["trials"] = trials
+    validate(raw, source="tune")
+
+
+def study_name(config: StudyConfig, task: str, method: str) -> str:
+    """lorascope/<study>/<task>/<method>/<fingerprint of everything a trial's value depends on>.
+    The number of trials is left out, so asking for more continues the same search."""
+    tune, space = config.tune, getattr(config.tune.spaces, method)
+    base = getattr(config.training, method).model_dump(mode="json", exclude=set(space.params()))
+    fp = fingerprint(
+        stages.RESULTS_VERSION, stages._prepare_fingerprint(config, task), config.model, method, base,
+        config.training.eval_batch_size, _train_seed(config), space, tune.seed, tune.startup_trials,
+        tune.prune, tune.prune_startup_trials, tune.prune_warmup_steps, config.runtime.device, config.runtime.bf16,
+    )  # fmt: skip
+    return f"lorascope/{config.name}/{task}/{method}/{fp}"
+
+
+def hparams_with(base: MethodConfig, params: dict, where: str = "trial") -> MethodConfig:
+    """training.<method> with some values replaced, validated (model_copy would not check)."""
+    try:
+        return type(base).model_validate({**base.model_dump(), **params})
+    except Exception as err:  # noqa: BLE001 - pydantic's message, on one line
+        raise InputError(f"{where}: {' '.join(str(err).split())}") from None
+
+
+# ---------------------------------------------------------------- storage
+
+
+@dataclasses.dataclass
+class Backend:
+    storage: optuna.storages.BaseStorage
+    url: str  # for the records: password redacted
+    kind: str  # default (SQLite in the study, one process) | rdb | journal
+    lock_path: Path | None = None
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """The default storage serves one process, so every RUNNING trial found in it is stale."""
+        if self.lock_path is None:
+            yield
+            return
+        lock = filelock.FileLock(self.lock_path, timeout=0)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            raise InputError(f"another process is tuning with {self.url}; several workers need a shared "
+                             "--storage (PostgreSQL/MySQL URL or a journal file)") from None  # fmt: skip
+        try:
+            yield
+        finally:
+            lock.release()
+
+
+def open_storage(study_root, config: StudyConfig, storage: str | None = None) -> Backend:
+    """`storage` (else tune.storage): an RDB URL (sqlite:///, postgresql://, mysql://) with
+    Optuna's heartbeat, or a journal file path; none: tune/optuna.db in the study directory."""
+    tune = config.tune
+    url = storage or tune.storage
+    if url is None:
+        path = (Path(study_root) / "tune" / "optuna.db").resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Backend(RDBStorage(f"sqlite:///{path}"), f"sqlite:///{path}", "default", path.with_suffix(".lock"))
+    if "://" in url:
+        return Backend(_rdb(url, tune), redact(url), "rdb")
+    path = Path(url).expanduser()
+    if path.suffix in SQLITE_SUFFIXES:
+        raise InputError(f"storage {url}: a path is read as an Optuna journal file; for SQLite give sqlite:///{url}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Backend(JournalStorage(JournalFileBackend(str(path))), str(path), "journal")
+
+
+def _rdb(url: str, tune, attempts: int = 3) -> RDBStorage:
+    """RDBStorage with Optuna's heartbeat. Workers that start together on a new database race to
+    create its tables (the loser sees "already exists" or a unique-key error); a second attempt
+    finds them."""
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    url, heartbeat_interval=tune.heartbeat_s, grace_period=4 * tune.heartbeat_s,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=tune.max_retries),
+                )  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - driver errors vary; one clear line
+            if attempt + 1 < attempts and isinstance(err, DBAPIError):  # not a bad scheme or a missing driver
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(f"storage {redact(url)}: cannot open it ({message})") from None
+    raise AssertionError("unreachable")
+
+
+def redact(url: str) -> str:
+    if "://" not in url:
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL: keep only scheme and host
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}" if "@" in rest else url
+
+
+# ---------------------------------------------------------------- trials
+
+
+def _fill(ostudy: optuna.Study, objective, target: int, backend: Backend, config: StudyConfig, desc: str) -> None:
+    """Run trials until `target` have finished. When the rest are running on other workers, wait
+    for them (so every worker writes the same final results), and take over the slot of one
+    that fails or whose worker dies. A trial that raises is recorded as FAIL and does not count;
+    after MAX_FAILURES_IN_A_ROW of them the search stops with the last error."""
+    bar = tqdm(total=target, desc=desc, unit="trial", disable=not config.runtime.progress)
+    try:
+        while True:
+            _fail_stale(ostudy, backend, config)
+            counts = Counter(t.state for t in ostudy.get_trials(deepcopy=False))
+            finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+            bar.update(finished - bar.n)
+            if finished >= target:
+                return
+            taken = finished + counts[TrialState.RUNNING]
+            if taken >= target:
+                time.sleep(WAIT_S)
+                continue
+            ostudy.optimize(objective, n_trials=1, catch=(SurplusTrial, TrialError))
+            if objective.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+                raise RuntimeError(f"{desc}: {objective.failures_in_a_row} trials in a row failed; "
+                                   f"the last: {objective.last_error}")  # fmt: skip
+    finally:
+        bar.close()
+
+
+class TrialSeededTPE(optuna.samplers.BaseSampler):
+    """TPE with a random generator seeded for each trial from (seed, the number of earlier trials
+    that count: all but surplus trials and killed or interrupted trials that were queued again).
+    TPE keeps no other state (the history comes from the storage), so the k-th trial gets the
+    same parameters whether the search ran in one go or was killed and resumed (the rerun of the
+    killed trial takes its place); trials that workers create at the same moment have different
+    numbers, so different seeds, so different parameters."""
+
+    def __init__(self, seed: int, startup_trials: int):
+        self.seed, self.startup_trials = seed, startup_trials
+        self._tpe = self._seeded(0)
+
+    def _seeded(self, index: int) -> optuna.samplers.TPESampler:
+        digest = hashlib.sha256(f"{self.seed}/{index}".encode()).digest()
+        seed = int.from_bytes(digest[:4], "little")
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.startup_trials)
+
+    def before_trial(self, study, trial) -> None:
+        trials = study.get_trials(deepcopy=False)
+        rerun = _rerun(trials)
+        skipped = {t.number for t in trials if t.state == TrialState.FAIL and (t.number in rerun or _surplus(t))}
+        self._tpe = self._seeded(sum(t.number < trial.number and t.number not in skipped for t in trials))
+        self._tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._tpe.after_trial(study, trial, state, values)
+
+
+def _rerun(trials) -> set[int]:
+    """Numbers of the trials that were interrupted or failed as stale and queued again (by
+    lorascope, or by Optuna's RetryHeartbeatStaleTrialCallback on RDB storages)."""
+    numbers = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+    return numbers | {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+
+
+def _surplus(trial) -> bool:
+    return bool(trial.user_attrs.get("surplus"))
+
+
+def _pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
+    tune = config.tune
+    if not tune.prune:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=tune.prune_startup_trials,
+                                       n_warmup_steps=tune.prune_warmup_steps)  # fmt: skip
+
+
+def _fail_stale(ostudy: optuna.Study, backend: Backend, config: StudyConfig) -> None:
+    """Fail the trials of dead workers and queue them again with their parameters. RDB: Optuna's
+    heartbeat. Journal: lorascope's heartbeat (a user attribute). Default storage: this process
+    holds it alone, so any RUNNING trial is left over from a killed run."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if backend.kind == "rdb":
+            optuna.storages.fail_stale_trials(ostudy)
+            return
+    grace = 0 if backend.kind == "default" else 4 * config.tune.heartbeat_s
+    now = time.time()
+    for trial in ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        last = trial.user_attrs.get("heartbeat") or trial.datetime_start.timestamp()
+        if now - last < grace:
+            continue
+        try:
+            ostudy.tell(trial.number, state=TrialState.FAIL)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # another worker failed it first and queued the retry
+        attempt = trial.user_attrs.get("attempt", 0) + 1
+        if trial.params and attempt <= config.tune.max_retries:
+            ostudy.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "attempt": attempt})
+
+
+@contextlib.contextmanager
+def _heartbeat(trial: optuna.Trial, seconds: float):
+    """Records a sign of life every `seconds` while a trial runs (journal storage)."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(seconds):
+            trial.set_user_attr("heartbeat", time.time())
+
+    trial.set_user_attr("heartbeat", time.time())
+    thread = threading.Thread(target=beat, name=f"heartbeat-trial{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+class DevReporter(TrainerCallback):
+    """Hands each dev evaluation of training.DevSelection (it logs `dev_<metric>` at the step it
+    evaluated) to the Optuna trial, and stops a trial the pruner finds poor. Must come after
+    DevSelection in the Trainer's callbacks."""
+
+    def __init__(self, trial: optuna.Trial, metric: str, prune: bool):
+        self.trial, self.key, self.prune = trial, f"dev_{metric}", prune
+        self.reported: set[int] = set()
+
+    def on_step_end(self, args, state, control, **_):
+        self._report(state, may_prune=True)
+
+    def on_epoch_end(self, args, state, control, **_):
+        self._report(state, may_prune=True)
+
+    def on_train_end(self, args, state, control, **_):
+        self._report(state, may_prune=False)  # the last evaluation; nothing left to save by stopping
+
+    def _report(self, state, may_prune: bool) -> None:
+        entry = state.log_history[-1] if state.log_history else {}
+        step = entry.get("step")
+        if self.key not in entry or step != state.global_step or step in self.reported:
+            return
+        self.reported.add(step)
+        self.trial.report(entry[self.key], step)
+        if may_prune and self.prune and self.trial.should_prune():
+            raise optuna.TrialPruned(f"{self.key} {entry[self.key]:.4f} at step {step} is below the median")
+
+
+class _Objective:
+    """One trial: training.<method> with the trial's values, trained by train_run on train and
+    selected on dev; the value is the dev metric of the selected checkpoint."""
+
+    def __init__(self, study, config, task, method, splits, tokenizer, backend, target):
+        self.study, self.config, self.task, self.method = study, config, task, method
+        self.splits = {"train": splits["train"], "dev": splits["dev"]}  # never the reported eval split
+        self.tokenizer, self.backend, self.target = tokenizer, backend, target
+        self.failures_in_a_row, self.last_error = 0, None
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self._check_not_surplus(trial)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        hp = trial_hparams(self.config, self.method, trial)
+        reporter = DevReporter(trial, self.task.metric, self.config.tune.prune)
+        setup = stages._setup(self.config, self.task, self.method, _train_seed(self.config), hp=hp,
+                              save_weights=False, callbacks=[reporter])  # fmt: skip
+        target = self.study.root / "tune" / self.task.name / self.method / f"trial{trial.number:04d}"
+        alive = _heartbeat(trial, self.config.tune.heartbeat_s) if self.backend.kind == "journal" else None
+        try:
+            with alive or contextlib.nullcontext(), atomic_dir(target) as scratch:
+                result = train_run(setup, self.splits, self.tokenizer, scratch)
+        except (InputError, optuna.TrialPruned):
+            raise
+        except KeyboardInterrupt:  # Ctrl-C: the rerun trains these parameters first, in this trial's place
+            again = {"retry_of": trial.number, "attempt": trial.user_attrs.get("attempt", 0)}
+            trial.study.enqueue_trial(trial.params, user_attrs=again)
+            raise
+        except Exception as err:  # noqa: BLE001 - recorded on the trial, the search goes on
+            self.failures_in_a_row, self.last_error = self.failures_in_a_row + 1, f"{type(err).__name__}: {err}"
+            trial.set_user_attr("status", "failed")
+            trial.set_user_attr("error", self.last_error)
+            raise TrialError(self.last_error) from err
+        self.failures_in_a_row = 0
+        trial.set_user_attr("status", result["status"])
+        if result["status"] == "diverged":
+            raise optuna.TrialPruned(f"training diverged at step {result['diverged_step']}")
+        trial.set_user_attr("best_step", result["best_step"])
+        return float(result[f"dev_{self.task.metric}"])
+
+    def _check_not_surplus(self, trial: optuna.Trial) -> None:
+        """Workers that asked for a trial at the same moment can overshoot the target; the
+        trials beyond it (by number) end at once, before any training."""
+        alive = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+        ahead = sum(t.number < trial.number for t in trial.study.get_trials(deepcopy=False, states=alive))
+        if ahead >= self.target:
+            trial.set_user_attr("surplus", True)
+            raise SurplusTrial(f"other workers already hold the {self.target} requested trials")
+
+
+def trial_hparams(config: StudyConfig, method: str, trial: optuna.Trial) -> MethodConfig:
+    """training.<method> with every parameter of tune.spaces.<method> suggested by the trial."""
+    params = {}
+    for name, p in getattr(config.tune.spaces, method).params().items():
+        if p.choices is not None:
+            params[name] = trial.suggest_categorical(name, p.choices)
+        elif isinstance(p.low, int) and isinstance(p.high, int):
+            params[name] = trial.suggest_int(name, p.low, p.high, step=int(p.step or 1), log=p.log)
+        else:
+            params[name] = trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
+    return hparams_with(getattr(config.training, method), params, f"tune.spaces.{method}")
+
+
+def _train_seed(config: StudyConfig) -> int:
+    return config.seeds[0]
+
+
+def _select(config: StudyConfig, tasks, methods) -> tuple[list[str], list[str]]:
+    tasks, methods = list(tasks or config.tasks), list(methods or config.methods)
+    for task in tasks:
+        if task not in config.tasks:
+            raise InputError(f"--task {task}: not a task of this study ({', '.join(config.tasks)})")
+    for method in methods:
+        if method not in METHODS:
+            raise InputError(f"--method {method}: choose one of {', '.join(METHODS)}")
+    return tasks, methods
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _best(trials) -> optuna.trial.FrozenTrial | None:
+    """Highest value; ties go to the lowest trial number, so every worker names the same one."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+
+
+def _state_counts(trials) -> dict[str, int]:
+    counts = Counter(t.state.name.lower() for t in trials if not _surplus(t))
+    states = ("complete", "pruned", "fail", "running", "waiting")
+    return {s: counts.get(s, 0) for s in states} | {"surplus": sum(map(_surplus, trials))}
+
+
+def write_tuned(study: Study, config: StudyConfig, task: str, method: str, metric: str, ostudy, backend: Backend,
+                target: int) -> dict:
+    """tuned/<task>_<method>.yaml: the best trial, its values merged into training.<method>, trial
+    counts by state, and the search's name, storage, sampler, pruner and space."""
+    trials = ostudy.get_trials(deepcopy=False)
+    best = _best(trials)
+    tune = config.tune
+    record = {
+        "task": task,
+        "method": method,
+        "metric": metric,
+        "split": "dev",
+        "best_value": None if best is None else float(best.value),
+        "best_trial": None if best is None else best.number,
+        "best_params": None if best is None else dict(best.params),
+        "hparams": None,
+        "trials": {"requested": target, **_state_counts(trials)},
+        "study_name": ostudy.study_name,
+        "storage": backend.url,
+        "train_seed": _train_seed(config),
+        "sampler": {"name": "TPESampler", "seed": tune.seed, "startup_trials": tune.startup_trials},
+        "pruner": {"name": "MedianPruner", "startup_trials": tune.prune_startup_trials,
+                   "warmup_steps": tune.prune_warmup_steps} if tune.prune else {"name": "NopPruner"},  # fmt: skip
+        "space": {k: v.model_dump(exclude_defaults=True) for k, v in getattr(tune.spaces, method).params().items()},
+    }
+    if best is not None:
+        hp = hparams_with(getattr(config.training, method), best.params, "best trial")
+        record["hparams"] = hp.model_dump(mode="json")
+    atomic_write_text(study.root / "tuned" / f"{task}_{method}.yaml", yaml.safe_dump(record, sort_keys=False))
+    return record
+
+
+def write_trials_table(study: Study, config: StudyConfig, backend: Backend) -> pd.DataFrame:
+    """Every trial of this config's searches found in the storage, one row each."""
+    rows, param_names = [], []
+    for task in config.tasks:
+        for method in METHODS:
+            try:
+                ostudy = optuna.load_study(study_name=study_name(config, task, method), storage=backend.storage)
+            except KeyError:
+                continue
+            for t in ostudy.get_trials(deepcopy=False):
+                duration = t.duration.total_seconds() if t.duration is not None else None
+                steps = sorted(t.intermediate_values)
+                retry_of = t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial"))
+                note = "surplus" if _surplus(t) else t.user_attrs.get("error", t.user_attrs.get("status", ""))
+                rows.append({
+                    "task": task, "method": method, "trial": t.number, "state": t.state.name, "value": t.value,
+                    "duration_s": None if duration is None else round(duration, 3), **t.params,
+                    "last_step": steps[-1] if steps else None,
+                    "last_dev_value": t.intermediate_values[steps[-1]] if steps else None,
+                    "best_step": t.user_attrs.get("best_step"), "retry_of": retry_of,
+                    "worker": t.user_attrs.get("worker"), "note": note,
+                })  # fmt: skip
+                param_names += [p for p in t.params if p not in param_names]
+    tail = ["last_step", "last_dev_value", "best_step", "retry_of", "worker", "note"]
+    table = pd.DataFrame(rows, columns=TRIALS_COLUMNS + param_names + tail)
+    atomic_write_text(study.tables / "trials.csv", table.to_csv(index=False))
+    return table
+
+
+def write_history_figure(study: Study, task: str, method: str, ostudy, metric: str) -> Path:
+    """Dev metric of every finished trial by trial number, and the best so far."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trials = sorted(ostudy.get_trials(deepcopy=False), key=lambda t: t.number)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot([t.number for t in complete], [t.value for t in complete], "o", label="complete trial")
+    if pruned:
+        last = [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
+        ax.plot([t.number for t in pruned], last, "x", color="grey", label="pruned (last dev value)")
+    if complete:
+        best, running = [], float("-inf")
+        for t in complete:
+            running = max(running, t.value)
+            best.append(running)
+        ax.step([t.number for t in complete], best, where="post", color="C3", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"dev {metric}")
+    ax.set_title(f"{task} {method}: TPE search ({len(complete)} complete, {len(pruned)} pruned)")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    path = study.root / "figures" / f"tune_{task}_{method}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f"{PARTIAL}{path.name}-{os.getpid()}")
+    fig.savefig(scratch, format="png", dpi=120)
+    plt.close(fig)
+    os.replace(scratch, path)
+    return path
