@@ -6,7 +6,7 @@ import pytest
 
 from lorascope.cli import build_parser, main
 
-SUBCOMMANDS = ("run", "prepare", "baselines", "train")
+SUBCOMMANDS = ("run", "prepare", "baselines", "tune", "train", "represent", "drift", "weights", "deploy", "analyze", "report", "bench")
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

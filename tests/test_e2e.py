@@ -40,5 +40,16 @@ def test_smoke_study_end_to_end(tmp_path):
     assert mrpc_majority["accuracy"] < mrpc_majority["f1"]  # all-positive: F1 above accuracy, as in GLUE
 
     manifest = json.loads((out / "manifest.json").read_text())
-    assert {k: v["status"] for k, v in manifest["stages"].items()} == {"prepare": "done", "baselines": "done", "train": "done"}
+    stages = ["prepare", "baselines", "tune", "train", "represent", "drift", "weights", "deploy", "analyze", "report"]
+    assert {k: v["status"] for k, v in manifest["stages"].items()} == dict.fromkeys(stages, "done")
     assert (out / "config.yaml").is_file()
+
+    drift = pd.read_csv(out / "tables" / "drift_layers.csv")
+    base = drift[(drift.comparison == "base_vs_base") & (drift.measure != "cosine")]
+    assert base["value"].sub(1).abs().max() < 1e-6  # the real MiniLM against itself, batched differently
+    assert set(drift[drift.comparison == "run_vs_base"]["layer"]) == set(range(7))  # embeddings + 6 blocks
+    deployment = pd.read_csv(out / "tables" / "deployment.csv")
+    assert {"base", "full", "merged", "separate", "switch", "mixed"} <= set(deployment["strategy"])
+    verdict = pd.read_csv(out / "tables" / "verdict.csv")
+    assert len(verdict) == 3 * 4 and verdict["outcome"].notna().all()
+    assert "data:image/png;base64," in (out / "report.html").read_text()

@@ -15,7 +15,7 @@ from lorascope import __version__
 from lorascope.config import TaskConfig, apply_overrides, load_config, validate
 from lorascope.errors import InputError
 
-STAGE_ORDER = ("prepare", "baselines", "tune", "train", "represent", "drift", "weights", "analyze", "report")
+STAGE_ORDER = ("prepare", "baselines", "tune", "train", "represent", "drift", "weights", "deploy", "analyze", "report")
 STANDALONE = ("analyze", "report")
 
 
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                         ("represent", "pooled hidden states of every layer on the probe split"),
                         ("drift", "layer-wise CKA / cosine of every run against the base, with references"),
                         ("weights", "weight-space change of every run: update norms, rank, intruders"),
+                        ("deploy", "serving latency / memory: full vs merged vs separate vs many adapters"),
                         ("analyze", "statistics across seeds, flagged runs, verdict"),
                         ("report", "report.md and a self-contained report.html")):  # fmt: skip
         sub = commands.add_parser(stage, help=text, description=f"{text} (on an existing study directory)")
@@ -62,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--out", help="study directory when STUDY is a config file")
     tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config key (repeatable)")  # fmt: skip
+
+    bench = commands.add_parser(
+        "bench", help="serving benchmark of any base model with adapters (and a full model)",
+        description="Correctness checks, latency grid and memory of full / merged / separate / switch / mixed.",
+    )  # fmt: skip
+    bench.add_argument("--base", required=True, help="base model: bundled alias, Hub id or folder")
+    bench.add_argument("--adapter", action="append", required=True, metavar="[NAME=]PATH",
+                       help="PEFT adapter folder (repeatable; the first is merged / served separately)")  # fmt: skip
+    bench.add_argument("--full", help="fully fine-tuned model folder to compare with")
+    bench.add_argument("--task", default="sst2", help="task whose eval examples are served (default sst2)")
+    _add_config_args(bench, config_positional=False)
 
     train = commands.add_parser(
         "train", help="train the study's grid, or one run with --task/--method/--seed",
@@ -103,6 +115,8 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "tune":
         return _tune(args)
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "train" and (args.task or args.method or args.seed is not None):
         return _single_run(args)
     if not args.study:
@@ -163,6 +177,35 @@ def _tune(args) -> int:
 
     run_stages(config, out, [("prepare", stages.prepare), ("tune", search)], write_config=write)
     print(f"tuned hyperparameters in {out / 'tuned'}")
+    return 0
+
+
+def _bench(args) -> int:
+    """`deploy` for models outside a study: every adapter serves the task's eval examples."""
+    import datasets
+
+    from lorascope import deployment, modeling
+    from lorascope.tasks import load_raw, resolve_task, tokenize
+
+    config = load_config(args.config, args.profile, args.overrides)
+    adapters = {}
+    for i, item in enumerate(args.adapter):
+        name, sep, path = item.rpartition("=")
+        if not Path(path).is_dir():
+            raise InputError(f"--adapter: no adapter folder at {path}")
+        adapters[name if sep else f"adapter{i}"] = path
+    if args.full and not (Path(args.full) / "config.json").is_file():
+        raise InputError(f"--full: no model found at {args.full} (expected a folder with config.json)")
+    task, _, evaluation = load_raw(resolve_task(args.task, config.tasks.get(args.task, TaskConfig()), config.data))
+    tokenizer = modeling.load_tokenizer(args.base)
+    split = tokenize(datasets.DatasetDict(train=evaluation), tokenizer, config.model.max_length)["train"]
+    examples = deployment.examples_from_dataset(split)
+    out = Path(args.out or "bench")
+    _set_threads(config)
+    deployment.benchmark(modeling.resolve_model_path(args.base), adapters, args.full, {n: examples for n in adapters},
+                         tokenizer, config.deploy, out, device=modeling.pick_device(config.runtime),
+                         bf16=config.runtime.bf16)  # fmt: skip
+    print(f"deployment tables and figures written to {out}")
     return 0
 
 

@@ -274,6 +274,10 @@ def _table_current(study: Study, table: str, fp: str) -> bool:
 
 def _write_table(study: Study, table: str, frame: pd.DataFrame, fp: str) -> None:
     atomic_write_text(study.tables / table, frame.to_csv(index=False))
+    _mark_table(study, table, fp)
+
+
+def _mark_table(study: Study, table: str, fp: str) -> None:
     marks = study.tables / ".fingerprints.json"
     current = json.loads(marks.read_text()) if marks.is_file() else {}
     atomic_write_text(marks, json.dumps({**current, table: fp}, indent=2) + "\n")
@@ -359,6 +363,37 @@ def weights(study: Study, config: StudyConfig) -> None:
     _write_table(study, "weights.csv", table[leading + [c for c in table.columns if c not in leading]], fp)
 
 
+# ---------------------------------------------------------------- deploy
+
+
+def deploy(study: Study, config: StudyConfig) -> None:
+    """Serving cost of one seed's runs: full FT and the first task's adapter merged / separate,
+    and every task's adapter on one base (switch / mixed), on each task's eval examples."""
+    from lorascope import deployment
+
+    if not config.deploy.enabled:
+        return
+    seed = config.deploy.seed if config.deploy.seed is not None else config.seeds[0]
+    runs = {(t, m): metrics for t in config.tasks for m, s, metrics in _finished_runs(study, config, t) if s == seed}
+    adapters = {t: str(study.run_dir(t, "lora", seed)) for t in config.tasks if (t, "lora") in runs}
+    if not adapters:
+        tqdm.write(f"deploy: skipped, no finished LoRA run with seed {seed}")
+        return
+    first = next(iter(adapters))
+    full = str(study.run_dir(first, "full", seed)) if (first, "full") in runs else None
+    device = modeling.pick_device(config.runtime)
+    fp = fingerprint(RESULTS_VERSION, config.deploy, config.runtime.bf16, device.type, sorted(m["fingerprint"] for m in runs.values()))
+    if _table_current(study, "deployment.csv", fp):
+        return
+    examples = {t: deployment.examples_from_dataset(load_prepared(study, t)[1]["eval"]) for t in adapters}
+    deployment.benchmark(
+        modeling.resolve_model_path(config.model.name), adapters, full, examples,
+        modeling.load_tokenizer(config.model.name), config.deploy, study.tables, figures_dir=study.root / "figures",
+        device=device, bf16=config.runtime.bf16,
+    )  # fmt: skip
+    _mark_table(study, "deployment.csv", fp)
+
+
 def analyze(study: Study, config: StudyConfig) -> None:
     from lorascope.analysis import analyze as analyze_tables
 
@@ -373,5 +408,5 @@ def report(study: Study, config: StudyConfig) -> None:
 
 STAGES = {
     "prepare": prepare, "baselines": baselines, "tune": tune, "train": train, "represent": represent, "drift": drift,
-    "weights": weights, "analyze": analyze, "report": report,
+    "weights": weights, "deploy": deploy, "analyze": analyze, "report": report,
 }  # fmt: skip
