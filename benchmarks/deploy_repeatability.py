@@ -40,8 +40,8 @@ def run_once(args, out: Path) -> None:
     seed = config.deploy.seed if config.deploy.seed is not None else config.seeds[0]
     tasks = list(config.tasks)
     adapters = {t: str(study.run_dir(t, "lora", seed)) for t in tasks}
-    examples = {t: deployment.examples_from_dataset(datasets.load_from_disk(str(study.prepared_dir(t) / "splits"))["eval"])
-                for t in tasks}  # fmt: skip
+    splits = {t: datasets.load_from_disk(str(study.prepared_dir(t) / "splits")) for t in tasks}
+    examples = {t: deployment.examples_from_dataset(splits[t]["eval"]) for t in tasks}
     cfg = config.deploy.model_copy(update={
         "batch_sizes": args.batch_sizes, "seq_lens": [s if s == "natural" else int(s) for s in args.seq_lens],
         "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads, "bootstrap": 1000})  # fmt: skip

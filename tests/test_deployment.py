@@ -25,7 +25,8 @@ GLUE = Path(os.environ["LORASCOPE_GLUE"])  # set by conftest
 def _adapter(base_dir, tokenizer, folder, seed):
     """Built as a study run builds it (head + pooler saved), then B and the head perturbed so
     the adapter really changes the logits (B = 0 would make every check pass vacuously)."""
-    model = prepare_for_method(load_model(str(base_dir), LABELS, seed, tokenizer), "lora", LoraMethodConfig(lr=1e-3, r=4))
+    model = load_model(str(base_dir), LABELS, seed, tokenizer)
+    model = prepare_for_method(model, "lora", LoraMethodConfig(lr=1e-3, r=4))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -156,7 +157,8 @@ def test_percentiles_throughput_and_overhead_match_numpy():
 def test_table_has_required_columns_and_one_row_per_cell(setup, tmp_path):
     models, examples, tokenizer = setup
     result = d.benchmark(models.base, models.adapters, models.full, examples, tokenizer, _cfg(), tmp_path,
-                         memory=False)  # fmt: skip
+                         memory=False, meta={"fingerprint": "abc"})  # fmt: skip
+    assert json.loads((tmp_path / "deployment_checks.json").read_text())["meta"] == {"fingerprint": "abc"}
     table = pd.read_csv(tmp_path / "deployment.csv")
     assert list(table.columns[:9]) == ["strategy", "batch_size", "seq_len", "p50_ms", "p95_ms", "p99_ms", "mean_ms",
                                        "examples_per_s", "overhead_vs_full"]  # fmt: skip
@@ -222,7 +224,8 @@ def test_memory_is_measured_in_a_fresh_process(setup):
     batch = d.make_batches(pool, 4, "natural", 1, tokenizer.pad_token_id, d.forward_inputs(models.base))[0]
     spec = {"strategy": "mixed", "models": {"base": models.base, "adapters": models.adapters, "full": models.full},
             "num_labels": 2, "pad_token_id": tokenizer.pad_token_id, "device": "cpu", "threads": 1, "bf16": False,
-            "batches": [{"inputs": {k: v.tolist() for k, v in batch.inputs.items()}, "tasks": batch.tasks}]}  # fmt: skip
+            "batches": [{"inputs": {k: v.tolist() for k, v in batch.inputs.items()},
+                         "tasks": batch.tasks}]}  # fmt: skip
     row = d.memory_in_subprocess(spec)
     assert row["loaded_mb"] > 1 and row["peak_mb"] > 0 and row["load_seconds"] > 0 and row["inference_mb"] >= 0
     assert row["measure"] == "cpu rss" and row["method"]

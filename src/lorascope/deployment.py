@@ -10,7 +10,8 @@ unlabelled data. Here every number comes from a measurement that rules those out
 - every strategy of a cell sees the same batches; warm-up calls use batches that are not
   timed; strategies are interleaved round robin (the first one rotates) so machine drift
   hits all of them alike; CUDA is synchronised around every timed call; thread count fixed;
-- overhead is a ratio of medians with a bootstrap interval over repetitions;
+- overhead is the median of per-round latency ratios (both strategies ran the same batch in
+  the same round) with a bootstrap interval over rounds;
 - memory is measured in a fresh process per strategy, after loading, so loading never counts
   as inference memory.
 
@@ -87,7 +88,8 @@ class DeploymentCheckFailed(RuntimeError):
         self.checks = checks
         failed = checks[~checks["passed"].astype(bool)]
         lines = [f"{r.check} {r.task}: max |Δlogit| {r.max_abs_diff:.3g} (tolerance {r.tolerance:g}), "
-                 f"{r.prediction_mismatches} of {r.n_examples} predictions differ" for r in failed.itertuples()]  # fmt: skip
+                 f"{r.prediction_mismatches} of {r.n_examples} predictions differ"
+                 for r in failed.itertuples()]  # fmt: skip
         super().__init__("deployment correctness check failed: " + "; ".join(lines))
 
 
@@ -213,7 +215,8 @@ def num_labels_of(models: Models) -> int:
                 return int(f.get_slice(key).get_shape()[0])
     if models.full:
         return int(AutoConfig.from_pretrained(models.full).num_labels)
-    raise InputError(f"{models.adapters[models.first]}: the adapter holds no classifier head; cannot tell the label count")
+    raise InputError(f"{models.adapters[models.first]}: the adapter holds no classifier head, "
+                     "so the number of labels is unknown")
 
 
 def load_base(base: str, num_labels: int, pad_token_id: int) -> torch.nn.Module:
@@ -262,7 +265,8 @@ def load_multi(models: Models, num_labels: int, pad_token_id: int) -> PeftModel:
         config.modules_to_save = mixable_modules(base_model, config.modules_to_save)
         configs[name] = config
     names = list(models.adapters)
-    model = PeftModel.from_pretrained(base_model, models.adapters[names[0]], adapter_name=names[0], config=configs[names[0]])
+    first = names[0]
+    model = PeftModel.from_pretrained(base_model, models.adapters[first], adapter_name=first, config=configs[first])
     for name in names[1:]:
         model.add_adapter(name, configs[name])
         loaded = model.load_adapter(models.adapters[name], adapter_name=name)
@@ -290,7 +294,8 @@ def load_strategy(strategy: str, models: Models, num_labels: int, pad_token_id: 
             model.config.pad_token_id = pad_token_id
         return model.eval()
     if strategy in ("merged", "separate"):
-        model = PeftModel.from_pretrained(load_base(models.base, num_labels, pad_token_id), models.adapters[models.first])
+        base_model = load_base(models.base, num_labels, pad_token_id)
+        model = PeftModel.from_pretrained(base_model, models.adapters[models.first])
         return _merge(model).eval() if strategy == "merged" else model.eval()
     if strategy in MULTI_ADAPTER:
         return load_multi(models, num_labels, pad_token_id).eval()
@@ -493,7 +498,8 @@ def times_table(results: dict) -> pd.DataFrame:
     for (batch_size, seq_len), (times, (padded, real)) in results.items():
         for strategy, values in times.items():
             rows += [{"strategy": strategy, "batch_size": batch_size, "seq_len": str(seq_len), "repetition": r,
-                      "ms": v, "padded_tokens": padded[r], "real_tokens": real[r]} for r, v in enumerate(values)]  # fmt: skip
+                      "ms": v, "padded_tokens": padded[r], "real_tokens": real[r]}
+                     for r, v in enumerate(values)]  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -721,8 +727,9 @@ def plot_latency(timings: pd.DataFrame, path: Path) -> str | None:
         for k, strategy in enumerate(strategies):
             rows = ok[(ok["strategy"] == strategy) & (ok["seq_len"] == seq_len)].sort_values("batch_size")
             dodge = 1 + 0.04 * (k - (len(strategies) - 1) / 2)  # side by side on the log axis
-            ax.errorbar(rows["batch_size"] * dodge, rows["p50_ms"], yerr=[0 * rows["p50_ms"], rows["p95_ms"] - rows["p50_ms"]],
-                        marker="o", ms=4, capsize=3, lw=1.3, color=COLORS.get(strategy), label=strategy)  # fmt: skip
+            whisker = [0 * rows["p50_ms"], rows["p95_ms"] - rows["p50_ms"]]  # up to p95 only
+            ax.errorbar(rows["batch_size"] * dodge, rows["p50_ms"], yerr=whisker, marker="o", ms=4, capsize=3, lw=1.3,
+                        color=COLORS.get(strategy), label=strategy)  # fmt: skip
         ax.set(xscale="log", yscale="log", xlabel="batch size (examples per call)",
                title=f"seq_len = {seq_len}" + (" (eval texts)" if seq_len == "natural" else " tokens"))  # fmt: skip
         ticks = sorted(ok["batch_size"].unique())
@@ -816,10 +823,10 @@ def environment(device: torch.device, threads: int) -> dict:
             "python": platform.python_version()}  # fmt: skip
 
 
-def _write_checks(out_dir: Path, checks: pd.DataFrame, skipped: dict[str, str], env: dict) -> None:
+def _write_checks(out_dir: Path, checks: pd.DataFrame, skipped: dict[str, str], env: dict, meta: dict) -> None:
     _write_text(out_dir / "deployment_checks.csv", checks.to_csv(index=False))
     payload = {"passed": bool(checks["passed"].all()), "tolerance": ATOL, "checks": checks.to_dict("records"),
-               "skipped": skipped, "environment": env}  # fmt: skip
+               "skipped": skipped, "environment": env, "meta": meta}  # fmt: skip
     _write_text(out_dir / "deployment_checks.json", json.dumps(payload, indent=2, default=str) + "\n")
 
 
@@ -894,16 +901,19 @@ def benchmark(
     bf16: bool = True,
     memory: bool = True,
     check_examples: int | None = None,
+    meta: dict | None = None,
 ) -> DeploymentResult:
     """Correctness checks, then the timing grid, then memory and size; writes deployment.csv,
-    deployment_checks.csv/.json and deployment_memory.csv to `out_dir` and the two figures to
+    deployment_times.csv (every timed call), deployment_checks.csv/.json and
+    deployment_memory.csv to `out_dir`, and deployment_latency.png / deployment_memory.png to
     `figures_dir` (default `out_dir`).
 
     `adapters` maps task names to adapter folders (the first is served by merged / separate);
     `examples[task]` are that task's tokenized eval examples (dicts with input_ids, optional
     token_type_ids and label: see `examples_from_dataset`, `tokenize_texts`); checks use the
-    first `check_examples` of each (all by default). Raises DeploymentCheckFailed, after writing
-    the check tables, when a serving path changes the logits."""
+    first `check_examples` of each (all by default). `meta` (e.g. the caller's fingerprint) is
+    stored in deployment_checks.json. Raises DeploymentCheckFailed, after writing the check
+    tables, when a serving path changes the logits."""
     device, out_dir = torch.device(device), Path(out_dir)
     figures_dir = Path(figures_dir) if figures_dir else out_dir
     models = Models(base, dict(adapters), full)
@@ -922,7 +932,7 @@ def benchmark(
     with fixed_threads(threads):
         checked = {t: examples[t][:check_examples] for t in models.adapters}
         checks = check_correctness(models, checked, num_labels, pad_token_id, input_names, device)
-        _write_checks(out_dir, checks, skipped | engines, env)
+        _write_checks(out_dir, checks, skipped | engines, env, meta or {})
         if not checks["passed"].all():
             raise DeploymentCheckFailed(checks)
         _say(f"correctness checks passed (max |Δlogit| {checks['max_abs_diff'].max():.2g}, tolerance {ATOL:g})")
@@ -945,10 +955,11 @@ def benchmark(
         workload = [make_batches(pool, max(cfg.batch_sizes), s, 1, pad_token_id, input_names)[0] for s in cfg.seq_lens]
         spec = {"models": dataclasses.asdict(models), "num_labels": num_labels, "pad_token_id": pad_token_id,
                 "device": str(device), "threads": threads, "bf16": bf16,
-                "batches": [{"inputs": {k: v.tolist() for k, v in b.inputs.items()}, "tasks": b.tasks} for b in workload]}  # fmt: skip
+                "batches": [{"inputs": {k: v.tolist() for k, v in b.inputs.items()}, "tasks": b.tasks}
+                            for b in workload]}  # fmt: skip
         memory_rows = memory_table([s for s in strategies if s not in skipped], models, spec)
         _write_text(out_dir / "deployment_memory.csv", memory_rows.to_csv(index=False))
-    _write_checks(out_dir, checks, skipped | engines, env)
+    _write_checks(out_dir, checks, skipped | engines, env, meta or {})
     for reason in (plot_latency(timings, figures_dir / "deployment_latency.png"),
                    plot_memory(memory_rows, figures_dir / "deployment_memory.png") if memory else None):  # fmt: skip
         if reason:

@@ -1171,9 +1171,9 @@ def _deployment_section(doc: _Doc, study: _Study) -> None:
                 line = [strategy]
                 for c in cells:
                     r = c.iloc[0] if not c.empty else {}
-                    text = f"{100 * r['overhead_vs_full']:+.1f}" if _ok(r.get("overhead_vs_full")) else "—"
+                    text = f"{100 * (r['overhead_vs_full'] - 1):+.1f}" if _ok(r.get("overhead_vs_full")) else "—"
                     if _ok(r.get("overhead_ci_low")) and _ok(r.get("overhead_ci_high")):
-                        text += f" [{100 * r['overhead_ci_low']:+.1f}, {100 * r['overhead_ci_high']:+.1f}]"
+                        text += f" [{100 * (r['overhead_ci_low'] - 1):+.1f}, {100 * (r['overhead_ci_high'] - 1):+.1f}]"
                     line.append(text)
                 overhead.append(line)
             doc.heading(3, f"Sequence length {seq_len}")
