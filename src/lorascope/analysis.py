@@ -33,9 +33,18 @@ def flagged_performance(study: Study, config: StudyConfig) -> pd.DataFrame:
     return stats.flag_runs(performance, majority, config.analysis.majority_margin)
 
 
+def _subsets(flags: pd.DataFrame):
+    """Statistics are shown over every finished run and over the runs not flagged."""
+    return (("all", flags[flags["status"] == "ok"]), ("unflagged", flags[~flags["flagged"]]))
+
+
+def _primary_by_seed(runs: pd.DataFrame) -> dict[str, dict[int, float]]:
+    return {m: dict(zip(g["seed"], g["primary_value"])) for m, g in runs.groupby("method")}
+
+
 def describe_rows(flags: pd.DataFrame, confidence: float) -> list[dict]:
     rows = []
-    for subset, frame in (("all", flags[flags["status"] == "ok"]), ("unflagged", flags[~flags["flagged"]])):
+    for subset, frame in _subsets(flags):
         for (task, method), group in frame.groupby(["task", "method"]):
             for metric in METRICS:
                 values = group[metric].dropna()
@@ -48,10 +57,10 @@ def describe_rows(flags: pd.DataFrame, confidence: float) -> list[dict]:
 def comparison_rows(flags: pd.DataFrame, config: StudyConfig) -> list[dict]:
     """LoRA vs full per task on the primary metric, Holm-corrected across tasks per test."""
     rows = []
-    for subset, frame in (("all", flags[flags["status"] == "ok"]), ("unflagged", flags[~flags["flagged"]])):
+    for subset, frame in _subsets(flags):
         family = []
         for task, group in frame.groupby("task"):
-            by_seed = {m: dict(zip(g["seed"], g["primary_value"])) for m, g in group.groupby("method")}
+            by_seed = _primary_by_seed(group)
             if len(by_seed.get("lora", {})) < 1 or len(by_seed.get("full", {})) < 1:
                 continue
             result = stats.compare(by_seed["lora"], by_seed["full"], confidence=config.analysis.confidence,
@@ -69,7 +78,7 @@ def quality_estimate(runs: pd.DataFrame, confidence: float) -> tuple[stats.Estim
     """Full FT - LoRA over the seeds where neither run is flagged: a run that did not beat the
     majority class says nothing about what LoRA costs. With no such pair the gap over all runs
     is shown without an interval, which reads inconclusive."""
-    by_seed = {m: dict(zip(g["seed"], g["primary_value"])) for m, g in runs.groupby("method")}
+    by_seed = _primary_by_seed(runs)
     if not (by_seed.get("lora") and by_seed.get("full")):
         return None, ""
     flagged = set(runs.loc[runs["flagged"], "seed"])

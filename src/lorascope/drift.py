@@ -64,7 +64,7 @@ def task_drift_rows(task: str, pooling: str, base: torch.Tensor, base_again: tor
     """All drift_layers.csv rows of one task and pooling. `base_again` is the base model's
     features computed a second time with different batches (so different padding)."""
     common = {"task": task, "pooling": pooling}
-    informative = [i for i in range(len(layers)) if not _constant(base[i])]
+    informative = [i for i in range(len(layers)) if not sim.is_constant(base[i])]
     if len(informative) < len(layers):  # e.g. an encoder's first token before attention: always [CLS]
         keep = torch.tensor(informative, dtype=torch.long)
         base, base_again, layers = base[keep], base_again[keep], [layers[i] for i in informative]
@@ -86,12 +86,6 @@ def task_drift_rows(task: str, pooling: str, base: torch.Tensor, base_again: tor
             rows += layer_rows(runs[(method, a)], runs[(method, b)], layers, measures, comparison="seed_vs_seed",
                                method=method, seed=f"{a}-{b}", **options, **common)  # fmt: skip
     return rows
-
-
-def _constant(features: torch.Tensor) -> bool:
-    """Every example has the same features, so no similarity is defined."""
-    features = features.double()
-    return bool((features - features.mean(dim=0)).abs().max() <= 1e-6 * features.abs().max().clamp_min(1e-12))
 
 
 def summary_rows(layer_table) -> list[dict]:

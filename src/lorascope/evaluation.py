@@ -29,6 +29,18 @@ def make_collator(tokenizer, device: torch.device) -> DataCollatorWithPadding:
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
 
 
+def length_batches(split: datasets.Dataset, tokenizer, batch_size: int, device: torch.device):
+    """(row indices, padded model inputs on `device`), examples ordered by length so batches
+    carry little padding; callers write results back at the row indices."""
+    collate = make_collator(tokenizer, device)
+    inputs = [c for c in MODEL_INPUTS if c in split.column_names]
+    order = np.argsort(split["length"], kind="stable")
+    for start in range(0, len(split), batch_size):
+        rows = order[start : start + batch_size]
+        batch = collate(split.select(rows).select_columns(inputs).to_list())
+        yield rows, {k: v.to(device) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -44,15 +56,10 @@ def evaluate(
     length (less padding) and put back in order afterwards."""
     was_training = model.training
     model.eval()
-    collate = make_collator(tokenizer, device)
-    inputs = [c for c in MODEL_INPUTS if c in split.column_names]
-    order = np.argsort(split["length"], kind="stable")
     logits = np.empty((len(split), num_labels), dtype=np.float32)
-    for start in range(0, len(split), batch_size):
-        rows = order[start : start + batch_size]
-        batch = collate(split.select(rows).select_columns(inputs).to_list())
+    for rows, batch in length_batches(split, tokenizer, batch_size, device):
         with autocast(device, bf16):
-            out = model(**{k: v.to(device) for k, v in batch.items()})
+            out = model(**batch)
         logits[rows] = out.logits.float().cpu().numpy()
     model.train(was_training)
 

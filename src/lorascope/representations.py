@@ -10,13 +10,12 @@ import json
 from pathlib import Path
 
 import datasets
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lorascope.errors import InputError
-from lorascope.evaluation import MODEL_INPUTS, make_collator
+from lorascope.evaluation import length_batches
 from lorascope.modeling import autocast
 
 POOLINGS = ("mean", "head")
@@ -56,16 +55,12 @@ def pooled_features(
     """{pooling: float32 [layers × examples × hidden]} in the split's order, and the layer
     indices. Batches are formed by length (less padding) and written back in order."""
     model.eval()
-    collate = make_collator(tokenizer, device)
-    inputs = [c for c in MODEL_INPUTS if c in split.column_names]
-    order = np.argsort(split["length"], kind="stable")
     last_token = head_reads_last_token(model)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
     out: dict[str, torch.Tensor] = {}
     chosen: list[int] = []
-    for start in range(0, len(split), batch_size):
-        rows = torch.from_numpy(order[start : start + batch_size])
-        batch = {k: v.to(device) for k, v in collate(split.select(rows.numpy()).select_columns(inputs).to_list()).items()}
+    for rows, batch in length_batches(split, tokenizer, batch_size, device):
+        rows = torch.from_numpy(rows)
         with autocast(device, bf16):
             hidden = model(**batch, output_hidden_states=True).hidden_states
         if not out:

@@ -24,12 +24,17 @@ def _as_float64(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
+def is_constant(x: torch.Tensor) -> bool:
+    """Every example has the same features: no similarity to anything is defined (0/0)."""
+    x = x.to(_DTYPE)
+    return bool((x - x.mean(dim=0, keepdim=True)).abs().max() <= 1e-12 * x.abs().max())
+
+
 def _centred(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Column-centred float64 copy; a matrix whose every feature is constant has no similarity
-    to anything (0/0), so it is an error rather than a NaN."""
+    """Column-centred float64 copy; a constant matrix is an error rather than a NaN."""
     x = _as_float64(x, name)
     centred = x - x.mean(dim=0, keepdim=True)
-    if centred.abs().max() <= 1e-12 * x.abs().max():
+    if is_constant(x):
         raise ValueError(f"{name}: all features are constant across examples (zero variance after centring)")
     return centred
 
