@@ -18,6 +18,8 @@ import pytest
 import yaml
 
 from lorascope import report, stats
+from lorascope.analysis import comparison_rows, describe_rows
+from lorascope.config import AnalysisConfig
 
 TASKS = {"sst2": "accuracy", "mrpc": "f1"}
 SEEDS = (42, 1337, 2024)
@@ -100,12 +102,11 @@ def make_study(root: Path, partial: bool = False, tasks: dict[str, str] | None =
                          "primary_metric": metric, "primary_value": 1.0, "accuracy": 1.0, "f1": 1.0,
                          "passed": method == "lora"})  # fmt: skip
     _write(root / "tables" / "baselines.csv", pd.DataFrame(rows))
-    _write(root / "tables" / "flags.csv", stats.flag_runs(perf, MAJORITY, 0.01))
-    describe_rows = []
-    for (task, method), g in perf.groupby(["task", "method"]):
-        describe_rows.append({"task": task, "method": method, "metric": g["primary_metric"].iloc[0], "subset": "all",
-                              **stats.describe(g["primary_value"])})  # fmt: skip
-    _write(root / "tables" / "statistics.csv", pd.DataFrame(describe_rows))
+    flags = stats.flag_runs(perf, MAJORITY, 0.01)
+    _write(root / "tables" / "flags.csv", flags)
+    analysis = AnalysisConfig(**config["analysis"])  # the rows the analyze stage writes
+    _write(root / "tables" / "statistics.csv",
+           pd.DataFrame(describe_rows(flags, analysis.confidence) + comparison_rows(flags, analysis)))  # fmt: skip
     verdict = [row for task, (q, d, dep) in VERDICT.items()
                for row in stats.verdict_rows(task, quality=q, drift=d, deployment=dep)]  # fmt: skip
     _write(root / "tables" / "verdict.csv", pd.DataFrame(verdict, columns=stats.VERDICT_COLUMNS))
@@ -130,7 +131,8 @@ def make_study(root: Path, partial: bool = False, tasks: dict[str, str] | None =
           "value": 0.85 + i / 100} for i in range(6)]))  # fmt: skip
     (root / "tuned").mkdir()
     (root / "tuned" / "sst2_lora.yaml").write_text(yaml.safe_dump(
-        {"task": "sst2", "method": "lora", "best_value": 0.9, "params": {"lr": 0.002, "weight_decay": 0.05}}))
+        {"task": "sst2", "method": "lora", "best_value": 0.9,
+         "params": {"lr": 0.002, "weight_decay": 0.05}}))  # fmt: skip
     for task in TASKS:
         for method in ("lora", "full"):
             for seed in SEEDS:
@@ -270,14 +272,15 @@ def test_numbers_from_the_tables_appear_in_the_markdown(full_report):
     d = stats.describe(full)
     assert f"{d['mean']:.4f} ± {d['sd']:.4f} (n=2)" in performance
     assert f"[{d['ci_low']:.4f}, {d['ci_high']:.4f}]" in performance
-    # comparison: computed with stats.compare, Holm across the two tasks
+    # comparison: read from statistics.csv, as stats.compare computes it, Holm across the two tasks
     comparison = _section(md, "Method comparison")
     by = {m: perf[(perf.task == "sst2") & (perf.method == m)].set_index("seed")["primary_value"].to_dict()
           for m in ("lora", "full")}  # fmt: skip
     result = stats.compare(by["lora"], by["full"], n_resamples=2000)
     assert f"{result['mean_diff_paired']:.4f}" in comparison
     assert f"{result['paired_t_p']:.3f}" in comparison and f"{result['cohen_dz']:.2f}" in comparison
-    assert "Unflagged runs only" in comparison and "Hedges' g** = J" in comparison and "computed here" in comparison
+    assert "Unflagged runs only" in comparison and "Hedges' g** = J" in comparison
+    assert "Source: tables/statistics.csv." in comparison
     # drift, weights, deployment
     summary = pd.read_csv(root / "tables" / "drift_summary.csv")
     lora = summary[(summary.task == "sst2") & (summary.method == "lora") & (summary.pooling == "mean")
@@ -342,8 +345,10 @@ def test_partial_study_reads_not_run(tmp_path):
     assert "tables/verdict.csv missing" in md and "tables/weights.csv missing" in md
     performance = _section(md, "Task performance")
     assert "0.8122 |" in performance and "⚑" not in performance  # no baselines: only failed runs can be flagged
-    assert "Flags: status only (tables/flags.csv and the majority baselines are missing)" in performance
-    assert "Not run: verdict, drift, weight-space change, deployment, provenance." in md
+    assert "Flags: status only (tables/flags.csv missing; run `lorascope analyze STUDY`" in performance
+    comparison = _section(md, "Method comparison")
+    assert "*not run: tables/statistics.csv missing; run `lorascope analyze STUDY`*" in comparison
+    assert "Not run: verdict, method comparison, drift, weight-space change, deployment, provenance." in md
     html = html_path.read_text()
     assert html.count("<img ") == 1 and 'class="notrun"' in html
 
@@ -358,20 +363,36 @@ def test_study_without_performance_and_unknown_tasks(tmp_path):
     assert "No task of this study is one of the reference study's" in md
 
 
-def test_comparison_read_from_statistics_csv(tmp_path):
-    root = make_study(tmp_path / "s")
+def _comparison_study(root: Path) -> tuple[Path, pd.DataFrame]:
+    """A full study without the tables that only feed figures, and its statistics.csv."""
+    make_study(root)
     for name in ("drift_layers", "drift_summary", "weights", "deployment"):  # not needed here; saves figures
         (root / "tables" / f"{name}.csv").unlink()
-    stats_table = pd.read_csv(root / "tables" / "statistics.csv")
-    comparison = {"task": "sst2", "metric": "accuracy", "subset": "all", "n_a": 3, "n_b": 3, "n_pairs": 3,
-                  "mean_a": 0.9, "mean_b": 0.91, "mean_diff_paired": -0.0123, "bootstrap_low": -0.02,
+    return root, pd.read_csv(root / "tables" / "statistics.csv")
+
+
+def test_comparison_read_from_statistics_csv(tmp_path):
+    root, table = _comparison_study(tmp_path / "s")
+    written = (table["kind"] == "compare") & (table["task"] == "sst2") & (table["subset"] == "all")
+    comparison = {"kind": "compare", "task": "sst2", "metric": "accuracy", "subset": "all", "n_a": 3, "n_b": 3,
+                  "n_pairs": 3, "mean_a": 0.9, "mean_b": 0.91, "mean_diff_paired": -0.0123, "bootstrap_low": -0.02,
                   "bootstrap_high": -0.005, "welch_p": 0.2, "paired_t_p": 0.0417, "permutation_paired_p": 0.25,
-                  "permutation_unpaired_p": 0.3, "hedges_g": -1.5, "cohen_dz": -2.71, "paired_t_p_holm": 0.0834}
-    pd.concat([stats_table, pd.DataFrame([comparison])]).to_csv(root / "tables" / "statistics.csv", index=False)
+                  "permutation_unpaired_p": 0.3, "hedges_g": -1.5, "cohen_dz": -2.71,
+                  "paired_t_p_holm": 0.0834}  # fmt: skip
+    pd.concat([table[~written], pd.DataFrame([comparison])]).to_csv(root / "tables" / "statistics.csv", index=False)
     md = report.write_report(root)[0].read_text()
     section = _section(md, "Method comparison")
     assert "-0.0123" in section and "0.042 (0.083)" in section and "-2.71" in section
     assert "Source: tables/statistics.csv." in section
+
+
+def test_comparison_not_run_without_comparison_rows(tmp_path):
+    root, table = _comparison_study(tmp_path / "s")
+    table[table["kind"] == "describe"].to_csv(root / "tables" / "statistics.csv", index=False)
+    md = report.write_report(root)[0].read_text()
+    section = _section(md, "Method comparison")
+    assert "*not run: tables/statistics.csv has no comparison rows; run `lorascope analyze STUDY`*" in section
+    assert "Not run: method comparison, drift, weight-space change, deployment." in md
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package `chromium`)")

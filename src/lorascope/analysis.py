@@ -8,7 +8,7 @@ import math
 import pandas as pd
 
 from lorascope import stats
-from lorascope.config import StudyConfig
+from lorascope.config import AnalysisConfig, StudyConfig
 from lorascope.study import Study, atomic_write_text
 
 METRICS = ("primary_value", "accuracy", "f1")
@@ -54,7 +54,7 @@ def describe_rows(flags: pd.DataFrame, confidence: float) -> list[dict]:
     return rows
 
 
-def comparison_rows(flags: pd.DataFrame, config: StudyConfig) -> list[dict]:
+def comparison_rows(flags: pd.DataFrame, analysis: AnalysisConfig) -> list[dict]:
     """LoRA vs full per task on the primary metric, Holm-corrected across tasks per test."""
     rows = []
     for subset, frame in _subsets(flags):
@@ -63,8 +63,8 @@ def comparison_rows(flags: pd.DataFrame, config: StudyConfig) -> list[dict]:
             by_seed = _primary_by_seed(group)
             if len(by_seed.get("lora", {})) < 1 or len(by_seed.get("full", {})) < 1:
                 continue
-            result = stats.compare(by_seed["lora"], by_seed["full"], confidence=config.analysis.confidence,
-                                   n_resamples=config.analysis.bootstrap, seed=config.analysis.seed)  # fmt: skip
+            result = stats.compare(by_seed["lora"], by_seed["full"], confidence=analysis.confidence,
+                                   n_resamples=analysis.bootstrap, seed=analysis.seed)  # fmt: skip
             family.append({"kind": "compare", "task": task, "metric": group["primary_metric"].iloc[0],
                            "subset": subset, **result})  # fmt: skip
         for p in P_VALUES:
@@ -114,7 +114,9 @@ def deployment_estimate(study: Study) -> stats.Estimate | None:
     table = _read(study, "deployment.csv")
     if table is None:
         return None
-    rows = table[(table["strategy"] == "separate") & (table["batch_size"] == 1) & (table["seq_len"].astype(str) == "natural")]
+    rows = table[
+        (table["strategy"] == "separate") & (table["batch_size"] == 1) & (table["seq_len"].astype(str) == "natural")
+    ]
     if rows.empty:
         return None
     row = rows.iloc[0]
@@ -124,7 +126,9 @@ def deployment_estimate(study: Study) -> stats.Estimate | None:
 def analyze(study: Study, config: StudyConfig) -> None:
     flags = flagged_performance(study, config)
     atomic_write_text(study.tables / "flags.csv", flags.to_csv(index=False))
-    statistics = pd.DataFrame(describe_rows(flags, config.analysis.confidence) + comparison_rows(flags, config))
+    statistics = pd.DataFrame(
+        describe_rows(flags, config.analysis.confidence) + comparison_rows(flags, config.analysis)
+    )
     atomic_write_text(study.tables / "statistics.csv", statistics.to_csv(index=False))
     verdict = []
     for task, group in flags[flags["status"] == "ok"].groupby("task"):
@@ -136,4 +140,6 @@ def analyze(study: Study, config: StudyConfig) -> None:
         )  # fmt: skip
         rows[0]["rule"] += note
         verdict += rows
-    atomic_write_text(study.tables / "verdict.csv", pd.DataFrame(verdict, columns=stats.VERDICT_COLUMNS).to_csv(index=False))
+    atomic_write_text(
+        study.tables / "verdict.csv", pd.DataFrame(verdict, columns=stats.VERDICT_COLUMNS).to_csv(index=False)
+    )

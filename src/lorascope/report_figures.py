@@ -1,0 +1,361 @@
+"""The report's figures, drawn with matplotlib's object API (no pyplot: no global state, no GUI
+backend), and the look they share with the report's tables: one colour, label and order per
+method (Okabe-Ito, colour-blind safe); references are black or grey and dashed, so a coloured
+solid line is always a fine-tuned model. Each function returns a Figure; `png_bytes` renders it."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from lorascope import stats
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+METHOD_COLORS = {"lora": "#0072B2", "full": "#D55E00", "head": "#009E73"}
+METHOD_LABELS = {"lora": "LoRA", "full": "full FT", "head": "head only"}
+REFERENCE_STYLES = {
+    "base_vs_base": {"color": "black", "linestyle": "--", "label": "base vs base (ceiling)"},
+    "shuffled_base": {"color": "#8c8c8c", "linestyle": "-.", "label": "base vs row-shuffled base (chance)"},
+    "majority": {"color": "black", "linestyle": "--", "label": "majority-class baseline"},
+    "head_only": {"color": METHOD_COLORS["head"], "linestyle": ":", "label": "head-only probe"},
+}
+MEASURE_LABELS = {"linear_cka": "linear CKA", "debiased_cka": "debiased CKA", "rbf_cka": "RBF CKA",
+                  "cosine": "centred cosine"}  # fmt: skip
+POOLING_LABELS = {"mean": "masked-mean pooling", "head": "head-token pooling"}
+DPI = 110
+
+
+# ---------------------------------------------------------------- shared with the tables
+
+
+def finite(x: Any) -> bool:
+    """A number that can be shown: not None, NaN, inf or text."""
+    try:
+        return x is not None and math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def ordered(values: Iterable[Any], preferred: Sequence[Any] = ()) -> list:
+    """Distinct values, those in `preferred` first and in its order, the rest as they come."""
+    present = list(dict.fromkeys(v for v in values if isinstance(v, str) or finite(v)))
+    return [v for v in preferred if v in present] + [v for v in present if v not in preferred]
+
+
+def method_order(values: Iterable[Any]) -> list[str]:
+    return ordered((str(v) for v in values if isinstance(v, str) and v), ("lora", "full", "head"))
+
+
+def method_label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
+def method_color(method: str) -> str:
+    return METHOD_COLORS.get(method, "#7f7f7f")
+
+
+def describe_finite(values: Iterable[float], confidence: float) -> dict:
+    """stats.describe over the finite values: a failed run shows as a gap, not an error."""
+    return stats.describe([v for v in values if finite(v)], confidence)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG, on a white background (the HTML embeds it as a data URI)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, facecolor="white")
+    return buffer.getvalue()
+
+
+def _legend(fig, handles: list, ncol: int) -> None:
+    seen: dict[str, Any] = {}
+    for handle in handles:
+        seen.setdefault(handle.get_label(), handle)
+    fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncol=ncol, frameon=False, fontsize=9)
+
+
+def _plain_ticks(axis) -> None:
+    """Tick labels of a log axis as plain numbers (0.02, 64) rather than 2×10⁻², 2⁶."""
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_formatter(plain)
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+
+
+def performance_figure(
+    flagged: pd.DataFrame, tasks: list[str], baselines: pd.DataFrame | None, confidence: float
+) -> Figure:
+    """Every run per task and method, flagged runs hollow, seed pairs joined, baselines as lines."""
+    from matplotlib.lines import Line2D
+
+    ncols = min(3, len(tasks))
+    nrows = math.ceil(len(tasks) / ncols)
+    fig = _new_figure(4.1 * ncols, 3.3 * nrows + 0.7)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    handles = []
+    for ax, task in zip(axes.flat, tasks):
+        rows = flagged[flagged["task"] == task]
+        metric = str(rows["primary_metric"].dropna().iloc[0]) if rows["primary_metric"].notna().any() else "metric"
+        methods = method_order(rows["method"])
+        seeds = sorted(int(s) for s in rows["seed"].dropna().unique())
+        offsets = dict(zip(seeds, np.linspace(-0.14, 0.14, len(seeds)) if len(seeds) > 1 else [0.0]))
+        points: dict[int, list[tuple[float, float]]] = {s: [] for s in seeds}
+        shown: list[float] = []
+        for x, method in enumerate(methods):
+            color = method_color(method)
+            for r in rows[rows["method"] == method].itertuples():
+                if pd.isna(r.seed) or not finite(r.primary_value):
+                    continue
+                px = x + offsets[int(r.seed)]
+                points[int(r.seed)].append((px, r.primary_value))
+                ax.scatter(px, r.primary_value, s=38, zorder=3, linewidths=1.6, edgecolors=color,
+                           facecolors="white" if r.flagged else color, marker="o")  # fmt: skip
+            d = describe_finite(rows[(rows["method"] == method) & ~rows["flagged"]]["primary_value"], confidence)
+            if finite(d["mean"]):
+                err = [[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]] if finite(d["ci_low"]) else None
+                side = -0.32 if x == 0 else 0.32  # outside the pair lines
+                ax.errorbar(x + side, d["mean"], yerr=err, fmt="D", color=color, ms=6, capsize=4, lw=1.6, zorder=4)
+            shown += [v for v in (d["ci_low"], d["ci_high"]) if finite(v)]
+        for pts in points.values():
+            if len(pts) == 2:
+                ax.plot(*zip(*pts), color="#b5b5b5", lw=0.9, zorder=1)
+            shown += [v for _, v in pts]
+        if shown:  # zoom on the runs; a baseline far below (or above) them is written at the edge
+            low, high = min(shown), max(shown)
+            pad = 0.25 * max(high - low, 0.01)
+            ax.set_ylim(low - pad, high + pad)
+        edge = {"below": 0.03, "above": 0.91}
+        if baselines is not None:
+            for name in ("majority", "head_only"):
+                sel = baselines[(baselines["task"] == task) & (baselines["baseline"] == name)]
+                if not sel.empty and finite(sel["primary_value"].iloc[0]):
+                    style, value = REFERENCE_STYLES[name], float(sel["primary_value"].iloc[0])
+                    ax.axhline(value, color=style["color"], ls=style["linestyle"], lw=1.3, label=style["label"],
+                               zorder=2)  # fmt: skip
+                    bottom, top = ax.get_ylim()
+                    if not bottom <= value <= top:
+                        side = "below" if value < bottom else "above"
+                        ax.text(0.03, edge[side], f"{'▼' if side == 'below' else '▲'} {style['label']} {value:.3f}",
+                                transform=ax.transAxes, fontsize=8, color=style["color"])  # fmt: skip
+                        edge[side] += 0.07 if side == "below" else -0.07
+        ax.set_xticks(range(len(methods)), [method_label(m) for m in methods])
+        ax.set_xlim(-0.55, len(methods) - 0.45)
+        ax.set_ylabel(f"{metric} on eval split (0–1)")
+        ax.set_title(task, fontweight="bold")
+        ax.grid(axis="y", alpha=0.3)
+        handles += ax.get_lines()
+    for ax in list(axes.flat)[len(tasks) :]:
+        ax.set_visible(False)
+    grey = "#555555"
+    handles = [
+        *(Line2D([], [], marker="o", ls="", color=method_color(m), label=f"{method_label(m)} run (one seed)")
+          for m in method_order(flagged["method"])),
+        Line2D([], [], marker="o", ls="", markerfacecolor="white", markeredgecolor=grey, label="flagged run (hollow)"),
+        Line2D([], [], color="#b5b5b5", label="same seed (a pair)"),
+        Line2D([], [], marker="D", color=grey, label=f"mean ± {confidence:.0%} CI, unflagged"),
+        *(h for h in handles if h.get_label() in (REFERENCE_STYLES["majority"]["label"],
+                                                  REFERENCE_STYLES["head_only"]["label"])),
+    ]  # fmt: skip
+    _legend(fig, handles, ncol=4)
+    return fig
+
+
+def _curve(rows: pd.DataFrame, confidence: float) -> pd.DataFrame:
+    """Per layer: mean over seeds (or pairs) with a t-interval over them; with a single value
+    per layer, that value's own interval (bootstrap over probe examples)."""
+    out = []
+    for layer, group in rows.groupby("layer"):
+        values = group["value"].astype(float).dropna()
+        if len(values) >= 2:
+            d = stats.describe(values, confidence)
+            out.append((layer, d["mean"], d["ci_low"], d["ci_high"], len(values)))
+        elif len(values) == 1:
+            row = group.loc[values.index[0]]
+            out.append((layer, values.iloc[0], row.get("ci_low", math.nan), row.get("ci_high", math.nan), 1))
+    return pd.DataFrame(out, columns=["layer", "mean", "low", "high", "n"]).sort_values("layer")
+
+
+def drift_figure(layers: pd.DataFrame, task: str, confidence: float) -> Figure:
+    """Similarity to the base model per layer, one panel per pooling × measure, with the references."""
+    data = layers[layers["task"] == task]
+    poolings = ordered(data["pooling"].astype(str), ("mean", "head"))
+    measures = ordered(data["measure"].astype(str), tuple(MEASURE_LABELS))
+    fig = _new_figure(3.9 * len(measures) + 0.4, 2.9 * len(poolings) + 1.0)
+    axes = fig.subplots(len(poolings), len(measures), squeeze=False, sharex=True)
+    handles = []
+    for i, pooling in enumerate(poolings):
+        for j, measure in enumerate(measures):
+            ax = axes[i][j]
+            cell = data[(data["pooling"] == pooling) & (data["measure"] == measure)]
+            for comparison in ("base_vs_base", "shuffled_base"):
+                style = REFERENCE_STYLES[comparison]
+                curve = _curve(cell[cell["comparison"] == comparison], confidence)
+                if not curve.empty:
+                    handles += ax.plot(curve["layer"], curve["mean"], color=style["color"], ls=style["linestyle"],
+                                       lw=1.4, label=style["label"], zorder=2)  # fmt: skip
+                    ax.fill_between(curve["layer"], curve["low"], curve["high"], color="#9a9a9a", alpha=0.15, lw=0)
+            for method in method_order(cell["method"]):
+                color = method_color(method)
+                curve = _curve(cell[(cell["comparison"] == "seed_vs_seed") & (cell["method"] == method)], confidence)
+                if not curve.empty:
+                    handles += ax.plot(curve["layer"], curve["mean"], color=color, ls=":", lw=1.6,
+                                       label=f"{method_label(method)} seed vs seed (noise)", zorder=2)  # fmt: skip
+                curve = _curve(cell[(cell["comparison"] == "run_vs_base") & (cell["method"] == method)], confidence)
+                if not curve.empty:
+                    handles += ax.plot(curve["layer"], curve["mean"], color=color, lw=2.2, marker="o", ms=3.5,
+                                       label=f"{method_label(method)} vs base", zorder=3)  # fmt: skip
+                    ax.fill_between(curve["layer"], curve["low"], curve["high"], color=color, alpha=0.2, lw=0)
+            ax.set_title(f"{MEASURE_LABELS.get(measure, measure)}, {POOLING_LABELS.get(pooling, pooling)}", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.set_ylim(top=max(1.03, ax.get_ylim()[1]))
+            if i == len(poolings) - 1:
+                ax.set_xlabel("layer (0 = embedding output)")
+            if j == 0:
+                ax.set_ylabel("similarity (1 = identical)")
+    fig.suptitle(f"{task}: hidden-state similarity per layer", fontweight="bold")
+    rank = lambda h: (" vs base" not in h.get_label(), "seed vs seed" not in h.get_label())  # noqa: E731
+    _legend(fig, sorted(handles, key=rank), ncol=3)
+    return fig
+
+
+def _kind(module: str) -> str:
+    return module.rsplit(".", 1)[-1]
+
+
+def weights_frame(weights: pd.DataFrame) -> pd.DataFrame:
+    """tables/weights.csv with numeric columns and each module's layer and matrix kind."""
+    w = weights.copy()
+    if "kind" not in w:
+        w["kind"] = w["module"].astype(str).map(_kind)
+    if "layer" not in w:
+        w["layer"] = w["module"].astype(str).str.extract(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)(?:\.|$)")[0]
+    w["layer"] = pd.to_numeric(w["layer"], errors="coerce")
+    for col in ("relative_update", "effective_rank", "intruders"):
+        w[col] = pd.to_numeric(w.get(col), errors="coerce")
+    w["kind"] = w["kind"].astype(str)
+    return w
+
+
+def changed_kinds(w: pd.DataFrame) -> tuple[dict[str, list[str]], list[str]]:
+    """Matrix kinds each method changed, and those every method changed (compared like for like)."""
+    moved = w[w["relative_update"] > 0]
+    changed = {m: sorted(set(moved[moved["method"] == m]["kind"])) for m in method_order(w["method"])}
+    common = sorted(set.intersection(*(set(k) for k in changed.values()))) if changed else []
+    return changed, common
+
+
+def weights_figure(weights: pd.DataFrame, task: str) -> Figure:
+    """Size, rank and intruder dimensions of each method's update per layer (a `weights_frame`)."""
+    w = weights[(weights["task"] == task) & weights["layer"].notna()]
+    changed, common = changed_kinds(w)
+    fig = _new_figure(13.0, 4.1)
+    axes = fig.subplots(1, 3)
+    handles = []
+    methods = method_order(w["method"])
+    width = 0.8 / max(1, len(methods))
+    for k, method in enumerate(methods):
+        color = method_color(method)
+        kinds = common or changed[method]
+        sel = w[(w["method"] == method) & w["kind"].isin(kinds)]
+        if sel.empty:
+            continue
+        for ax, col in ((axes[0], "relative_update"), (axes[1], "effective_rank")):
+            per_seed = sel.groupby(["seed", "layer"])[col].mean().unstack("seed")
+            line = ax.plot(per_seed.index, per_seed.mean(axis=1), color=color, lw=2.2, marker="o", ms=3.5,
+                           label=f"{method_label(method)} ({', '.join(kinds)})")  # fmt: skip
+            if col == "relative_update":
+                handles += line
+            if per_seed.shape[1] > 1:
+                low, high = per_seed.min(axis=1), per_seed.max(axis=1)
+                ax.fill_between(per_seed.index, low, high, color=color, alpha=0.2, lw=0)
+            others = w[(w["method"] == method) & (w["relative_update"] > 0)]
+            if common and set(changed[method]) - set(common) and col == "relative_update":
+                every = others.groupby(["seed", "layer"])[col].mean().unstack("seed").mean(axis=1)
+                label = f"{method_label(method)} (all {len(changed[method])} matrix kinds)"
+                handles += ax.plot(every.index, every, color=color, lw=1.3, ls="--", label=label)
+        intr = sel.groupby(["seed", "layer"])["intruders"].sum().unstack("seed").mean(axis=1)
+        axes[2].bar(intr.index + (k - (len(methods) - 1) / 2) * width, intr, width=width, color=color,
+                    label=method_label(method) + (" (0 in every layer)" if not (intr > 0).any() else ""))  # fmt: skip
+    axes[0].set_ylabel("relative update ‖ΔW‖F / ‖W‖F (ratio)")
+    axes[0].set_title("size of the update", fontsize=10)
+    axes[1].set_ylabel("effective rank of ΔW (dimensions)")
+    axes[1].set_title("rank of the update", fontsize=10)
+    axes[2].set_ylabel("intruder dimensions per layer (count)")
+    axes[2].set_title("intruder dimensions (summed over matrices)", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    axes[2].set_ylim(0, max(1.0, axes[2].get_ylim()[1]) * 1.3)  # room for the legend above the bars
+    axes[2].legend(fontsize=8, frameon=False, loc="upper left", ncol=len(methods))
+    for ax in axes[:2]:
+        if any(line.get_ydata().size and np.nanmin(line.get_ydata()) > 0 for line in ax.get_lines()):
+            ax.set_yscale("log")
+            _plain_ticks(ax.yaxis)
+    fig.suptitle(f"{task}: weight-space change per layer (mean over seeds; band = min–max)", fontweight="bold")
+    _legend(fig, handles, ncol=3)
+    return fig
+
+
+def _strategy_style(name: str) -> dict:
+    n = name.lower()
+    lora = METHOD_COLORS["lora"]
+    for key, style in (("full", {"color": METHOD_COLORS["full"], "ls": "-", "marker": "s"}),
+                       ("base", {"color": "black", "ls": "--", "marker": "x"}),
+                       ("merged", {"color": lora, "ls": "-", "marker": "o"}),
+                       ("separate", {"color": lora, "ls": "--", "marker": "^"}),
+                       ("switch", {"color": lora, "ls": "-.", "marker": "v"}),
+                       ("mixed", {"color": lora, "ls": ":", "marker": "D"}),
+                       ("multi", {"color": lora, "ls": ":", "marker": "D"})):  # fmt: skip
+        if n.startswith(key) or key in n:
+            return style
+    return {"color": "#7f7f7f", "ls": "-", "marker": "."}
+
+
+def latency_figure(dep: pd.DataFrame) -> Figure:
+    """Median latency against batch size per strategy, one panel per sequence length."""
+    dep = dep.copy()
+    dep["seq_len"] = dep["seq_len"].astype(str)
+    seq_lens = ordered(dep["seq_len"], ("natural",))
+    fig = _new_figure(4.3 * len(seq_lens) + 0.4, 3.8)
+    axes = fig.subplots(1, len(seq_lens), squeeze=False)[0]
+    handles = []
+    for ax, seq_len in zip(axes, seq_lens):
+        part = dep[dep["seq_len"] == seq_len]
+        for strategy in ordered(part["strategy"].astype(str)):
+            rows = part[part["strategy"] == strategy].sort_values("batch_size")
+            style = _strategy_style(strategy)
+            halo = {"lw": 5, "alpha": 0.5, "zorder": 1} if strategy == "full" else {"lw": 1.8, "zorder": 2}
+            if "compiled" in strategy:
+                halo = {"lw": 1.2, "zorder": 2, "markerfacecolor": "white"}
+            handles += ax.plot(rows["batch_size"], rows["p50_ms"], color=style["color"], ls=style["ls"],
+                               marker=style["marker"], label=strategy, **halo)  # fmt: skip
+            if "p95_ms" in rows:
+                ax.fill_between(rows["batch_size"], rows["p50_ms"], rows["p95_ms"], color=style["color"], alpha=0.1)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(sorted(part["batch_size"].unique()))
+        _plain_ticks(ax.xaxis)
+        _plain_ticks(ax.yaxis)
+        ax.set_xlabel("batch size (examples)")
+        ax.set_ylabel("latency per batch, median (ms)")
+        ax.set_title(f"sequence length {seq_len}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle("Latency vs batch size (line = median, band up to p95)", fontweight="bold")
+    _legend(fig, handles, ncol=6)
+    return fig
