@@ -104,3 +104,73 @@ def test_single_run_uses_the_same_code_path(tiny_args, tmp_path, capsys):
     assert main(["train", out, "--task", "rte", "--method", "full", "--seed", "7"]) == 0
     assert len(list((tmp_path / "study" / "runs" / "rte").glob("*/seed7/metrics.json"))) == 2
     _fails_with(["train", out, "--task", "rte"], "a single run needs --method, --seed", capsys)
+
+
+@pytest.fixture()
+def drift_args(tmp_path):
+    """Small probe, few resamples: seconds on the tiny BERT."""
+    return ["--profile", "smoke", "--task", "rte", "--set", "tasks={rte: {train_max: 48, eval_max: 40}}",
+            "--set", "data.probe_size=24", "--set", "model.max_length=32", "--set", "drift.bootstrap=20",
+            "--set", "represent.batch_size=8", "--set", "runtime.progress=false"]  # fmt: skip
+
+
+def _drift_tables(out):
+    import pandas as pd
+
+    layers, summary = pd.read_csv(out / "drift_layers.csv"), pd.read_csv(out / "drift_summary.csv")
+    assert list(layers.columns[:10]) == ["task", "comparison", "method", "seed", "layer", "pooling", "measure",
+                                         "value", "ci_low", "ci_high"]  # fmt: skip
+    assert list(summary.columns[:6]) == ["task", "method", "seed", "pooling", "measure", "mean_over_layers"]
+    assert set(layers["comparison"]) == {"base_vs_base", "shuffled_base", "run_vs_base"}
+    assert layers[layers.comparison == "base_vs_base"].query("measure != 'cosine'")["value"].sub(1).abs().max() < 1e-6
+    return layers[(layers.comparison == "run_vs_base") & (layers.measure == "linear_cka")]
+
+
+def test_single_drift_of_a_full_model_and_of_an_adapter(tiny_bert_dir, drift_args, tmp_path, capsys):
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    same = tmp_path / "same"
+    base = ["--base", str(tiny_bert_dir)]
+    assert main(["drift", *base, "--model", str(tiny_bert_dir), "--out", str(same), *drift_args]) == 0
+    printed = capsys.readouterr().out
+    assert "run_vs_base" in printed and "base_vs_base" in printed and "shuffled_base" in printed
+    identical = _drift_tables(same)
+    assert set(identical["method"]) == {"full"} and len(identical) > 0
+    assert identical["value"].sub(1).abs().max() < 1e-6  # the base against itself: CKA 1 at every layer
+
+    torch.manual_seed(3)
+    perturbed = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    with torch.no_grad():
+        for name, param in perturbed.named_parameters():
+            if "encoder.layer" in name and name.endswith("weight"):
+                param.add_(3 * param.std() * torch.randn_like(param))
+    perturbed.save_pretrained(tmp_path / "perturbed")
+    full = tmp_path / "full"
+    assert main(["drift", *base, "--model", str(tmp_path / "perturbed"), "--out", str(full), *drift_args]) == 0
+    moved = _drift_tables(full)
+    assert (moved[moved.layer > 0]["value"] < 0.999).all()  # every block's output moved
+
+    backbone = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query", "value"], init_lora_weights=False)
+    get_peft_model(backbone, config).save_pretrained(tmp_path / "adapter")  # random B: the adapter changes the model
+    lora = tmp_path / "lora"
+    assert main(["drift", *base, "--adapter", str(tmp_path / "adapter"), "--out", str(lora), *drift_args]) == 0
+    adapted = _drift_tables(lora)
+    assert set(adapted["method"]) == {"lora"}
+    assert (adapted[adapted.layer > 0]["value"] < 0.999).all()
+
+
+def test_single_drift_bad_input(tiny_bert_dir, tmp_path, capsys):
+    base = ["--base", str(tiny_bert_dir)]
+    _fails_with(["drift"], "exactly one of STUDY or --base", capsys)
+    model = ["--model", str(tiny_bert_dir)]
+    _fails_with(["drift", str(tmp_path), *base, *model], "exactly one of STUDY or --base", capsys)
+    _fails_with(["drift", str(tmp_path), "--task", "sst2"], "--task only go with --base", capsys)
+    _fails_with(["drift", *base], "exactly one of --model", capsys)
+    _fails_with(["drift", *base, *model, "--adapter", str(tmp_path)], "exactly one of --model", capsys)
+    _fails_with(["drift", "--base", str(tmp_path / "nowhere"), *model], "--base: no model found", capsys)
+    _fails_with(["drift", *base, "--model", str(tmp_path / "nowhere")], "--model: no model found", capsys)
+    _fails_with(["drift", *base, "--adapter", str(tmp_path)], "--adapter: no adapter found", capsys)
+    _fails_with(["drift", str(tmp_path)], "is not a study directory", capsys)  # the stage form still parses

@@ -57,3 +57,18 @@ def test_summary_means_over_all_and_over_the_last_third_of_layers():
     (summary,) = drift.summary_rows(pd.DataFrame(rows))
     assert summary["mean_over_layers"] == pytest.approx(4.3 / 6)
     assert summary["mean_last_third"] == pytest.approx(0.45)
+
+
+def test_legacy_index_is_opt_in_and_exempt_from_the_base_vs_base_check():
+    from lorascope.config import DriftConfig
+
+    assert "legacy_index" not in DriftConfig().measures
+    assert DriftConfig(measures=["linear_cka", "legacy_index"]).measures[-1] == "legacy_index"
+    base = _stack()
+    table = pd.DataFrame(drift.task_drift_rows("sst2", "mean", base, base.clone(), {("lora", 1): base + 0.3 * _stack(seed=4)},
+                                               [0, 1, 2], MEASURES + ["legacy_index"], bootstrap=20, confidence=0.9,
+                                               seed=0))  # fmt: skip
+    own = table[(table.comparison == "base_vs_base")].set_index("measure")["value"]
+    assert own["legacy_index"].max() < 1  # an inverse participation ratio, not 1
+    assert own["linear_cka"].sub(1).abs().max() < 1e-12  # the check still holds the CKA measures
+    assert table[table.measure == "legacy_index"]["ci_low"].isna().all()  # no interval for it

@@ -180,3 +180,41 @@ def test_bootstrap_rejects_bad_arguments():
         sim.bootstrap_cka(x, y, "rbf")
     with pytest.raises(ValueError, match="confidence"):
         sim.bootstrap_cka(x, y, confidence=1.5)
+
+
+def _participation(x):
+    """Σσ⁴ / (Σσ²)² of the centred x, from its singular values."""
+    s2 = torch.linalg.svdvals(x.to(D) - x.to(D).mean(0)) ** 2
+    return ((s2**2).sum() / s2.sum() ** 2).item()
+
+
+def test_legacy_index_of_a_representation_with_itself_is_its_inverse_participation_ratio():
+    x, _ = _data(n=50, d1=20)
+    assert sim.legacy_index(x, x) == pytest.approx(_participation(x), abs=1e-10)
+    assert sim.legacy_index(x, x) < 0.2  # 20 comparable directions: far from 1, unlike CKA
+    assert sim.linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    g = torch.Generator().manual_seed(5)
+    rank_one = torch.randn(30, 1, generator=g, dtype=D) @ torch.randn(1, 8, generator=g, dtype=D)
+    assert sim.legacy_index(rank_one, rank_one) == pytest.approx(1.0, abs=1e-10)  # the only case it is 1
+
+
+@pytest.mark.parametrize("n, d1, d2", [(64, 20, 30), (12, 40, 50)])  # feature form and Gram form
+def test_legacy_index_is_linear_cka_with_the_wrong_normalisation(n, d1, d2):
+    x, y = _data(n=n, d1=d1, d2=d2)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    fro = torch.linalg.matrix_norm
+    independent = (torch.trace(xc @ xc.T @ yc @ yc.T) / (fro(xc) ** 2 * fro(yc) ** 2)).item()
+    assert sim.legacy_index(x, y) == pytest.approx(independent, rel=1e-10)
+    rescaled = sim.linear_cka(x, y) * (fro(xc.T @ xc) * fro(yc.T @ yc) / (fro(xc) ** 2 * fro(yc) ** 2)).item()
+    assert sim.legacy_index(x, y) == pytest.approx(rescaled, rel=1e-10)
+    assert sim.legacy_index(y, x) == pytest.approx(sim.legacy_index(x, y), rel=1e-12)
+
+
+def test_legacy_index_rejects_what_linear_cka_rejects():
+    x, y = _data()
+    with pytest.raises(ValueError, match="same examples: x has 64 rows, y has 63"):
+        sim.legacy_index(x, y[:63])
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        sim.legacy_index(x.index_fill(0, torch.tensor([1]), float("nan")), y)
+    with pytest.raises(ValueError, match="y: all features are constant"):
+        sim.legacy_index(x, torch.full((64, 5), 0.1))

@@ -19,13 +19,14 @@ STAGE_ORDER = ("prepare", "baselines", "tune", "train", "represent", "drift", "w
 STANDALONE = ("analyze", "report")
 
 
-def _add_config_args(parser: argparse.ArgumentParser, config_positional: bool) -> None:
+def _add_config_args(parser: argparse.ArgumentParser, config_positional: bool,
+                     out_help: str = "study directory (default studies/<name>)") -> None:  # fmt: skip
     if config_positional:
         parser.add_argument("config", nargs="?", help="study YAML (default: the profile alone)")
     else:
         parser.add_argument("--config", help="study YAML (default: the profile alone)")
     parser.add_argument("--profile", help="smoke | quick | paper (default quick when no config is given)")
-    parser.add_argument("--out", help="study directory (default studies/<name>)")
+    parser.add_argument("--out", help=out_help)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set training.lora.lr=3e-4 (repeatable)")  # fmt: skip
 
@@ -42,13 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, text in (("prepare", "load, check, split and tokenize the tasks"),
                         ("baselines", "majority class, head-only probe, overfit sanity check"),
                         ("represent", "pooled hidden states of every layer on the probe split"),
-                        ("drift", "layer-wise CKA / cosine of every run against the base, with references"),
                         ("weights", "weight-space change of every run: update norms, rank, intruders"),
                         ("deploy", "serving latency / memory: full vs merged vs separate vs many adapters"),
                         ("analyze", "statistics across seeds, flagged runs, verdict"),
                         ("report", "report.md and a self-contained report.html")):  # fmt: skip
         sub = commands.add_parser(stage, help=text, description=f"{text} (on an existing study directory)")
         sub.add_argument("study", help="study directory")
+
+    drift = commands.add_parser(
+        "drift", help="layer-wise CKA / cosine of every run against the base, with references",
+        description="Layer-wise CKA / cosine of every run of STUDY against the base, with references; or of "
+                    "one model trained anywhere (--model, or --adapter on --base) against --base on --task.",
+    )  # fmt: skip
+    drift.add_argument("study", nargs="?", help="study directory (or give --base and --model / --adapter)")
+    drift.add_argument("--base", help="base model: bundled alias, Hub id or folder")
+    drift.add_argument("--model", help="fully fine-tuned model folder or Hub id (not with --adapter)")
+    drift.add_argument("--adapter", help="PEFT adapter folder, applied on --base (not with --model)")
+    drift.add_argument("--task", help="task whose probe split is represented (default sst2)")
+    _add_config_args(drift, config_positional=False, out_help="folder for the tables (default studies/drift-<task>)")
 
     tune = commands.add_parser(
         "tune", help="Optuna search per task x method on the dev split",
@@ -119,6 +131,10 @@ def _dispatch(args) -> int:
         return _bench(args)
     if args.command == "train" and (args.task or args.method or args.seed is not None):
         return _single_run(args)
+    if args.command == "drift":
+        _check_drift_args(args)
+        if args.base:
+            return _single_drift(args)
     if not args.study:
         raise InputError(f"{args.command} needs a study directory")
     study = Study(args.study)
@@ -154,6 +170,58 @@ def _single_run(args) -> int:
     run_stages(config, out, [("prepare", stages.prepare), ("train", stages.train)], write_config=not existing)
     print(f"run written to {Study(out).run_dir(args.task, args.method, args.seed)}")
     return 0
+
+
+def _check_drift_args(args) -> None:
+    if (args.study is None) == (args.base is None):
+        raise InputError("drift needs exactly one of STUDY or --base (with --model or --adapter, and --task)")
+    single = {"--model": args.model, "--adapter": args.adapter, "--task": args.task, "--config": args.config,
+              "--profile": args.profile, "--out": args.out, "--set": args.overrides}  # fmt: skip
+    if args.study is not None:
+        given = [flag for flag, value in single.items() if value]
+        if given:
+            raise InputError(f"drift STUDY uses the study's config; {', '.join(given)} only go with --base")
+    elif (args.model is None) == (args.adapter is None):
+        raise InputError("drift --base needs exactly one of --model (fully fine-tuned) or --adapter (PEFT adapter)")
+
+
+def _single_drift(args) -> int:
+    """`drift` for one model outside a study: the run against its base, with base vs base and
+    shuffled-base references, tables as the stage writes them."""
+    import json
+
+    from lorascope import stages
+    from lorascope.study import atomic_write_text
+
+    _check_model_arg("--base", args.base)
+    if args.model is not None:
+        _check_model_arg("--model", args.model)
+    elif not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise InputError(f"--adapter: no adapter found at {args.adapter} (expected a folder with adapter_config.json)")
+    task = args.task or "sst2"
+    config = load_config(args.config, args.profile, args.overrides)
+    out = Path(args.out) if args.out else Path("studies") / f"drift-{task}"
+    _set_threads(config)
+    layers, summary = stages.single_drift(config, args.base, task, model=args.model, adapter=args.adapter)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "drift_layers.csv", layers.to_csv(index=False))
+    atomic_write_text(out / "drift_summary.csv", summary.to_csv(index=False))
+    inputs = {"base": args.base, "model": args.model, "adapter": args.adapter, "task": task,
+              "config": config.model_dump(mode="json", include={"data", "model", "represent", "drift"})}  # fmt: skip
+    atomic_write_text(out / "drift_inputs.json", json.dumps(inputs, indent=2) + "\n")
+    table = summary.pivot_table(index=["pooling", "measure"], columns="comparison", values="mean_over_layers")
+    order = [c for c in ("run_vs_base", "base_vs_base", "shuffled_base") if c in table.columns]
+    print(f"mean over layers, {task} probe ({len(layers['layer'].unique())} layers):")
+    print(table[order].to_string(float_format=lambda v: f"{v:.4f}"))
+    print(f"drift tables written to {out}")
+    return 0
+
+
+def _check_model_arg(flag: str, value: str) -> None:
+    """A path (or anything that exists) must be a model folder; other names are Hub ids."""
+    path = Path(value).expanduser()
+    if (value.startswith((".", "/", "~")) or path.exists()) and not (path / "config.json").is_file():
+        raise InputError(f"{flag}: no model found at {value} (expected a folder with config.json)")
 
 
 def _tune(args) -> int:

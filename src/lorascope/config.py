@@ -111,7 +111,10 @@ class RepresentConfig(Strict):
 
 
 class DriftConfig(Strict):
-    measures: list[Literal["linear_cka", "debiased_cka", "rbf_cka", "cosine"]] = ["linear_cka", "debiased_cka", "cosine"]
+    measures: list[Literal["linear_cka", "debiased_cka", "rbf_cka", "cosine", "legacy_index"]] = Field(
+        ["linear_cka", "debiased_cka", "cosine"],
+        description="legacy_index (opt-in): the reference study's mis-normalised CKA, not a similarity index",
+    )
     bootstrap: int = Field(1000, ge=0, description="resamples over probe examples; 0 = no intervals")
     confidence: float = Field(0.95, gt=0, lt=1)
     seed: int = 0

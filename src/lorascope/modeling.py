@@ -97,9 +97,8 @@ def load_run_model(run_dir: Path, method: str, name: str, label_names: tuple[str
                    merge: bool = True) -> torch.nn.Module:
     """A trained run in eval mode: the saved full model, or the base with the run's adapter
     (merged into the weights unless `merge=False`, which keeps PEFT's separate path)."""
-    run_dir = Path(run_dir)
     if method == "full":
-        model = AutoModelForSequenceClassification.from_pretrained(run_dir, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(str(run_dir), dtype=torch.float32)  # or a Hub id
         model.config.pad_token_id = tokenizer.pad_token_id
     elif method == "lora":
         base = load_model(name, label_names, seed=0, tokenizer=tokenizer)  # head comes from the adapter

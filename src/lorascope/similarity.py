@@ -52,6 +52,21 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return (cross / (torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y))).item()
 
 
+def legacy_index(x: torch.Tensor, y: torch.Tensor) -> float:
+    """‖XᵀY‖²_F / (‖X‖²_F ‖Y‖²_F) on column-centred float64 inputs: the reference study's "CKA",
+    kept only to reproduce its numbers. It is NOT a similarity index: legacy(X, X) is
+    Σσ⁴ / (Σσ²)² over X's singular values (an inverse participation ratio, 1 / effective
+    rank), 1 only for rank-1 X, which is why that study's base model scored 0.23–0.40 against
+    itself and its "drift" mostly measured effective rank. Linear CKA divides by
+    ‖XᵀX‖_F ‖YᵀY‖_F instead; legacy = CKA × ‖XᵀX‖_F ‖YᵀY‖_F / (‖X‖²_F ‖Y‖²_F)."""
+    _same_n(x, y)
+    x, y = _centred(x, "x"), _centred(y, "y")
+    n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
+    # ‖XᵀY‖²_F = tr(XXᵀ YYᵀ): whichever of the feature and Gram forms is the fewer flops
+    cross = (x.T @ y).pow(2).sum() if dx * dy <= n * (dx + dy) else ((x @ x.T) * (y @ y.T)).sum()
+    return (cross / (x.pow(2).sum() * y.pow(2).sum())).item()
+
+
 def _centre_gram(k: torch.Tensor) -> torch.Tensor:
     """H K H for a (batch of) symmetric [n, n] Gram matrices."""
     k = k - k.mean(dim=-1, keepdim=True)

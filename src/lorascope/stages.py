@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from lorascope import drift as drift_mod
 from lorascope import modeling
 from lorascope import representations as rep
-from lorascope.config import StudyConfig, fingerprint
+from lorascope.config import StudyConfig, TaskConfig, fingerprint
 from lorascope.errors import InputError
 from lorascope.study import Study, atomic_dir, atomic_write_text, load_done
 from lorascope.tasks import Task, compute_metrics, load_raw, majority_label, make_splits, resolve_task, tokenize
@@ -294,12 +294,71 @@ def drift(study: Study, config: StudyConfig) -> None:
     with _one_thread():
         for name in config.tasks:
             rows += _task_drift(study, config, name)
-    columns = ["task", "comparison", "method", "seed", "layer", "pooling", "measure", "value", "ci_low", "ci_high"]
-    layer_table = pd.DataFrame(rows, columns=columns)
-    summary = pd.DataFrame(drift_mod.summary_rows(layer_table))
-    summary = summary[["task", "method", "seed", "pooling", "measure", "mean_over_layers", "mean_last_third", "comparison"]]
+    layer_table, summary = drift_tables(rows)
     _write_table(study, "drift_summary.csv", summary, fp)
     _write_table(study, "drift_layers.csv", layer_table, fp)
+
+
+DRIFT_LAYER_COLUMNS = ["task", "comparison", "method", "seed", "layer", "pooling", "measure", "value",
+                       "ci_low", "ci_high"]  # fmt: skip
+DRIFT_SUMMARY_COLUMNS = ["task", "method", "seed", "pooling", "measure", "mean_over_layers", "mean_last_third",
+                         "comparison"]  # fmt: skip
+
+
+def drift_tables(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """drift_layers.csv and drift_summary.csv from drift.task_drift_rows rows."""
+    layer_table = pd.DataFrame(rows, columns=DRIFT_LAYER_COLUMNS)
+    summary = pd.DataFrame(drift_mod.summary_rows(layer_table), columns=DRIFT_SUMMARY_COLUMNS)
+    return layer_table, summary[DRIFT_SUMMARY_COLUMNS]
+
+
+def single_drift(
+    config: StudyConfig, base: str, task_name: str, *, model: str | None = None, adapter: str | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`lorascope drift --base ... --model|--adapter ... --task ...`: one model trained anywhere
+    against its base, no study. The probe split is the one `prepare` would make from `config`
+    (data.probe_size, data.split_seed, the task's eval_max), tokenized with the base's tokenizer;
+    represent and drift settings come from `config`. The base is represented twice (the second
+    pass with half the batch size: the base-vs-base check), the model once."""
+    if (model is None) == (adapter is None):
+        raise InputError("give exactly one of --model (a fully fine-tuned model) or --adapter (a PEFT adapter)")
+    task, train, evaluation = load_raw(resolve_task(task_name, config.tasks.get(task_name, TaskConfig()), config.data))
+    tokenizer = modeling.load_tokenizer(base)
+    probe = make_splits(task, train, evaluation, config.data)["probe"]
+    probe = tokenize(datasets.DatasetDict(train=probe), tokenizer, config.model.max_length)["train"]
+    device = modeling.pick_device(config.runtime)
+    bf16 = config.runtime.bf16 and device.type == "cuda"
+    rc = config.represent
+
+    def features(net: torch.nn.Module, batch_size: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+        return rep.pooled_features(
+            net.to(device), probe, tokenizer=tokenizer, layers=rc.layers, poolings=tuple(rc.poolings),
+            skip_special_tokens=rc.skip_special_tokens, batch_size=batch_size, device=device, bf16=bf16,
+        )  # fmt: skip
+
+    base_model = modeling.load_model(base, task.label_names, 0, tokenizer).eval()
+    base_features, layers = features(base_model, rc.batch_size)
+    again, _ = features(base_model, max(1, rc.batch_size // 2))
+    del base_model
+    method, source = ("full", model) if model is not None else ("lora", adapter)
+    flag = "--model" if model is not None else "--adapter"
+    try:
+        path = modeling.resolve_model_path(model) if model is not None else adapter
+        tuned = modeling.load_run_model(path, method, base, task.label_names, tokenizer)
+    except (OSError, ValueError, RuntimeError, InputError) as err:
+        raise InputError(f"{flag}: cannot load '{source}': {str(err).splitlines()[0]}") from None
+    tuned_features, tuned_layers = features(tuned, rc.batch_size)
+    if tuned_layers != layers:
+        raise InputError(f"{flag}: '{source}' has layers {tuned_layers}, the base {layers}: not the same architecture")
+    rows = []
+    with _one_thread():
+        for pooling in rc.poolings:
+            rows += drift_mod.task_drift_rows(
+                task.name, pooling, base_features[pooling], again[pooling], {(method, ""): tuned_features[pooling]},
+                layers, config.drift.measures, bootstrap=config.drift.bootstrap, confidence=config.drift.confidence,
+                seed=config.drift.seed,
+            )  # fmt: skip
+    return drift_tables(rows)
 
 
 def _task_drift(study: Study, config: StudyConfig, name: str) -> list[dict]:
