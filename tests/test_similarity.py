@@ -53,6 +53,16 @@ def test_gram_form_equals_feature_form_for_different_widths():
     assert sim.linear_cka_gram(x @ x.T, y @ y.T) == pytest.approx(sim.linear_cka(x, y), abs=1e-10)
 
 
+@pytest.mark.parametrize("n, d1, d2", [(64, 12, 50), (16, 40, 60)])  # feature form, then Gram form inside
+def test_linear_cka_equals_feature_formula_for_narrow_and_wide_inputs(n, d1, d2):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, d1, generator=g, dtype=torch.float64)
+    y = x[:, :1] + torch.randn(n, d2, generator=g, dtype=torch.float64)
+    x, y = x - x.mean(0), y - y.mean(0)
+    expected = (y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm())
+    assert sim.linear_cka(x, y) == pytest.approx(expected.item(), abs=1e-10)
+
+
 def test_debiased_equals_kornblith_feature_space_formula():
     x, y = _data(n=40)
     assert sim.debiased_cka(x, y) == pytest.approx(_kornblith_debiased(x, y), abs=1e-10)

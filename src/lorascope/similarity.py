@@ -45,9 +45,15 @@ def _same_n(x: torch.Tensor, y: torch.Tensor) -> None:
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Kornblith et al. 2019, feature-space form: ‖YᵀX‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F); widths may differ."""
+    """Kornblith et al. 2019: ‖YᵀX‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F); widths may differ. Wide inputs
+    (more features than examples, e.g. d=2048 on 872 probe examples) take the equal Gram form
+    tr(KL) / (‖K‖_F ‖L‖_F) with K = XXᵀ, whichever needs fewer multiplications."""
     _same_n(x, y)
     x, y = _centred(x, "x"), _centred(y, "y")
+    n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
+    if n * (dx + dy) < dx * dy + dx * dx + dy * dy:
+        k, l = x @ x.T, y @ y.T  # centred inputs give centred Grams
+        return ((k * l).sum() / (torch.linalg.matrix_norm(k) * torch.linalg.matrix_norm(l))).item()
     cross = torch.linalg.matrix_norm(y.T @ x) ** 2
     return (cross / (torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y))).item()
 
