@@ -21,6 +21,14 @@ def test_quick_profile_is_the_reference_grid():
     assert config.seeds == [42, 1337, 2024]
 
 
+def test_quick_tuned_is_quick_plus_a_small_search():
+    quick, tuned = load_config(None, "quick"), load_config(None, "quick-tuned")
+    assert tuned.tune.enabled and not quick.tune.enabled
+    assert tuned.tune.startup_trials < tuned.tune.trials <= 5
+    assert list(tuned.tune.spaces.lora.params()) == ["lr", "alpha"] and list(tuned.tune.spaces.full.params()) == ["lr"]
+    assert tuned.model_copy(update={"name": "quick", "tune": quick.tune}) == quick  # nothing else differs
+
+
 def test_paper_profile_matches_the_reference_study():
     config = load_config(None, "paper")
     assert config.model.name == "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"

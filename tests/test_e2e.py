@@ -50,6 +50,8 @@ def test_smoke_study_end_to_end(tmp_path):
     assert set(drift[drift.comparison == "run_vs_base"]["layer"]) == set(range(7))  # embeddings + 6 blocks
     deployment = pd.read_csv(out / "tables" / "deployment.csv")
     assert {"base", "full", "merged", "separate", "switch", "mixed"} <= set(deployment["strategy"])
+    checks = pd.read_csv(out / "tables" / "deployment_checks.csv")
+    assert checks["passed"].all() and set(checks["n_examples"]) == {24}  # deploy.check_examples reached the checks
     verdict = pd.read_csv(out / "tables" / "verdict.csv")
     assert len(verdict) == 3 * 4 and verdict["outcome"].notna().all()
     assert "data:image/png;base64," in (out / "report.html").read_text()

@@ -25,6 +25,21 @@ def test_head_is_a_function_of_the_seed(tiny_bert_dir):
     assert head_a["classifier.weight"].std().item() == pytest.approx(0.02, rel=0.3)  # initializer_range
 
 
+def test_lora_init_is_a_function_of_the_seed_alone(tiny_bert_dir):
+    def adapter(seed, draws_before):
+        torch.rand(draws_before)  # whatever the process ran before must not matter
+        lora = modeling.prepare_for_method(_model(tiny_bert_dir)[0], "lora", LoraMethodConfig(lr=1e-3), seed)
+        return {n: p.detach().clone() for n, p in lora.named_parameters() if "lora_A" in n}
+
+    a, b, c = adapter(42, 0), adapter(42, 1000), adapter(7, 0)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a[next(iter(a))], c[next(iter(c))])
+    model = _model(tiny_bert_dir)[0]
+    state = torch.random.get_rng_state()
+    modeling.prepare_for_method(model, "lora", LoraMethodConfig(lr=1e-3), 42)
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG stream is untouched
+
+
 def test_lora_wraps_query_value_and_trains_the_head(tiny_bert_dir):
     model, _ = _model(tiny_bert_dir)
     hidden, layers, r = 32, 2, 4

@@ -272,7 +272,7 @@ def _bench(args) -> int:
     _set_threads(config)
     deployment.benchmark(modeling.resolve_model_path(args.base), adapters, args.full, {n: examples for n in adapters},
                          tokenizer, config.deploy, out, device=modeling.pick_device(config.runtime),
-                         bf16=config.runtime.bf16)  # fmt: skip
+                         bf16=config.runtime.bf16, check_examples=config.deploy.check_examples)  # fmt: skip
     print(f"deployment tables and figures written to {out}")
     return 0
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from lorascope.errors import InputError
 
-PROFILES = ("smoke", "quick", "paper")
+PROFILES = ("smoke", "quick", "quick-tuned", "paper")
 DEFAULT_PROFILE = "quick"
 
 
@@ -139,6 +139,7 @@ class DeployConfig(Strict):
     threads: int | None = Field(None, gt=0, description="torch threads while timing; None = all cores")
     seed: int | None = Field(None, description="which run seed to serve; None = the first seed")
     bootstrap: int = Field(1000, ge=0)
+    check_examples: int | None = Field(None, gt=0, description="eval examples per task for the correctness checks; None = all")
     compile: bool = Field(False, description="also time torch.compile variants of merged and separate")
 
 
@@ -375,7 +376,9 @@ def _read_profile(name: str) -> dict[str, Any]:
     if name not in PROFILES:
         raise InputError(f"unknown profile '{name}'; choose one of {', '.join(PROFILES)}")
     text = resources.files("lorascope.profiles").joinpath(f"{name}.yaml").read_text()
-    return yaml.safe_load(text) or {}
+    raw = yaml.safe_load(text) or {}
+    parent = raw.pop("extends", None)  # a profile may be another profile plus a few keys
+    return _deep_merge(_read_profile(parent), raw) if parent else raw
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -160,13 +160,18 @@ def lora_config(hp: LoraMethodConfig, targets: list[str], modules_to_save: list[
     )  # fmt: skip
 
 
-def prepare_for_method(model: torch.nn.Module, method: str, hp) -> torch.nn.Module:
+def prepare_for_method(model: torch.nn.Module, method: str, hp, seed: int = 0) -> torch.nn.Module:
     """`lora`: PEFT adapter on the attention projections, head trained and saved with it;
     `head`: backbone frozen (the linear-probe baseline); `full`: everything trains."""
     if method == "lora":
         config = lora_config(hp, lora_targets(model, hp.target_modules), head_modules(model, hp.modules_to_save))
         try:
-            return get_peft_model(model, config)
+            # PEFT draws lora_A from the global RNG: seed it here, in a forked RNG, so the adapter's
+            # start is a function of the seed alone, not of what the process ran before
+            # (`lorascope run` and `lorascope train` gave the same seed different adapters).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return get_peft_model(model, config)
         except ValueError as err:  # PEFT names the target modules it could not find
             raise InputError(f"training.lora.target_modules: {str(err).splitlines()[0]}") from None
     if method == "head":

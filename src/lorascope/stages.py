@@ -448,7 +448,7 @@ def deploy(study: Study, config: StudyConfig) -> None:
     deployment.benchmark(
         modeling.resolve_model_path(config.model.name), adapters, full, examples,
         modeling.load_tokenizer(config.model.name), config.deploy, study.tables, figures_dir=study.root / "figures",
-        device=device, bf16=config.runtime.bf16,
+        device=device, bf16=config.runtime.bf16, check_examples=config.deploy.check_examples,
     )  # fmt: skip
     _mark_table(study, "deployment.csv", fp)
 

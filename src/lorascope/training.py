@@ -195,7 +195,7 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
     task, hp = setup.task, setup.hp
     model = modeling.load_model(setup.model_name, task.label_names, setup.seed, tokenizer, setup.dropout)
     head_digest = modeling.tensor_digest(modeling.head_parameters(model))
-    model = modeling.prepare_for_method(model, setup.method, hp).to(device)
+    model = modeling.prepare_for_method(model, setup.method, hp, setup.seed).to(device)
     trainable, total = modeling.count_parameters(model)
 
     def score(split):
