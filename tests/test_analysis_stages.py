@@ -68,3 +68,22 @@ def test_a_second_pass_recomputes_nothing(study, tiny_config_module):
                                                 study.tables / "weights.csv"]}  # fmt: skip
     run_stages(tiny_config_module, study.root, [(s, stages.STAGES[s]) for s in STAGES])
     assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_drift_criterion_leaves_out_seed_pairs_with_a_flagged_run(tmp_path):
+    from lorascope import analysis
+    from lorascope.study import Study
+
+    (tmp_path / "tables").mkdir()
+    study = Study(tmp_path)
+    rows = [{"task": "t", "comparison": "run_vs_base", "measure": "linear_cka", "pooling": "mean", "method": m,
+             "seed": s, "mean_over_layers": cka} for m, s, cka in
+            [("lora", 1, 0.9), ("full", 1, 0.8), ("lora", 2, 0.95), ("full", 2, 0.8), ("lora", 3, 0.99), ("full", 3, 0.9)]]  # fmt: skip
+    pd.DataFrame(rows).to_csv(study.tables / "drift_summary.csv", index=False)
+    reductions = {1: 1 - 0.1 / 0.2, 2: 1 - 0.05 / 0.2, 3: 1 - 0.01 / 0.1}
+    kept, note = analysis.drift_estimate(study, "t", 0.95, flagged={3})
+    assert kept.value == pytest.approx((reductions[1] + reductions[2]) / 2) and kept.low < kept.value < kept.high
+    assert "2 of 3 seed pairs" in note
+    alone, note = analysis.drift_estimate(study, "t", 0.95, flagged={2, 3})
+    assert alone.value == pytest.approx(sum(reductions.values()) / 3) and pd.isna(alone.low)  # reads inconclusive
+    assert "no interval" in note

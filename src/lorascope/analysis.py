@@ -92,21 +92,28 @@ def quality_estimate(runs: pd.DataFrame, confidence: float) -> tuple[stats.Estim
     return stats.Estimate(everything.value, float("nan"), float("nan")), note + ": value over all runs, no interval)"
 
 
-def drift_estimate(study: Study, task: str, confidence: float) -> stats.Estimate | None:
+def drift_estimate(study: Study, task: str, confidence: float, flagged: set) -> tuple[stats.Estimate | None, str]:
     """Relative drift reduction 1 - drift_lora / drift_full (drift = 1 - mean linear CKA over
-    layers, mean pooling), per seed pair, with a t-interval over seeds."""
+    layers, mean pooling), per seed pair, with a t-interval over seeds. Like the quality gap it
+    uses the seeds where neither run is flagged: a run that learned nothing barely drifts, and
+    that says nothing about LoRA."""
     summary = _read(study, "drift_summary.csv")
     if summary is None:
-        return None
+        return None, ""
     rows = summary[(summary["task"] == task) & (summary["comparison"] == "run_vs_base")
                    & (summary["measure"] == DRIFT_MEASURE) & (summary["pooling"] == DRIFT_POOLING)]  # fmt: skip
     drift = {m: dict(zip(g["seed"].astype(int), 1 - g["mean_over_layers"])) for m, g in rows.groupby("method")}
     lora, full = drift.get("lora", {}), drift.get("full", {})
-    reductions = [1 - lora[s] / full[s] for s in sorted(set(lora) & set(full)) if full[s] > 0]
+    reductions = {s: 1 - lora[s] / full[s] for s in sorted(set(lora) & set(full)) if full[s] > 0}
     if not reductions:
-        return None
-    summary = stats.describe(reductions, confidence)
-    return stats.Estimate(summary["mean"], summary["ci_low"], summary["ci_high"])
+        return None, ""
+    clean = [r for s, r in reductions.items() if s not in flagged]
+    note = f" ({len(clean)} of {len(reductions)} seed pairs without a flagged run"
+    if len(clean) >= 2:
+        summary = stats.describe(clean, confidence)
+        return stats.Estimate(summary["mean"], summary["ci_low"], summary["ci_high"]), note + ")"
+    value = sum(reductions.values()) / len(reductions)
+    return stats.Estimate(value, float("nan"), float("nan")), note + ": value over all runs, no interval)"
 
 
 def deployment_estimate(study: Study) -> stats.Estimate | None:
@@ -133,12 +140,14 @@ def analyze(study: Study, config: StudyConfig) -> None:
     verdict = []
     for task, group in flags[flags["status"] == "ok"].groupby("task"):
         quality, note = quality_estimate(group, config.analysis.confidence)
+        drift, drift_note = drift_estimate(study, task, config.analysis.confidence, set(group.loc[group["flagged"], "seed"]))
         rows = stats.verdict_rows(
-            task, quality=quality, drift=drift_estimate(study, task, config.analysis.confidence),
+            task, quality=quality, drift=drift,
             deployment=deployment_estimate(study), quality_threshold=config.analysis.quality_max_gap_pp,
             drift_threshold=config.analysis.drift_min_reduction, deployment_threshold=config.analysis.deploy_max_overhead,
         )  # fmt: skip
         rows[0]["rule"] += note
+        rows[1]["rule"] += drift_note
         verdict += rows
     atomic_write_text(
         study.tables / "verdict.csv", pd.DataFrame(verdict, columns=stats.VERDICT_COLUMNS).to_csv(index=False)
