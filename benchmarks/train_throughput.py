@@ -36,7 +36,7 @@ transformers.logging.set_verbosity_error()
 
 def bare_loop(setup, train, tokenizer, steps: int) -> float:
     """Tokens per second of a plain PyTorch loop over the batches lorascope would use."""
-    model = modeling.load_model(setup.model_name, setup.task.label_names, setup.seed, tokenizer)
+    model = modeling.load_model(setup.model_name, setup.task.label_names, setup.seed, tokenizer, setup.dropout)
     model = modeling.prepare_for_method(model, setup.method, setup.hp, setup.seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from lorascope import report, stats
+from lorascope import drift, report, stats
 from lorascope.analysis import comparison_rows, describe_rows
 from lorascope.config import AnalysisConfig
 
@@ -111,11 +111,7 @@ def make_study(root: Path, partial: bool = False, tasks: dict[str, str] | None =
                for row in stats.verdict_rows(task, quality=q, drift=d, deployment=dep)]  # fmt: skip
     _write(root / "tables" / "verdict.csv", pd.DataFrame(verdict, columns=stats.VERDICT_COLUMNS))
     _write(root / "tables" / "drift_layers.csv", drift_layers())
-    layers = drift_layers()
-    runs = layers[layers["comparison"] == "run_vs_base"]
-    summary = runs.groupby(["task", "method", "seed", "pooling", "measure"])["value"].agg(
-        mean_over_layers="mean", mean_last_third=lambda v: v.iloc[-2:].mean()).reset_index()  # fmt: skip
-    _write(root / "tables" / "drift_summary.csv", summary)
+    _write(root / "tables" / "drift_summary.csv", pd.DataFrame(drift.summary_rows(drift_layers())))
     _write(root / "tables" / "weights.csv", weights_table())
     _write(root / "tables" / "deployment.csv", deployment_table())
     _write(root / "tables" / "deployment_memory.csv", pd.DataFrame(
@@ -283,9 +279,12 @@ def test_numbers_from_the_tables_appear_in_the_markdown(full_report):
     assert "Source: tables/statistics.csv." in comparison
     # drift, weights, deployment
     summary = pd.read_csv(root / "tables" / "drift_summary.csv")
-    lora = summary[(summary.task == "sst2") & (summary.method == "lora") & (summary.pooling == "mean")
-                   & (summary.measure == "linear_cka")]["mean_over_layers"]  # fmt: skip
-    assert f"{lora.mean():.4f} ± {lora.std():.4f} (n=3)" in _section(md, "Representational drift")
+    cell = summary[(summary.task == "sst2") & (summary.method == "lora") & (summary.pooling == "mean")
+                   & (summary.measure == "linear_cka")]  # fmt: skip
+    lora = cell[cell.comparison == "run_vs_base"]["mean_over_layers"]
+    noise = cell[cell.comparison == "seed_vs_seed"]["mean_over_layers"]
+    assert f"| sst2 | mean | linear_cka | {lora.mean():.4f} ± {lora.std():.4f} (n=3) |" in _section(md, "Representational drift")
+    assert f"| {noise.mean():.4f} |" in _section(md, "Representational drift")  # seed vs seed beside it
     dep = pd.read_csv(root / "tables" / "deployment.csv")
     sep = dep[(dep.strategy == "separate") & (dep.batch_size == 1) & (dep.seq_len == "natural")].iloc[0]
     deployment = _section(md, "Deployment cost")

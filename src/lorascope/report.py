@@ -499,27 +499,9 @@ def _comparison_section(doc: Document, flagged: pd.DataFrame | None, table: pd.D
     doc.para("Source: tables/statistics.csv.", css="note")
 
 
-def _drift_summary_frame(study: _Study) -> pd.DataFrame | None:
-    summary = study.tables["drift_summary"]
-    if summary is not None:
-        return summary
-    layers = study.tables["drift_layers"]
-    if layers is None:
-        return None
-    runs = layers[layers["comparison"] == "run_vs_base"].copy()
-    runs["layer"] = pd.to_numeric(runs["layer"], errors="coerce")
-    out = []
-    for key, group in runs.groupby(["task", "method", "seed", "pooling", "measure"]):
-        group = group.sort_values("layer")
-        last = group[group["layer"] >= group["layer"].max() - (group["layer"].nunique() // 3) + 1]
-        out.append((*key, group["value"].mean(), last["value"].mean()))
-    return pd.DataFrame(out, columns=["task", "method", "seed", "pooling", "measure", "mean_over_layers",
-                                      "mean_last_third"])  # fmt: skip
-
-
 def _drift_section(doc: Document, study: _Study) -> None:
     doc.heading(2, "Representational drift")
-    layers, summary = study.tables["drift_layers"], _drift_summary_frame(study)
+    layers, summary = study.tables["drift_layers"], study.tables["drift_summary"]
     if layers is None and summary is None:
         doc.not_run(study.why["drift_layers"])
         return
@@ -555,10 +537,11 @@ def _drift_section(doc: Document, study: _Study) -> None:
         for pooling in ordered(part["pooling"].astype(str), ("mean", "head")):
             for measure in ordered(part["measure"].astype(str), tuple(MEASURE_LABELS)):
                 cell = part[(part["pooling"] == pooling) & (part["measure"] == measure)]
-                d = {m: describe_finite(cell[cell["method"] == m]["mean_over_layers"], confidence)
+                runs, pairs = cell[cell["comparison"] == "run_vs_base"], cell[cell["comparison"] == "seed_vs_seed"]
+                d = {m: describe_finite(runs[runs["method"] == m]["mean_over_layers"], confidence)
                      for m in ("lora", "full")}  # fmt: skip
-                last = {m: cell[cell["method"] == m].get("mean_last_third", pd.Series(dtype=float)).mean()
-                        for m in ("lora", "full")}  # fmt: skip
+                last = {m: runs[runs["method"] == m]["mean_last_third"].mean() for m in ("lora", "full")}
+                noise = {m: pairs[pairs["method"] == m]["mean_over_layers"].mean() for m in ("lora", "full")}
                 drift = {m: 1 - d[m]["mean"] for m in d}
                 ok = finite(drift["full"]) and drift["full"] > 0
                 reduction = 1 - drift["lora"] / drift["full"] if ok else math.nan
@@ -566,15 +549,18 @@ def _drift_section(doc: Document, study: _Study) -> None:
                     task, pooling, measure,
                     f"{_pm(d['lora']['mean'], d['lora']['sd'])} (n={d['lora']['n']})",
                     f"{_pm(d['full']['mean'], d['full']['sd'])} (n={d['full']['n']})",
-                    _f(last["lora"]), _f(last["full"]),
+                    _f(last["lora"]), _f(last["full"]), _f(noise["lora"]), _f(noise["full"]),
                     f"{100 * reduction:+.1f} %" if finite(reduction) else "—",
                     _f(refs.get((task, "base_vs_base", pooling, measure))),
                     _f(refs.get((task, "shuffled_base", pooling, measure))),
                 ])  # fmt: skip
     doc.table(["task", "pooling", "measure", "LoRA vs base, mean over layers", "full FT vs base, mean over layers",
-               "LoRA, last third of layers", "full FT, last third", "drift reduction 1 − drift_LoRA/drift_full",
+               "LoRA, last third of layers", "full FT, last third", "seed vs seed, LoRA", "seed vs seed, full FT",
+               "drift reduction 1 − drift_LoRA/drift_full",
                "base vs base", "shuffled rows"], rows)  # fmt: skip
-    doc.para("Mean over layers: mean ± sd over seeds. Drift reduction is the point estimate from the means; the "
+    doc.para("Mean over layers: mean ± sd over seeds. Seed vs seed: two runs of one method compared with each "
+             "other, mean over layers and pairs (a run further from the base than this is not told apart from "
+             "seed noise by the measure alone). Drift reduction is the point estimate from the means; the "
              "verdict table gives it with its interval.", css="note")  # fmt: skip
 
 
@@ -890,7 +876,7 @@ def _reference_section(doc: Document, study: _Study, flagged: pd.DataFrame | Non
     flaw("majority")
     # drift
     doc.heading(3, "Drift (1 − CKA, mean over layers)")
-    summary = _drift_summary_frame(study)
+    summary = study.tables["drift_summary"]
     table = []
     for task in matched:
         ref_d = {r["method"]: float(r["value"]) for r in rows_of("drift", task)}
@@ -898,7 +884,7 @@ def _reference_section(doc: Document, study: _Study, flagged: pd.DataFrame | Non
         mine = {"lora": math.nan, "full": math.nan}
         if summary is not None:
             sel = summary[(summary["task"] == task) & (summary["measure"] == "linear_cka")
-                          & (summary["pooling"] == "mean")]  # fmt: skip
+                          & (summary["pooling"] == "mean") & (summary["comparison"] == "run_vs_base")]  # fmt: skip
             mine = {m: 1 - sel[sel["method"] == m]["mean_over_layers"].mean() for m in mine}
         red = 1 - mine["lora"] / mine["full"] if finite(mine["full"]) and mine["full"] > 0 else math.nan
         table.append([task, _f(ref_d.get("lora"), 3), _f(ref_d.get("full"), 3), f"{100 * ref_red:+.1f} %",
