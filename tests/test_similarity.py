@@ -228,3 +228,16 @@ def test_legacy_index_rejects_what_linear_cka_rejects():
         sim.legacy_index(x.index_fill(0, torch.tensor([1]), float("nan")), y)
     with pytest.raises(ValueError, match="y: all features are constant"):
         sim.legacy_index(x, torch.full((64, 5), 0.1))
+
+
+def test_shared_gram_estimates_equal_the_single_measure_functions():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 12, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(12, 30, generator=g, dtype=torch.float64) + torch.randn(40, 30, generator=g, dtype=torch.float64)
+    both = sim.cka_with_intervals(x, y, ("linear", "debiased"), n_resamples=50, seed=7)
+    assert both["linear"][0] == pytest.approx(sim.linear_cka(x, y), abs=1e-12)
+    assert both["debiased"][0] == pytest.approx(sim.debiased_cka(x, y), abs=1e-12)
+    for kind in ("linear", "debiased"):
+        assert both[kind][1:] == pytest.approx(sim.bootstrap_cka(x, y, kind, n_resamples=50, seed=7), abs=1e-12)
+    value, low, high = sim.cka_with_intervals(x, y, ("linear",))["linear"]
+    assert value == pytest.approx(both["linear"][0]) and math.isnan(low) and math.isnan(high)

@@ -39,26 +39,34 @@ def cosine_interval(x: torch.Tensor, y: torch.Tensor, n_resamples: int, seed: in
     return low.item(), high.item()
 
 
-def compare(x: torch.Tensor, y: torch.Tensor, measure: str, bootstrap: int, seed: int, confidence: float) -> dict:
-    """One measure between two [examples × hidden] matrices, with its bootstrap interval over
-    examples (none for RBF CKA, whose resampled kernels are not worth the time)."""
-    value = POINT[measure](x, y)
-    low = high = math.nan
-    if bootstrap and measure in ("linear_cka", "debiased_cka"):
-        kind = "linear" if measure == "linear_cka" else "debiased"
-        low, high = sim.bootstrap_cka(x, y, kind, n_resamples=bootstrap, seed=seed, confidence=confidence)
-    elif bootstrap and measure == "cosine":
-        low, high = cosine_interval(x, y, bootstrap, seed, confidence)
-    return {"measure": measure, "value": value, "ci_low": low, "ci_high": high}
+CKA_KINDS = {"linear_cka": "linear", "debiased_cka": "debiased"}  # computed together from one Gram pair
+
+
+def layer_measures(x: torch.Tensor, y: torch.Tensor, measures, bootstrap: int, seed: int, confidence: float) -> list[dict]:
+    """Every measure between two [examples × hidden] matrices, with bootstrap intervals over
+    examples (none for RBF CKA, whose resampled kernels are not worth the time, nor for the
+    legacy index). Linear and debiased CKA share their Gram matrices."""
+    kinds = [CKA_KINDS[m] for m in measures if m in CKA_KINDS]
+    cka = sim.cka_with_intervals(x, y, kinds, bootstrap, seed, confidence) if kinds else {}
+    rows = []
+    for measure in measures:
+        if measure in CKA_KINDS:
+            value, low, high = cka[CKA_KINDS[measure]]
+        else:
+            value, low, high = POINT[measure](x, y), math.nan, math.nan
+            if bootstrap and measure == "cosine":
+                low, high = cosine_interval(x, y, bootstrap, seed, confidence)
+        rows.append({"measure": measure, "value": value, "ci_low": low, "ci_high": high})
+    return rows
 
 
 def layer_rows(x: torch.Tensor, y: torch.Tensor, layers: list[int], measures, *, bootstrap=0, bootstrap_seed=0,
                confidence=0.95, **fields) -> list[dict]:
     """Rows for every layer and measure of two [layers × examples × hidden] stacks."""
     return [
-        {**fields, "layer": layer, **compare(x[i], y[i], m, bootstrap, bootstrap_seed, confidence)}
+        {**fields, "layer": layer, **row}
         for i, layer in enumerate(layers)
-        for m in measures
+        for row in layer_measures(x[i], y[i], measures, bootstrap, bootstrap_seed, confidence)
     ]
 
 
