@@ -257,11 +257,17 @@ def represent(study: Study, config: StudyConfig) -> None:
             else:
                 model = modeling.load_run_model(study.run_dir(name, *run), run[0], config.model.name,
                                                 task.label_names, tokenizer)  # fmt: skip
-            features, layers = rep.pooled_features(
-                model.to(device), splits["probe"], tokenizer=tokenizer, layers=rc.layers, poolings=tuple(rc.poolings),
-                skip_special_tokens=rc.skip_special_tokens, batch_size=batch_size, device=device, bf16=bf16,
-            )  # fmt: skip
+            features, layers = _pool(model, splits["probe"], config, tokenizer, batch_size, device, bf16)
             rep.save_features(_feature_path(study, name, model_id), features, splits["probe"]["example_id"], layers, fp)
+
+
+def _pool(model: torch.nn.Module, probe, config: StudyConfig, tokenizer, batch_size: int, device, bf16: bool):
+    """Pooled features of `probe` with the study's represent settings (stage and single comparison)."""
+    rc = config.represent
+    return rep.pooled_features(
+        model.to(device), probe, tokenizer=tokenizer, layers=rc.layers, poolings=tuple(rc.poolings),
+        skip_special_tokens=rc.skip_special_tokens, batch_size=batch_size, device=device, bf16=bf16,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- drift
@@ -331,10 +337,7 @@ def single_drift(
     rc = config.represent
 
     def features(net: torch.nn.Module, batch_size: int) -> tuple[dict[str, torch.Tensor], list[int]]:
-        return rep.pooled_features(
-            net.to(device), probe, tokenizer=tokenizer, layers=rc.layers, poolings=tuple(rc.poolings),
-            skip_special_tokens=rc.skip_special_tokens, batch_size=batch_size, device=device, bf16=bf16,
-        )  # fmt: skip
+        return _pool(net, probe, config, tokenizer, batch_size, device, bf16)
 
     base_model = modeling.load_model(base, task.label_names, 0, tokenizer).eval()
     base_features, layers = features(base_model, rc.batch_size)
