@@ -51,6 +51,21 @@ def test_finished_work_is_skipped_and_changed_work_redone(tiny_config, tmp_path)
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["training"]["full"]["lr"] == 5e-4
 
 
+def test_stage_seconds_add_up_over_resumes_and_reset_with_the_fingerprint(tmp_path, monkeypatch):
+    clock = iter([0.0, 30.0, 100.0, 100.5, 200.0, 210.0])
+    monkeypatch.setattr("lorascope.study.time.perf_counter", lambda: next(clock))
+    study = Study(tmp_path)
+    with pytest.raises(KeyboardInterrupt), study.stage("train", "fp1"):
+        raise KeyboardInterrupt  # killed after 30 s
+    with study.stage("train", "fp1"):
+        pass  # resumed: 0.5 s
+    entry = study.manifest()["stages"]["train"]
+    assert (entry["status"], entry["seconds"], entry["last_seconds"]) == ("done", 30.5, 0.5)
+    with study.stage("train", "fp2"):
+        pass  # another config: its own clock
+    assert study.manifest()["stages"]["train"]["seconds"] == 10.0
+
+
 def test_a_second_writer_is_refused(tiny_config, tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import filelock, sys, time; l = filelock.FileLock(sys.argv[1]); l.acquire(); "

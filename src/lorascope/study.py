@@ -79,15 +79,24 @@ class Study:
 
     @contextlib.contextmanager
     def stage(self, name: str, fingerprint: str):
-        """Records the stage's status, fingerprint and wall time in manifest.json."""
+        """Records the stage's status, fingerprint and wall time in manifest.json. `seconds` adds
+        up every invocation for the same fingerprint (a killed and resumed stage counts both
+        parts, a rerun that finds everything done adds ~0); `last_seconds` is this invocation."""
+        previous = self.manifest()["stages"].get(name, {})
+        spent = previous.get("seconds", 0.0) if previous.get("fingerprint") == fingerprint else 0.0
         self._set_stage(name, status="running", fingerprint=fingerprint, started=_now())
         started = time.perf_counter()
+
+        def timing() -> dict:
+            last = time.perf_counter() - started
+            return {"seconds": round(spent + last, 1), "last_seconds": round(last, 1)}
+
         try:
             yield
         except BaseException:
-            self._set_stage(name, status="failed", seconds=round(time.perf_counter() - started, 1))
+            self._set_stage(name, status="failed", **timing())
             raise
-        self._set_stage(name, status="done", finished=_now(), seconds=round(time.perf_counter() - started, 1))
+        self._set_stage(name, status="done", finished=_now(), **timing())
 
     # ------------------------------------------------------------ locking
     @contextlib.contextmanager
