@@ -42,16 +42,16 @@ def bare_loop(setup, train, tokenizer, steps: int) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=setup.hp.lr, weight_decay=setup.hp.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, int(setup.hp.warmup_ratio * steps), steps)
-    sampler = LengthGroupedSampler(setup.hp.batch_size, lengths=train["length"],
+    sampler = LengthGroupedSampler(setup.hp.batch_size, lengths=train["length"][:],
                                    generator=torch.Generator().manual_seed(setup.seed))  # fmt: skip
     order = list(sampler)
     collate = make_collator(tokenizer, torch.device("cpu"))
     columns = [c for c in ("input_ids", "attention_mask", "token_type_ids", "label") if c in train.column_names]
-    batches = [collate(train.select(order[i : i + setup.hp.batch_size]).select_columns(columns).to_list())
-               for i in range(0, steps * setup.hp.batch_size, setup.hp.batch_size)]  # fmt: skip
+    rows = [order[i : i + setup.hp.batch_size] for i in range(0, steps * setup.hp.batch_size, setup.hp.batch_size)]
     tokens = 0
     started = time.perf_counter()
-    for batch in batches:
+    for batch_rows in rows:  # reading and padding a batch is part of a training step, as in a DataLoader
+        batch = collate(train.select(batch_rows).select_columns(columns).to_list())
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, setup.hp.max_grad_norm)

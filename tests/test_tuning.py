@@ -440,7 +440,8 @@ def test_two_worker_processes_fill_one_search(tiny_bert_dir, tmp_path, request):
         assert sum(t.state in tuning.FINISHED for t in trials) == 3, kind
         assert len({json.dumps(t.params, sort_keys=True) for t in trials if t.state in tuning.FINISHED}) == 3, kind
         assert all(t.state in tuning.FINISHED or t.user_attrs.get("surplus") for t in trials), kind
-        dirs = [{p.name for p in (root / "tune" / "sst2" / "lora").iterdir()} for root in roots]
+        # a worker may get no trial of one storage (the other was faster); over all storages both ran
+        dirs = [{p.name for p in (root / "tune" / "sst2" / "lora").glob("trial*")} for root in roots]
         assert not dirs[0] & dirs[1] and dirs[0] | dirs[1] == {f"trial{t.number:04d}" for t in trials
                                                                if t.state in tuning.FINISHED}, kind  # fmt: skip
         ran = [n + len(d) for n, d in zip(ran, dirs)]

@@ -4,6 +4,7 @@ reference study's success criteria, from the tables earlier stages wrote."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pandas as pd
 
@@ -74,29 +75,36 @@ def comparison_rows(flags: pd.DataFrame, analysis: AnalysisConfig) -> list[dict]
     return rows
 
 
+def _over_clean_seed_pairs(
+    seeds: set[int], flagged: set[int], estimate: Callable[[set[int]], stats.Estimate]
+) -> tuple[stats.Estimate, str]:
+    """`estimate` over the seed pairs where neither run is flagged (a run that did not beat the
+    majority class says nothing about LoRA); with fewer than two such pairs, its value over all
+    pairs without an interval, which reads inconclusive. Returns the estimate and a note."""
+    clean = seeds - flagged
+    note = f" ({len(clean)} of {len(seeds)} seed pairs without a flagged run"
+    if len(clean) >= 2:
+        return estimate(clean), note + ")"
+    return stats.Estimate(estimate(seeds).value, math.nan, math.nan), note + ": value over all runs, no interval)"
+
+
 def quality_estimate(runs: pd.DataFrame, confidence: float) -> tuple[stats.Estimate | None, str]:
-    """Full FT - LoRA over the seeds where neither run is flagged: a run that did not beat the
-    majority class says nothing about what LoRA costs. With no such pair the gap over all runs
-    is shown without an interval, which reads inconclusive."""
+    """Full FT - LoRA in points with the paired t-interval, over unflagged seed pairs."""
     by_seed = _primary_by_seed(runs)
-    if not (by_seed.get("lora") and by_seed.get("full")):
+    lora, full = by_seed.get("lora", {}), by_seed.get("full", {})
+    if not (lora and full):
         return None, ""
-    flagged = set(runs.loc[runs["flagged"], "seed"])
-    kept = {m: {s: v for s, v in values.items() if s not in flagged} for m, values in by_seed.items()}
-    pairs = len(set(by_seed["lora"]) & set(by_seed["full"]))
-    clean = len(set(kept["lora"]) & set(kept["full"]))
-    note = f" ({clean} of {pairs} seed pairs without a flagged run"
-    if clean >= 2:
-        return stats.quality_gap(kept["lora"], kept["full"], confidence), note + ")"
-    everything = stats.quality_gap(by_seed["lora"], by_seed["full"], confidence)
-    return stats.Estimate(everything.value, float("nan"), float("nan")), note + ": value over all runs, no interval)"
+
+    def gap(seeds: set[int]) -> stats.Estimate:
+        return stats.quality_gap({s: lora[s] for s in seeds}, {s: full[s] for s in seeds}, confidence)
+
+    return _over_clean_seed_pairs(set(lora) & set(full), set(runs.loc[runs["flagged"], "seed"]), gap)
 
 
 def drift_estimate(study: Study, task: str, confidence: float, flagged: set) -> tuple[stats.Estimate | None, str]:
     """Relative drift reduction 1 - drift_lora / drift_full (drift = 1 - mean linear CKA over
-    layers, mean pooling), per seed pair, with a t-interval over seeds. Like the quality gap it
-    uses the seeds where neither run is flagged: a run that learned nothing barely drifts, and
-    that says nothing about LoRA."""
+    layers, mean pooling), per seed pair, with a t-interval over unflagged seed pairs: a run
+    that learned nothing barely drifts, and that says nothing about LoRA."""
     summary = _read(study, "drift_summary.csv")
     if summary is None:
         return None, ""
@@ -107,13 +115,12 @@ def drift_estimate(study: Study, task: str, confidence: float, flagged: set) -> 
     reductions = {s: 1 - lora[s] / full[s] for s in sorted(set(lora) & set(full)) if full[s] > 0}
     if not reductions:
         return None, ""
-    clean = [r for s, r in reductions.items() if s not in flagged]
-    note = f" ({len(clean)} of {len(reductions)} seed pairs without a flagged run"
-    if len(clean) >= 2:
-        summary = stats.describe(clean, confidence)
-        return stats.Estimate(summary["mean"], summary["ci_low"], summary["ci_high"]), note + ")"
-    value = sum(reductions.values()) / len(reductions)
-    return stats.Estimate(value, float("nan"), float("nan")), note + ": value over all runs, no interval)"
+
+    def mean_reduction(seeds: set[int]) -> stats.Estimate:
+        d = stats.describe([reductions[s] for s in sorted(seeds)], confidence)
+        return stats.Estimate(d["mean"], d["ci_low"], d["ci_high"])
+
+    return _over_clean_seed_pairs(set(reductions), set(flagged), mean_reduction)
 
 
 def deployment_estimate(study: Study) -> stats.Estimate | None:

@@ -34,7 +34,7 @@ def length_batches(split: datasets.Dataset, tokenizer, batch_size: int, device: 
     carry little padding; callers write results back at the row indices."""
     collate = make_collator(tokenizer, device)
     inputs = [c for c in MODEL_INPUTS if c in split.column_names]
-    order = np.argsort(split["length"], kind="stable")
+    order = np.argsort(split["length"][:], kind="stable")
     for start in range(0, len(split), batch_size):
         rows = order[start : start + batch_size]
         batch = collate(split.select(rows).select_columns(inputs).to_list())
@@ -63,12 +63,12 @@ def evaluate(
         logits[rows] = out.logits.float().cpu().numpy()
     model.train(was_training)
 
-    labels = np.asarray(split["label"])
+    labels = np.asarray(split["label"][:])
     probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
     predictions = probs.argmax(-1)
     metrics = compute_metrics(labels, predictions, num_labels)
     metrics["loss"] = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
-    table = pd.DataFrame({"example_id": split["example_id"], "label": labels, "prediction": predictions})
+    table = pd.DataFrame({"example_id": split["example_id"][:], "label": labels, "prediction": predictions})
     for k in range(num_labels):
         table[f"prob_{k}"] = probs[:, k]
     return Evaluation(metrics, table)

@@ -4,7 +4,9 @@ best-checkpoint selection, divergence detection, and everything saved for later 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -17,7 +19,7 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from lorascope import modeling
@@ -103,7 +105,7 @@ class LorascopeTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         return LengthGroupedSampler(
             self.args.train_batch_size * self.args.gradient_accumulation_steps,
-            lengths=dataset["length"],
+            lengths=dataset["length"][:],  # a list: indexing a datasets Column per item took 0.1-0.4 s a run
             generator=torch.Generator().manual_seed(self.order_seed),
         )
 
@@ -219,10 +221,13 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
         if setup.runtime.progress:
             trainer.remove_callback(ProgressCallback)
             trainer.add_callback(RunProgress())
+        else:  # no bars and no log lines either: losses are in history.csv
+            trainer.remove_callback(PrinterCallback)
         started = time.perf_counter()
         diverged = None
         try:
-            trainer.train()
+            with _older_objects_frozen():
+                trainer.train()
         except Diverged as err:
             diverged = err
         seconds = time.perf_counter() - started
@@ -255,6 +260,18 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
             save_weights(model, setup.method, out_dir)
     _write_json(out_dir / "metrics.json", result)
     return result
+
+
+@contextlib.contextmanager
+def _older_objects_frozen():
+    """Trainer.train() starts with accelerate's free_memory(), a full gc.collect() over every
+    object the process holds (datasets, other runs): 0.28 s a run here, 7 % of a 40-step SST-2
+    LoRA run. Objects that existed before training are left out of collections while it runs."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def save_weights(model: torch.nn.Module, method: str, out_dir: Path) -> None:
