@@ -1,3 +1,4 @@
+import gc
 import json
 
 import numpy as np
@@ -67,6 +68,7 @@ def test_a_diverged_run_is_recorded_and_the_study_goes_on(tiny_config, tmp_path,
     full, lora = _metrics(study, "full", 42), _metrics(study, "lora", 42)
     assert full["status"] == "diverged" and full["diverged_step"] == 3 and full["primary_value"] is None
     assert lora["status"] == "ok"
+    assert gc.get_freeze_count() == 0  # objects frozen out of gc during training are released, divergence or not
     table = pd.read_csv(study.tables / "performance.csv")
     assert sorted(zip(table["method"], table["status"])) == [("full", "diverged"), ("lora", "ok")]
 

@@ -151,3 +151,9 @@ def test_weight_change_rows():
         "effective_rank": pytest.approx(1.0), "intruder_dimensions": 0,
     }  # fmt: skip
     assert second["layer"] is None and second["relative_update"] == pytest.approx(2 * first["relative_update"])
+    cache = {}
+    spike = 5 * torch.outer(torch.eye(16, dtype=D)[0], torch.eye(12, dtype=D)[0])
+    for _ in range(2):  # the second run of the same base reads the cached base singular vectors
+        rows = weights.weight_change_rows(iter([("model.layers.3.self_attn.q_proj", w, update + spike)]), base_vectors=cache)
+        assert rows[0]["intruder_dimensions"] == weights.intruder_dimensions(w + update + spike, w)
+    assert list(cache) == ["model.layers.3.self_attn.q_proj"] and cache[rows[0]["module"]].shape == (16, 12)

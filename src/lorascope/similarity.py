@@ -174,9 +174,10 @@ def cosine(x: torch.Tensor, y: torch.Tensor, centered: bool = True) -> float:
     return cosine_per_example(x, y, centered).mean().item()
 
 def _resampled_hsic(w: torch.Tensor, k: torch.Tensor, l: torch.Tensor, kw: torch.Tensor, lw: torch.Tensor,
-                    unbiased: bool) -> torch.Tensor:
-    """HSIC for resamples given as draw counts w [c, n] (kw, lw = w @ K, w @ L; K and L may
-    carry a leading batch dimension), leaving out every pair of two draws of the same example.
+                    klw: torch.Tensor, klw2: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """HSIC for resamples given as draw counts w [c, n] (kw, lw, klw = w @ K, w @ L, w @ (K∘L);
+    K and L may carry a leading batch dimension), leaving out every pair of two draws of the
+    same example. Given klw2 = w² @ (K∘L), the unbiased estimator; without it, the biased one.
     Such a pair is identical in x and in y, so it reads as shared structure: with it (plain
     K[idx][:, idx]), independent 256×384 inputs bootstrap to debiased CKA ~0.6 instead of 0,
     and no interval holds the estimate.
@@ -188,8 +189,7 @@ def _resampled_hsic(w: torch.Tensor, k: torch.Tensor, l: torch.Tensor, kw: torch
     n = w.shape[-1]
     kd, ld = k.diagonal(dim1=-2, dim2=-1)[..., None, :], l.diagonal(dim1=-2, dim2=-1)[..., None, :]
     w2 = w * w
-    klw = w @ (k * l)
-    if not unbiased:
+    if klw2 is None:
         ties = w2 - w  # ordered pairs of distinct draws of the same example
         trace = (klw * w - ties * kd * ld).sum(dim=-1)
         k_total, l_total = ((kw * w - ties * kd).sum(dim=-1), (lw * w - ties * ld).sum(dim=-1))
@@ -197,7 +197,7 @@ def _resampled_hsic(w: torch.Tensor, k: torch.Tensor, l: torch.Tensor, kw: torch
         return trace - 2 / n * (w * k_rows * l_rows).sum(dim=-1) + k_total * l_total / n**2
     # A, B = K, L with zero diagonal; sums over distinct i, j, q, r by inclusion-exclusion.
     aw, bw = kw - w * kd, lw - w * ld
-    abw, abw2 = klw - w * kd * ld, w2 @ (k * l) - w2 * kd * ld  # w @ (A∘B), w² @ (A∘B)
+    abw, abw2 = klw - w * kd * ld, klw2 - w2 * kd * ld  # w @ (A∘B), w² @ (A∘B)
     pairs = (abw * w).sum(dim=-1)  # Σ w_i w_j A_ij B_ij
     triples = (w * aw * bw - abw * w2).sum(dim=-1)  # Σ w_i w_j w_q A_ij B_iq
     quads = (aw * w).sum(dim=-1) * (bw * w).sum(dim=-1) + (2 * abw2 * w2 - 4 * w2 * aw * bw).sum(dim=-1)
@@ -208,12 +208,19 @@ def _resampled_hsic(w: torch.Tensor, k: torch.Tensor, l: torch.Tensor, kw: torch
     return pairs / n2 + quads / n4 - 2 * triples / n3
 
 
-def _resampled_cka(w: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, unbiased: bool) -> torch.Tensor:
-    """xy, xx and yy in one batched pass: fewer, larger operations."""
+def _resampled_cka(w: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, measures) -> dict[str, torch.Tensor]:
+    """{measure: CKA of every resample} for "linear" and/or "debiased". xy, xx and yy go in one
+    batched pass, and both measures share the [c, n] × [n, n] products, which are the cost."""
     kw, lw = w @ kx, w @ ky
     k, l = torch.stack([kx, kx, ky]), torch.stack([ky, kx, ky])
-    xy, xx, yy = _resampled_hsic(w, k, l, torch.stack([kw, kw, lw]), torch.stack([lw, kw, lw]), unbiased)
-    return xy / torch.sqrt(xx * yy)
+    kws, lws, kl = torch.stack([kw, kw, lw]), torch.stack([lw, kw, lw]), k * l
+    klw = w @ kl
+    klw2 = (w * w) @ kl if "debiased" in measures else None
+    out = {}
+    for measure in measures:
+        xy, xx, yy = _resampled_hsic(w, k, l, kws, lws, klw, klw2 if measure == "debiased" else None)
+        out[measure] = xy / torch.sqrt(xx * yy)
+    return out
 
 
 def bootstrap_cka(
@@ -237,23 +244,26 @@ def bootstrap_cka(
         raise ValueError(f"need n_resamples >= 1 and 0 < confidence < 1, got {n_resamples}, {confidence}")
     _same_n(x, y)
     x, y = _centred(x, "x"), _centred(y, "y")
-    return _bootstrap_from_grams(x @ x.T, y @ y.T, measure, n_resamples, seed, confidence)
+    return _bootstrap_from_grams(x @ x.T, y @ y.T, [measure], n_resamples, seed, confidence)[measure]
 
 
-def _bootstrap_from_grams(kx: torch.Tensor, ky: torch.Tensor, measure: str, n_resamples: int, seed: int,
-                          confidence: float) -> tuple[float, float]:  # fmt: skip
+def _bootstrap_from_grams(kx: torch.Tensor, ky: torch.Tensor, measures, n_resamples: int, seed: int,
+                          confidence: float) -> dict[str, tuple[float, float]]:  # fmt: skip
+    """{measure: (low, high)}; every measure sees the same resamples (same seed, same draws)."""
     n = kx.shape[0]
-    if measure == "debiased" and n < 4:
+    if "debiased" in measures and n < 4:
         raise ValueError(f"debiased CKA needs at least 4 examples, got {n}")
     generator = torch.Generator().manual_seed(seed)
     idx = torch.randint(n, (n_resamples, n), generator=generator)
     counts = torch.zeros(n_resamples, n, dtype=_DTYPE).scatter_add_(1, idx, torch.ones_like(idx, dtype=_DTYPE))
-    values = _resampled_cka(counts, kx, ky, unbiased=measure == "debiased")
-    if not torch.isfinite(values).all():
-        raise ValueError("bootstrap: a resample has too few distinct examples for this measure")
     alpha = (1 - confidence) / 2
-    low, high = torch.quantile(values, torch.tensor([alpha, 1 - alpha], dtype=_DTYPE))
-    return low.item(), high.item()
+    out = {}
+    for measure, values in _resampled_cka(counts, kx, ky, measures).items():
+        if not torch.isfinite(values).all():
+            raise ValueError("bootstrap: a resample has too few distinct examples for this measure")
+        low, high = torch.quantile(values, torch.tensor([alpha, 1 - alpha], dtype=_DTYPE))
+        out[measure] = (low.item(), high.item())
+    return out
 
 
 def cka_with_intervals(x: torch.Tensor, y: torch.Tensor, measures=("linear", "debiased"), n_resamples: int = 0,
@@ -266,10 +276,6 @@ def cka_with_intervals(x: torch.Tensor, y: torch.Tensor, measures=("linear", "de
     x, y = _centred(x, "x"), _centred(y, "y")
     kx, ky = x @ x.T, y @ y.T
     point = {"linear": lambda: _gram_cka(kx, ky).item(), "debiased": lambda: _debiased_from_grams(kx, ky)}
-    out = {}
-    for measure in measures:
-        low = high = float("nan")
-        if n_resamples:
-            low, high = _bootstrap_from_grams(kx, ky, measure, n_resamples, seed, confidence)
-        out[measure] = (point[measure](), low, high)
-    return out
+    nan = (float("nan"), float("nan"))
+    intervals = _bootstrap_from_grams(kx, ky, measures, n_resamples, seed, confidence) if n_resamples else {}
+    return {measure: (point[measure](), *intervals.get(measure, nan)) for measure in measures}

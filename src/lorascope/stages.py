@@ -408,7 +408,7 @@ def weights(study: Study, config: StudyConfig) -> None:
     tokenizer = modeling.load_tokenizer(config.model.name)
     base_state = modeling.load_model(config.model.name, ("0", "1"), 0, tokenizer).state_dict()
     k, epsilon = config.weights.intruder_k, config.weights.intruder_epsilon
-    rows = []
+    rows, base_vectors = [], {}
     with _one_thread():
         for task, method, seed, _ in tqdm(runs, desc="weights", disable=not config.runtime.progress):
             folder = study.run_dir(task, method, seed)
@@ -418,7 +418,7 @@ def weights(study: Study, config: StudyConfig) -> None:
                                                  adapter["lora_alpha"], adapter["r"], adapter.get("use_rslora", False))  # fmt: skip
             else:
                 deltas = weights_mod.full_deltas(load_file(str(folder / "model.safetensors")), base_state)
-            for row in weights_mod.weight_change_rows(deltas, k=k, epsilon=epsilon):
+            for row in weights_mod.weight_change_rows(deltas, k=k, epsilon=epsilon, base_vectors=base_vectors):
                 rows.append({"task": task, "method": method, "seed": seed, **row})
     table = pd.DataFrame(rows).rename(columns={"intruder_dimensions": "intruders"})
     leading = ["task", "method", "seed", "module", "relative_update", "effective_rank", "intruders"]

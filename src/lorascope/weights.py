@@ -51,9 +51,16 @@ def intruder_dimensions(
     models and not in fully fine-tuned ones."""
     if w_ft.shape != w_base.shape:
         raise ValueError(f"intruder dimensions: shapes differ, {tuple(w_ft.shape)} vs {tuple(w_base.shape)}")
-    top = torch.linalg.svd(w_ft.double(), full_matrices=False).U[:, :k]
-    base = torch.linalg.svd(w_base.double(), full_matrices=False).U
-    return int(((top.T @ base).abs().amax(dim=1) < epsilon).sum())
+    return _intruders(w_ft, left_singular_vectors(w_base), k, epsilon)
+
+
+def left_singular_vectors(matrix: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svd(matrix.double(), full_matrices=False).U
+
+
+def _intruders(w_ft: torch.Tensor, base_vectors: torch.Tensor, k: int, epsilon: float) -> int:
+    top = left_singular_vectors(w_ft)[:, :k]
+    return int(((top.T @ base_vectors).abs().amax(dim=1) < epsilon).sum())
 
 
 def layer_index(name: str) -> int | None:
@@ -140,12 +147,20 @@ def full_deltas(
 
 
 def weight_change_rows(
-    deltas: Iterable[Delta], k: int = INTRUDER_K, epsilon: float = INTRUDER_EPSILON
+    deltas: Iterable[Delta],
+    k: int = INTRUDER_K,
+    epsilon: float = INTRUDER_EPSILON,
+    base_vectors: dict[str, torch.Tensor] | None = None,
 ) -> list[dict]:
     """One row per matrix: module, layer, kind (last name component), shape, relative update,
-    effective rank of ΔW and intruder dimensions of W_base + ΔW."""
+    effective rank of ΔW and intruder dimensions of W_base + ΔW. `base_vectors` caches each base
+    matrix's singular vectors by module name; pass one dict for all runs of one base (a third
+    of the SVDs otherwise)."""
     rows = []
+    base_vectors = {} if base_vectors is None else base_vectors
     for module, base, delta in deltas:
+        if module not in base_vectors:
+            base_vectors[module] = left_singular_vectors(base)
         rows.append({
             "module": module,
             "layer": layer_index(module),
@@ -154,6 +169,6 @@ def weight_change_rows(
             "cols": delta.shape[1],
             "relative_update": relative_update(delta, base),
             "effective_rank": effective_rank(delta),
-            "intruder_dimensions": intruder_dimensions(base + delta, base, k, epsilon),
+            "intruder_dimensions": _intruders(base + delta, base_vectors[module], k, epsilon),
         })  # fmt: skip
     return rows
