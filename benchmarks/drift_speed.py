@@ -8,7 +8,7 @@ The paper-size case: n = 872 probe examples (SST-2 validation), TinyLlama's 2048
 states, 23 layers (embedding output + 22 blocks), 1,000 bootstrap resamples. Features are
 synthetic (a decaying spectrum plus noise, float32 as stored; the run is the base plus a
 perturbation): time depends on the shapes only. Each measure goes through drift.layer_rows,
-the stage's own code path, in one thread as the stage runs it (stages._one_thread). The target
+the stage's own code path, in one thread as the stage runs it (runtime.threads(1)). The target
 is < 10 s for all measures of one pair."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lorascope import drift, stages
+from lorascope import drift, runtime
 
 TARGET_S = 10.0
 MEASURES = ["linear_cka", "debiased_cka", "cosine", "rbf_cka"]
@@ -46,7 +46,7 @@ def time_measures(base, run, measures, bootstrap: int, repeats: int) -> list[tup
     """Median seconds over `repeats` of drift.layer_rows for each measure, in one thread."""
     layers = list(range(base.shape[0]))
     results = []
-    with stages._one_thread():
+    with runtime.threads(1):
         drift.layer_rows(base[:1, :16], run[:1, :16], [0], measures, bootstrap=2)  # warm-up: first-call costs
         for measure in [*measures, measures]:  # each alone, then all in one call as the stage does
             times = []

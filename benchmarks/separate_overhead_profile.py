@@ -18,7 +18,9 @@ import datasets
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lorascope import deployment, modeling
+from lorascope import modeling
+from lorascope.serving import inputs
+from lorascope.serving.strategies import REGISTRY
 from lorascope.study import Study
 
 warnings.filterwarnings("ignore")
@@ -44,14 +46,14 @@ def main() -> None:
     torch.set_num_threads(1)
     study = Study(args.study)
     config = study.load_config()
-    models = deployment.Models(modeling.resolve_model_path(config.model.name),
+    models = inputs.Models(modeling.resolve_model_path(config.model.name),
                                {args.task: str(study.run_dir(args.task, "lora", config.seeds[0]))})  # fmt: skip
     split = datasets.load_from_disk(str(study.prepared_dir(args.task) / "splits"))["eval"]
-    example = deployment.examples_from_dataset(split)[:1]
+    example = inputs.examples_from_dataset(split)[:1]
     tokenizer = modeling.load_tokenizer(config.model.name)
-    names = deployment.forward_inputs(models.base)
-    batch = deployment.pad_batch(example, tokenizer.pad_token_id, names)
-    served = {s: deployment.load_strategy(s, models, deployment.num_labels_of(models), tokenizer.pad_token_id)
+    names = inputs.forward_inputs(models.base)
+    batch = inputs.pad_batch(example, tokenizer.pad_token_id, names)
+    served = {s: REGISTRY[s].load(models, inputs.num_labels_of(models), tokenizer.pad_token_id)
               for s in ("merged", "separate")}  # fmt: skip
     times = {s: [] for s in served}
     with torch.inference_mode():

@@ -24,9 +24,10 @@ import transformers
 from transformers import get_linear_schedule_with_warmup
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from lorascope import modeling, stages
+from lorascope import modeling, runs
 from lorascope.config import load_config
 from lorascope.evaluation import make_collator
+from lorascope.stages import BY_NAME
 from lorascope.study import run_stages
 from lorascope.training import train_run
 
@@ -36,7 +37,7 @@ transformers.logging.set_verbosity_error()
 
 def bare_loop(setup, train, tokenizer, steps: int) -> float:
     """Tokens per second of a plain PyTorch loop over the batches lorascope would use."""
-    model = modeling.load_model(setup.model_name, setup.task.label_names, setup.seed, tokenizer, setup.dropout)
+    model = modeling.load_model(setup.model_name, setup.task.label_names, setup.seed, tokenizer.pad_token_id, setup.dropout)
     model = modeling.prepare_for_method(model, setup.method, setup.hp, setup.seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -85,7 +86,7 @@ def main() -> None:
 
     config = load_config(None, "quick", ["runtime.progress=false"])
     work = Path(tempfile.mkdtemp(prefix="lorascope-bench-"))
-    study = run_stages(config, work, [("prepare", stages.prepare)])
+    study = run_stages(config, work, [BY_NAME["prepare"]])
     tokenizer = modeling.load_tokenizer(config.model.name)
 
     print(f"## Training throughput: lorascope (Trainer) vs bare PyTorch loop, {args.steps} steps, "
@@ -93,9 +94,9 @@ def main() -> None:
     print("| task | method | lorascope tokens/s | bare loop tokens/s | ratio |")
     print("|---|---|---|---|---|")
     for name in ("sst2", "rte"):
-        task, splits = stages.load_prepared(study, name)
+        task, splits = runs.load_prepared(study, name)
         for method in ("lora", "full"):
-            setup = stages._setup(config, task, method, 42, max_steps=args.steps, save_weights=False)
+            setup = runs.run_setup(config, task, method, 42, max_steps=args.steps, save_weights=False)
             ours, bare, ratios = [], [], []
             for round_ in range(args.rounds):
                 first, second = (lorascope_run, bare_loop) if round_ % 2 == 0 else (bare_loop, lorascope_run)
@@ -110,7 +111,7 @@ def main() -> None:
     print("| task | length-grouped | random |")
     print("|---|---|---|")
     for name in ("sst2", "mrpc", "rte"):
-        _, splits = stages.load_prepared(study, name)
+        _, splits = runs.load_prepared(study, name)
         lengths = np.asarray(splits["train"]["length"])
         grouped = list(LengthGroupedSampler(16, lengths=lengths.tolist(), generator=torch.Generator().manual_seed(42)))
         shuffled = np.random.default_rng(42).permutation(len(lengths))

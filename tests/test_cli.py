@@ -5,8 +5,9 @@ import json
 import pytest
 
 from lorascope.cli import build_parser, main
+from lorascope.stages import STAGES
 
-SUBCOMMANDS = ("run", "prepare", "baselines", "tune", "train", "represent", "drift", "weights", "deploy", "analyze", "report", "bench")
+SUBCOMMANDS = ("run", *(stage.name for stage in STAGES), "bench")
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -53,6 +54,19 @@ def test_unknown_config_key(tmp_path, capsys):
 def test_wrong_type_and_missing_key_in_set(tiny_args, capsys):
     _fails_with(["run", *tiny_args, "--set", "training.lora.r=eight"], "training.lora.r", capsys)
     _fails_with(["run", *tiny_args, "--set", "training.lora.rr=8"], "no key 'rr' in training.lora", capsys)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("deploy.batch_sizes=[0]", "deploy.batch_sizes.0: Input should be greater than 0"),
+    ("deploy.batch_sizes=[]", "deploy.batch_sizes: List should have at least 1 item"),
+    ("deploy.seq_lens=[natural, 0]", "deploy.seq_lens.1"),
+    ("deploy.strategies=[separate, vllm]", "deploy.strategies.1: Input should be 'base', 'full'"),
+    ("deploy.batch_sizes=[4, 8]", "the deployment criterion reads batch size 1, natural length, strategies separate "
+                                  "and full; deploy.batch_sizes lacks 1"),
+])  # fmt: skip
+def test_bad_deploy_settings_stop_before_anything_runs(tiny_args, tmp_path, setting, message, capsys):
+    _fails_with(["run", *tiny_args, "--set", setting], message, capsys)
+    assert not (tmp_path / "study").exists()  # nothing was started: no study directory at all
 
 
 def test_unknown_task(tiny_args, capsys):

@@ -8,9 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from lorascope import modeling, stages
+from lorascope import modeling, runs
 from lorascope.config import LoraMethodConfig, MethodConfig, RuntimeConfig
+from lorascope.stages import with_inputs
 from lorascope.study import run_stages
+from lorascope.tasks import Task
 from lorascope.training import CALLBACK_KEYS, PEFT_KEYS, TRAINER_KEYS, RunSetup, training_arguments
 
 DISTINCT = dict(lr=3.7e-4, head_lr=2.2e-3, epochs=2.5, batch_size=7, grad_accum=3, scheduler="cosine", warmup_ratio=0.13,
@@ -39,7 +41,7 @@ def test_trainer_keys_reach_training_arguments(tmp_path):
 
 def test_peft_keys_reach_the_lora_config(tiny_bert_dir):
     tokenizer = modeling.load_tokenizer(str(tiny_bert_dir))
-    model = modeling.load_model(str(tiny_bert_dir), ("a", "b"), 1, tokenizer)
+    model = modeling.load_model(str(tiny_bert_dir), ("a", "b"), 1, tokenizer.pad_token_id)
     lora = modeling.prepare_for_method(model, "lora", LoraMethodConfig(lr=1e-3, **DISTINCT_LORA))
     peft = lora.peft_config["default"]
     assert (peft.r, peft.lora_alpha, peft.lora_dropout) == (3, 11.0, 0.07)
@@ -56,7 +58,7 @@ def test_callback_keys_shape_training_and_everything_is_saved(tiny_config, tmp_p
                 r=3, alpha=11.0, dropout=0.07, target_modules=["query", "key"], modules_to_save=["pooler"])  # fmt: skip
     config = tiny_config.model_copy(update={"tasks": {"sst2": tiny_config.tasks["sst2"]}, "methods": ["lora"]})
     config.training.lora = LoraMethodConfig(**lora)
-    study = run_stages(config, tmp_path, [("prepare", stages.prepare), ("train", stages.train)])
+    study = run_stages(config, tmp_path, with_inputs("train"))
     run = study.run_dir("sst2", "lora", 42)
     history = pd.read_csv(run / "history.csv")
     dev_steps = history.dropna(subset=["dev_accuracy"])["step"].tolist()
@@ -78,11 +80,11 @@ def test_callback_keys_shape_training_and_everything_is_saved(tiny_config, tmp_p
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_a_different_value_changes_the_run_fingerprint(tiny_config, method):
-    task = stages.Task(name="sst2", source="", subset=None, text="t", text_pair=None, label="label",
-                       label_names=("a", "b"), metric="accuracy")  # fmt: skip
-    base = stages._setup(tiny_config, task, method, 42)
+    task = Task(name="sst2", source="", subset=None, text="t", text_pair=None, label="label",
+                label_names=("a", "b"), metric="accuracy")  # fmt: skip
+    base = runs.run_setup(tiny_config, task, method, 42)
     fingerprints = set()
     for key, value in DISTINCT.items():
-        setup = stages._setup(tiny_config, task, method, 42, hp=base.hp.model_copy(update={key: value}))
-        fingerprints.add(stages._run_fingerprint(tiny_config, setup, "splits"))
+        setup = runs.run_setup(tiny_config, task, method, 42, hp=base.hp.model_copy(update={key: value}))
+        fingerprints.add(runs.run_fingerprint(tiny_config, setup, "splits"))
     assert len(fingerprints) == len(DISTINCT)

@@ -10,7 +10,7 @@ LABELS = ("negative", "positive")
 
 def _model(path, seed=42):
     tokenizer = modeling.load_tokenizer(str(path))
-    return modeling.load_model(str(path), LABELS, seed, tokenizer), tokenizer
+    return modeling.load_model(str(path), LABELS, seed, tokenizer.pad_token_id), tokenizer
 
 
 def test_head_is_a_function_of_the_seed(tiny_bert_dir):

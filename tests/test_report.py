@@ -13,13 +13,16 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
-import yaml
+import torch
 
-from lorascope import drift, report, stats
-from lorascope.analysis import comparison_rows, describe_rows
-from lorascope.config import AnalysisConfig
+from lorascope import analysis, drift, report, runs, stats, tuning, verdict, weights
+from lorascope.config import DeployConfig, to_yaml, validate
+from lorascope.optuna_storage import Backend
+from lorascope.serving import checks, memory, timing
+from lorascope.study import Study
 
 TASKS = {"sst2": "accuracy", "mrpc": "f1"}
 SEEDS = (42, 1337, 2024)
@@ -30,58 +33,93 @@ VERDICT = {  # task -> (quality, drift, deployment) estimates: value, low, high
     "sst2": (stats.Estimate(0.5, -1.0, 2.0), stats.Estimate(0.30, 0.25, 0.35), stats.Estimate(0.37, 0.33, 0.41)),
     "mrpc": (stats.Estimate(2.5, -4.0, 9.0), stats.Estimate(0.05, -0.10, 0.20), None),
 }
+SLOWER = {"full": 1.0, "merged": 1.0, "separate": 1.35, "switch": 1.42, "mixed": 1.6, "base": 0.99}
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
 
-def _write(path: Path, table: pd.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(path, index=False)
-
-
-def _tiny_png(path: Path, title: str) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(3, 2), dpi=60)
-    fig.subplots().plot([1, 2, 3], [1, 4, 2])
-    fig.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-
-
-def performance_table() -> pd.DataFrame:
+def performance_rows(tasks: dict[str, str], seeds=SEEDS) -> list[dict]:
+    """metrics.json-like rows, one per run (runs.write_performance_table's input)."""
     rng = np.random.default_rng(0)
     rows = []
-    for task, metric in TASKS.items():
-        for seed in SEEDS:
-            levels = {"lora": 0.90, "full": 0.91} if task == "sst2" else {"lora": 0.86, "full": 0.85}
+    for (task, metric), original in zip(tasks.items(), TASKS):
+        for seed in seeds:
+            levels = {"lora": 0.90, "full": 0.91} if original == "sst2" else {"lora": 0.86, "full": 0.85}
             for method, level in levels.items():
                 value = round(level + rng.normal(0, 0.006), 4)
-                if (task, method, seed) == ("mrpc", "full", 1337):
+                if (original, method, seed) == ("mrpc", "full", 1337):
                     value = MAJORITY["mrpc"]  # learned nothing: must be flagged
                 rows.append({"task": task, "method": method, "seed": seed, "status": "ok", "primary_metric": metric,
                              "primary_value": value, "accuracy": value - 0.01 if metric == "f1" else value,
                              "f1": value if metric == "f1" else value - 0.005, "train_seconds": 30.0 + seed % 7,
                              "trainable_params": 222338 if method == "lora" else 22713986,
                              "head_init_digest": f"h{task}{seed}", "data_order_digest": f"d{task}{seed}"})  # fmt: skip
-    return pd.DataFrame(rows)
+    return rows
+
+
+def _write_runs(study: Study, rows: list[dict], training: dict) -> None:
+    """Run folders as train_run leaves them (metrics.json, hparams.json), then performance.csv
+    from them by the real writer."""
+    for row in rows:
+        folder = study.run_dir(row["task"], row["method"], row["seed"])
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps(row))
+        (folder / "hparams.json").write_text(json.dumps({"method": row["method"], "seed": row["seed"],
+                                                         "configured": training[row["method"]]}))  # fmt: skip
+    runs.write_performance_table(study)
+
+
+def _search(task: str, method: str) -> tuple[optuna.Study, Backend]:
+    """A finished in-memory Optuna search of six trials, two of them pruned."""
+    storage = optuna.storages.InMemoryStorage()
+    ostudy = optuna.create_study(storage=storage, direction="maximize", study_name=f"lorascope/synthetic/{task}/{method}/x")
+    lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    wd = optuna.distributions.FloatDistribution(0.0, 0.1)
+    for i in range(6):
+        params = {"lr": 0.002 if i == 5 else 0.001 * (i + 1), "weight_decay": 0.05}
+        state = optuna.trial.TrialState.COMPLETE if i % 3 else optuna.trial.TrialState.PRUNED
+        ostudy.add_trial(optuna.trial.create_trial(
+            params=params, distributions={"lr": lr, "weight_decay": wd}, state=state,
+            value=0.85 + i / 100 if state == optuna.trial.TrialState.COMPLETE else None,
+            intermediate_values={10: 0.84 + i / 100}))  # fmt: skip
+    return ostudy, Backend(storage, "in memory", "rdb")
+
+
+def _deployment(tables: Path) -> None:
+    """The deploy stage's tables through its own writers: timings of a fake grid whose strategies
+    take known multiples of full FT's time, checks from real logits, memory rows."""
+    cfg = DeployConfig(batch_sizes=[1, 2, 4, 8, 16], seq_lens=["natural", 128], repeats=5, bootstrap=200)
+    rng = np.random.default_rng(3)
+    results = {}
+    for seq_len in cfg.seq_lens:
+        for batch in cfg.batch_sizes:
+            base = 4.0 * batch**0.8 * (1.6 if seq_len == 128 else 1.0) * rng.lognormal(0, 0.02, cfg.repeats)
+            times = {s: base * factor * rng.lognormal(0, 0.01, cfg.repeats) for s, factor in SLOWER.items()}
+            results[(batch, seq_len)] = (times, (np.full(cfg.repeats, 32 * batch), np.full(cfg.repeats, 20 * batch)))
+    timing.DEPLOYMENT.write(tables, timing.timing_table(results, list(SLOWER), {}, cfg, 1, torch.device("cpu")))
+    reference = torch.tensor([[0.2, 0.9], [1.0, -0.3], [0.1, 0.4], [0.7, 0.2]])
+    labels = [1, 0, 1, 0]
+    rows = [checks.compare_logits("merged_vs_separate", "sst2", reference + 2e-6, reference, labels),
+            checks.compare_logits("mixed_vs_alone", "sst2", reference + torch.tensor([0.0, 0.7]), reference, labels)]
+    checks.DEPLOYMENT_CHECKS.write(tables, rows)
+    memory.DEPLOYMENT_MEMORY.write(tables, [
+        {"strategy": s, "load_seconds": 0.4, "peak_mb": w + 40.5, "loaded_mb": w, "inference_mb": 40.5, "disk_mb": w,
+         "adapter_disk_mb": w - 86.6, "measure": "cpu rss", "method": "VmHWM", "device": "cpu"}
+        for s, w in (("full", 86.6), ("merged", 86.6), ("separate", 87.5), ("mixed", 89.2))])  # fmt: skip
 
 
 def make_study(root: Path, partial: bool = False, tasks: dict[str, str] | None = None) -> Path:
-    """A small study directory with every table report.py reads (only performance.csv when
-    `partial`)."""
-    root.mkdir(parents=True, exist_ok=True)
-    perf = performance_table()
-    if tasks is not None:  # rename the tasks: a study the reference study does not share
-        perf["task"] = perf["task"].map(dict(zip(TASKS, tasks)))
-    _write(root / "tables" / "performance.csv", perf)
+    """A small study directory written by lorascope's own writers: performance.csv only when
+    `partial`, else every table the report reads, the analyze stage's included."""
+    study = Study(root)
+    training = {"lora": {"lr": 0.002, "r": 8, "weight_decay": 0.01, "warmup_ratio": 0.1},
+                "full": {"lr": 1e-4, "weight_decay": 0.01, "warmup_ratio": 0.1}}  # fmt: skip
+    _write_runs(study, performance_rows(tasks or TASKS), training)
     if partial:
         return root
-    config = {"name": "synthetic", "model": {"name": "minilm-l6"}, "tasks": {t: {} for t in TASKS},
-              "methods": ["lora", "full"], "seeds": list(SEEDS),
-              "training": {"lora": {"lr": 0.002, "r": 8, "weight_decay": 0.01, "warmup_ratio": 0.1},
-                           "full": {"lr": 1e-4, "weight_decay": 0.01, "warmup_ratio": 0.1}},
-              "analysis": {"majority_margin": 0.01, "confidence": 0.95, "bootstrap": 2000, "seed": 0}}  # fmt: skip
-    (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    config = validate({"name": "synthetic", "model": {"name": "minilm-l6"}, "tasks": {t: {} for t in TASKS},
+                       "methods": ["lora", "full"], "seeds": list(SEEDS), "training": training,
+                       "analysis": {"majority_margin": 0.01, "confidence": 0.95, "bootstrap": 2000, "seed": 0}})  # fmt: skip
+    (root / "config.yaml").write_text(to_yaml(config))
     manifest = {"config_fingerprint": "10789b141317b3cc", "lorascope": "0.1.0", "python": "3.11.7",
                 "versions": {"torch": "2.13.0+cpu", "transformers": "5.23.0", "peft": "0.21.2"},
                 "hardware": {"machine": "x86_64", "cpu_count": 2, "cuda": False},
@@ -101,48 +139,26 @@ def make_study(root: Path, partial: bool = False, tasks: dict[str, str] | None =
             rows.append({"task": task, "baseline": f"overfit_{method}", "method": method, "status": "ok",
                          "primary_metric": metric, "primary_value": 1.0, "accuracy": 1.0, "f1": 1.0,
                          "passed": method == "lora"})  # fmt: skip
-    _write(root / "tables" / "baselines.csv", pd.DataFrame(rows))
-    flags = stats.flag_runs(perf, MAJORITY, 0.01)
-    _write(root / "tables" / "flags.csv", flags)
-    analysis = AnalysisConfig(**config["analysis"])  # the rows the analyze stage writes
-    _write(root / "tables" / "statistics.csv",
-           pd.DataFrame(describe_rows(flags, analysis.confidence) + comparison_rows(flags, analysis)))  # fmt: skip
-    verdict = [row for task, (q, d, dep) in VERDICT.items()
-               for row in stats.verdict_rows(task, quality=q, drift=d, deployment=dep)]  # fmt: skip
-    _write(root / "tables" / "verdict.csv", pd.DataFrame(verdict, columns=stats.VERDICT_COLUMNS))
-    _write(root / "tables" / "drift_layers.csv", drift_layers())
-    _write(root / "tables" / "drift_summary.csv", pd.DataFrame(drift.summary_rows(drift_layers())))
-    _write(root / "tables" / "weights.csv", weights_table())
-    _write(root / "tables" / "deployment.csv", deployment_table())
-    _write(root / "tables" / "deployment_memory.csv", pd.DataFrame(
-        [{"strategy": s, "weights_mb": w, "peak_mb": w + 40.5} for s, w in
-         (("full", 86.6), ("merged", 86.6), ("separate", 87.5), ("mixed", 89.2))]))  # fmt: skip
-    _write(root / "tables" / "deployment_checks.csv", pd.DataFrame(
-        [{"check": "merged_vs_separate", "task": "sst2", "n_examples": 64, "max_abs_diff": 2.1e-6,
-          "prediction_mismatches": 0, "tolerance": 1e-4, "passed": True},
-         {"check": "mixed_vs_separate", "task": "sst2", "n_examples": 64, "max_abs_diff": 3.0e-3,
-          "prediction_mismatches": 1, "tolerance": 1e-4, "passed": False}]))  # fmt: skip
-    _write(root / "tables" / "trials.csv", pd.DataFrame(
-        [{"task": "sst2", "method": "lora", "number": i, "state": "COMPLETE" if i % 3 else "PRUNED",
-          "value": 0.85 + i / 100} for i in range(6)]))  # fmt: skip
-    (root / "tuned").mkdir()
-    (root / "tuned" / "sst2_lora.yaml").write_text(yaml.safe_dump(
-        {"task": "sst2", "method": "lora", "best_value": 0.9,
-         "params": {"lr": 0.002, "weight_decay": 0.05}}))  # fmt: skip
-    for task in TASKS:
-        for method in ("lora", "full"):
-            for seed in SEEDS:
-                folder = root / "runs" / task / method / f"seed{seed}"
-                folder.mkdir(parents=True)
-                configured = dict(config["training"][method])
-                (folder / "hparams.json").write_text(json.dumps({"method": method, "seed": seed,
-                                                                 "configured": configured}))  # fmt: skip
-    _tiny_png(root / "figures" / "deployment_memory.png", "memory (from the deploy stage)")
-    _tiny_png(root / "figures" / "tune_sst2_lora.png", "tuning history")
+    runs.BASELINES.write(study.tables, rows)
+    layers, summary = drift.drift_tables(drift_rows())
+    drift.DRIFT_LAYERS.write(study.tables, layers)
+    drift.DRIFT_SUMMARY.write(study.tables, summary)
+    weights.WEIGHTS.write(study.tables, weights_rows())
+    _deployment(study.tables)
+    ostudy, backend = _search("sst2", "lora")
+    tuning.write_tuned(study, config, "sst2", "lora", "accuracy", ostudy, backend, 6)
+    tuning.TRIALS.write(study.tables, tuning.trial_rows("sst2", "lora", ostudy))
+    analysis.analyze(study, config)
+    verdict_rows = [row for task, (q, d, dep) in VERDICT.items() for row in verdict.verdict_rows(task, [
+        verdict.Criterion("quality", q, 3.0, False, "quality rule", spread=(q.value, 4.0, 3)),
+        verdict.Criterion("drift", d, 0.2, True, "drift rule"),
+        verdict.Criterion("deployment", dep, 0.3, False, "deployment rule"),
+    ])]  # fmt: skip
+    analysis.VERDICT.write(study.tables, verdict_rows)  # outcomes of every kind, which real data would not give
     return root
 
 
-def drift_layers() -> pd.DataFrame:
+def drift_rows() -> list[dict]:
     rng = np.random.default_rng(1)
     rows = []
     for task in TASKS:
@@ -163,11 +179,10 @@ def drift_layers() -> pd.DataFrame:
                             v = 1 - slope * layer / 3 + rng.normal(0, 0.003)
                             rows.append({**base, "comparison": "seed_vs_seed", "method": method, "seed": pair,
                                          "value": v, "ci_low": v - 0.01, "ci_high": min(1.0, v + 0.01)})  # fmt: skip
-    return pd.DataFrame(rows)[["task", "comparison", "method", "seed", "layer", "pooling", "measure", "value",
-                               "ci_low", "ci_high"]]  # fmt: skip
+    return rows
 
 
-def weights_table() -> pd.DataFrame:
+def weights_rows() -> list[dict]:
     rng = np.random.default_rng(2)
     rows = []
     for task in TASKS:
@@ -186,24 +201,7 @@ def weights_table() -> pd.DataFrame:
                             "intruders": int(rng.integers(1, 4)) if method == "lora" else 0,
                             "layer": layer, "kind": kind.rsplit(".", 1)[-1], "rows": 384, "cols": 384,
                         })  # fmt: skip
-    return pd.DataFrame(rows)
-
-
-def deployment_table() -> pd.DataFrame:
-    rows = []
-    for seq_len in ("natural", "128"):
-        for batch in (1, 2, 4, 8, 16):
-            full = 4.0 * batch**0.8 * (1.6 if seq_len == "128" else 1.0)
-            for strategy, factor in (("full", 1.0), ("merged", 1.0), ("separate", 1.35), ("switch", 1.42),
-                                     ("mixed", 1.6), ("base", 0.99)):  # fmt: skip
-                p50 = round(full * factor, 3)
-                over = factor  # a ratio, as deployment.py writes it
-                rows.append({"strategy": strategy, "batch_size": batch, "seq_len": seq_len, "p50_ms": p50,
-                             "p95_ms": round(p50 * 1.1, 3), "p99_ms": round(p50 * 1.2, 3),
-                             "mean_ms": round(p50 * 1.02, 3),
-                             "examples_per_s": round(1000 * batch / p50, 1), "overhead_vs_full": over,
-                             "overhead_ci_low": over - 0.02, "overhead_ci_high": over + 0.02})  # fmt: skip
-    return pd.DataFrame(rows)
+    return rows
 
 
 def _md_tables(md: str) -> list[list[list[str]]]:
@@ -239,9 +237,13 @@ def test_verdict_table_comes_first_with_the_tables_outcomes(full_report):
     first = _md_tables(md)[0]
     assert first[0] == ["task", "criterion", "value", "95% interval", "threshold", "outcome"]
     verdict = pd.read_csv(root / "tables" / "verdict.csv")
-    assert [row[-1] for row in first[1:]] == list(verdict["outcome"])
-    assert [row[-1] for row in first[1:]] == ["met", "met", "not met", "met",
-                                              "inconclusive", "inconclusive", "not run", "inconclusive"]  # fmt: skip
+    outcomes = [row[-1].split(";")[0] for row in first[1:]]
+    assert outcomes == list(verdict["outcome"])
+    assert outcomes == ["met", "met", "not met", "met", "inconclusive", "inconclusive", "not run", "inconclusive"]
+    needed = stats.seeds_needed(2.5, 4.0, 3, 3.0, higher_is_better=False)
+    low, high = stats.seeds_needed_range(2.5, 4.0, 3, 3.0, higher_is_better=False)
+    assert first[5][-1] == f"inconclusive; at this spread ~{needed} seed pairs would decide it ({low}–{high or '>1000'})"
+    assert "Seeds needed" in md and "t-distribution" in md
     sst2_quality = first[1]
     assert sst2_quality[2:5] == ["0.50 pp", "[-1.00 pp, 2.00 pp]", "≤ 3.00 pp"]
     assert first[2][2:5] == ["30.0 %", "[25.0 %, 35.0 %]", "≥ 20.0 %"]
@@ -288,9 +290,12 @@ def test_numbers_from_the_tables_appear_in_the_markdown(full_report):
     dep = pd.read_csv(root / "tables" / "deployment.csv")
     sep = dep[(dep.strategy == "separate") & (dep.batch_size == 1) & (dep.seq_len == "natural")].iloc[0]
     deployment = _section(md, "Deployment cost")
-    assert "| merged_vs_separate | sst2 | 64 | 2.1e-06 | 0 | 0.0001 | passed |" in deployment
-    assert "| mixed_vs_separate | sst2 | 64 | 0.003 | 1 | 0.0001 | FAILED |" in deployment
-    assert f"| separate | {sep.p50_ms:.2f} |" in deployment and "| separate | +35.0 [+33.0, +37.0] |" in deployment
+    assert re.search(r"\| merged_vs_separate \| sst2 \| 4 \| 2\.\d+e-06 \| 0 \| 0\.0001 \| passed \|", deployment)
+    assert "| mixed_vs_alone | sst2 | 4 | 0.7 | 1 | 0.0001 | FAILED |" in deployment
+    overhead = (f"| separate | {100 * (sep.overhead_vs_full - 1):+.1f} [{100 * (sep.overhead_ci_low - 1):+.1f}, "
+                f"{100 * (sep.overhead_ci_high - 1):+.1f}] |")  # fmt: skip
+    assert f"| separate | {sep.p50_ms:.2f} |" in deployment and overhead in deployment
+    assert 1.3 < sep.overhead_vs_full < 1.4  # the fake grid's 1.35, through the real estimator
     assert "| LoRA | value | 3 | 6 |" in _section(md, "Weight-space change")
     hparams = _section(md, "Hyperparameters")
     assert "| weight_decay | 0.05 | NOT used (runs: 0.01) |" in hparams and "| lr | 0.002 | used |" in hparams
@@ -330,26 +335,28 @@ def test_html_is_self_contained_and_every_image_is_a_png(full_report):
         data = base64.b64decode(src.split(",", 1)[1], validate=True)
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     assert "<script" not in html and "<link" not in html and not re.search(r"(src|href)=\"(https?:|//)", html)
-    drawn = sorted(p.name for p in (root / "figures").glob("report_*.png"))
-    assert drawn == ["report_deployment_latency.png", "report_drift_mrpc.png", "report_drift_sst2.png",
-                     "report_performance.png", "report_weights_mrpc.png", "report_weights_sst2.png"]  # fmt: skip
+    drawn = sorted(p.name for p in (root / "figures").glob("*.png"))
+    assert drawn == ["report_deployment_latency.png", "report_deployment_memory.png", "report_drift_mrpc.png",
+                     "report_drift_sst2.png", "report_performance.png", "report_tune_sst2_lora.png",
+                     "report_weights_mrpc.png", "report_weights_sst2.png"]  # fmt: skip
 
 
 def test_partial_study_reads_not_run(tmp_path):
     root = make_study(tmp_path / "partial", partial=True)
     md_path, html_path = report.write_report(root)
     md = md_path.read_text()
-    for heading in ("Verdict", "Representational drift", "Weight-space change", "Deployment cost", "Provenance"):
+    for heading in ("Verdict", "Task performance", "Representational drift", "Weight-space change", "Deployment cost",
+                    "Provenance"):  # fmt: skip
         assert "*not run:" in _section(md, heading), heading
     assert "tables/verdict.csv missing" in md and "tables/weights.csv missing" in md
-    performance = _section(md, "Task performance")
-    assert "0.8122 |" in performance and "⚑" not in performance  # no baselines: only failed runs can be flagged
-    assert "Flags: status only (tables/flags.csv missing; run `lorascope analyze STUDY`" in performance
+    performance = _section(md, "Task performance")  # flags come from the analyze stage, never guessed here
+    assert "*not run: tables/flags.csv missing or empty; run `lorascope analyze STUDY`*" in performance
     comparison = _section(md, "Method comparison")
-    assert "*not run: tables/statistics.csv missing; run `lorascope analyze STUDY`*" in comparison
-    assert "Not run: verdict, method comparison, drift, weight-space change, deployment, provenance." in md
+    assert "*not run: tables/statistics.csv missing or empty; run `lorascope analyze STUDY`*" in comparison
+    assert ("Not run: verdict, task performance, method comparison, drift, weight-space change, deployment, "
+            "provenance.") in md  # fmt: skip
     html = html_path.read_text()
-    assert html.count("<img ") == 1 and 'class="notrun"' in html
+    assert html.count("<img ") == 0 and 'class="notrun"' in html
 
 
 def test_study_without_performance_and_unknown_tasks(tmp_path):
@@ -372,13 +379,9 @@ def _comparison_study(root: Path) -> tuple[Path, pd.DataFrame]:
 
 def test_comparison_read_from_statistics_csv(tmp_path):
     root, table = _comparison_study(tmp_path / "s")
-    written = (table["kind"] == "compare") & (table["task"] == "sst2") & (table["subset"] == "all")
-    comparison = {"kind": "compare", "task": "sst2", "metric": "accuracy", "subset": "all", "n_a": 3, "n_b": 3,
-                  "n_pairs": 3, "mean_a": 0.9, "mean_b": 0.91, "mean_diff_paired": -0.0123, "bootstrap_low": -0.02,
-                  "bootstrap_high": -0.005, "welch_p": 0.2, "paired_t_p": 0.0417, "permutation_paired_p": 0.25,
-                  "permutation_unpaired_p": 0.3, "hedges_g": -1.5, "cohen_dz": -2.71,
-                  "paired_t_p_holm": 0.0834}  # fmt: skip
-    pd.concat([table[~written], pd.DataFrame([comparison])]).to_csv(root / "tables" / "statistics.csv", index=False)
+    row = (table["kind"] == "compare") & (table["task"] == "sst2") & (table["subset"] == "all")
+    table.loc[row, ["mean_diff_paired", "paired_t_p", "paired_t_p_holm", "cohen_dz"]] = [-0.0123, 0.0417, 0.0834, -2.71]
+    analysis.STATISTICS.write(root / "tables", table)
     md = report.write_report(root)[0].read_text()
     section = _section(md, "Method comparison")
     assert "-0.0123" in section and "0.042 (0.083)" in section and "-2.71" in section
@@ -387,10 +390,11 @@ def test_comparison_read_from_statistics_csv(tmp_path):
 
 def test_comparison_not_run_without_comparison_rows(tmp_path):
     root, table = _comparison_study(tmp_path / "s")
-    table[table["kind"] == "describe"].to_csv(root / "tables" / "statistics.csv", index=False)
+    analysis.STATISTICS.write(root / "tables", table[table["kind"] == "describe"])
     md = report.write_report(root)[0].read_text()
     section = _section(md, "Method comparison")
-    assert "*not run: tables/statistics.csv has no comparison rows; run `lorascope analyze STUDY`*" in section
+    assert ("*not run: tables/statistics.csv has no comparison rows (no task has runs of both methods); run "
+            "`lorascope analyze STUDY`*") in section  # fmt: skip
     assert "Not run: method comparison, drift, weight-space change, deployment." in md
 
 
@@ -412,3 +416,23 @@ def test_every_figure_loads_in_chromium(full_report, tmp_path):
     loaded, total = map(int, match.groups())
     assert total == html.count("<img ") and total >= 7
     assert loaded == total
+
+
+@pytest.mark.parametrize("n_seeds", [12, 30])
+def test_many_seeds_go_through_analyze_and_report(tmp_path, n_seeds):
+    """The exact permutation tests refused beyond 2^16 relabellings; now they draw (seeded)."""
+    study = Study(tmp_path / "many")
+    seeds = list(range(1, n_seeds + 1))
+    _write_runs(study, performance_rows(TASKS, seeds), {"lora": {"lr": 0.002}, "full": {"lr": 1e-4}})
+    config = validate({"name": "many", "tasks": {t: {} for t in TASKS}, "seeds": seeds,
+                       "analysis": {"bootstrap": 500}})  # fmt: skip
+    (study.root / "config.yaml").write_text(to_yaml(config))
+    analysis.analyze(study, config)
+    compare = analysis.STATISTICS.read(study.tables).query("kind == 'compare' and subset == 'all'")
+    assert (compare["n_pairs"] == n_seeds).all() and compare["permutation_unpaired_method"].eq("monte carlo").all()
+    assert compare["permutation_paired_method"].eq("exact" if n_seeds == 12 else "monte carlo").all()
+    assert compare["permutation_paired_p"].between(0, 1).all() and (compare["permutation_unpaired_n"] == 100_000).all()
+    table = analysis.VERDICT.read(study.tables).set_index(["task", "criterion"])
+    assert table.loc[("sst2", "failure rate full"), "value"] == 0.0 and table.loc[("sst2", "quality"), "n"] == n_seeds
+    section = _section(report.write_report(study.root)[0].read_text(), "Method comparison")
+    assert "MC, 100,000 draws" in section and f"{n_seeds} / {n_seeds} / {n_seeds}" in section

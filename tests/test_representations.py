@@ -17,7 +17,7 @@ def _probe(tokenizer):
 
 def _setup(path):
     tokenizer = modeling.load_tokenizer(str(path))
-    return modeling.load_model(str(path), ("n", "p"), 0, tokenizer).eval(), tokenizer
+    return modeling.load_model(str(path), ("n", "p"), 0, tokenizer.pad_token_id), tokenizer
 
 
 def _states_alone(model, tokenizer, text):
@@ -61,11 +61,12 @@ def test_layer_subset_and_out_of_range(tiny_bert_dir):
         rep.pooled_features(model, probe, tokenizer=tokenizer, layers=[7])
 
 
-def test_saved_features_round_trip_with_ids_layers_and_fingerprint(tmp_path):
+def test_saved_features_round_trip_with_ids_and_layers(tmp_path):
+    from lorascope.study import is_current, write_current
+
     features = {"mean": torch.randn(2, 4, 3), "head": torch.randn(2, 4, 3)}
     path = tmp_path / "sst2" / "base.safetensors"
-    rep.save_features(path, features, [10, 11, 12, 13], [0, 6], "abc")
+    write_current(path, rep.features_bytes(features, [10, 11, 12, 13], [0, 6]), "abc")
     loaded, ids, layers = rep.load_features(path)
-    assert layers == [0, 6] and ids.tolist() == [10, 11, 12, 13] and rep.features_fingerprint(path) == "abc"
+    assert layers == [0, 6] and ids.tolist() == [10, 11, 12, 13] and is_current(path, "abc")
     assert all(torch.equal(loaded[k], features[k]) for k in features)
-    assert rep.features_fingerprint(tmp_path / "missing.safetensors") is None

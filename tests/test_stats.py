@@ -6,11 +6,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 from scipy import stats as st
 
-from lorascope import stats
+from lorascope import stats, verdict
 
 # The reference study's published numbers (PRIOR_ART.md), keyed by seed.
 SST2_LORA = {42: 0.951, 1337: 0.953, 2024: 0.945}
@@ -79,7 +78,7 @@ def test_t_tests_without_variance():
     assert math.isnan(stats.paired_p([0.9], [0.8]))
 
 
-# ---------------------------------------------------------------- exact permutation tests
+# ---------------------------------------------------------------- permutation tests
 
 
 def test_permutation_paired_by_hand():
@@ -118,11 +117,74 @@ def test_permutation_unpaired_by_hand():
     assert math.isnan(stats.permutation_unpaired_p([], [1.0]))
 
 
-def test_permutation_refuses_what_it_cannot_enumerate():
-    with pytest.raises(ValueError, match="too many"):
-        stats.permutation_paired_p(np.ones(17), np.zeros(17))
-    with pytest.raises(ValueError, match="too many"):
-        stats.permutation_unpaired_p(np.ones(10), np.zeros(10))
+def test_permutation_exact_up_to_max_exact_then_monte_carlo():
+    assert stats.permutation_paired_test(np.arange(1.0, 17), np.zeros(16))[1:] == ("exact", 2**16)
+    assert stats.permutation_paired_test(np.ones(17), np.zeros(17))[1:] == ("monte carlo", 100_000)
+    assert stats.permutation_unpaired_test(np.ones(9), np.zeros(9))[1:] == ("exact", math.comb(18, 9))
+    assert stats.permutation_unpaired_test(np.ones(10), np.zeros(10), n_permutations=500)[1:] == ("monte carlo", 500)
+    assert stats.permutation_paired_test([], [])[1:] == ("none", 0)
+    with pytest.raises(ValueError, match="n_permutations"):
+        stats.permutation_paired_test(np.ones(3), np.zeros(3), n_permutations=0, max_exact=0)
+
+
+def test_monte_carlo_p_is_one_plus_extreme_over_one_plus_draws():
+    # 30 equal differences: only the two all-equal sign patterns (2 in 2^30) reach |sum| = 30,
+    # so no draw is extreme and p = (1 + 0) / (1 + m)
+    assert stats.permutation_paired_p(np.ones(30), np.zeros(30)) == 1 / 100_001
+    # 30 vs 30 separated: 2 of C(60, 30) ~ 1e17 splits are as extreme
+    assert stats.permutation_unpaired_p(np.arange(30.0) + 100, np.arange(30.0), n_permutations=1000) == 1 / 1001
+    # all differences 0: every draw ties the observed 0, p = (1 + m) / (1 + m)
+    assert stats.permutation_paired_p(np.zeros(20), np.zeros(20), n_permutations=1000) == 1.0
+    # diffs [1, 2, 3], exact p 1/4: p·(1 + m) - 1 counts extreme draws, about m/4
+    p = stats.permutation_paired_p([1, 2, 3], [0, 0, 0], n_permutations=4000, max_exact=0)
+    assert (p * 4001 - 1) == pytest.approx(round(p * 4001 - 1)) and abs(p - 0.25) < 0.02
+
+
+def test_monte_carlo_agrees_with_exact_where_both_run():
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(0.5, 1, 16), rng.normal(0, 1, 16)
+    exact, drawn = stats.permutation_paired_test(a, b), stats.permutation_paired_test(a, b, max_exact=0)
+    assert (exact.method, drawn.method) == ("exact", "monte carlo")
+    assert 0.01 < exact.p < 0.5 and abs(drawn.p - exact.p) < 0.01  # Monte Carlo SE ~0.0015 at 100,000 draws
+    a, b = a[:8], b[:8]
+    exact, drawn = stats.permutation_unpaired_test(a, b), stats.permutation_unpaired_test(a, b, max_exact=0)
+    assert (exact.method, exact.n, drawn.method) == ("exact", 12870, "monte carlo")
+    assert 0.01 < exact.p < 0.5 and abs(drawn.p - exact.p) < 0.01
+
+
+def test_monte_carlo_is_reproducible_with_the_seed():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(0.3, 1, 30), rng.normal(0, 1, 30)
+    for test in (stats.permutation_paired_test, stats.permutation_unpaired_test):
+        first, again, other = test(a, b), test(a, b), test(a, b, seed=1)
+        assert first == again and first.method == "monte carlo"
+        assert other.p != first.p and abs(other.p - first.p) < 0.01
+
+
+@pytest.mark.parametrize("n", [12, 30])
+def test_compare_at_many_seeds_says_how_each_permutation_p_was_computed(n):
+    rng = np.random.default_rng(n)
+    full = rng.normal(0.85, 0.01, n)
+    lora = dict(enumerate(full + 0.03 + rng.normal(0, 0.005, n)))  # better by 3 between-seed sd
+    full = dict(enumerate(full))
+    out = stats.compare(lora, full, n_resamples=1000)
+    assert out["n_pairs"] == n
+    # 2^12 = 4096 sign patterns are enumerated; C(24, 12) and 2^30 are not
+    assert (out["permutation_paired_method"], out["permutation_paired_n"]) == (
+        ("exact", 2**12) if n == 12 else ("monte carlo", 100_000))  # fmt: skip
+    assert (out["permutation_unpaired_method"], out["permutation_unpaired_n"]) == ("monte carlo", 100_000)
+    a, b = stats.paired(lora, full)
+    assert out["permutation_paired_p"] == stats.permutation_paired_p(a, b)
+    assert out["permutation_unpaired_p"] == stats.permutation_unpaired_p(a, b)
+    assert out["permutation_paired_p"] < 0.001 and out["permutation_unpaired_p"] < 0.001  # a strong effect
+    assert out["paired_t_p"] < 0.001
+
+
+def test_compare_at_three_seeds_is_exact():
+    out = stats.compare(SST2_LORA, SST2_FULL, n_resamples=1000)
+    assert (out["permutation_paired_method"], out["permutation_paired_n"]) == ("exact", 8)
+    assert (out["permutation_unpaired_method"], out["permutation_unpaired_n"]) == ("exact", 20)
+    assert out["permutation_paired_p"] == 0.25 and out["permutation_unpaired_p"] == pytest.approx(0.1)
 
 
 # ---------------------------------------------------------------- bootstrap
@@ -210,112 +272,190 @@ def test_holm_caps_keeps_nan_and_empty():
     assert len(stats.holm([])) == 0
 
 
-# ---------------------------------------------------------------- failed runs
+# ---------------------------------------------------------------- drift reduction
+
+DRIFT_LORA = [0.10, 0.12, 0.15, 0.11]  # 1 - CKA per seed
+DRIFT_FULL = [0.30, 0.28, 0.35, 0.27]
 
 
-def test_flag_runs():
-    perf = pd.DataFrame({
-        "task": ["rte"] * 5 + ["sst2"],
-        "method": ["full"] * 6,
-        "seed": [1, 2, 3, 4, 5, 1],
-        "status": ["ok", "ok", "diverged", "failed", "ok", "ok"],
-        "primary_value": [0.80, 0.75, 0.6, None, 0.70, 0.60],
-    })  # fmt: skip
-    out = stats.flag_runs(perf, {"rte": 0.5, "sst2": 0.5}, margin=0.25)
-    assert out["flagged"].tolist() == [False, True, True, True, True, True]
-    assert out["reason"][0] == ""
-    assert "majority" in out["reason"][1]  # exactly at the floor 0.75 counts as failed
-    assert out["reason"][2] == "status diverged" and out["reason"][3] == "status failed"
-    assert "majority" in out["reason"][5]
-    assert "flagged" not in perf.columns  # the input is not modified
-    with pytest.raises(ValueError, match="sst2"):
-        stats.flag_runs(perf, {"rte": 0.5}, margin=0.0)
+def test_fieller_matches_the_textbook_closed_form():
+    a, b = np.array(DRIFT_LORA), np.array(DRIFT_FULL)
+    r = stats.ratio_of_means_fieller(dict(enumerate(a)), dict(enumerate(b)))
+    # Fieller's limits, e.g. Wikipedia "Fieller's theorem", with v = s / n:
+    # [R - g v_ab/v_bb ± (t/b̄) sqrt(v_aa - 2R v_ab + R² v_bb - g (v_aa - v_ab²/v_bb))] / (1 - g)
+    n, ratio = 4, a.mean() / b.mean()
+    (v_aa, v_ab), (_, v_bb) = np.cov(a, b) / n
+    t = st.t.ppf(0.975, n - 1)
+    g = t**2 * v_bb / b.mean() ** 2
+    root = (t / b.mean()) * math.sqrt(v_aa - 2 * ratio * v_ab + ratio**2 * v_bb - g * (v_aa - v_ab**2 / v_bb))
+    assert r.bounded and r.note == "bounded" and g < 1
+    assert r.value == pytest.approx(ratio)
+    assert (r.low, r.high) == pytest.approx(((ratio - g * v_ab / v_bb - root) / (1 - g),
+                                             (ratio - g * v_ab / v_bb + root) / (1 - g)))  # fmt: skip
 
 
-# ---------------------------------------------------------------- criteria and verdict
+def test_fieller_limits_are_where_the_paired_t_test_of_a_minus_r_b_reaches_alpha():
+    a, b = np.array(DRIFT_LORA), np.array(DRIFT_FULL)
+    for confidence in (0.95, 0.8):
+        r = stats.ratio_of_means_fieller(dict(enumerate(a)), dict(enumerate(b)), confidence)
+        for limit in (r.low, r.high):
+            assert st.ttest_rel(a, limit * b).pvalue == pytest.approx(1 - confidence)
+        assert st.ttest_rel(a, r.value * b).pvalue == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize(
-    "value, low, high, higher_is_better, expected",
-    [
-        (0.25, 0.22, 0.28, True, "met"),
-        (0.20, 0.20, 0.21, True, "met"),  # the threshold counts as met
-        (0.10, 0.05, 0.15, True, "not met"),
-        (0.21, 0.10, 0.30, True, "inconclusive"),
-        (0.10, 0.05, 0.15, False, "met"),
-        (0.40, 0.35, 0.45, False, "not met"),
-        (0.25, 0.10, 0.40, False, "inconclusive"),
-        (0.25, float("nan"), float("nan"), False, "inconclusive"),  # no interval (n=1)
-        (float("nan"), float("nan"), float("nan"), True, "not run"),
-        (None, None, None, True, "not run"),
-    ],
-)
-def test_criterion(value, low, high, higher_is_better, expected):
-    threshold = 0.20 if higher_is_better else 0.30
-    assert stats.criterion(value, low, high, threshold, higher_is_better) == expected
+def test_fieller_approaches_the_delta_method_on_low_noise_data():
+    rng = np.random.default_rng(0)
+    b = 0.3 + rng.normal(0, 0.002, 8)
+    a = 0.5 * b + rng.normal(0, 0.001, 8)
+    r = stats.ratio_of_means_fieller(dict(enumerate(a)), dict(enumerate(b)))
+    ratio = a.mean() / b.mean()  # delta method: Var R ≈ Var(ā - R b̄) / b̄²
+    se = np.std(a - ratio * b, ddof=1) / math.sqrt(8) / b.mean()
+    half = st.t.ppf(0.975, 7) * se
+    assert (r.low, r.high) == pytest.approx((ratio - half, ratio + half), rel=1e-3)
 
 
-def test_criterion_rejects_reversed_interval():
-    with pytest.raises(ValueError, match="reversed"):
-        stats.criterion(0.2, 0.3, 0.1, 0.2, True)
+def test_fieller_covers_95_percent_at_five_seeds():
+    # bivariate normal drifts (correlated across methods); the true ratio is 0.15 / 0.3 = 0.5
+    rng = np.random.default_rng(11)
+    cov = [[0.03**2, 0.6 * 0.03 * 0.06], [0.6 * 0.03 * 0.06, 0.06**2]]
+    draws = rng.multivariate_normal([0.15, 0.30], cov, size=(2000, 5))
+    covered = bounded = 0
+    for sample in draws:
+        r = stats.ratio_of_means_fieller(dict(enumerate(sample[:, 0])), dict(enumerate(sample[:, 1])))
+        bounded += r.bounded
+        covered += r.bounded and r.low <= 0.5 <= r.high
+    assert bounded >= 1990  # g = t² s_bb / (n b̄²) ~ 0.06 here
+    rate, low, high = stats.clopper_pearson(covered, 2000)
+    assert 0.935 <= rate <= 0.965, (rate, low, high)  # exact under normality: 0.95 ± 2 SE (0.005)
 
 
-@pytest.mark.parametrize(
-    "quality, drift, deployment, expected",
-    [
-        ("met", "met", "not run", "met"),
-        ("met", "not met", "met", "met"),
-        ("met", "inconclusive", "met", "met"),
-        ("met", "not met", "not met", "not met"),
-        ("not met", "met", "met", "not met"),
-        ("not met", "not run", "inconclusive", "not met"),
-        ("inconclusive", "met", "met", "inconclusive"),
-        ("met", "inconclusive", "not met", "inconclusive"),
-        ("met", "inconclusive", "not run", "inconclusive"),
-        ("met", "not run", "not met", "not run"),
-        ("not run", "met", "met", "not run"),
-    ],
-)
-def test_recommended(quality, drift, deployment, expected):
-    assert stats.recommended(quality, drift, deployment) == expected
+def test_fieller_unbounded_when_the_denominator_mean_is_not_significant():
+    lora, full = dict(enumerate([0.10, 0.12, 0.15])), dict(enumerate([0.05, -0.04, 0.02]))
+    r = stats.ratio_of_means_fieller(lora, full)
+    assert not r.bounded and math.isnan(r.low) and math.isnan(r.high)
+    assert r.note.startswith("unbounded") and "outside" in r.note
+    assert r.value == pytest.approx(0.37 / 0.03)
+    whole = stats.ratio_of_means_fieller(dict(enumerate([0.01, -0.02, 0.02])), full)
+    assert not whole.bounded and whole.note.endswith("the whole line")
+    reduction = stats.drift_reduction(lora, full)
+    assert not reduction.bounded and math.isnan(reduction.low)
+    assert verdict.criterion(*reduction[:3], 0.2, higher_is_better=True) == "inconclusive"
+    assert stats.ratio_of_means_fieller({1: 0.1}, {1: 0.2})[:4] == pytest.approx((0.5, math.nan, math.nan, False),
+                                                                                nan_ok=True)  # fmt: skip
+    assert math.isnan(stats.ratio_of_means_fieller({}, {}).value)
 
 
-def test_quality_gap_in_points_over_paired_seeds():
-    gap = stats.quality_gap({**SST2_LORA, 7: 0.5}, SST2_FULL)  # seed 7 unpaired, ignored
-    # full - LoRA: -4.8, -10.9, -9.4 points
-    assert gap.value == pytest.approx(-25.1 / 3)
-    d = stats.describe([-4.8, -10.9, -9.4])
-    assert (gap.low, gap.high) == pytest.approx((d["ci_low"], d["ci_high"]))
+def test_drift_reduction_is_one_minus_the_ratio_with_swapped_bounds():
+    lora, full = dict(enumerate(DRIFT_LORA)), dict(enumerate(DRIFT_FULL))
+    r, reduction = stats.ratio_of_means_fieller(lora, full), stats.drift_reduction(lora, full)
+    assert reduction.value == pytest.approx(1 - sum(DRIFT_LORA) / sum(DRIFT_FULL))
+    assert (reduction.low, reduction.high) == pytest.approx((1 - r.high, 1 - r.low))
+    assert reduction.bounded and reduction.low < reduction.value < reduction.high
+    # LoRA drift exactly half of full on every seed: the interval collapses to 0.5
+    exact = stats.drift_reduction(dict(enumerate(0.5 * np.array(DRIFT_FULL))), full)
+    assert exact[:3] == pytest.approx((0.5, 0.5, 0.5))
+    row = verdict.row("rte", verdict.Criterion("drift", reduction, 0.2, True, "rule"))  # a RatioEstimate goes in
+    assert row["value"] == pytest.approx(reduction.value) and row["outcome"] == "met"
 
 
-def test_verdict_rows_columns_and_outcomes():
-    rows = stats.verdict_rows(
-        "mrpc",
-        quality=stats.quality_gap(MRPC_LORA, MRPC_FULL),  # -1.7 points, t-interval about [-8.9, 5.5]
-        drift=stats.Estimate(0.25, 0.22, 0.28),
-        deployment=None,
-    )
-    table = pd.DataFrame(rows)
-    assert tuple(table.columns) == stats.VERDICT_COLUMNS
-    assert list(table.columns[:7]) == ["task", "criterion", "value", "ci_low", "ci_high", "threshold", "outcome"]
-    by = table.set_index("criterion")
-    assert by.loc["quality", "value"] == pytest.approx(-1.7)
-    assert by.loc["quality", "ci_low"] < 3 < by.loc["quality", "ci_high"]
-    assert by["outcome"].to_dict() == {
-        "quality": "inconclusive", "drift": "met", "deployment": "not run", "recommended": "inconclusive",
-    }  # fmt: skip
-    assert by["threshold"].iloc[:3].tolist() == [3.0, 0.20, 0.30]
-    assert (table["task"] == "mrpc").all()
+def test_reduction_contrast_half_the_drift():
+    full = np.array(DRIFT_FULL)
+    lora = dict(enumerate(0.5 * full))  # every LoRA drift is 50 % of full
+    at_20 = stats.reduction_contrast(lora, dict(enumerate(full)), threshold=0.2)  # c = 0.5 b - 0.8 b = -0.3 b
+    d = stats.describe(-0.3 * full)
+    assert at_20 == pytest.approx((d["mean"], d["ci_low"], d["ci_high"]))
+    assert at_20.high < 0 and verdict.criterion(*at_20, 0.0, higher_is_better=False) == "met"
+    at_60 = stats.reduction_contrast(lora, dict(enumerate(full)), threshold=0.6)  # c = 0.1 b
+    assert at_60.value == pytest.approx(0.1 * full.mean()) and at_60.low > 0
+    assert verdict.criterion(*at_60, 0.0, higher_is_better=False) == "not met"
 
 
-def test_verdict_rows_recommended_and_thresholds():
-    rows = stats.verdict_rows(
-        "sst2",
-        quality=stats.quality_gap(SST2_LORA, SST2_FULL),  # LoRA better on every seed
-        drift=stats.Estimate(0.05, 0.01, 0.09),
-        deployment=stats.Estimate(0.10, 0.08, 0.12),
-    )
-    assert [r["outcome"] for r in rows] == ["met", "not met", "met", "met"]
-    strict = stats.verdict_rows("sst2", quality=None, drift=None, deployment=stats.Estimate(0.10, 0.08, 0.12),
-                                deployment_threshold=0.05)  # fmt: skip
-    assert [r["outcome"] for r in strict] == ["not run", "not run", "not met", "not run"]
+def test_reduction_contrast_decides_as_the_fieller_interval_does():
+    # the contrast's t-interval excludes 0 exactly when 1 - threshold is outside Fieller's set
+    rng = np.random.default_rng(4)
+    outcomes = []
+    for _ in range(300):
+        n = int(rng.integers(3, 8))
+        full = rng.normal(0.3, 0.05, n)
+        lora = dict(enumerate(full * rng.uniform(0.3, 1.0) + rng.normal(0, 0.03, n)))
+        threshold = float(rng.uniform(0, 0.8))
+        reduction = stats.drift_reduction(lora, dict(enumerate(full)))
+        contrast = stats.reduction_contrast(lora, dict(enumerate(full)), threshold)
+        assert reduction.bounded  # g ~ 0.01-0.1 at these drifts
+        outcomes.append((verdict.criterion(*reduction[:3], threshold, True), verdict.criterion(*contrast, 0.0, False)))
+    assert all(fieller == contrast for fieller, contrast in outcomes)
+    assert {fieller for fieller, _ in outcomes} == {"met", "not met", "inconclusive"}
+
+
+# ---------------------------------------------------------------- rates and planning
+
+
+def test_clopper_pearson_known_values():
+    assert stats.clopper_pearson(1, 3) == pytest.approx((1 / 3, 0.0084, 0.9057), abs=1e-4)
+    # k = 0: [0, 1 - (α/2)^(1/n)]; k = n: [(α/2)^(1/n), 1]
+    assert stats.clopper_pearson(0, 10) == pytest.approx((0.0, 0.0, 1 - 0.025 ** (1 / 10)))
+    assert stats.clopper_pearson(10, 10) == pytest.approx((1.0, 0.025 ** (1 / 10), 1.0))
+    for k, n, confidence in ((951, 1000, 0.95), (7, 20, 0.9), (0, 5, 0.99)):
+        ci = st.binomtest(k, n).proportion_ci(confidence, method="exact")
+        assert stats.clopper_pearson(k, n, confidence)[1:] == pytest.approx((ci.low, ci.high))
+    assert all(math.isnan(v) for v in stats.clopper_pearson(0, 0))
+    with pytest.raises(ValueError):
+        stats.clopper_pearson(4, 3)
+
+
+def _seeds_by_hand(gap, sd, strict=False):
+    """Smallest N with t(0.975, N-1)·sd/√N below the gap (≤ on the met side)."""
+    for n in range(2, 1001):
+        half = st.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+        if half < gap or (half == gap and not strict):
+            return n
+
+
+def test_seeds_needed_by_hand():
+    # mean 2, sd 1, threshold 0: half-widths 9.0, 2.48, 1.59 at N = 2, 3, 4
+    assert stats.seeds_needed(2.0, 1.0, 3, 0.0, higher_is_better=True) == 4 == _seeds_by_hand(2.0, 1.0)
+    # a drift reduction of 0.25 ± 0.1 against 0.2 (met side): 0.05 / 0.1 needs N = 18
+    assert stats.seeds_needed(0.25, 0.1, 3, 0.2, higher_is_better=True) == _seeds_by_hand(0.05, 0.1) == 18
+    # quality gap 5 points ± 4 against 3 (lower is better: not-met side)
+    assert stats.seeds_needed(5.0, 4.0, 3, 3.0, higher_is_better=False) == _seeds_by_hand(2.0, 4.0, strict=True)
+    assert stats.seeds_needed(3.0, 1.0, 3, 3.0, higher_is_better=False) is None  # mean on the threshold
+    assert stats.seeds_needed(0.21, 1.0, 3, 0.2, higher_is_better=True) is None  # more than 1000 seeds
+    assert stats.seeds_needed(0.21, 1.0, 3, 0.2, higher_is_better=True, max_n=100_000) > 1000
+    assert stats.seeds_needed(0.3, 0.0, 3, 0.2, higher_is_better=True) == 2
+    assert stats.seeds_needed(0.3, math.nan, 1, 0.2, higher_is_better=True) is None  # one seed: no sd
+
+
+def test_seeds_needed_is_where_the_interval_first_decides():
+    for mean, sd, threshold, better in ((0.25, 0.06, 0.2, True), (0.1, 0.3, 0.2, True), (1.0, 2.5, 3.0, False)):
+        n = stats.seeds_needed(mean, sd, 3, threshold, higher_is_better=better)
+
+        def outcome(seeds):
+            half = st.t.ppf(0.975, seeds - 1) * sd / math.sqrt(seeds)
+            return verdict.criterion(mean, mean - half, mean + half, threshold, better)
+
+        assert outcome(n - 1) == "inconclusive" and outcome(n) != "inconclusive"
+
+
+def test_seeds_needed_range_from_the_chi_square_interval_of_the_sd():
+    mean, sd, n = 0.25, 0.1, 3
+    fewest, most = stats.seeds_needed_range(mean, sd, n, 0.2, higher_is_better=True)
+    low_sd, high_sd = sd * math.sqrt(2 / st.chi2.ppf(0.975, 2)), sd * math.sqrt(2 / st.chi2.ppf(0.025, 2))
+    assert (low_sd, high_sd) == pytest.approx((0.0521, 0.629), abs=1e-3)
+    assert (fewest, most) == (_seeds_by_hand(0.05, low_sd), _seeds_by_hand(0.05, high_sd)) == (7, 610)
+    assert stats.seeds_needed_range(mean, sd, n, 0.2, higher_is_better=True, max_n=100) == (7, None)  # more than 100
+    assert fewest < stats.seeds_needed(mean, sd, n, 0.2, higher_is_better=True)
+    fewest, most = stats.seeds_needed_range(2.0, 1.0, 10, 0.0, higher_is_better=True)
+    assert fewest <= 4 <= most == _seeds_by_hand(2.0, math.sqrt(9 / st.chi2.ppf(0.025, 9)))
+    assert stats.seeds_needed_range(2.0, math.nan, 1, 0.0, higher_is_better=True) == (None, None)
+
+
+def test_seeds_needed_from_five_seeds_recovers_the_true_number_in_median():
+    # paired differences ~ Normal(0.55, 1) against threshold 0: with the true sd, N = 16. Each of
+    # 2,000 draws of 5 seeds plans with its sample sd and the TRUE mean (the issue's "if the
+    # effect stayed as observed", with the effect known), so the test isolates the sd's noise.
+    mu, sigma = 0.55, 1.0
+    true_n = stats.seeds_needed(mu, sigma, 5, 0.0, higher_is_better=True)
+    assert true_n == _seeds_by_hand(mu, sigma) == 16
+    draws = np.random.default_rng(0).normal(mu, sigma, (2000, 5))
+    planned = [stats.seeds_needed(mu, s, 5, 0.0, higher_is_better=True) or math.inf for s in draws.std(1, ddof=1)]
+    assert abs(np.median(planned) - true_n) <= 0.25 * true_n  # median 14: the sample sd's median is 0.92 sigma

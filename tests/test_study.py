@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorascope import stages
 from lorascope.config import to_yaml
 from lorascope.errors import InputError
-from lorascope.study import PARTIAL, Study, atomic_dir, run_stages
+from lorascope.stages import with_inputs
+from lorascope.study import PARTIAL, Study, Table, atomic_dir, is_current, run_stages, stamp_of, write_current
 
-PREPARE_TRAIN = [("prepare", stages.prepare), ("train", stages.train)]
+PREPARE_TRAIN = with_inputs("train")
 
 
 def _mtimes(study):
@@ -30,6 +30,62 @@ def test_atomic_dir_keeps_the_old_result_when_the_block_fails(tmp_path):
         raise RuntimeError("killed")
     assert (target / "a.txt").read_text() == "first"
     assert not list(tmp_path.glob(f"{PARTIAL}*"))
+
+
+def test_a_stamp_vouches_only_for_the_output_it_was_written_with(tmp_path):
+    target = tmp_path / "table.csv"
+    write_current(target, "a\n1\n", "fp1")
+    assert is_current(target, "fp1") and not is_current(target, "fp2")
+    with pytest.raises(RuntimeError):  # killed while the new version is written: no stamp survives
+        from lorascope.study import fresh
+
+        with fresh(target, "fp2"):
+            raise RuntimeError("killed")
+    assert stamp_of(target) is None and not is_current(target, "fp1")
+    target.unlink()
+    write_current(target, "a\n2\n", "fp2")
+    target.unlink()
+    assert stamp_of(target) is None  # a stamp without its output vouches for nothing
+
+
+def test_a_table_refuses_rows_without_its_declared_columns(tmp_path):
+    table = Table("example", ("task", "value"))
+    with pytest.raises(ValueError, match=r"lack the declared column\(s\) \['value'\]"):
+        table.write(tmp_path, [{"task": "sst2", "valu": 1.0}])
+    written = table.write(tmp_path, [{"extra": 3, "value": 1.0, "task": "sst2"}])
+    assert list(written.columns) == ["task", "value", "extra"]  # declared columns first, extras kept
+    assert table.read(tmp_path).to_dict("records") == [{"task": "sst2", "value": 1.0, "extra": 3}]
+    (tmp_path / "example.csv").write_text("task,valu\nsst2,1\n")
+    with pytest.raises(ValueError, match="written without the column"):
+        table.read(tmp_path)
+
+
+def test_a_copy_of_the_data_and_a_moved_study_recompute_nothing(tiny_config, tmp_path):
+    import shutil
+
+    data = tmp_path / "glue-copy"
+    shutil.copytree(tiny_config.data.glue, data)
+    config = tiny_config.model_copy(update={"tasks": {"sst2": tiny_config.tasks["sst2"]}})
+    study = run_stages(config, tmp_path / "a", PREPARE_TRAIN)
+    first = _mtimes(study)
+    prepared = stamp_of(study.prepared_dir("sst2"))
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    config.data.glue = str(data)
+    moved = run_stages(config, tmp_path / "b", PREPARE_TRAIN)
+    assert _mtimes(moved) == first and stamp_of(moved.prepared_dir("sst2")) == prepared
+    (data / "sst2" / "train-00000-of-00001.parquet").unlink()  # other content under the same path: redone
+    shutil.copy(Path(tiny_config.data.glue) / "rte" / "train-00000-of-00001.parquet", data / "sst2" / "train.parquet")
+    with pytest.raises(InputError):
+        run_stages(config, tmp_path / "b", PREPARE_TRAIN)
+
+
+def test_more_seeds_add_runs_without_redoing_the_finished_ones(tiny_config, tmp_path):
+    config = tiny_config.model_copy(update={"tasks": {"sst2": tiny_config.tasks["sst2"]}, "seeds": [1, 2]})
+    first = _mtimes(run_stages(config, tmp_path, PREPARE_TRAIN))
+    more = config.model_copy(update={"seeds": [1, 2, 3]})  # as `lorascope run ... --set seeds=[1,2,3]`
+    after = _mtimes(run_stages(more, tmp_path, PREPARE_TRAIN))
+    assert {k: after[k] for k in first} == first and len(after) == 6
+    assert Path("runs/sst2/lora/seed3") in after
 
 
 def test_finished_work_is_skipped_and_changed_work_redone(tiny_config, tmp_path):

@@ -7,12 +7,13 @@ import pytest
 import torch
 from peft import PeftModel
 
-from lorascope import modeling, stages
+from lorascope import modeling, runs
 from lorascope.evaluation import evaluate
+from lorascope.stages import BY_NAME, with_inputs
 from lorascope.study import run_stages
 from lorascope.training import LorascopeTrainer
 
-PREPARE_TRAIN = [("prepare", stages.prepare), ("train", stages.train)]
+PREPARE_TRAIN = with_inputs("train")
 
 
 def _one_task(config, **changes):
@@ -37,8 +38,8 @@ def test_same_seed_pairs_lora_and_full_runs(tiny_config, tmp_path):
 
 
 def test_batches_are_length_grouped_in_an_order_fixed_by_the_seed(tiny_config, tmp_path):
-    study = run_stages(_one_task(tiny_config), tmp_path, [("prepare", stages.prepare)])
-    _, splits = stages.load_prepared(study, "sst2")
+    study = run_stages(_one_task(tiny_config), tmp_path, [BY_NAME["prepare"]])
+    _, splits = runs.load_prepared(study, "sst2")
     train = splits["train"]
 
     def order(seed):
@@ -85,9 +86,9 @@ def test_the_best_dev_checkpoint_is_what_gets_saved(tiny_config, tmp_path):
     assert metrics["dev_accuracy"] == history["dev_accuracy"].max()
     assert metrics["best_step"] == history.loc[history["dev_accuracy"].idxmax(), "step"]
 
-    task, splits = stages.load_prepared(study, "sst2")
+    task, splits = runs.load_prepared(study, "sst2")
     tokenizer = modeling.load_tokenizer(config.model.name)
-    base = modeling.load_model(config.model.name, task.label_names, seed=999, tokenizer=tokenizer)  # another head
+    base = modeling.load_model(config.model.name, task.label_names, seed=999, pad_token_id=tokenizer.pad_token_id)  # another head
     model = PeftModel.from_pretrained(base, run)
     score = lambda split: evaluate(model, splits[split], tokenizer=tokenizer, num_labels=2, batch_size=8,  # noqa: E731
                                    device=torch.device("cpu"), bf16=False)  # fmt: skip
@@ -107,7 +108,7 @@ def test_full_runs_save_a_loadable_model(tiny_config, tmp_path):
     run = study.run_dir("sst2", "full", 42)
     assert (run / "model.safetensors").is_file()
     model = AutoModelForSequenceClassification.from_pretrained(run)
-    task, splits = stages.load_prepared(study, "sst2")
+    task, splits = runs.load_prepared(study, "sst2")
     tokenizer = modeling.load_tokenizer(str(tiny_config.model.name))
     result = evaluate(model, splits["eval"], tokenizer=tokenizer, num_labels=2, batch_size=8,
                       device=torch.device("cpu"), bf16=False)  # fmt: skip

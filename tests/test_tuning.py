@@ -21,7 +21,7 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from lorascope import stages, tuning
+from lorascope import optuna_storage, runs, tuning
 from lorascope.config import load_config, to_yaml, validate
 from lorascope.errors import InputError
 from lorascope.study import Study
@@ -62,8 +62,8 @@ def searched(tiny_bert_dir, tmp_path_factory):
 
 
 def _trials(study, config, method="lora", task="sst2", storage=None):
-    backend = tuning.open_storage(study.root, config, storage)
-    return optuna.load_study(study_name=tuning.study_name(config, task, method), storage=backend.storage).trials
+    backend = optuna_storage.open_storage(study.root, config, storage)
+    return optuna.load_study(study_name=tuning.study_name(study, config, task, method), storage=backend.storage).trials
 
 
 def _sequence(trials):
@@ -88,7 +88,7 @@ def test_default_spaces_cover_the_profile_learning_rates():
 
 
 @pytest.mark.parametrize(("space", "expected"), [
-    ({"lora": {"lr": {"low": 1e-2, "high": 1e-4}}}, "tune.spaces.lora.lr: Value error, low 0.01 > high 0.0001"),
+    ({"lora": {"lr": {"low": 1e-2, "high": 1e-4}}}, "tune.spaces.lora.lr: low 0.01 > high 0.0001"),
     ({"lora": {"learning_rate": {"low": 1e-4, "high": 1e-2}}}, "tune.spaces.lora.learning_rate: unknown parameter"),
     ({"full": {"r": {"choices": [4, 8]}}}, "tune.spaces.full.r: 'r' is not a hyperparameter of method full"),
     ({"full": {"alpha": {"low": 8, "high": 32}}}, "tune.spaces.full.alpha: 'alpha' is not a hyperparameter"),
@@ -107,16 +107,22 @@ def test_invalid_spaces_are_rejected_with_the_dotted_key(space, expected):
 
 
 def test_startup_trials_must_be_fewer_than_trials():
-    with pytest.raises(InputError, match=r"tune.startup_trials \(8\) must be below tune.trials \(8\)"):
-        validate({"tune": {"trials": 8, "startup_trials": 8}})
+    with pytest.raises(InputError, match=r"tune.startup_trials \(8\) must be below tune.trials \(8\)") as err:
+        validate({"tune": {"trials": 8, "startup_trials": 8}}, source="tune")
+    assert str(err.value).startswith("tune: tune.startup_trials (8)")  # one prefix, no "Value error"
+
+
+def test_fewer_trials_than_startup_trials_take_one_startup_trial_less(capsys):
+    config = load_config(None, "quick")  # tune.startup_trials 8
+    assert tuning.startup_below(config, 2).tune.startup_trials == 1
+    assert "2 trials are not more than tune.startup_trials (8): using 1 random" in capsys.readouterr().err
+    assert tuning.startup_below(config, 20) is config
 
 
 def test_a_bad_search_stops_before_any_trial(tiny_bert_dir, tmp_path, monkeypatch):
     config = _config(tiny_bert_dir, "methods=[lora]", "tune.startup_trials=2")
     monkeypatch.setattr(tuning, "train_run", lambda *a, **k: pytest.fail("a trial ran"))
     study = Study(tmp_path)
-    with pytest.raises(InputError, match=r"tune.startup_trials \(2\) must be below tune.trials \(2\)"):
-        tuning.tune_study(study, config, trials=2)  # --trials N is checked like tune.trials
     with pytest.raises(InputError, match="--trials must be at least 2"):
         tuning.tune_study(study, config, trials=1)
     bad = config.model_copy(update={"tune": config.tune.model_copy(update={"startup_trials": 9})})  # not validated
@@ -187,9 +193,9 @@ def test_a_trial_left_running_by_a_dead_worker_is_failed_and_retried(searched, t
     url = None if storage == "default" else str(tmp_path / "journal.log")
     study = Study(tmp_path / "study")
     tuning.tune_study(study, config, trials=2, storage=url)
-    backend = tuning.open_storage(study.root, config, url)
+    backend = optuna_storage.open_storage(study.root, config, url)
     sampler = tuning.TrialSeededTPE(config.tune.seed, config.tune.startup_trials)
-    name = tuning.study_name(config, "sst2", "lora")
+    name = tuning.study_name(study, config, "sst2", "lora")
     ostudy = optuna.load_study(study_name=name, storage=backend.storage, sampler=sampler)
     dead = ostudy.ask()  # the worker sampled its parameters, then was killed
     tuning.trial_hparams(config, "lora", dead)
@@ -220,7 +226,7 @@ def test_a_poor_trial_is_pruned_at_a_dev_evaluation(tiny_bert_dir, tmp_path, mon
     assert table["state"].tolist() == ["PRUNED"] * 3 and table["last_step"].tolist() == [1, 1, 1]
     assert not list((tmp_path / "tune" / "sst2" / "lora").iterdir())
     with pytest.raises(InputError, match="no trial of the search completed"):
-        tuning.tuned_hparams(study.root, config, "sst2", "lora")
+        tuning.tuned_hparams(study, config, "sst2", "lora")
 
 
 def test_a_trial_that_raises_is_recorded_and_the_search_goes_on(tiny_bert_dir, tmp_path, monkeypatch):
@@ -296,13 +302,11 @@ def test_outputs_and_the_tuned_hyperparameters_for_train(searched, monkeypatch):
         assert data["storage"] == f"sqlite:///{(study.root / 'tune' / 'optuna.db').resolve()}"
         assert data["sampler"] == {"name": "TPESampler", "seed": 0, "startup_trials": 1}
 
-        hp, source = tuning.tuned_hparams(study.root, config, "sst2", method)
+        hp, source = tuning.tuned_hparams(study, config, "sst2", method)
         for key, value in best.params.items():
             assert getattr(hp, key) == value and source[key] == "tuned"
         assert hp.batch_size == getattr(config.training, method).batch_size and source["batch_size"] == "config"
         assert set(source) == set(type(hp).model_fields)
-        png = study.root / "figures" / f"tune_sst2_{method}.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     table = pd.read_csv(study.tables / "trials.csv")
     assert table.columns[:6].tolist() == ["task", "method", "trial", "state", "value", "duration_s"]
@@ -312,25 +316,25 @@ def test_outputs_and_the_tuned_hyperparameters_for_train(searched, monkeypatch):
     changed = config.model_copy(update={"training": config.training.model_copy(
         update={"lora": config.training.lora.model_copy(update={"batch_size": 8})})})  # fmt: skip
     with pytest.raises(InputError, match="comes from another search"):
-        tuning.tuned_hparams(study.root, changed, "sst2", "lora")
+        tuning.tuned_hparams(study, changed, "sst2", "lora")
     more = config.model_copy(update={"tune": config.tune.model_copy(update={"trials": 6})})
     with pytest.raises(InputError, match="3 of tune.trials=6 trials finished"):
-        tuning.tuned_hparams(study.root, more, "sst2", "lora")
+        tuning.tuned_hparams(study, more, "sst2", "lora")
 
 
 def test_storage_arguments(tmp_path):
     config = load_config(None, "smoke")
-    assert tuning.open_storage(tmp_path, config, str(tmp_path / "j.log")).kind == "journal"
+    assert optuna_storage.open_storage(tmp_path, config, str(tmp_path / "j.log")).kind == "journal"
     with pytest.raises(InputError, match="for SQLite give sqlite:///"):
-        tuning.open_storage(tmp_path, config, str(tmp_path / "tune.db"))
+        optuna_storage.open_storage(tmp_path, config, str(tmp_path / "tune.db"))
     with pytest.raises(InputError, match="cannot open it"):
-        tuning.open_storage(tmp_path, config, "nosuchdb://host/x")
-    redacted = tuning.redact("postgresql://ann:s3cret@db.example:5432/optuna")
+        optuna_storage.open_storage(tmp_path, config, "nosuchdb://host/x")
+    redacted = optuna_storage.redact("postgresql://ann:s3cret@db.example:5432/optuna")
     assert redacted == "postgresql://ann:***@db.example:5432/optuna"
 
 
 def test_the_default_storage_serves_one_process(tmp_path):
-    backend = tuning.open_storage(tmp_path, load_config(None, "smoke"))
+    backend = optuna_storage.open_storage(tmp_path, load_config(None, "smoke"))
     assert backend.kind == "default" and backend.lock_path.parent == (tmp_path / "tune").resolve()
     with filelock.FileLock(backend.lock_path):
         with pytest.raises(InputError, match="several workers need a shared --storage"):
@@ -414,7 +418,7 @@ def test_two_worker_processes_fill_one_search(tiny_bert_dir, tmp_path, request):
     config = _config(tiny_bert_dir, "methods=[lora]", "tune.prune=false")
     (tmp_path / "config.yaml").write_text(to_yaml(config))
     prepared = Study(tmp_path / "prepared")
-    stages.prepare(prepared, config)
+    runs.prepare_tasks(prepared, config)
     for i in range(2):
         for s in range(len(storages)):  # spare each worker the tokenizing (their prepare finds it done)
             shutil.copytree(prepared.root / "prepared", tmp_path / f"worker{i}" / str(s) / "prepared")

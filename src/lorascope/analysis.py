@@ -1,37 +1,44 @@
-"""The `analyze` stage: statistics across seeds, flagged runs, and the verdict against the
-reference study's success criteria, from the tables earlier stages wrote."""
+"""The `analyze` stage: statistics across seeds, flagged runs, drift statistics and the verdict
+against the reference study's success criteria, from the tables earlier stages wrote. The
+report renders these tables and recomputes none of them."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import pandas as pd
 
-from lorascope import stats
+from lorascope import stats, verdict
 from lorascope.config import AnalysisConfig, StudyConfig
-from lorascope.study import Study, atomic_write_text
+from lorascope.drift import DRIFT_LAYERS, DRIFT_SUMMARY
+from lorascope.runs import BASELINES, PERFORMANCE
+from lorascope.serving.timing import DEPLOYMENT
+from lorascope.study import Study, Table
 
 METRICS = ("primary_value", "accuracy", "f1")
 P_VALUES = ("welch_p", "paired_t_p", "permutation_paired_p", "permutation_unpaired_p")
 DRIFT_MEASURE, DRIFT_POOLING = "linear_cka", "mean"
-
-
-def _read(study: Study, name: str) -> pd.DataFrame | None:
-    path = study.tables / name
-    return pd.read_csv(path) if path.is_file() else None
+DIFFERENCE = "lora-full"  # `method` of the describe rows of paired differences LoRA − full FT
+FLAGS = Table("flags", ("task", "method", "seed", "status", "primary_metric", "primary_value", "flagged", "reason"))
+STATISTICS = Table("statistics", ("kind", "task", "method", "metric", "subset"))
+DRIFT_STATISTICS = Table("drift_statistics", (
+    "task", "pooling", "measure", "method", "n", "similarity_mean", "similarity_sd", "last_third_mean",
+    "seed_vs_seed_mean", "base_vs_base", "shuffled_base", "drift_reduction", "reduction_low", "reduction_high",
+    "reduction_pairs", "reduction_note",
+))  # fmt: skip
+VERDICT = Table("verdict", verdict.VERDICT_COLUMNS)
 
 
 def flagged_performance(study: Study, config: StudyConfig) -> pd.DataFrame:
-    performance = _read(study, "performance.csv")
-    baselines = _read(study, "baselines.csv")
+    performance = PERFORMANCE.read(study.tables)
+    baselines = BASELINES.read(study.tables)
     majority = {}
     if baselines is not None:
         rows = baselines[baselines["baseline"] == "majority"]
         majority = dict(zip(rows["task"], rows["primary_value"]))
     for task in set(performance["task"]) - set(majority):
         majority[task] = -math.inf  # no baseline stage: flag on status only
-    return stats.flag_runs(performance, majority, config.analysis.majority_margin)
+    return FLAGS.frame(verdict.flag_runs(performance, majority, config.analysis.majority_margin))
 
 
 def _subsets(flags: pd.DataFrame):
@@ -39,19 +46,27 @@ def _subsets(flags: pd.DataFrame):
     return (("all", flags[flags["status"] == "ok"]), ("unflagged", flags[~flags["flagged"]]))
 
 
-def _primary_by_seed(runs: pd.DataFrame) -> dict[str, dict[int, float]]:
-    return {m: dict(zip(g["seed"], g["primary_value"])) for m, g in runs.groupby("method")}
+def _by_seed(runs: pd.DataFrame, column: str = "primary_value") -> dict[str, dict[int, float]]:
+    return {m: dict(zip(g["seed"], g[column])) for m, g in runs.groupby("method")}
 
 
 def describe_rows(flags: pd.DataFrame, confidence: float) -> list[dict]:
+    """n, mean, sd and t-interval per task × method × metric × subset, and of the paired
+    differences LoRA − full FT (method DIFFERENCE) on each metric."""
     rows = []
     for subset, frame in _subsets(flags):
-        for (task, method), group in frame.groupby(["task", "method"]):
+        for task, runs in frame.groupby("task"):
+            primary = runs["primary_metric"].iloc[0]
             for metric in METRICS:
-                values = group[metric].dropna()
-                name = group["primary_metric"].iloc[0] if metric == "primary_value" else metric
-                rows.append({"kind": "describe", "task": task, "method": method, "metric": name, "subset": subset,
-                             **stats.describe(values, confidence)})  # fmt: skip
+                name = primary if metric == "primary_value" else metric
+                for method, group in runs.groupby("method"):
+                    rows.append({"kind": "describe", "task": task, "method": method, "metric": name, "subset": subset,
+                                 **stats.describe(group[metric].dropna(), confidence)})  # fmt: skip
+                values = _by_seed(runs.dropna(subset=[metric]), metric)
+                if "lora" in values and "full" in values:
+                    lora, full = stats.paired(values["lora"], values["full"])
+                    rows.append({"kind": "describe", "task": task, "method": DIFFERENCE, "metric": name,
+                                 "subset": subset, **stats.describe(lora - full, confidence)})  # fmt: skip
     return rows
 
 
@@ -61,12 +76,12 @@ def comparison_rows(flags: pd.DataFrame, analysis: AnalysisConfig) -> list[dict]
     for subset, frame in _subsets(flags):
         family = []
         for task, group in frame.groupby("task"):
-            by_seed = _primary_by_seed(group)
+            by_seed = _by_seed(group)
             if len(by_seed.get("lora", {})) < 1 or len(by_seed.get("full", {})) < 1:
                 continue
             result = stats.compare(by_seed["lora"], by_seed["full"], confidence=analysis.confidence,
                                    n_resamples=analysis.bootstrap, seed=analysis.seed)  # fmt: skip
-            family.append({"kind": "compare", "task": task, "metric": group["primary_metric"].iloc[0],
+            family.append({"kind": "compare", "task": task, "method": "", "metric": group["primary_metric"].iloc[0],
                            "subset": subset, **result})  # fmt: skip
         for p in P_VALUES:
             for row, adjusted in zip(family, stats.holm([row[p] for row in family])):
@@ -75,87 +90,150 @@ def comparison_rows(flags: pd.DataFrame, analysis: AnalysisConfig) -> list[dict]
     return rows
 
 
-def _over_clean_seed_pairs(
-    seeds: set[int], flagged: set[int], estimate: Callable[[set[int]], stats.Estimate]
-) -> tuple[stats.Estimate, str]:
-    """`estimate` over the seed pairs where neither run is flagged (a run that did not beat the
-    majority class says nothing about LoRA); with fewer than two such pairs, its value over all
-    pairs without an interval, which reads inconclusive. Returns the estimate and a note."""
-    clean = seeds - flagged
+def clean_pairs(flags: pd.DataFrame, task: str) -> tuple[set[int], set[int]]:
+    """(seeds both methods ran without error, those of them where neither run is flagged)."""
+    ok = flags[(flags["task"] == task) & (flags["status"] == "ok")]
+    seeds = set(ok.loc[ok["method"] == "lora", "seed"]) & set(ok.loc[ok["method"] == "full", "seed"])
+    return seeds, seeds - set(ok.loc[ok["flagged"], "seed"])
+
+
+def _judged(seeds: set[int], clean: set[int]) -> tuple[set[int], bool, str]:
+    """The seed pairs a criterion is judged on: those without a flagged run (a run that did not
+    beat the majority class says nothing about LoRA), or, with fewer than two, every pair for a
+    value without an interval (which reads inconclusive)."""
     note = f" ({len(clean)} of {len(seeds)} seed pairs without a flagged run"
     if len(clean) >= 2:
-        return estimate(clean), note + ")"
-    return stats.Estimate(estimate(seeds).value, math.nan, math.nan), note + ": value over all runs, no interval)"
+        return clean, True, note + ")"
+    return seeds, False, note + ": value over all pairs, no interval)"
 
 
-def quality_estimate(runs: pd.DataFrame, confidence: float) -> tuple[stats.Estimate | None, str]:
-    """Full FT - LoRA in points with the paired t-interval, over unflagged seed pairs."""
-    by_seed = _primary_by_seed(runs)
-    lora, full = by_seed.get("lora", {}), by_seed.get("full", {})
-    if not (lora and full):
-        return None, ""
-
-    def gap(seeds: set[int]) -> stats.Estimate:
-        return stats.quality_gap({s: lora[s] for s in seeds}, {s: full[s] for s in seeds}, confidence)
-
-    return _over_clean_seed_pairs(set(lora) & set(full), set(runs.loc[runs["flagged"], "seed"]), gap)
-
-
-def drift_estimate(study: Study, task: str, confidence: float, flagged: set) -> tuple[stats.Estimate | None, str]:
-    """Relative drift reduction 1 - drift_lora / drift_full (drift = 1 - mean linear CKA over
-    layers, mean pooling), per seed pair, with a t-interval over unflagged seed pairs: a run
-    that learned nothing barely drifts, and that says nothing about LoRA."""
-    summary = _read(study, "drift_summary.csv")
-    if summary is None:
-        return None, ""
+def _drifts(summary: pd.DataFrame, task: str, pooling: str, measure: str) -> dict[str, dict[int, float]]:
+    """drift = 1 - similarity (mean over layers) per method and seed."""
     rows = summary[(summary["task"] == task) & (summary["comparison"] == "run_vs_base")
-                   & (summary["measure"] == DRIFT_MEASURE) & (summary["pooling"] == DRIFT_POOLING)]  # fmt: skip
-    drift = {m: dict(zip(g["seed"].astype(int), 1 - g["mean_over_layers"])) for m, g in rows.groupby("method")}
-    lora, full = drift.get("lora", {}), drift.get("full", {})
-    reductions = {s: 1 - lora[s] / full[s] for s in sorted(set(lora) & set(full)) if full[s] > 0}
-    if not reductions:
-        return None, ""
-
-    def mean_reduction(seeds: set[int]) -> stats.Estimate:
-        d = stats.describe([reductions[s] for s in sorted(seeds)], confidence)
-        return stats.Estimate(d["mean"], d["ci_low"], d["ci_high"])
-
-    return _over_clean_seed_pairs(set(reductions), set(flagged), mean_reduction)
+                   & (summary["pooling"] == pooling) & (summary["measure"] == measure)]  # fmt: skip
+    return {m: dict(zip(g["seed"].astype(int), 1 - g["mean_over_layers"])) for m, g in rows.groupby("method")}
 
 
-def deployment_estimate(study: Study) -> stats.Estimate | None:
+def drift_reduction(drifts: dict, seeds: set[int], confidence: float) -> stats.RatioEstimate:
+    """1 − mean drift_LoRA / mean drift_full over `seeds`, with Fieller's interval."""
+    lora, full = drifts.get("lora", {}), drifts.get("full", {})
+    return stats.drift_reduction({s: lora[s] for s in seeds if s in lora}, {s: full[s] for s in seeds if s in full},
+                                 confidence)  # fmt: skip
+
+
+def drift_statistics(layers: pd.DataFrame | None, summary: pd.DataFrame | None, flags: pd.DataFrame,
+                     confidence: float) -> pd.DataFrame:  # fmt: skip
+    """Per task × pooling × measure and method: the runs' similarity to the base (mean over
+    layers: mean and sd over runs; mean over the last third of layers), seed-vs-seed similarity,
+    the base-vs-base and shuffled-row references, and the drift reduction the verdict uses:
+    1 − mean drift_LoRA / mean drift_full over the seed pairs without a flagged run, with its
+    Fieller interval (drift = 1 − similarity)."""
+    if summary is None:
+        return DRIFT_STATISTICS.frame([])
+    refs = {}
+    if layers is not None:
+        picked = layers[layers["comparison"].isin(["base_vs_base", "shuffled_base"])]
+        refs = picked.groupby(["task", "comparison", "pooling", "measure"])["value"].mean().to_dict()
+    rows = []
+    for (task, pooling, measure), cell in summary.groupby(["task", "pooling", "measure"], sort=False):
+        runs, pairs = cell[cell["comparison"] == "run_vs_base"], cell[cell["comparison"] == "seed_vs_seed"]
+        seeds, judged, note = _judged(*clean_pairs(flags, task))
+        reduction = drift_reduction(_drifts(summary, task, pooling, measure), seeds, confidence)
+        if not judged:
+            reduction = reduction._replace(low=math.nan, high=math.nan, bounded=False)
+        for method in ("lora", "full"):
+            d = stats.describe(runs.loc[runs["method"] == method, "mean_over_layers"], confidence)
+            rows.append({
+                "task": task, "pooling": pooling, "measure": measure, "method": method, "n": d["n"],
+                "similarity_mean": d["mean"], "similarity_sd": d["sd"],
+                "last_third_mean": runs.loc[runs["method"] == method, "mean_last_third"].mean(),
+                "seed_vs_seed_mean": pairs.loc[pairs["method"] == method, "mean_over_layers"].mean(),
+                "base_vs_base": refs.get((task, "base_vs_base", pooling, measure), math.nan),
+                "shuffled_base": refs.get((task, "shuffled_base", pooling, measure), math.nan),
+                "drift_reduction": reduction.value, "reduction_low": reduction.low, "reduction_high": reduction.high,
+                "reduction_pairs": len(seeds), "reduction_note": reduction.note + note,
+            })  # fmt: skip
+    return DRIFT_STATISTICS.frame(rows)
+
+
+def quality_criteria(flags: pd.DataFrame, task: str, analysis: AnalysisConfig) -> list[verdict.Criterion]:
+    """Full FT − LoRA in points with the paired t-interval over the judged seed pairs, on the
+    configured metric (analysis.quality_metric) and, informing, on the other one."""
+    ok = flags[(flags["task"] == task) & (flags["status"] == "ok")]
+    primary = ok["primary_metric"].iloc[0]
+    configured = "accuracy" if analysis.quality_metric == "accuracy" else primary
+    seeds, judged, note = _judged(*clean_pairs(flags, task))
+    out = []
+    for metric in dict.fromkeys([configured, primary, "accuracy"]):
+        by = {m: dict(zip(g["seed"], g[metric])) for m, g in ok.groupby("method")}
+        if not seeds:
+            estimate, spread = None, None
+        else:
+            gap = stats.describe([100 * (by["full"][s] - by["lora"][s]) for s in sorted(seeds)], analysis.confidence)
+            estimate = stats.Estimate(gap["mean"], gap["ci_low"] if judged else math.nan,
+                                      gap["ci_high"] if judged else math.nan)  # fmt: skip
+            spread = (gap["mean"], gap["sd"], gap["n"]) if judged else None
+        counts = metric == configured
+        rule = (f"full FT − LoRA, {metric}, percentage points, paired t-interval; one-sided: met if the interval's "
+                f"upper end is ≤ {analysis.quality_max_gap_pp:g}, so LoRA better than full FT always passes"
+                + note + ("" if counts else "; shown beside the criterion, not part of the verdict"))  # fmt: skip
+        out.append(verdict.Criterion("quality" if counts else f"quality ({metric})", estimate,
+                                     analysis.quality_max_gap_pp, False, rule, spread=spread, counts=counts))  # fmt: skip
+    return out
+
+
+def drift_criterion(summary: pd.DataFrame | None, flags: pd.DataFrame, task: str,
+                    analysis: AnalysisConfig) -> verdict.Criterion:  # fmt: skip
+    """The reduction of mean drift (linear CKA, mean pooling) with its Fieller interval; met when
+    the paired contrast drift_LoRA − (1 − threshold)·drift_full has its upper t-bound ≤ 0,
+    which tests the criterion without a ratio."""
+    threshold = analysis.drift_min_reduction
+    rule = (f"1 − mean drift_LoRA / mean drift_full, drift = 1 − linear CKA (mean over layers, mean pooling), "
+            f"Fieller interval; met if the paired contrast drift_LoRA − {1 - threshold:g}·drift_full has its upper "
+            f"t-bound ≤ 0 (at least {threshold:.0%} less drift)")  # fmt: skip
+    drifts = _drifts(summary, task, DRIFT_POOLING, DRIFT_MEASURE) if summary is not None else {}
+    seeds, judged, note = _judged(*clean_pairs(flags, task))
+    seeds = {s for s in seeds if s in drifts.get("lora", {}) and s in drifts.get("full", {})}
+    if not seeds:
+        return verdict.Criterion("drift", None, threshold, True, rule)
+    reduction = drift_reduction(drifts, seeds, analysis.confidence)
+    contrast_values = [drifts["lora"][s] - (1 - threshold) * drifts["full"][s] for s in sorted(seeds)]
+    c = stats.describe(contrast_values, analysis.confidence)
+    if not judged:
+        reduction = reduction._replace(low=math.nan, high=math.nan)
+        c = c | {"ci_low": math.nan, "ci_high": math.nan}
+    rule += note + ("" if reduction.bounded or not judged else f"; Fieller interval {reduction.note}")
+    return verdict.Criterion("drift", reduction, threshold, True, rule,
+                             decider=stats.Estimate(c["mean"], c["ci_low"], c["ci_high"]), decide_at=0.0,
+                             spread=(c["mean"], c["sd"], c["n"]) if judged else None)  # fmt: skip
+
+
+def deployment_criterion(table: pd.DataFrame | None, analysis: AnalysisConfig) -> verdict.Criterion:
     """Separate-adapter latency over full FT at batch size 1 on natural-length inputs, minus 1."""
-    table = _read(study, "deployment.csv")
-    if table is None:
-        return None
-    rows = table[
-        (table["strategy"] == "separate") & (table["batch_size"] == 1) & (table["seq_len"].astype(str) == "natural")
-    ]
-    if rows.empty:
-        return None
-    row = rows.iloc[0]
-    return stats.Estimate(row["overhead_vs_full"] - 1, row["overhead_ci_low"] - 1, row["overhead_ci_high"] - 1)
+    rule = (f"separate-adapter latency / full FT − 1, batch size 1, natural length, PEFT in-process (median of "
+            f"per-round ratios, bootstrap interval); met if ≤ {analysis.deploy_max_overhead:g}")  # fmt: skip
+    estimate = None
+    if table is not None:
+        rows = table[(table["strategy"] == "separate") & (table["batch_size"] == 1)
+                     & (table["seq_len"].astype(str) == "natural")]  # fmt: skip
+        if not rows.empty and pd.notna(rows.iloc[0]["overhead_vs_full"]):
+            r = rows.iloc[0]
+            estimate = stats.Estimate(r["overhead_vs_full"] - 1, r["overhead_ci_low"] - 1, r["overhead_ci_high"] - 1)
+    return verdict.Criterion("deployment", estimate, analysis.deploy_max_overhead, False, rule)
 
 
 def analyze(study: Study, config: StudyConfig) -> None:
-    flags = flagged_performance(study, config)
-    atomic_write_text(study.tables / "flags.csv", flags.to_csv(index=False))
-    statistics = pd.DataFrame(
-        describe_rows(flags, config.analysis.confidence) + comparison_rows(flags, config.analysis)
-    )
-    atomic_write_text(study.tables / "statistics.csv", statistics.to_csv(index=False))
-    verdict = []
-    for task, group in flags[flags["status"] == "ok"].groupby("task"):
-        quality, note = quality_estimate(group, config.analysis.confidence)
-        drift, drift_note = drift_estimate(study, task, config.analysis.confidence, set(group.loc[group["flagged"], "seed"]))
-        rows = stats.verdict_rows(
-            task, quality=quality, drift=drift,
-            deployment=deployment_estimate(study), quality_threshold=config.analysis.quality_max_gap_pp,
-            drift_threshold=config.analysis.drift_min_reduction, deployment_threshold=config.analysis.deploy_max_overhead,
-        )  # fmt: skip
-        rows[0]["rule"] += note
-        rows[1]["rule"] += drift_note
-        verdict += rows
-    atomic_write_text(
-        study.tables / "verdict.csv", pd.DataFrame(verdict, columns=stats.VERDICT_COLUMNS).to_csv(index=False)
-    )
+    tables, analysis = study.tables, config.analysis
+    flags = FLAGS.write(tables, flagged_performance(study, config))
+    STATISTICS.write(tables, describe_rows(flags, analysis.confidence) + comparison_rows(flags, analysis))
+    summary = DRIFT_SUMMARY.read(tables)
+    DRIFT_STATISTICS.write(tables, drift_statistics(DRIFT_LAYERS.read(tables), summary, flags, analysis.confidence))
+    deployment = deployment_criterion(DEPLOYMENT.read(tables), analysis)
+    rows = []
+    for task in flags.loc[flags["status"] == "ok", "task"].unique():
+        criteria = [*quality_criteria(flags, task, analysis), drift_criterion(summary, flags, task, analysis), deployment]
+        rows += verdict.verdict_rows(task, criteria, analysis.confidence)
+        for method in ("lora", "full"):
+            runs = flags[(flags["task"] == task) & (flags["method"] == method)]
+            rows.append(verdict.failure_rate(task, method, int(runs["flagged"].sum()), len(runs), analysis.confidence))
+    VERDICT.write(tables, pd.DataFrame(rows, columns=list(verdict.VERDICT_COLUMNS)))

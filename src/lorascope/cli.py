@@ -1,22 +1,26 @@
-"""Command line. Subcommands map one-to-one to stages; `run` chains them.
+"""Command line. Subcommands are built from the stage list (lorascope.stages.STAGES); `run`
+chains every stage in its order.
 
 Exit codes: 0 success, 2 bad input (one line on stderr), 1 failure."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import traceback
 import warnings
 from pathlib import Path
 
-from lorascope import __version__
+from lorascope import __version__, runtime
 from lorascope.config import TaskConfig, apply_overrides, load_config, validate
+from lorascope.drift import DRIFT_LAYERS, DRIFT_SUMMARY
 from lorascope.errors import InputError
+from lorascope.stages import BY_NAME, STAGES, with_inputs
+from lorascope.study import Study, atomic_write, run_stages
 
-STAGE_ORDER = ("prepare", "baselines", "tune", "train", "represent", "drift", "weights", "deploy", "analyze", "report")
-STANDALONE = ("analyze", "report")
+SPECIAL = ("tune", "drift", "train")  # stage subcommands with options of their own, defined below
 
 
 def _add_config_args(parser: argparse.ArgumentParser, config_positional: bool,
@@ -40,15 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run every stage of a study", description="Run every stage of a study.")
     _add_config_args(run, config_positional=True)
 
-    for stage, text in (("prepare", "load, check, split and tokenize the tasks"),
-                        ("baselines", "majority class, head-only probe, overfit sanity check"),
-                        ("represent", "pooled hidden states of every layer on the probe split"),
-                        ("weights", "weight-space change of every run: update norms, rank, intruders"),
-                        ("deploy", "serving latency / memory: full vs merged vs separate vs many adapters"),
-                        ("analyze", "statistics across seeds, flagged runs, verdict"),
-                        ("report", "report.md and a self-contained report.html")):  # fmt: skip
-        sub = commands.add_parser(stage, help=text, description=f"{text} (on an existing study directory)")
-        sub.add_argument("study", help="study directory")
+    for stage in STAGES:
+        if stage.name not in SPECIAL:
+            sub = commands.add_parser(stage.name, help=stage.help, description=f"{stage.help} (on an existing study "
+                                      "directory, after the stages it needs)")  # fmt: skip
+            sub.add_argument("study", help="study directory")
 
     drift = commands.add_parser(
         "drift", help="layer-wise CKA / cosine of every run against the base, with references",
@@ -115,14 +115,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from lorascope import stages
-    from lorascope.study import Study, run_stages
-
     if args.command == "run":
         config = load_config(args.config, args.profile, args.overrides)
         out = _out_dir(args, config)
-        _set_threads(config)
-        run_stages(config, out, [(name, stages.STAGES[name]) for name in STAGE_ORDER])
+        with runtime.threads(config.runtime.threads):
+            run_stages(config, out, list(STAGES))
         print(f"study written to {out}")
         return 0
     if args.command == "tune":
@@ -139,10 +136,8 @@ def _dispatch(args) -> int:
         raise InputError(f"{args.command} needs a study directory")
     study = Study(args.study)
     config = study.load_config()
-    _set_threads(config)
-    # compute stages bring their inputs up to date first; analyze and report read what exists
-    upto = (args.command,) if args.command in STANDALONE else STAGE_ORDER[: STAGE_ORDER.index(args.command) + 1]
-    run_stages(config, study.root, [(name, stages.STAGES[name]) for name in upto], write_config=False)
+    with runtime.threads(config.runtime.threads):
+        run_stages(config, study.root, with_inputs(args.command), write_config=False)
     print(f"{args.command} done in {study.root}")
     return 0
 
@@ -150,9 +145,6 @@ def _dispatch(args) -> int:
 def _single_run(args) -> int:
     """One task x method x seed through the same stages as a study. Into an existing study it
     uses that study's config (plus --set) and leaves its config.yaml alone."""
-    from lorascope import stages
-    from lorascope.study import Study, run_stages
-
     missing = [f"--{k}" for k in ("task", "method", "seed") if getattr(args, k) is None]
     if missing:
         raise InputError(f"a single run needs {', '.join(missing)}")
@@ -166,8 +158,8 @@ def _single_run(args) -> int:
     task_cfg = config.tasks.get(args.task, TaskConfig())
     config = config.model_copy(update={"tasks": {args.task: task_cfg}, "methods": [args.method], "seeds": [args.seed]})
     out = Path(out) if out else _out_dir(args, config)
-    _set_threads(config)
-    run_stages(config, out, [("prepare", stages.prepare), ("train", stages.train)], write_config=not existing)
+    with runtime.threads(config.runtime.threads):
+        run_stages(config, out, with_inputs("train"), write_config=not existing)
     print(f"run written to {Study(out).run_dir(args.task, args.method, args.seed)}")
     return 0
 
@@ -190,8 +182,7 @@ def _single_drift(args) -> int:
     shuffled-base references, tables as the stage writes them."""
     import json
 
-    from lorascope import stages
-    from lorascope.study import atomic_write_text
+    from lorascope.stages.drift import single_drift
 
     _check_model_arg("--base", args.base)
     if args.model is not None:
@@ -201,14 +192,13 @@ def _single_drift(args) -> int:
     task = args.task or "sst2"
     config = load_config(args.config, args.profile, args.overrides)
     out = Path(args.out) if args.out else Path("studies") / f"drift-{task}"
-    _set_threads(config)
-    layers, summary = stages.single_drift(config, args.base, task, model=args.model, adapter=args.adapter)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "drift_layers.csv", layers.to_csv(index=False))
-    atomic_write_text(out / "drift_summary.csv", summary.to_csv(index=False))
+    with runtime.threads(config.runtime.threads):
+        layers, summary = single_drift(config, args.base, task, model=args.model, adapter=args.adapter)
+    DRIFT_LAYERS.write(out, layers)
+    DRIFT_SUMMARY.write(out, summary)
     inputs = {"base": args.base, "model": args.model, "adapter": args.adapter, "task": task,
               "config": config.model_dump(mode="json", include={"data", "model", "represent", "drift"})}  # fmt: skip
-    atomic_write_text(out / "drift_inputs.json", json.dumps(inputs, indent=2) + "\n")
+    atomic_write(out / "drift_inputs.json", json.dumps(inputs, indent=2) + "\n")
     table = summary.pivot_table(index=["pooling", "measure"], columns="comparison", values="mean_over_layers")
     order = [c for c in ("run_vs_base", "base_vs_base", "shuffled_base") if c in table.columns]
     print(f"mean over layers, {task} probe ({len(layers['layer'].unique())} layers):")
@@ -227,8 +217,6 @@ def _check_model_arg(flag: str, value: str) -> None:
 def _tune(args) -> int:
     """The search alone, on a study directory or a config file; each worker of a shared search
     uses its own study directory (the study lock) and the same --storage."""
-    from lorascope import stages
-    from lorascope.study import Study, run_stages
     from lorascope.tuning import tune_study
 
     path = Path(args.study)
@@ -238,12 +226,13 @@ def _tune(args) -> int:
     else:
         config = load_config(path, None, args.overrides)
         out, write = _out_dir(args, config), True
-    _set_threads(config)
 
     def search(study, cfg):
         tune_study(study, cfg, tasks=args.task, methods=args.method, trials=args.trials, storage=args.storage)
 
-    run_stages(config, out, [("prepare", stages.prepare), ("tune", search)], write_config=write)
+    tune = dataclasses.replace(BY_NAME["tune"], run=search)
+    with runtime.threads(config.runtime.threads):
+        run_stages(config, out, [*with_inputs("tune")[:-1], tune], write_config=write)
     print(f"tuned hyperparameters in {out / 'tuned'}")
     return 0
 
@@ -252,7 +241,10 @@ def _bench(args) -> int:
     """`deploy` for models outside a study: every adapter serves the task's eval examples."""
     import datasets
 
-    from lorascope import deployment, modeling
+    from lorascope import modeling
+    from lorascope.report.figures import latency_figure, memory_figure, png_bytes
+    from lorascope.serving.benchmark import benchmark
+    from lorascope.serving.inputs import examples_from_dataset
     from lorascope.tasks import load_raw, resolve_task, tokenize
 
     config = load_config(args.config, args.profile, args.overrides)
@@ -267,25 +259,21 @@ def _bench(args) -> int:
     task, _, evaluation = load_raw(resolve_task(args.task, config.tasks.get(args.task, TaskConfig()), config.data))
     tokenizer = modeling.load_tokenizer(args.base)
     split = tokenize(datasets.DatasetDict(train=evaluation), tokenizer, config.model.max_length)["train"]
-    examples = deployment.examples_from_dataset(split)
+    examples = examples_from_dataset(split)
     out = Path(args.out or "bench")
-    _set_threads(config)
-    deployment.benchmark(modeling.resolve_model_path(args.base), adapters, args.full, {n: examples for n in adapters},
-                         tokenizer, config.deploy, out, device=modeling.pick_device(config.runtime),
-                         bf16=config.runtime.bf16, check_examples=config.deploy.check_examples)  # fmt: skip
+    with runtime.threads(config.runtime.threads):
+        result = benchmark(modeling.resolve_model_path(args.base), adapters, args.full, {n: examples for n in adapters},
+                           tokenizer, config.deploy, out, device=runtime.pick_device(config.runtime),
+                           bf16=config.runtime.bf16, check_examples=config.deploy.check_examples)  # fmt: skip
+    atomic_write(out / "deployment_latency.png", png_bytes(latency_figure(result.timings[result.timings["status"] == "ok"])))
+    if not result.memory.empty:
+        atomic_write(out / "deployment_memory.png", png_bytes(memory_figure(result.memory)))
     print(f"deployment tables and figures written to {out}")
     return 0
 
 
 def _out_dir(args, config) -> Path:
     return Path(args.out) if args.out else Path("studies") / config.name
-
-
-def _set_threads(config) -> None:
-    if config.runtime.threads:
-        import torch
-
-        torch.set_num_threads(config.runtime.threads)
 
 
 def _quiet_libraries() -> None:

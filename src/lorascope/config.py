@@ -9,7 +9,7 @@ import json
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from lorascope.errors import InputError
 
 PROFILES = ("smoke", "quick", "quick-tuned", "paper")
+# Serving strategies a config may ask for; lorascope.serving.strategies registers one object each.
+STRATEGIES = ("base", "full", "merged", "separate", "switch", "mixed")
 DEFAULT_PROFILE = "quick"
 
 
@@ -129,11 +131,9 @@ class DeployConfig(Strict):
     """Serving benchmark of the study's runs: strategies, grid and timing budget."""
 
     enabled: bool = True
-    strategies: list[Literal["base", "full", "merged", "separate", "switch", "mixed"]] = [
-        "base", "full", "merged", "separate", "switch", "mixed"
-    ]  # fmt: skip
-    batch_sizes: list[int] = [1, 2, 4, 8, 16]
-    seq_lens: list[Literal["natural"] | int] = ["natural", 32, 128]
+    strategies: list[Literal[STRATEGIES]] = Field(list(STRATEGIES), min_length=1)
+    batch_sizes: list[Annotated[int, Field(gt=0)]] = Field([1, 2, 4, 8, 16], min_length=1)
+    seq_lens: list[Literal["natural"] | Annotated[int, Field(gt=0)]] = Field(["natural", 32, 128], min_length=1)
     warmup: int = Field(3, ge=0, description="untimed calls per cell before timing")
     repeats: int = Field(30, gt=1, description="timed calls per strategy and cell")
     threads: int | None = Field(None, gt=0, description="torch threads while timing; None = all cores")
@@ -147,6 +147,10 @@ class AnalysisConfig(Strict):
     """Success criteria of the reference study and how failed runs are flagged."""
 
     quality_max_gap_pp: float = Field(3.0, ge=0, description="LoRA within this many points of full FT")
+    quality_metric: Literal["accuracy", "primary"] = Field(
+        "accuracy", description="the quality criterion's metric: accuracy, as the proposal states it, or each "
+        "task's primary metric (MRPC: F1); the report shows both",
+    )  # fmt: skip
     drift_min_reduction: float = Field(0.20, description="LoRA drift at least this fraction lower")
     deploy_max_overhead: float = Field(0.30, description="separate-adapter overhead at batch 1")
     majority_margin: float = Field(0.01, ge=0, description="a run must beat the majority baseline by this")
@@ -337,6 +341,13 @@ class StudyConfig(Strict):
                 raise ValueError(f"`{key}` must not be empty")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"`seeds` has duplicates: {self.seeds}")
+        missing = [f"{key} lacks {value!r}" for key, value, have in (
+            ("batch_sizes", 1, self.deploy.batch_sizes), ("seq_lens", "natural", self.deploy.seq_lens),
+            ("strategies", "separate", self.deploy.strategies), ("strategies", "full", self.deploy.strategies),
+        ) if value not in have]  # fmt: skip
+        if self.deploy.enabled and missing:
+            raise ValueError("the deployment criterion reads batch size 1, natural length, strategies separate and "
+                             f"full; deploy.{', deploy.'.join(missing)} (add it, or set deploy.enabled=false)")
         return self
 
 
@@ -457,7 +468,8 @@ def _explain(err: ValidationError) -> str:
             hint = _suggest(str(problem["loc"][-1]), parent.model_fields) if parent else ""
             lines.append(f"unknown key '{loc}'{hint}")
         else:
-            lines.append(f"{loc or 'config'}: {problem['msg']}")
+            message = problem["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's error
+            lines.append(message if loc and message.startswith(f"{loc}.") else f"{loc or 'config'}: {message}")
     return "; ".join(lines)
 
 
@@ -484,7 +496,8 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 def fingerprint(*parts: Any) -> str:
     """Stable short hash of plain data (pydantic models are dumped first)."""
     plain = [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts]
-    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+    text = json.dumps(plain, sort_keys=True, default=lambda m: m.model_dump(mode="json"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def results_fingerprint(config: StudyConfig) -> str:

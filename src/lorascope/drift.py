@@ -8,14 +8,18 @@ from __future__ import annotations
 import itertools
 import math
 
+import pandas as pd
 import torch
 
 from lorascope import similarity as sim
+from lorascope.study import Table
 
 BASE_VS_BASE_TOLERANCE = 1e-6
-POINT = {
-    "linear_cka": sim.linear_cka,
-    "debiased_cka": sim.debiased_cka,
+DRIFT_LAYERS = Table("drift_layers", ("task", "comparison", "method", "seed", "layer", "pooling", "measure", "value",
+                                      "ci_low", "ci_high"))  # fmt: skip
+DRIFT_SUMMARY = Table("drift_summary", ("task", "method", "seed", "pooling", "measure", "mean_over_layers",
+                                        "mean_last_third", "comparison"))  # fmt: skip
+POINT = {  # measures without a shared Gram pair (linear and debiased CKA: CKA_KINDS)
     "rbf_cka": sim.rbf_cka,
     "cosine": lambda x, y: sim.cosine(x, y, centered=True),
     "legacy_index": sim.legacy_index,  # opt-in; not a similarity index (similarity.legacy_index)
@@ -111,3 +115,9 @@ def summary_rows(layer_table) -> list[dict]:
         rows.append({**dict(zip(keys, key)), "mean_over_layers": group["value"].mean(),
                      "mean_last_third": last["value"].mean()})  # fmt: skip
     return rows
+
+
+def drift_tables(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """drift_layers.csv and drift_summary.csv frames from `task_drift_rows` rows."""
+    layer_table = DRIFT_LAYERS.frame(pd.DataFrame(rows, columns=DRIFT_LAYERS.columns))
+    return layer_table, DRIFT_SUMMARY.frame(pd.DataFrame(summary_rows(layer_table), columns=DRIFT_SUMMARY.columns))

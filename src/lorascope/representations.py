@@ -12,11 +12,12 @@ from pathlib import Path
 import datasets
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from lorascope.config import RepresentConfig
 from lorascope.errors import InputError
 from lorascope.evaluation import length_batches
-from lorascope.modeling import autocast
+from lorascope.runtime import autocast
 
 POOLINGS = ("mean", "head")
 
@@ -83,14 +84,20 @@ def pooled_features(
     return out, chosen
 
 
-def save_features(path: Path, features: dict[str, torch.Tensor], example_ids, layers: list[int], fingerprint: str) -> None:
+def study_features(model: torch.nn.Module, probe: datasets.Dataset, settings: RepresentConfig, tokenizer,
+                   batch_size: int, device: torch.device, bf16: bool):  # fmt: skip
+    """`pooled_features` with a study's represent settings (the stage and the single comparison)."""
+    return pooled_features(
+        model.to(device), probe, tokenizer=tokenizer, layers=settings.layers, poolings=tuple(settings.poolings),
+        skip_special_tokens=settings.skip_special_tokens, batch_size=batch_size, device=device, bf16=bf16,
+    )  # fmt: skip
+
+
+def features_bytes(features: dict[str, torch.Tensor], example_ids, layers: list[int]) -> bytes:
     """One safetensors file per model and task: a tensor per pooling plus the example ids."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {p: t.contiguous() for p, t in features.items()}
     tensors["example_ids"] = torch.as_tensor(list(example_ids), dtype=torch.int64)
-    scratch = path.with_name(f".partial-{path.name}")
-    save_file(tensors, str(scratch), metadata={"layers": json.dumps(layers), "fingerprint": fingerprint})
-    scratch.replace(path)
+    return save(tensors, metadata={"layers": json.dumps(layers)})
 
 
 def load_features(path: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[int]]:
@@ -98,10 +105,3 @@ def load_features(path: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor, li
         layers = json.loads(f.metadata()["layers"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return {k: v for k, v in tensors.items() if k != "example_ids"}, tensors["example_ids"], layers
-
-
-def features_fingerprint(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    with safe_open(str(path), "pt") as f:
-        return (f.metadata() or {}).get("fingerprint")

@@ -236,8 +236,14 @@ def bootstrap_cka(
     Gram matrices are computed once and a resample is its vector of draw counts, so the whole
     bootstrap is a few [resamples, n] × [n, n] products. Pairs of draws of the same example are
     left out (see _resampled_hsic): in simulation the plain bootstrap covered the point
-    estimate 0 % of the time; this one covers the population value (debiased) and the
-    expected estimate at this n (linear) ~95–99 %."""
+    estimate 0 % of the time. Coverage of this one at the quick study's n = 192, d = 384, 300
+    resamples, 95 % intervals, measured over 1,000 samples each of two populations y = x·W +
+    noise, one with a decaying spectrum (Λ_i = 1/i) and one flat (benchmarks/bootstrap_coverage.py;
+    Clopper–Pearson 95 % in brackets): debiased covers the population value 93.3 % [91.6, 94.8]
+    (decaying) and 99.3 % [98.6, 99.7] (flat); linear covers the expected estimate at this n
+    94.2 % [92.6, 95.6] and 97.6 % [96.4, 98.5] but the population value only 82.9 % and 0 %,
+    since its bias at n < d lies outside the interval. A linear interval is about biased CKA at
+    this n, not the population."""
     if measure not in ("linear", "debiased"):
         raise ValueError(f"measure must be 'linear' or 'debiased', got {measure!r}")
     if n_resamples < 1 or not 0 < confidence < 1:

@@ -1,4 +1,5 @@
-"""Statistics across seeds and the verdict against the success criteria.
+"""Statistics across seeds: tests, intervals, effect sizes, ratios and how many seeds a
+criterion would need (verdict.py turns them into the verdict).
 
 Every number states its test, its n and its effect-size formula; the reference study called
 unpaired tests paired, drew intervals that three values cannot give, announced Bonferroni
@@ -7,13 +8,14 @@ nothing here knows about models.
 
 Conventions: `a` is LoRA and `b` full fine-tuning; differences are `a - b`. Runs pair by seed
 because the seed fixes head initialisation and data order for both methods. Non-finite values
-raise ValueError: failed runs are flagged (`flag_runs`) and left out by the caller, never
+raise ValueError: failed runs are flagged (`verdict.flag_runs`) and left out by the caller, never
 silently averaged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import warnings
@@ -21,12 +23,9 @@ from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 import numpy as np
-import pandas as pd
 from scipy import stats
 
-MET, NOT_MET, INCONCLUSIVE, NOT_RUN = "met", "not met", "inconclusive", "not run"
-VERDICT_COLUMNS = ("task", "criterion", "value", "ci_low", "ci_high", "threshold", "outcome", "rule")
-MAX_EXACT = 2**16  # relabellings enumerated at most (16 pairs, 9 + 9 runs); beyond, the exact tests refuse
+MAX_EXACT = 2**16  # relabellings enumerated at most (16 pairs, 9 + 9 runs); beyond, Monte Carlo
 
 
 class Estimate(NamedTuple):
@@ -127,43 +126,111 @@ def paired_p(a: Iterable[float], b: Iterable[float]) -> float:
     return float(stats.ttest_rel(a, b).pvalue)
 
 
-def _tail_fraction(null: np.ndarray, observed: float, scale: float) -> float:
-    """Share of |null| ≥ |observed|, the observed labelling included; a relative tolerance
-    keeps ties that differ only by float rounding."""
-    return float(np.mean(np.abs(null) >= abs(observed) - 1e-12 * scale))
+class Permutation(NamedTuple):
+    """A permutation test's p with how it was computed: method 'exact' (every relabelling
+    enumerated, n of them) or 'monte carlo' (n random relabellings drawn); 'none' with n = 0
+    when there is nothing to test."""
+
+    p: float
+    method: str
+    n: int
 
 
-def permutation_paired_p(a: Iterable[float], b: Iterable[float]) -> float:
-    """Exact two-sided sign-flip test: all 2^n sign patterns of the differences a - b; p is the
-    share with |mean| ≥ the observed |mean|. The smallest possible p is 2/2^n (0.25 at n=3),
-    so three seeds can never reach p < 0.05. NaN without pairs.
+EXACT, MONTE_CARLO = "exact", "monte carlo"
+_CHUNK = 2**20  # values of the relabelling matrix drawn at a time: bounds memory, fixes the stream
+
+
+def _tail_count(null: np.ndarray, observed: float, scale: float) -> int:
+    """How many |null| ≥ |observed|; a relative tolerance keeps ties that differ only by float
+    rounding."""
+    return int(np.count_nonzero(np.abs(null) >= abs(observed) - 1e-12 * scale))
+
+
+def _monte_carlo(draw, n_values: int, n_permutations: int, seed: int, observed: float, scale: float) -> Permutation:
+    """p = (1 + #{|null| ≥ |observed|}) / (1 + n_permutations) over relabellings drawn
+    uniformly with replacement (Phipson & Smyth 2010): counting the observed labelling as one
+    more draw makes P(p ≤ α) ≤ α under the null for every α, which the plain share does not
+    (it can be 0). `draw(rng, rows)` returns the null statistics of `rows` random relabellings."""
+    if n_permutations < 1:
+        raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
+    rng = np.random.default_rng(seed)
+    rows = max(1, _CHUNK // max(1, n_values))
+    extreme = sum(
+        _tail_count(draw(rng, min(rows, n_permutations - start)), observed, scale)
+        for start in range(0, n_permutations, rows)
+    )
+    return Permutation((1 + extreme) / (1 + n_permutations), MONTE_CARLO, n_permutations)
+
+
+def permutation_paired_test(
+    a: Iterable[float], b: Iterable[float], *, n_permutations: int = 100_000, seed: int = 0,
+    max_exact: int = MAX_EXACT,
+) -> Permutation:  # fmt: skip
+    """Two-sided sign-flip test of the differences a - b; p is the share of sign patterns with
+    |mean| ≥ the observed |mean|. Exact over all 2^n patterns while 2^n ≤ max_exact: the
+    smallest possible p is then 2/2^n (0.25 at n=3), so three seeds can never reach p < 0.05.
+    Beyond, Monte Carlo: `n_permutations` random patterns drawn with `seed` and the standard
+    valid p = (1 + #extreme) / (1 + n_permutations), never below 1/(1 + n_permutations) (see
+    _monte_carlo); max_exact=0 forces it. NaN (method 'none') without pairs.
 
     Enumerated here rather than by scipy.stats.permutation_test, whose two-sided p is
     2·min(one-sided p), not the |statistic| rule."""
     d = _values(a) - _values(b)
     if len(d) == 0:
-        return math.nan
-    if 2 ** len(d) > MAX_EXACT:
-        raise ValueError(f"{len(d)} pairs: 2^{len(d)} sign flips is too many to enumerate")
-    signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
-    return _tail_fraction(signs @ d, float(d.sum()), float(np.abs(d).sum()))
+        return Permutation(math.nan, "none", 0)
+    observed, scale = float(d.sum()), float(np.abs(d).sum())
+    if 2 ** len(d) <= max_exact:
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
+        return Permutation(_tail_count(signs @ d, observed, scale) / len(signs), EXACT, len(signs))
+
+    def draw(rng: np.random.Generator, rows: int) -> np.ndarray:
+        return np.where(rng.random((rows, len(d))) < 0.5, -1.0, 1.0) @ d
+
+    return _monte_carlo(draw, len(d), n_permutations, seed, observed, scale)
 
 
-def permutation_unpaired_p(a: Iterable[float], b: Iterable[float]) -> float:
-    """Exact two-sided permutation test of mean(a) - mean(b) over all C(n_a+n_b, n_a) ways to
-    split the pooled values into groups of the original sizes; p is the share with
-    |difference| ≥ the observed one. Needs n ≥ 1 per group, else NaN."""
+def permutation_paired_p(
+    a: Iterable[float], b: Iterable[float], *, n_permutations: int = 100_000, seed: int = 0, max_exact: int = MAX_EXACT
+) -> float:
+    """p of `permutation_paired_test`, whose `method` and `n` say how it was computed."""
+    return permutation_paired_test(a, b, n_permutations=n_permutations, seed=seed, max_exact=max_exact).p
+
+
+def permutation_unpaired_test(
+    a: Iterable[float], b: Iterable[float], *, n_permutations: int = 100_000, seed: int = 0,
+    max_exact: int = MAX_EXACT,
+) -> Permutation:  # fmt: skip
+    """Two-sided permutation test of mean(a) - mean(b) over splits of the pooled values into
+    groups of the original sizes; p is the share with |difference| ≥ the observed one. Exact
+    over all C(n_a+n_b, n_a) splits while that is ≤ max_exact; beyond, Monte Carlo over
+    `n_permutations` random splits drawn with `seed`, p = (1 + #extreme) / (1 + n_permutations)
+    as for the sign flips; max_exact=0 forces it. Needs n ≥ 1 per group, else NaN (method
+    'none')."""
     a, b = _values(a), _values(b)
     if len(a) == 0 or len(b) == 0:
-        return math.nan
+        return Permutation(math.nan, "none", 0)
     pooled = np.concatenate([a, b])
-    if math.comb(len(pooled), len(a)) > MAX_EXACT:
-        raise ValueError(f"C({len(pooled)}, {len(a)}) splits is too many to enumerate")
-    in_a = np.zeros((math.comb(len(pooled), len(a)), len(pooled)), dtype=bool)
-    for row, chosen in enumerate(itertools.combinations(range(len(pooled)), len(a))):
-        in_a[row, list(chosen)] = True
-    null = in_a @ pooled / len(a) - ~in_a @ pooled / len(b)
-    return _tail_fraction(null, float(a.mean() - b.mean()), float(np.abs(pooled).max()))
+    observed, scale = float(a.mean() - b.mean()), float(np.abs(pooled).max())
+    splits = math.comb(len(pooled), len(a))
+    if splits <= max_exact:
+        in_a = np.zeros((splits, len(pooled)), dtype=bool)
+        for row, chosen in enumerate(itertools.combinations(range(len(pooled)), len(a))):
+            in_a[row, list(chosen)] = True
+        null = in_a @ pooled / len(a) - ~in_a @ pooled / len(b)
+        return Permutation(_tail_count(null, observed, scale) / splits, EXACT, splits)
+
+    def draw(rng: np.random.Generator, rows: int) -> np.ndarray:
+        shuffled = rng.permuted(np.broadcast_to(pooled, (rows, len(pooled))), axis=1)
+        return shuffled[:, : len(a)].mean(axis=1) - shuffled[:, len(a) :].mean(axis=1)
+
+    return _monte_carlo(draw, len(pooled), n_permutations, seed, observed, scale)
+
+
+def permutation_unpaired_p(
+    a: Iterable[float], b: Iterable[float], *, n_permutations: int = 100_000, seed: int = 0, max_exact: int = MAX_EXACT
+) -> float:
+    """p of `permutation_unpaired_test`, whose `method` and `n` say how it was computed."""
+    return permutation_unpaired_test(a, b, n_permutations=n_permutations, seed=seed, max_exact=max_exact).p
 
 
 def bootstrap_paired_interval(
@@ -183,6 +250,34 @@ def bootstrap_paired_interval(
         rng=np.random.default_rng(seed),
     )  # fmt: skip
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def median_paired_ratio(a: np.ndarray, b: np.ndarray, n_boot: int, confidence: float = 0.95,
+                        seed: int = 0) -> tuple[float, float, float]:  # fmt: skip
+    """Median over repetitions of a[r] / b[r], with a percentile-bootstrap interval. Call r of
+    both strategies processed the same batch in the same round, so the per-round ratio cancels
+    the batch's content (natural lengths vary several-fold) and slow machine drift."""
+    ratios = np.asarray(a) / np.asarray(b)
+    if n_boot == 0:
+        return float(np.median(ratios)), math.nan, math.nan
+    idx = np.random.default_rng(seed).integers(0, len(ratios), size=(n_boot, len(ratios)))
+    low, high = np.quantile(np.median(ratios[idx], axis=1), [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(np.median(ratios)), float(low), float(high)
+
+
+def ratio_of_medians(a: np.ndarray, b: np.ndarray, n_boot: int, confidence: float = 0.95,
+                     seed: int = 0) -> tuple[float, float, float]:  # fmt: skip
+    """median(a) / median(b) with a percentile-bootstrap interval, repetitions resampled
+    jointly. Kept for comparison: with natural lengths each median mixes batches of very
+    different sizes, and on a busy machine this estimate moved 3-4 points between identical runs
+    where `median_paired_ratio` moved about 1 (benchmarks/deploy_repeatability.py)."""
+    ratio = float(np.median(a) / np.median(b))
+    if n_boot == 0:
+        return ratio, math.nan, math.nan
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(n_boot, len(a)))
+    boot = np.median(np.asarray(a)[idx], axis=1) / np.median(np.asarray(b)[idx], axis=1)
+    low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return ratio, float(low), float(high)
 
 
 def hedges_g(a: Iterable[float], b: Iterable[float]) -> float:
@@ -216,16 +311,21 @@ def compare(
     *,
     confidence: float = 0.95,
     n_resamples: int = 10_000,
+    n_permutations: int = 100_000,
     seed: int = 0,
-) -> dict[str, float]:
+) -> dict[str, float | int | str]:
     """Every test and effect size for one task, a = LoRA and b = full FT keyed by seed.
 
-    Unpaired statistics (Welch, exact split permutation, Hedges' g) use all runs; paired ones
-    (paired t, exact sign flips, bootstrap, d_z) use the seeds both methods have. The mean
-    difference is a - b over those pairs."""
+    Unpaired statistics (Welch, split permutation, Hedges' g) use all runs; paired ones
+    (paired t, sign flips, bootstrap, d_z) use the seeds both methods have. The mean
+    difference is a - b over those pairs. Each permutation test says how its p was computed:
+    permutation_*_method 'exact' (permutation_*_n relabellings enumerated, up to MAX_EXACT) or
+    'monte carlo' (n_permutations drawn with `seed`)."""
     a_all, b_all = _values(a_by_seed.values()), _values(b_by_seed.values())
     a, b = paired(a_by_seed, b_by_seed)
     low, high = bootstrap_paired_interval(a, b, confidence=confidence, n_resamples=n_resamples, seed=seed)
+    flips = permutation_paired_test(a, b, n_permutations=n_permutations, seed=seed)
+    splits = permutation_unpaired_test(a_all, b_all, n_permutations=n_permutations, seed=seed)
     return {
         "n_a": len(a_all),
         "n_b": len(b_all),
@@ -237,10 +337,14 @@ def compare(
         "bootstrap_high": high,
         "welch_p": welch_p(a_all, b_all),
         "paired_t_p": paired_p(a, b),
-        "permutation_paired_p": permutation_paired_p(a, b),
-        "permutation_unpaired_p": permutation_unpaired_p(a_all, b_all),
+        "permutation_paired_p": flips.p,
+        "permutation_unpaired_p": splits.p,
         "hedges_g": hedges_g(a_all, b_all),
         "cohen_dz": cohen_dz(a, b),
+        "permutation_paired_method": flips.method,
+        "permutation_paired_n": flips.n,
+        "permutation_unpaired_method": splits.method,
+        "permutation_unpaired_n": splits.n,
     }
 
 
@@ -257,118 +361,156 @@ def holm(pvalues: Iterable[float]) -> np.ndarray:
     return adjusted
 
 
-# ---------------------------------------------------------------- failed runs
+# ---------------------------------------------------------------- drift reduction
 
 
-def flag_runs(performance: pd.DataFrame, majority: Mapping[str, float], margin: float) -> pd.DataFrame:
-    """Copy of a performance table (task, method, seed, status, primary_value, ...) with a
-    boolean `flagged` and a `reason` ('' when not flagged). A run is flagged when its status is
-    not ok, it has no primary value, or it scores at most the task's majority-class baseline plus
-    `margin`: such a run learned nothing, and the reference study reported one as a finding.
-    The caller computes statistics with and without the flagged runs."""
-    missing = sorted(set(performance["task"]) - set(majority))
-    if missing:
-        raise ValueError(f"no majority baseline for task(s) {missing}")
+class RatioEstimate(NamedTuple):
+    """A ratio with its Fieller interval. bounded is False when the confidence set is not a
+    finite interval; then low and high are NaN (a criterion reads inconclusive) and `note`
+    says which unbounded set it is."""
 
-    def reason(row: pd.Series) -> str:
-        if row["status"] != "ok":
-            return f"status {row['status']}"
-        if pd.isna(row["primary_value"]):
-            return "no primary value"
-        floor = majority[row["task"]] + margin
-        if row["primary_value"] <= floor:
-            return f"primary value {row['primary_value']:.4f} <= majority baseline + margin {floor:.4f}"
-        return ""
-
-    out = performance.copy()
-    out["reason"] = [reason(row) for _, row in performance.iterrows()]
-    out["flagged"] = (out["reason"] != "").astype(bool)
-    return out
+    value: float
+    low: float
+    high: float
+    bounded: bool
+    note: str
 
 
-# ---------------------------------------------------------------- verdict
+def ratio_of_means_fieller(
+    a_by_seed: Mapping[int, float], b_by_seed: Mapping[int, float], confidence: float = 0.95
+) -> RatioEstimate:
+    """R = mean(a) / mean(b) over seeds both have, with Fieller's interval for paired
+    (correlated) values: the R whose paired contrast a - R·b has a mean its two-sided t-test
+    at 1 - confidence does not reject,
+        (ā - R b̄)² ≤ t² (s_aa - 2R s_ab + R² s_bb) / n,   t = t(1-α/2, n-1),
+    with the sample (co)variances (ddof=1). Exact under bivariate normality, unlike the delta
+    method, which it approaches when b̄ is far from 0. The set is the finite interval between
+    the roots only when b̄ is significantly nonzero, g = t² s_bb / (n b̄²) < 1; otherwise it is
+    the whole line or the line without an interval: unbounded, NaN bounds. n < 2: NaN bounds;
+    mean(b) = 0: R is NaN."""
+    a, b = paired(a_by_seed, b_by_seed)
+    n = len(a)
+    if n == 0:
+        return RatioEstimate(math.nan, math.nan, math.nan, False, "no seed pairs")
+    mean_a, mean_b = float(a.mean()), float(b.mean())
+    value = mean_a / mean_b if mean_b != 0 else math.nan
+    if n < 2:
+        return RatioEstimate(value, math.nan, math.nan, False, "one seed pair: no interval")
+    covariance = np.cov(a, b, ddof=1)
+    s_aa = 0.0 if _constant(a) else float(covariance[0, 0])  # rounding noise of constant drifts is 0
+    s_bb = 0.0 if _constant(b) else float(covariance[1, 1])
+    s_ab = 0.0 if s_aa == 0.0 or s_bb == 0.0 else float(covariance[0, 1])
+    q = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) ** 2 / n
+    # quadratic A R² - 2 B R + C ≤ 0
+    quad_a, quad_b, quad_c = mean_b**2 - q * s_bb, mean_a * mean_b - q * s_ab, mean_a**2 - q * s_aa
+    discriminant = quad_b**2 - quad_a * quad_c
+    if quad_a > 0:  # g < 1; R̂ satisfies the inequality, so the roots are real
+        root = math.sqrt(max(discriminant, 0.0))
+        return RatioEstimate(value, (quad_b - root) / quad_a, (quad_b + root) / quad_a, True, "bounded")
+    g = math.inf if mean_b == 0 else q * s_bb / mean_b**2
+    unbounded = f"unbounded (g = {g:.3g} >= 1)"
+    if quad_a < 0 and discriminant > 0:
+        r1, r2 = sorted((quad_b + sign * math.sqrt(discriminant)) / quad_a for sign in (-1, 1))
+        return RatioEstimate(value, math.nan, math.nan, False, f"{unbounded}: every R outside ({r1:.6g}, {r2:.6g})")
+    if quad_a < 0 or quad_b == 0:
+        return RatioEstimate(value, math.nan, math.nan, False, f"{unbounded}: the whole line")
+    side = ">=" if quad_b > 0 else "<="  # A = 0: the inequality is linear, -2B R + C <= 0
+    return RatioEstimate(value, math.nan, math.nan, False, f"{unbounded}: every R {side} {quad_c / (2 * quad_b):.6g}")
 
 
-def quality_gap(
-    lora_by_seed: Mapping[int, float], full_by_seed: Mapping[int, float], confidence: float = 0.95
-) -> Estimate:
-    """Full FT minus LoRA on the primary metric, in percentage points, over seeds both ran, with
-    the paired t-interval. The t-interval rather than the bootstrap: with three seeds the
-    percentile bootstrap cannot be wider than the range of the differences and undercovers."""
-    lora, full = paired(lora_by_seed, full_by_seed)
-    d = describe(100 * (full - lora), confidence)
-    return Estimate(d["mean"], d["ci_low"], d["ci_high"])
+def drift_reduction(
+    a_by_seed: Mapping[int, float], b_by_seed: Mapping[int, float], confidence: float = 0.95
+) -> RatioEstimate:
+    """Relative drift reduction 1 - R, R = mean(drift_lora) / mean(drift_full) over seeds both
+    have (drift = 1 - CKA): one estimand, the reduction of the average drift, rather than the
+    average of per-seed ratios, which a seed with tiny full-FT drift dominates. Interval: 1 minus
+    Fieller's (`ratio_of_means_fieller`), bounds swapped; NaN bounds (inconclusive) when
+    unbounded. `reduction_contrast` decides the same criterion without a ratio."""
+    r = ratio_of_means_fieller(a_by_seed, b_by_seed, confidence)
+    return RatioEstimate(1 - r.value, 1 - r.high, 1 - r.low, r.bounded, r.note)
 
 
-def criterion(
-    value: float | None, low: float | None, high: float | None, threshold: float, higher_is_better: bool
-) -> str:
-    """'not run' without a value; 'inconclusive' without an interval or when the interval
-    straddles the threshold; otherwise 'met' or 'not met'. The threshold itself counts as met
-    ('within 3 points', 'at least 20 %', 'at most 30 %')."""
-    if value is None or math.isnan(value):
-        return NOT_RUN
-    if low is None or high is None or math.isnan(low) or math.isnan(high):
-        return INCONCLUSIVE
-    if low > high:
-        raise ValueError(f"interval [{low}, {high}] is reversed")
-    if higher_is_better:
-        return MET if low >= threshold else NOT_MET if high < threshold else INCONCLUSIVE
-    return MET if high <= threshold else NOT_MET if low > threshold else INCONCLUSIVE
+def reduction_contrast(
+    a_by_seed: Mapping[int, float], b_by_seed: Mapping[int, float], threshold: float = 0.20,
+    confidence: float = 0.95,
+) -> Estimate:  # fmt: skip
+    """Mean of the paired contrast c_s = a_s - (1 - threshold)·b_s with the two-sided t-interval
+    mean ± t(1-α/2, n-1)·sd/√n of the rest of the verdict. "LoRA drifts at least `threshold`
+    less", mean(a) ≤ (1 - threshold)·mean(b), is mean(c) ≤ 0: read it with
+    criterion(*contrast, 0.0, higher_is_better=False), i.e. met when high ≤ 0, not met when
+    low > 0, inconclusive when the interval holds 0 (the boundary counts as met, as for every
+    criterion). It needs no division: with mean(b) > 0 its outcome is that of the bounded
+    Fieller interval of `drift_reduction` against `threshold`, and it still decides some
+    cases where that interval is unbounded."""
+    a, b = paired(a_by_seed, b_by_seed)
+    d = describe(a - (1 - threshold) * b, confidence)
+    return Estimate(float(d["mean"]), float(d["ci_low"]), float(d["ci_high"]))
 
 
-def _kleene(outcome: str) -> bool | None:
-    return {MET: True, NOT_MET: False}.get(outcome)
+# ---------------------------------------------------------------- rates and planning
 
 
-def recommended(quality: str, drift: str, deployment: str) -> str:
-    """'LoRA recommended' = quality and (drift or deployment), in three-valued logic where
-    'inconclusive' and 'not run' are unknown: a decided answer needs only the criteria that decide
-    it (quality not met -> not met whatever else; quality and drift met -> met without a
-    deployment result). An undecided answer reads 'inconclusive' if any criterion is
-    inconclusive, else 'not run'."""
-    q, dr, de = _kleene(quality), _kleene(drift), _kleene(deployment)
-    either = True if dr or de else False if dr is False and de is False else None
-    result = False if q is False or either is False else True if q and either else None
-    if result is not None:
-        return MET if result else NOT_MET
-    return INCONCLUSIVE if INCONCLUSIVE in (quality, drift, deployment) else NOT_RUN
+def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> Estimate:
+    """k/n with the exact (Clopper–Pearson) binomial interval: the α/2 and 1-α/2 quantiles of
+    Beta(k, n-k+1) and Beta(k+1, n-k); low is 0 at k=0 and high 1 at k=n. Never narrower than
+    the nominal level, unlike the Wald interval, which collapses to a point at k=0 or k=n.
+    n=0: NaN."""
+    if not (0 <= k <= n) or int(k) != k or int(n) != n:
+        raise ValueError(f"need integers 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan)
+    alpha = 1 - confidence
+    low = 0.0 if k == 0 else float(stats.beta.ppf(alpha / 2, k, n - k + 1))
+    high = 1.0 if k == n else float(stats.beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return Estimate(k / n, low, high)
 
 
-def verdict_rows(
-    task: str,
-    *,
-    quality: Estimate | None,
-    drift: Estimate | None,
-    deployment: Estimate | None,
-    quality_threshold: float = 3.0,
-    drift_threshold: float = 0.20,
-    deployment_threshold: float = 0.30,
-) -> list[dict[str, object]]:
-    """Rows of tables/verdict.csv for one task (columns VERDICT_COLUMNS); None means not run.
+@functools.lru_cache(maxsize=8)
+def _t_quantiles(confidence: float, max_n: int) -> np.ndarray:
+    """t(1-α/2, N-1) for N = 2 .. max_n (index N - 2)."""
+    q = stats.t.ppf(0.5 + confidence / 2, np.arange(1, max_n))
+    q.setflags(write=False)
+    return q
 
-    quality: full FT minus LoRA, percentage points of the primary metric (`quality_gap`), met
-    at ≤ quality_threshold. drift: relative drift reduction 1 - drift_lora/drift_full with
-    drift = 1 - mean CKA over layers, met at ≥ drift_threshold. deployment: latency of LoRA kept
-    as a separate adapter over full FT at batch size 1, minus 1, met at ≤ deployment_threshold.
-    The last row, criterion 'recommended', combines them (see `recommended`)."""
-    specs = [
-        ("quality", quality, quality_threshold, False, "full FT - LoRA, primary metric, percentage points; met if <="),
-        ("drift", drift, drift_threshold, True, "1 - drift_lora / drift_full, drift = 1 - mean CKA; met if >="),
-        ("deployment", deployment, deployment_threshold, False,
-         "separate-adapter latency / full FT - 1 at batch size 1; met if <="),
-    ]  # fmt: skip
-    rows = []
-    for name, estimate, threshold, higher_is_better, rule in specs:
-        value, low, high = estimate if estimate is not None else Estimate(math.nan, math.nan, math.nan)
-        rows.append({
-            "task": task, "criterion": name, "value": value, "ci_low": low, "ci_high": high,
-            "threshold": threshold, "outcome": criterion(value, low, high, threshold, higher_is_better),
-            "rule": f"{rule} {threshold:g}",
-        })  # fmt: skip
-    outcomes = [row["outcome"] for row in rows]
-    rows.append({
-        "task": task, "criterion": "recommended", "value": math.nan, "ci_low": math.nan, "ci_high": math.nan,
-        "threshold": math.nan, "outcome": recommended(*outcomes), "rule": "quality and (drift or deployment)",
-    })  # fmt: skip
-    return rows
+
+def seeds_needed(
+    mean: float, sd: float, n: int, threshold: float, *, higher_is_better: bool, confidence: float = 0.95,
+    max_n: int = 1000,
+) -> int | None:  # fmt: skip
+    """Smallest number of seeds (pairs) N, the n already run included, at which the t-interval
+    mean ± t(1-α/2, N-1)·sd/√N would lie on one side of `threshold` (as `criterion` reads it),
+    were mean and sd to stay as observed from n seeds: met or not met, whichever side the mean
+    is on. N ≤ n means the current seeds already decide. A planning figure, not a promise: the
+    next seeds move mean and sd (`seeds_needed_range` shows the sd's share of that). None when
+    the mean equals the threshold (no N decides), when mean or sd is NaN (n < 2), or when it
+    would take more than max_n seeds."""
+    if n < 1 or max_n < 2:
+        raise ValueError(f"need n >= 1 and max_n >= 2, got n={n}, max_n={max_n}")
+    if math.isnan(mean) or math.isnan(sd) or mean == threshold:
+        return None
+    if sd < 0 or math.isinf(sd) or math.isinf(mean):
+        raise ValueError(f"need a finite mean and sd >= 0, got mean={mean}, sd={sd}")
+    half = _t_quantiles(confidence, max_n) * sd / np.sqrt(np.arange(2, max_n + 1))
+    gap = abs(mean - threshold)
+    met_side = (mean > threshold) == higher_is_better  # the threshold itself counts as met
+    decided = np.flatnonzero(half <= gap if met_side else half < gap)
+    return int(decided[0]) + 2 if len(decided) else None
+
+
+def seeds_needed_range(
+    mean: float, sd: float, n: int, threshold: float, *, higher_is_better: bool, confidence: float = 0.95,
+    max_n: int = 1000,
+) -> tuple[int | None, int | None]:  # fmt: skip
+    """`seeds_needed` at the two ends of the chi-square interval of the sd from n seeds,
+    sd·sqrt((n-1) / χ²(1-α/2, n-1)) and sd·sqrt((n-1) / χ²(α/2, n-1)): (fewest, most) seeds.
+    From three seeds the sd is known to within a factor of about 0.5 to 6.3 at 95 %, and N
+    scales roughly with its square. The mean is held at its observed value; its own
+    uncertainty widens the range further. None as in `seeds_needed` (at the upper end: more
+    than max_n seeds)."""
+    if n < 2 or math.isnan(sd):
+        return None, None
+    alpha = 1 - confidence
+    scale = [math.sqrt((n - 1) / stats.chi2.ppf(q, n - 1)) for q in (1 - alpha / 2, alpha / 2)]
+    fewest, most = (seeds_needed(mean, sd * s, n, threshold, higher_is_better=higher_is_better,
+                                 confidence=confidence, max_n=max_n) for s in scale)  # fmt: skip
+    return fewest, most

@@ -1,31 +1,170 @@
-"""The study directory: lock, manifest, atomic writes and the stage runner.
+"""The study directory: lock, manifest, the one atomic-write helper, the one cache rule, and
+the table records every writer and the report share.
 
 Every output is written to a temporary sibling and renamed into place, so a study killed at
-any moment holds only complete results; the next run removes the leftovers and redoes them."""
+any moment holds only complete results; the next run removes the leftovers and redoes them.
+
+The cache rule: an output (a file or a folder) is valid for a fingerprint when its stamp, a
+sibling `.<name>.fingerprint` file, holds that fingerprint. The stamp is removed before the
+output is replaced and written after it is in place, so a kill in between leaves no stamp and
+the output is redone; a stamp never vouches for an output it was not written for."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
-import platform
 import shutil
-import sys
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 
 import filelock
-import torch
+import pandas as pd
 import yaml
 
-from lorascope.config import StudyConfig, results_fingerprint, to_yaml, validate
+from lorascope import runtime
+from lorascope.config import StudyConfig, fingerprint, results_fingerprint, to_yaml, validate
 from lorascope.errors import InputError
 
 PARTIAL = ".partial-"
-PACKAGES = ("lorascope", "torch", "transformers", "peft", "datasets", "accelerate", "pydantic")
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def _scratch(path: Path) -> Path:
+    return path.with_name(f"{PARTIAL}{path.name}-{os.getpid()}")
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Written beside the target and renamed: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = _scratch(path)
+    scratch.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(scratch, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path):
+    """Yields an empty temporary folder that replaces `target` only if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = _scratch(target)
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        yield scratch
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(scratch, target)
+
+
+def remove_partials(root: Path) -> None:
+    for leftover in root.rglob(f"{PARTIAL}*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- the cache rule
+
+
+def _stamp(target: Path) -> Path:
+    return target.with_name(f".{target.name}.fingerprint")
+
+
+def stamp_of(target: Path) -> str | None:
+    """The fingerprint `target` was written for, or None (never written, or half written)."""
+    stamp = _stamp(target)
+    return stamp.read_text() if target.exists() and stamp.is_file() else None
+
+
+def is_current(target: Path, fingerprint: str) -> bool:
+    return stamp_of(target) == fingerprint
+
+
+@contextlib.contextmanager
+def fresh(target: Path, fingerprint: str):
+    """Around the (atomic) writing of `target`: its stamp goes first and comes back, with the
+    new fingerprint, only when the block succeeds."""
+    _stamp(target).unlink(missing_ok=True)
+    yield
+    atomic_write(_stamp(target), fingerprint)
+
+
+def write_current(target: Path, data: str | bytes, fingerprint: str) -> None:
+    """`target` written atomically and stamped with `fingerprint`."""
+    with fresh(target, fingerprint):
+        atomic_write(target, data)
+
+
+@contextlib.contextmanager
+def current_dir(target: Path, fingerprint: str):
+    """A scratch folder that becomes `target`, stamped with `fingerprint`, if the block succeeds."""
+    with fresh(target, fingerprint), atomic_dir(target) as scratch:
+        yield scratch
+
+
+# ---------------------------------------------------------------- tables
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """One CSV under tables/: its leading columns are declared once, beside its writer, and
+    the report reads it through the same record, so a renamed column breaks a test, not the
+    report. Writers may add columns after the declared ones; they may not leave one out."""
+
+    name: str
+    columns: tuple[str, ...]
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.csv"
+
+    def path(self, folder: Path) -> Path:
+        return Path(folder) / self.file
+
+    def frame(self, rows) -> pd.DataFrame:
+        """Rows (dicts or a frame) with the declared columns first; a missing one is an error."""
+        frame = pd.DataFrame(rows) if not isinstance(rows, pd.DataFrame) else rows
+        if frame.empty and not len(frame.columns):
+            frame = pd.DataFrame(columns=list(self.columns))
+        missing = [c for c in self.columns if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{self.file}: rows lack the declared column(s) {missing}")
+        return frame[list(self.columns) + [c for c in frame.columns if c not in self.columns]]
+
+    def write(self, folder: Path, rows, fingerprint: str | None = None) -> pd.DataFrame:
+        frame = self.frame(rows)
+        text = frame.to_csv(index=False)
+        if fingerprint is None:
+            atomic_write(self.path(folder), text)
+        else:
+            write_current(self.path(folder), text, fingerprint)
+        return frame
+
+    def read(self, folder: Path) -> pd.DataFrame | None:
+        """The table, or None when it was never written or has no rows."""
+        path = self.path(folder)
+        if not path.is_file():
+            return None
+        try:
+            frame = pd.read_csv(path)
+        except pd.errors.EmptyDataError:
+            return None
+        missing = [c for c in self.columns if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{path}: written without the column(s) {missing}; rerun the stage that writes it")
+        return None if frame.empty else frame
+
+
+# ---------------------------------------------------------------- the study
 
 
 class Study:
@@ -42,9 +181,19 @@ class Study:
     def baseline_dir(self, task: str, name: str) -> Path:
         return self.root / "baselines" / task / name
 
+    def features_path(self, task: str, model_id: str) -> Path:
+        return self.root / "features" / task / f"{model_id}.safetensors"
+
+    def tuned_path(self, task: str, method: str) -> Path:
+        return self.root / "tuned" / f"{task}_{method}.yaml"
+
     @property
     def tables(self) -> Path:
         return self.root / "tables"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
 
     # ------------------------------------------------------------ config and manifest
     def load_config(self) -> StudyConfig:
@@ -54,14 +203,15 @@ class Study:
         return validate(yaml.safe_load(path.read_text()) or {}, source=str(path))
 
     def write_config(self, config: StudyConfig) -> None:
-        atomic_write_text(self.root / "config.yaml", to_yaml(config))
+        atomic_write(self.root / "config.yaml", to_yaml(config))
         manifest = self.manifest()
+        versions = runtime.versions()
         manifest.update(
             config_fingerprint=results_fingerprint(config),
-            lorascope=metadata.version("lorascope"),
-            versions={p: _version(p) for p in PACKAGES},
-            hardware=_hardware(),
-            python=sys.version.split()[0],
+            lorascope=versions["lorascope"],
+            versions={k: v for k, v in versions.items() if k != "python"},
+            hardware=runtime.hardware(),
+            python=versions["python"],
         )
         self._write_manifest(manifest)
 
@@ -70,7 +220,7 @@ class Study:
         return json.loads(path.read_text()) if path.is_file() else {"stages": {}}
 
     def _write_manifest(self, manifest: dict) -> None:
-        atomic_write_text(self.root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        atomic_write(self.root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 
     def _set_stage(self, name: str, **fields) -> None:
         manifest = self.manifest()
@@ -115,73 +265,35 @@ class Study:
             lock.release()
 
 
-def load_done(path: Path, fingerprint: str) -> dict | None:
-    """The metrics of a finished item whose fingerprint matches, else None (redo it)."""
-    metrics = path / "metrics.json"
-    if not metrics.is_file():
-        return None
-    data = json.loads(metrics.read_text())
-    return data if data.get("fingerprint") == fingerprint else None
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step of a study. `needs`: the stages whose outputs it reads (run first by the
+    stage's subcommand); `reads`: the config sections its results depend on (its fingerprint
+    in the manifest); `standalone`: reads whatever exists instead of bringing inputs up to date.
+    `run(study, config)` skips every item whose outputs are current."""
+
+    name: str
+    help: str
+    run: Callable[[Study, StudyConfig], None]
+    needs: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
+    standalone: bool = False
+
+    def fingerprint(self, config: StudyConfig) -> str:
+        return fingerprint(self.name, {key: getattr(config, key) for key in self.reads})
 
 
-@contextlib.contextmanager
-def atomic_dir(target: Path):
-    """Yields an empty temporary folder that replaces `target` only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = target.parent / f"{PARTIAL}{target.name}-{os.getpid()}"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
-    try:
-        yield scratch
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(scratch, target)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(f"{PARTIAL}{path.name}-{os.getpid()}")
-    scratch.write_text(text)
-    os.replace(scratch, path)
-
-
-def remove_partials(root: Path) -> None:
-    for leftover in root.rglob(f"{PARTIAL}*"):
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
-
-
-def run_stages(config: StudyConfig, root: Path, stages: list[tuple[str, Callable]], write_config: bool = True):
-    """Run stage functions `fn(study, config) -> fingerprint-independent result` in order under
-    the study lock. Each stage skips the items whose outputs exist for the same fingerprint."""
+def run_stages(config: StudyConfig, root: Path, stages: list[Stage], write_config: bool = True) -> Study:
+    """Run `stages` in order under the study lock, after writing config.yaml and the manifest
+    (`write_config`); each records its status and time in manifest.json."""
     study = Study(root)
     with study.lock():
         if write_config:
             study.write_config(config)
-        for name, fn in stages:
-            with study.stage(name, results_fingerprint(config)):
-                fn(study, config)
+        for stage in stages:
+            with study.stage(stage.name, stage.fingerprint(config)):
+                stage.run(study, config)
     return study
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _hardware() -> dict:
-    info = {"machine": platform.machine(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}  # fmt: skip
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def _now() -> str:

@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from lorascope import modeling
+from lorascope import modeling, runtime
 from lorascope.config import MethodConfig, RuntimeConfig
 from lorascope.errors import Diverged
 from lorascope.evaluation import evaluate, make_collator
@@ -193,9 +193,9 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
     """Train on splits['train'], select on splits['dev'] when present, score splits['eval'],
     and write weights, metrics.json, history.csv, hparams.json and predictions.csv to out_dir.
     Returns the metrics dict (status ok or diverged)."""
-    device = modeling.pick_device(setup.runtime)
+    device = runtime.pick_device(setup.runtime)
     task, hp = setup.task, setup.hp
-    model = modeling.load_model(setup.model_name, task.label_names, setup.seed, tokenizer, setup.dropout)
+    model = modeling.load_model(setup.model_name, task.label_names, setup.seed, tokenizer.pad_token_id, setup.dropout)
     head_digest = modeling.tensor_digest(modeling.head_parameters(model))
     model = modeling.prepare_for_method(model, setup.method, hp, setup.seed).to(device)
     trainable, total = modeling.count_parameters(model)

@@ -12,37 +12,32 @@ through a shared storage (a PostgreSQL / MySQL URL or a journal file)."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import os
 import socket
-import threading
+import sys
 import time
-import warnings
 from collections import Counter
-from pathlib import Path
 
-import filelock
 import optuna
 import pandas as pd
 import yaml
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
-from sqlalchemy.exc import DBAPIError
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from lorascope import modeling, stages
+from lorascope import modeling, runs
 from lorascope.config import MethodConfig, StudyConfig, fingerprint, validate
 from lorascope.errors import InputError
-from lorascope.study import PARTIAL, Study, atomic_dir, atomic_write_text
+from lorascope.optuna_storage import Backend, fail_stale, heartbeat, open_storage
+from lorascope.study import Study, Table, atomic_dir, is_current, stamp_of, write_current
 from lorascope.training import train_run
 
 METHODS = ("lora", "full")
-TRIALS_COLUMNS = ["task", "method", "trial", "state", "value", "duration_s"]
+# one row per trial; each trial's parameters follow the declared columns
+TRIALS = Table("trials", ("task", "method", "trial", "state", "value", "duration_s", "last_step", "last_dev_value",
+                          "best_step", "retry_of", "worker", "note"))  # fmt: skip
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-SQLITE_SUFFIXES = {".db", ".sqlite", ".sqlite3"}
 WAIT_S = 1.0  # poll interval while other workers finish the last trials
 MAX_FAILURES_IN_A_ROW = 3  # trials that raise; then the search stops with the last error
 
@@ -72,22 +67,23 @@ def tune_study(
     study) is any Optuna storage URL or a journal file path. When the study's tuned files already
     record finished searches of this config, nothing is opened or run. Returns the tuned records."""
     target = trials or config.tune.trials
+    config = startup_below(config, target) if trials is not None else config
     check_search(config, target)
     tasks, methods = _select(config, tasks, methods)
+    runs.prepare_tasks(study, config, tasks)  # the searches are named by the prepared data's content
     done = {(t, m): _finished_record(study, config, t, m, target) for t in tasks for m in methods}
     if all(done.values()):  # e.g. filled by workers on a shared storage; nothing left to search
         return done
-    stages.prepare(study, config.model_copy(update={"tasks": {t: config.tasks[t] for t in tasks}}))
     backend = open_storage(study.root, config, storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tokenizer = modeling.load_tokenizer(config.model.name)
     records = {}
     with backend.exclusive():
         for task_name in tasks:
-            task, splits = stages.load_prepared(study, task_name)
+            task, splits = runs.load_prepared(study, task_name)
             for method in methods:
                 ostudy = optuna.create_study(
-                    storage=backend.storage, study_name=study_name(config, task_name, method),
+                    storage=backend.storage, study_name=study_name(study, config, task_name, method),
                     direction="maximize", load_if_exists=True, pruner=_pruner(config),
                     sampler=TrialSeededTPE(config.tune.seed, config.tune.startup_trials),
                 )  # fmt: skip
@@ -95,22 +91,21 @@ def tune_study(
                 _fill(ostudy, objective, target, backend, config, f"tune {task_name} {method}")
                 records[task_name, method] = write_tuned(study, config, task_name, method, task.metric, ostudy,
                                                          backend, target)  # fmt: skip
-                write_history_figure(study, task_name, method, ostudy, task.metric)
         write_trials_table(study, config, backend)
     return records
 
 
-def tuned_hparams(study_root, config: StudyConfig, task: str, method: str) -> tuple[MethodConfig, dict[str, str]]:
+def tuned_hparams(study: Study, config: StudyConfig, task: str, method: str) -> tuple[MethodConfig, dict[str, str]]:
     """The hyperparameters `train` uses when tune.enabled: training.<method> with the best trial's
     values, and where each value came from ("tuned" or "config"). Refuses a tuned file written
     for another search (data, model, base hyperparameters, space or sampler changed) or one
     whose search has not reached tune.trials finished trials."""
-    path = Path(study_root) / "tuned" / f"{task}_{method}.yaml"
+    path = study.tuned_path(task, method)
     if not path.is_file():
         raise InputError(f"no tuned hyperparameters for {task}/{method} ({path}); run `lorascope tune` first")
-    data = yaml.safe_load(path.read_text())
-    if data.get("study_name") != study_name(config, task, method):
+    if not is_current(path, study_name(study, config, task, method)):
         raise InputError(f"{path} comes from another search than this config's; rerun `lorascope tune`")
+    data = yaml.safe_load(path.read_text())
     finished = data["trials"]["complete"] + data["trials"]["pruned"]
     if finished < config.tune.trials:
         raise InputError(f"{path}: {finished} of tune.trials={config.tune.trials} trials finished; "
@@ -122,12 +117,22 @@ def tuned_hparams(study_root, config: StudyConfig, task: str, method: str) -> tu
 
 
 def _finished_record(study: Study, config: StudyConfig, task: str, method: str, target: int) -> dict | None:
-    path = study.root / "tuned" / f"{task}_{method}.yaml"
-    if not path.is_file():
+    path = study.tuned_path(task, method)
+    if not is_current(path, study_name(study, config, task, method)):
         return None
     data = yaml.safe_load(path.read_text())
-    same = data.get("study_name") == study_name(config, task, method)
-    return data if same and data["trials"]["complete"] + data["trials"]["pruned"] >= target else None
+    return data if data["trials"]["complete"] + data["trials"]["pruned"] >= target else None
+
+
+def startup_below(config: StudyConfig, trials: int) -> StudyConfig:
+    """With fewer trials than tune.startup_trials, TPE would never leave its random phase: a
+    search asked for that way gets trials - 1 start-up trials, and says so."""
+    startup = config.tune.startup_trials
+    if trials < 2 or startup < trials:
+        return config
+    print(f"tune: {trials} trials are not more than tune.startup_trials ({startup}): using {trials - 1} random "
+          "start-up trial(s) before TPE (set tune.startup_trials to choose)", file=sys.stderr)  # fmt: skip
+    return config.model_copy(update={"tune": config.tune.model_copy(update={"startup_trials": trials - 1})})
 
 
 def check_search(config: StudyConfig, trials: int | None = None) -> None:
@@ -141,13 +146,13 @@ def check_search(config: StudyConfig, trials: int | None = None) -> None:
     validate(raw, source="tune")
 
 
-def study_name(config: StudyConfig, task: str, method: str) -> str:
+def study_name(study: Study, config: StudyConfig, task: str, method: str) -> str:
     """lorascope/<study>/<task>/<method>/<fingerprint of everything a trial's value depends on>.
     The number of trials is left out, so asking for more continues the same search."""
     tune, space = config.tune, getattr(config.tune.spaces, method)
     base = getattr(config.training, method).model_dump(mode="json", exclude=set(space.params()))
     fp = fingerprint(
-        stages.RESULTS_VERSION, stages._prepare_fingerprint(config, task), config.model, method, base,
+        runs.RESULTS_VERSION, runs.prepared_fingerprint(study, task), runs.model_key(config), method, base,
         config.training.eval_batch_size, _train_seed(config), space, tune.seed, tune.startup_trials,
         tune.prune, tune.prune_startup_trials, tune.prune_warmup_steps, config.runtime.device, config.runtime.bf16,
     )  # fmt: skip
@@ -162,85 +167,6 @@ def hparams_with(base: MethodConfig, params: dict, where: str = "trial") -> Meth
         raise InputError(f"{where}: {' '.join(str(err).split())}") from None
 
 
-# ---------------------------------------------------------------- storage
-
-
-@dataclasses.dataclass
-class Backend:
-    storage: optuna.storages.BaseStorage
-    url: str  # for the records: password redacted
-    kind: str  # default (SQLite in the study, one process) | rdb | journal
-    lock_path: Path | None = None
-
-    @contextlib.contextmanager
-    def exclusive(self):
-        """The default storage serves one process, so every RUNNING trial found in it is stale."""
-        if self.lock_path is None:
-            yield
-            return
-        lock = filelock.FileLock(self.lock_path, timeout=0)
-        try:
-            lock.acquire()
-        except filelock.Timeout:
-            raise InputError(f"another process is tuning with {self.url}; several workers need a shared "
-                             "--storage (PostgreSQL/MySQL URL or a journal file)") from None  # fmt: skip
-        try:
-            yield
-        finally:
-            lock.release()
-
-
-def open_storage(study_root, config: StudyConfig, storage: str | None = None) -> Backend:
-    """`storage` (else tune.storage): an RDB URL (sqlite:///, postgresql://, mysql://) with
-    Optuna's heartbeat, or a journal file path; none: tune/optuna.db in the study directory."""
-    tune = config.tune
-    url = storage or tune.storage
-    if url is None:
-        path = (Path(study_root) / "tune" / "optuna.db").resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return Backend(RDBStorage(f"sqlite:///{path}"), f"sqlite:///{path}", "default", path.with_suffix(".lock"))
-    if "://" in url:
-        return Backend(_rdb(url, tune), redact(url), "rdb")
-    path = Path(url).expanduser()
-    if path.suffix in SQLITE_SUFFIXES:
-        raise InputError(f"storage {url}: a path is read as an Optuna journal file; for SQLite give sqlite:///{url}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Backend(JournalStorage(JournalFileBackend(str(path))), str(path), "journal")
-
-
-def _rdb(url: str, tune, attempts: int = 3) -> RDBStorage:
-    """RDBStorage with Optuna's heartbeat. Workers that start together on a new database race to
-    create its tables (the loser sees "already exists" or a unique-key error); a second attempt
-    finds them."""
-    for attempt in range(attempts):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(
-                    url, heartbeat_interval=tune.heartbeat_s, grace_period=4 * tune.heartbeat_s,
-                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=tune.max_retries),
-                )  # fmt: skip
-        except Exception as err:  # noqa: BLE001 - driver errors vary; one clear line
-            if attempt + 1 < attempts and isinstance(err, DBAPIError):  # not a bad scheme or a missing driver
-                time.sleep(0.5 * (attempt + 1))
-                continue
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise InputError(f"storage {redact(url)}: cannot open it ({message})") from None
-    raise AssertionError("unreachable")
-
-
-def redact(url: str) -> str:
-    if "://" not in url:
-        return url
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL: keep only scheme and host
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.rpartition('@')[2]}" if "@" in rest else url
-
-
 # ---------------------------------------------------------------- trials
 
 
@@ -252,7 +178,7 @@ def _fill(ostudy: optuna.Study, objective, target: int, backend: Backend, config
     bar = tqdm(total=target, desc=desc, unit="trial", disable=not config.runtime.progress)
     try:
         while True:
-            _fail_stale(ostudy, backend, config)
+            fail_stale(ostudy, backend, config)
             counts = Counter(t.state for t in ostudy.get_trials(deepcopy=False))
             finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
             bar.update(finished - bar.n)
@@ -326,49 +252,6 @@ def _pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
                                        n_warmup_steps=tune.prune_warmup_steps)  # fmt: skip
 
 
-def _fail_stale(ostudy: optuna.Study, backend: Backend, config: StudyConfig) -> None:
-    """Fail the trials of dead workers and queue them again with their parameters. RDB: Optuna's
-    heartbeat. Journal: lorascope's heartbeat (a user attribute). Default storage: this process
-    holds it alone, so any RUNNING trial is left over from a killed run."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if backend.kind == "rdb":
-            optuna.storages.fail_stale_trials(ostudy)
-            return
-    grace = 0 if backend.kind == "default" else 4 * config.tune.heartbeat_s
-    now = time.time()
-    for trial in ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        last = trial.user_attrs.get("heartbeat") or trial.datetime_start.timestamp()
-        if now - last < grace:
-            continue
-        try:
-            ostudy.tell(trial.number, state=TrialState.FAIL)
-        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
-            continue  # another worker failed it first and queued the retry
-        attempt = trial.user_attrs.get("attempt", 0) + 1
-        if trial.params and attempt <= config.tune.max_retries:
-            ostudy.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "attempt": attempt})
-
-
-@contextlib.contextmanager
-def _heartbeat(trial: optuna.Trial, seconds: float):
-    """Records a sign of life every `seconds` while a trial runs (journal storage)."""
-    stop = threading.Event()
-
-    def beat():
-        while not stop.wait(seconds):
-            trial.set_user_attr("heartbeat", time.time())
-
-    trial.set_user_attr("heartbeat", time.time())
-    thread = threading.Thread(target=beat, name=f"heartbeat-trial{trial.number}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
 class DevReporter(TrainerCallback):
     """Hands each dev evaluation of training.DevSelection (it logs `dev_<metric>` at the step it
     evaluated) to the Optuna trial, and stops a trial the pruner finds poor. Must come after
@@ -413,10 +296,10 @@ class _Objective:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         hp = trial_hparams(self.config, self.method, trial)
         reporter = DevReporter(trial, self.task.metric, self.config.tune.prune)
-        setup = stages._setup(self.config, self.task, self.method, _train_seed(self.config), hp=hp,
-                              save_weights=False, callbacks=[reporter])  # fmt: skip
+        setup = runs.run_setup(self.config, self.task, self.method, _train_seed(self.config), hp=hp,
+                               save_weights=False, callbacks=[reporter])  # fmt: skip
         target = self.study.root / "tune" / self.task.name / self.method / f"trial{trial.number:04d}"
-        alive = _heartbeat(trial, self.config.tune.heartbeat_s) if self.backend.kind == "journal" else None
+        alive = heartbeat(trial, self.config.tune.heartbeat_s) if self.backend.kind == "journal" else None
         try:
             with alive or contextlib.nullcontext(), atomic_dir(target) as scratch:
                 result = train_run(setup, self.splits, self.tokenizer, scratch)
@@ -519,69 +402,45 @@ def write_tuned(study: Study, config: StudyConfig, task: str, method: str, metri
     if best is not None:
         hp = hparams_with(getattr(config.training, method), best.params, "best trial")
         record["hparams"] = hp.model_dump(mode="json")
-    atomic_write_text(study.root / "tuned" / f"{task}_{method}.yaml", yaml.safe_dump(record, sort_keys=False))
+    write_current(study.tuned_path(task, method), yaml.safe_dump(record, sort_keys=False), ostudy.study_name)
     return record
+
+
+def trial_rows(task: str, method: str, ostudy: optuna.Study) -> list[dict]:
+    """One trials.csv row per trial of a search: state, value, duration, where it stopped, the
+    worker that ran it, then its parameters."""
+    rows = []
+    for t in ostudy.get_trials(deepcopy=False):
+        duration = t.duration.total_seconds() if t.duration is not None else None
+        steps = sorted(t.intermediate_values)
+        rows.append({
+            "task": task, "method": method, "trial": t.number, "state": t.state.name, "value": t.value,
+            "duration_s": None if duration is None else round(duration, 3),
+            "last_step": steps[-1] if steps else None,
+            "last_dev_value": t.intermediate_values[steps[-1]] if steps else None,
+            "best_step": t.user_attrs.get("best_step"),
+            "retry_of": t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial")),
+            "worker": t.user_attrs.get("worker"),
+            "note": "surplus" if _surplus(t) else t.user_attrs.get("error", t.user_attrs.get("status", "")),
+            **t.params,
+        })  # fmt: skip
+    return rows
 
 
 def write_trials_table(study: Study, config: StudyConfig, backend: Backend) -> pd.DataFrame:
     """Every trial of this config's searches found in the storage, one row each."""
-    rows, param_names = [], []
+    rows = []
     for task in config.tasks:
         for method in METHODS:
             try:
-                ostudy = optuna.load_study(study_name=study_name(config, task, method), storage=backend.storage)
+                ostudy = optuna.load_study(study_name=study_name(study, config, task, method), storage=backend.storage)
             except KeyError:
                 continue
-            for t in ostudy.get_trials(deepcopy=False):
-                duration = t.duration.total_seconds() if t.duration is not None else None
-                steps = sorted(t.intermediate_values)
-                retry_of = t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial"))
-                note = "surplus" if _surplus(t) else t.user_attrs.get("error", t.user_attrs.get("status", ""))
-                rows.append({
-                    "task": task, "method": method, "trial": t.number, "state": t.state.name, "value": t.value,
-                    "duration_s": None if duration is None else round(duration, 3), **t.params,
-                    "last_step": steps[-1] if steps else None,
-                    "last_dev_value": t.intermediate_values[steps[-1]] if steps else None,
-                    "best_step": t.user_attrs.get("best_step"), "retry_of": retry_of,
-                    "worker": t.user_attrs.get("worker"), "note": note,
-                })  # fmt: skip
-                param_names += [p for p in t.params if p not in param_names]
-    tail = ["last_step", "last_dev_value", "best_step", "retry_of", "worker", "note"]
-    table = pd.DataFrame(rows, columns=TRIALS_COLUMNS + param_names + tail)
-    atomic_write_text(study.tables / "trials.csv", table.to_csv(index=False))
-    return table
+            rows += trial_rows(task, method, ostudy)
+    return TRIALS.write(study.tables, pd.DataFrame(rows) if rows else pd.DataFrame(columns=TRIALS.columns))
 
 
-def write_history_figure(study: Study, task: str, method: str, ostudy, metric: str) -> Path:
-    """Dev metric of every finished trial by trial number, and the best so far."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    trials = sorted(ostudy.get_trials(deepcopy=False), key=lambda t: t.number)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot([t.number for t in complete], [t.value for t in complete], "o", label="complete trial")
-    if pruned:
-        last = [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
-        ax.plot([t.number for t in pruned], last, "x", color="grey", label="pruned (last dev value)")
-    if complete:
-        best, running = [], float("-inf")
-        for t in complete:
-            running = max(running, t.value)
-            best.append(running)
-        ax.step([t.number for t in complete], best, where="post", color="C3", label="best so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel(f"dev {metric}")
-    ax.set_title(f"{task} {method}: TPE search ({len(complete)} complete, {len(pruned)} pruned)")
-    ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
-    path = study.root / "figures" / f"tune_{task}_{method}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(f"{PARTIAL}{path.name}-{os.getpid()}")
-    fig.savefig(scratch, format="png", dpi=120)
-    plt.close(fig)
-    os.replace(scratch, path)
-    return path
+def tuned_records(study: Study) -> list[dict]:
+    """Every tuned/<task>_<method>.yaml of the study (as `write_tuned` writes them), in name order."""
+    return [yaml.safe_load(path.read_text()) for path in sorted((study.root / "tuned").glob("*_*.yaml"))
+            if stamp_of(path) is not None]  # fmt: skip

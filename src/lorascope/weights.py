@@ -12,6 +12,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 
+from lorascope.study import Table
+
+WEIGHTS = Table("weights", ("task", "method", "seed", "module", "relative_update", "effective_rank", "intruders"))
+
 # Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of Equivalence"
 # (arXiv:2410.21228): the authors' released script counts among the top k = 10 singular vectors
 # of W_ft those whose best |cosine| with W_base's singular vectors is below 0.5 (its default).

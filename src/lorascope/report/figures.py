@@ -359,3 +359,49 @@ def latency_figure(dep: pd.DataFrame) -> Figure:
     fig.suptitle("Latency vs batch size (line = median, band up to p95)", fontweight="bold")
     _legend(fig, handles, ncol=6)
     return fig
+
+
+def memory_figure(memory: pd.DataFrame) -> Figure:
+    """Per strategy: memory after loading with the extra peak of inference stacked on it, size
+    on disk of what it loads, and load time."""
+    from matplotlib.patches import Patch
+
+    names = list(memory["strategy"])
+    colors = [_strategy_style(s)["color"] for s in names]
+    unit = "GPU allocated" if (memory["measure"] == "cuda allocated").all() else "resident set above runtime"
+    extra = memory["inference_mb"].clip(lower=0)
+    fig = _new_figure(13, 3.8)
+    axes = fig.subplots(1, 3)
+    axes[0].bar(names, memory["loaded_mb"], color=colors)
+    top = axes[0].bar(names, extra, bottom=memory["loaded_mb"], color=colors, alpha=0.45, hatch="//")
+    axes[0].bar_label(top, labels=[f"{v:.0f}" for v in memory["loaded_mb"] + extra], fontsize=8)
+    axes[0].legend(handles=[Patch(facecolor="0.5", label="after loading"),
+                            Patch(facecolor="0.85", hatch="//", label="extra peak during inference")],
+                   fontsize=8, loc="lower right")  # fmt: skip
+    axes[0].set(ylabel=f"memory (MB, {unit})", title="peak memory")
+    axes[1].bar_label(axes[1].bar(names, memory["disk_mb"], color=colors), fmt="%.1f", fontsize=8)
+    axes[1].set(ylabel="size on disk (MB)", title="weights read at load (base + adapters)")
+    axes[2].bar_label(axes[2].bar(names, memory["load_seconds"], color=colors), fmt="%.2f", fontsize=8)
+    axes[2].set(ylabel="load time (s)", title="load time (weights paged in)")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30)
+        ax.grid(axis="y", alpha=0.3)
+        ax.margins(y=0.12)
+    return fig
+
+
+def tune_figure(trials: pd.DataFrame, task: str, method: str, metric: str) -> Figure:
+    """Dev metric of every finished trial of one search by trial number, and the best so far."""
+    rows = trials[(trials["task"] == task) & (trials["method"] == method)].sort_values("trial")
+    complete, pruned = rows[rows["state"] == "COMPLETE"], rows[(rows["state"] == "PRUNED") & rows["last_dev_value"].notna()]
+    fig = _new_figure(6, 3.6)
+    ax = fig.subplots()
+    ax.plot(complete["trial"], complete["value"], "o", label="complete trial")
+    if len(pruned):
+        ax.plot(pruned["trial"], pruned["last_dev_value"], "x", color="grey", label="pruned (last dev value)")
+    if len(complete):
+        ax.step(complete["trial"], complete["value"].cummax(), where="post", color="C3", label="best so far")
+    ax.set(xlabel="trial", ylabel=f"dev {metric}",
+           title=f"{task} {method}: TPE search ({len(complete)} complete, {len(pruned)} pruned)")
+    ax.legend(loc="lower right", fontsize="small")
+    return fig

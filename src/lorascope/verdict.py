@@ -1,0 +1,147 @@
+"""The verdict against the reference study's success criteria: which runs are flagged as
+failed, each criterion's outcome (met / not met / inconclusive / not run) with its direction,
+how many seeds an inconclusive one would need, and the rows that inform beside them (failure
+rates, the quality gap on the other metric). Estimates come from stats.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import pandas as pd
+
+from lorascope import stats
+from lorascope.stats import Estimate
+
+MET, NOT_MET, INCONCLUSIVE, NOT_RUN, SHOWN = "met", "not met", "inconclusive", "not run", "shown"
+VERDICT_COLUMNS = ("task", "criterion", "value", "ci_low", "ci_high", "threshold", "direction", "outcome", "rule",
+                   "n", "seeds_needed", "seeds_needed_low", "seeds_needed_high")  # fmt: skip
+CRITERIA = ("quality", "drift", "deployment")  # combined into "recommended"; other rows inform
+
+
+# ---------------------------------------------------------------- failed runs
+
+
+def flag_runs(performance: pd.DataFrame, majority: Mapping[str, float], margin: float) -> pd.DataFrame:
+    """Copy of a performance table (task, method, seed, status, primary_value, ...) with a
+    boolean `flagged` and a `reason` ('' when not flagged). A run is flagged when its status is
+    not ok, it has no primary value, or it scores at most the task's majority-class baseline plus
+    `margin`: such a run learned nothing, and the reference study reported one as a finding.
+    The caller computes statistics with and without the flagged runs."""
+    missing = sorted(set(performance["task"]) - set(majority))
+    if missing:
+        raise ValueError(f"no majority baseline for task(s) {missing}")
+
+    def reason(row: pd.Series) -> str:
+        if row["status"] != "ok":
+            return f"status {row['status']}"
+        if pd.isna(row["primary_value"]):
+            return "no primary value"
+        floor = majority[row["task"]] + margin
+        if row["primary_value"] <= floor:
+            return f"primary value {row['primary_value']:.4f} <= majority baseline + margin {floor:.4f}"
+        return ""
+
+    out = performance.copy()
+    out["reason"] = [reason(row) for _, row in performance.iterrows()]
+    out["flagged"] = (out["reason"] != "").astype(bool)
+    return out
+
+
+# ---------------------------------------------------------------- verdict
+
+
+def criterion(
+    value: float | None, low: float | None, high: float | None, threshold: float, higher_is_better: bool
+) -> str:
+    """'not run' without a value; 'inconclusive' without an interval or when the interval
+    straddles the threshold; otherwise 'met' or 'not met'. The threshold itself counts as met
+    ('within 3 points', 'at least 20 %', 'at most 30 %')."""
+    if value is None or math.isnan(value):
+        return NOT_RUN
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return INCONCLUSIVE
+    if low > high:
+        raise ValueError(f"interval [{low}, {high}] is reversed")
+    if higher_is_better:
+        return MET if low >= threshold else NOT_MET if high < threshold else INCONCLUSIVE
+    return MET if high <= threshold else NOT_MET if low > threshold else INCONCLUSIVE
+
+
+def _kleene(outcome: str) -> bool | None:
+    return {MET: True, NOT_MET: False}.get(outcome)
+
+
+def recommended(quality: str, drift: str, deployment: str) -> str:
+    """'LoRA recommended' = quality and (drift or deployment), in three-valued logic where
+    'inconclusive' and 'not run' are unknown: a decided answer needs only the criteria that decide
+    it (quality not met -> not met whatever else; quality and drift met -> met without a
+    deployment result). An undecided answer reads 'inconclusive' if any criterion is
+    inconclusive, else 'not run'."""
+    q, dr, de = _kleene(quality), _kleene(drift), _kleene(deployment)
+    either = True if dr or de else False if dr is False and de is False else None
+    result = False if q is False or either is False else True if q and either else None
+    if result is not None:
+        return MET if result else NOT_MET
+    return INCONCLUSIVE if INCONCLUSIVE in (quality, drift, deployment) else NOT_RUN
+
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+    """One verdict row. `estimate`: value with its interval (None: not run); `decider`: when
+    given, the estimate that decides instead, met when its interval is at most `decide_at` (the
+    drift contrast); `spread`: (mean, sd, n) of the per-seed values the deciding interval comes
+    from, for the seeds-needed estimate; `counts`: False for a row that informs only."""
+
+    name: str
+    estimate: tuple | None
+    threshold: float
+    higher_is_better: bool
+    rule: str
+    decider: Estimate | None = None
+    decide_at: float | None = None
+    spread: tuple[float, float, int] | None = None
+    counts: bool = True
+
+
+def row(task: str, c: Criterion, confidence: float = 0.95) -> dict:
+    value, low, high = tuple(c.estimate)[:3] if c.estimate is not None else (math.nan, math.nan, math.nan)
+    if c.decider is not None:  # a contrast that must be at most decide_at
+        decider, at, better = tuple(c.decider), c.decide_at, False
+    else:
+        decider, at, better = (value, low, high), c.threshold, c.higher_is_better
+    outcome = NOT_RUN if c.estimate is None else criterion(*decider[:3], at, better)
+    needed: tuple = (None, None, None)
+    if outcome == INCONCLUSIVE and c.spread is not None and c.spread[2] >= 2:
+        mean, sd, n = c.spread
+        args = {"higher_is_better": better, "confidence": confidence}
+        needed = (stats.seeds_needed(mean, sd, n, at, **args), *stats.seeds_needed_range(mean, sd, n, at, **args))
+    return {"task": task, "criterion": c.name, "value": value, "ci_low": low, "ci_high": high,
+            "threshold": c.threshold, "direction": "at least" if c.higher_is_better else "at most",
+            "outcome": outcome if c.counts else SHOWN, "rule": c.rule,
+            "n": c.spread[2] if c.spread is not None else None, "seeds_needed": needed[0],
+            "seeds_needed_low": needed[1], "seeds_needed_high": needed[2]}  # fmt: skip
+
+
+def verdict_rows(task: str, criteria: list[Criterion], confidence: float = 0.95) -> list[dict]:
+    """Rows of tables/verdict.csv for one task (columns VERDICT_COLUMNS), then 'recommended',
+    which combines the rows named in CRITERIA (see `recommended`)."""
+    rows = [row(task, c, confidence) for c in criteria]
+    outcome = {r["criterion"]: r["outcome"] for r in rows}
+    rows.append({"task": task, "criterion": "recommended", "value": math.nan, "ci_low": math.nan,
+                 "ci_high": math.nan, "threshold": math.nan, "direction": "",
+                 "outcome": recommended(*(outcome.get(name, NOT_RUN) for name in CRITERIA)),
+                 "rule": "quality and (drift or deployment)"})  # fmt: skip
+    return rows
+
+
+def failure_rate(task: str, method: str, flagged: int, runs: int, confidence: float) -> dict:
+    """An informing row: the share of a method's runs that are flagged, with its Clopper–Pearson
+    interval, so instability shows beside quality (which is judged on unflagged pairs)."""
+    estimate = stats.clopper_pearson(flagged, runs, confidence) if runs else None
+    rule = (f"{flagged} of {runs} runs flagged (failed, diverged or not above the majority baseline); "
+            "Clopper–Pearson interval")  # fmt: skip
+    return row(task, Criterion(f"failure rate {method}", estimate, math.nan, False, rule, counts=False), confidence)
