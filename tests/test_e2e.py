@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from lorascope.cli import main
+from lorascope.stages import STAGES
 
 pytestmark = pytest.mark.e2e
 MINILM_LORA_PARAMS = 6 * 2 * (2 * 384 * 8) + (384 * 2 + 2) + (384 * 384 + 384)  # q,v adapters + classifier + pooler
@@ -40,8 +41,7 @@ def test_smoke_study_end_to_end(tmp_path):
     assert mrpc_majority["accuracy"] < mrpc_majority["f1"]  # all-positive: F1 above accuracy, as in GLUE
 
     manifest = json.loads((out / "manifest.json").read_text())
-    stages = ["prepare", "baselines", "tune", "train", "represent", "drift", "weights", "deploy", "analyze", "report"]
-    assert {k: v["status"] for k, v in manifest["stages"].items()} == dict.fromkeys(stages, "done")
+    assert {k: v["status"] for k, v in manifest["stages"].items()} == dict.fromkeys((s.name for s in STAGES), "done")
     assert (out / "config.yaml").is_file()
 
     drift = pd.read_csv(out / "tables" / "drift_layers.csv")
@@ -53,5 +53,8 @@ def test_smoke_study_end_to_end(tmp_path):
     checks = pd.read_csv(out / "tables" / "deployment_checks.csv")
     assert checks["passed"].all() and set(checks["n_examples"]) == {24}  # deploy.check_examples reached the checks
     verdict = pd.read_csv(out / "tables" / "verdict.csv")
-    assert len(verdict) == 3 * 4 and verdict["outcome"].notna().all()
+    rows = {"quality", "drift", "deployment", "recommended", "failure rate lora", "failure rate full"}
+    assert {t: set(g["criterion"]) for t, g in verdict.groupby("task")} == {
+        "sst2": rows, "rte": rows, "mrpc": rows | {"quality (f1)"}}  # accuracy is the criterion, F1 is shown
+    assert verdict["outcome"].notna().all()
     assert "data:image/png;base64," in (out / "report.html").read_text()

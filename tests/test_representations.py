@@ -38,9 +38,39 @@ def test_features_do_not_depend_on_batching_and_match_each_example_alone(fixture
     last = fixture == "tiny_llama_dir"
     assert rep.head_reads_last_token(model) is last
     hidden, _ = _states_alone(model, tokenizer, TEXTS[2])
+    pooled = slice(1, None) if last else slice(None)  # decoders: the first position is left out of the mean
     for i, layer in enumerate(layers):
-        torch.testing.assert_close(batched["mean"][i, 2], hidden[layer][0].mean(dim=0), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(batched["head"][i, 2], hidden[layer][0, -1 if last else 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batched["mean"][i, 2], hidden[layer][0, pooled].mean(dim=0), atol=1e-5, rtol=1e-5)
+    if not last:
+        torch.testing.assert_close(batched["head"][:, 2], torch.stack([h[0, 0] for h in hidden]), atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_head_pooling_reads_the_token_the_classifier_reads(tiny_llama_dir):
+    """pad = eos = [SEP] and the tokenizer appends [SEP]: transformers' head reads the rightmost
+    non-pad token, the one before the trailing eos; the pooled `head` feature of the last layer
+    put through the head must give the model's own logits, in a padded batch too."""
+    model, tokenizer = _setup(tiny_llama_dir)
+    probe = _probe(tokenizer)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id and probe["input_ids"][0][-1] == tokenizer.eos_token_id
+    features, _ = rep.pooled_features(model, probe, tokenizer=tokenizer, layers=None, poolings=("head",), batch_size=5)
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+        torch.testing.assert_close(model.score(features["head"][-1]), logits, atol=1e-5, rtol=1e-5)
+        hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+    last_attended = batch["attention_mask"].sum(dim=1) - 1  # the trailing eos, which the head does not read
+    assert not torch.allclose(features["head"][-1], hidden[torch.arange(5), last_attended])
+
+
+def test_decoder_mean_pooling_leaves_the_first_position_out_unless_asked(tiny_llama_dir):
+    model, tokenizer = _setup(tiny_llama_dir)
+    probe = _probe(tokenizer)
+    hidden, _ = _states_alone(model, tokenizer, TEXTS[0])
+    default, _ = rep.pooled_features(model, probe, tokenizer=tokenizer, layers=[2], poolings=("mean",))
+    kept, _ = rep.pooled_features(model, probe, tokenizer=tokenizer, layers=[2], poolings=("mean",),
+                                  skip_first_position=False)  # fmt: skip
+    torch.testing.assert_close(default["mean"][0, 0], hidden[2][0, 1:].mean(dim=0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kept["mean"][0, 0], hidden[2][0].mean(dim=0), atol=1e-5, rtol=1e-5)
 
 
 def test_special_tokens_can_be_left_out_of_the_mean(tiny_bert_dir):

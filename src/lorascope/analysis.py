@@ -5,6 +5,7 @@ report renders these tables and recomputes none of them."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pandas as pd
 
@@ -224,6 +225,9 @@ def deployment_criterion(table: pd.DataFrame | None, analysis: AnalysisConfig) -
 
 def analyze(study: Study, config: StudyConfig) -> None:
     tables, analysis = study.tables, config.analysis
+    if PERFORMANCE.read(tables) is None:
+        print("analyze: no tables/performance.csv yet (no run has trained); nothing to analyze", file=sys.stderr)
+        return
     flags = FLAGS.write(tables, flagged_performance(study, config))
     STATISTICS.write(tables, describe_rows(flags, analysis.confidence) + comparison_rows(flags, analysis))
     summary = DRIFT_SUMMARY.read(tables)

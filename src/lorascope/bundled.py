@@ -14,7 +14,6 @@ import importlib.metadata
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,6 +22,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from lorascope.errors import InputError
+from lorascope.study import PARTIAL, atomic_dir
 
 MANIFEST = "lorascope-manifest.json"
 
@@ -73,7 +73,7 @@ def _converted_from_gguf(name: str, dist: importlib.metadata.Distribution) -> Pa
     if len(ggufs) != 1:
         raise InputError(f"model.name {name}: expected one .gguf file in {dist.name}, found {len(ggufs)}")
     gguf = Path(dist.locate_file(ggufs[0]))
-    digest = _sha256(gguf)
+    digest = file_sha256(gguf)
     target = cache_root() / "models" / f"{name}-{digest[:12]}"
     if not _intact(target, digest):
         with FileLock(f"{target}.lock"):
@@ -83,24 +83,16 @@ def _converted_from_gguf(name: str, dist: importlib.metadata.Distribution) -> Pa
 
 
 def _build(target: Path, gguf: Path, digest: str, source: str) -> None:
-    """Convert into a temporary sibling and rename it into place, so no reader ever sees a
-    half-written folder. Runs under the target's lock: leftovers of killed builds, and a target
-    that failed its check, can be removed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.partial-*"):
+    """Convert into a temporary sibling renamed into place (study.atomic_dir), so no reader ever
+    sees a half-written folder. Runs under the target's lock, so leftovers of killed builds of
+    this target can be removed."""
+    for stale in target.parent.glob(f"{PARTIAL}{target.name}-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
+    with atomic_dir(target) as partial:
         _convert_gguf(gguf, partial)
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(partial.iterdir())}
+        files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(partial.iterdir())}
         manifest = {"source": source, "gguf": gguf.name, "gguf_sha256": digest, "files": files}
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(partial, target)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -134,7 +126,7 @@ def _intact(folder: Path, gguf_sha256: str) -> bool:
             manifest["gguf_sha256"] == gguf_sha256
             and names == set(manifest["files"])
             and all(
-                (folder / n).stat().st_size == f["size"] and _sha256(folder / n) == f["sha256"]
+                (folder / n).stat().st_size == f["size"] and file_sha256(folder / n) == f["sha256"]
                 for n, f in manifest["files"].items()
             )
         )
@@ -142,7 +134,7 @@ def _intact(folder: Path, gguf_sha256: str) -> bool:
         return False
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     """Hashing the weights takes about a second, and a study resolves its model many times:
     a file is hashed again only when its size or modification time changed."""
     stat = path.stat()

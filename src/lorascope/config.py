@@ -109,6 +109,10 @@ class RepresentConfig(Strict):
     layers: list[int] | None = Field(None, description="0 = embedding output, i = block i; None = all")
     poolings: list[Literal["mean", "head"]] = ["mean", "head"]
     skip_special_tokens: bool = Field(False, description="leave [CLS]/[SEP]/BOS/EOS out of mean pooling")
+    skip_first_position: bool | None = Field(
+        None, description="leave the first position (and BOS) out of mean pooling; None = decoders yes, encoders no "
+        "(a decoder's first position is a massive activation that dominates the mean)",
+    )  # fmt: skip
     batch_size: int = Field(64, gt=0)
 
 

@@ -5,7 +5,6 @@ Weights always load in fp32 (runtime.py holds the autocast policy)."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +14,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from lorascope.bundled import is_bundled, resolve_bundled
+from lorascope.bundled import file_sha256, is_bundled, resolve_bundled
 from lorascope.config import LoraMethodConfig
 from lorascope.errors import InputError
 
@@ -76,15 +75,9 @@ def model_identity(name: str) -> str:
     return _folder_digest(str(path.resolve()))
 
 
-@functools.cache
 def _folder_digest(folder: str) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(folder).iterdir() if p.is_file()):
-        digest.update(file.name.encode())
-        with file.open("rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return "sha256:" + digest.hexdigest()[:16]
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file())
+    return "sha256:" + hashlib.sha256("".join(f"{p.name}:{file_sha256(p)};" for p in files).encode()).hexdigest()[:16]
 
 
 def load_model(name: str, label_names: Sequence[str], seed: int, pad_token_id: int,

@@ -67,7 +67,7 @@ def verdict_section(doc: Document, view: StudyView) -> None:
         for r in verdict[verdict["task"] == task].itertuples():
             label, unit = _label(r.criterion)
             if isinstance(r.rule, str):
-                rules.setdefault(r.criterion, r.rule)
+                rules.setdefault((r.criterion, r.rule), []).append(task)
             if r.criterion == "recommended":
                 rows.append([f"**{task}**", label, "", "", "", _outcome_cell(r)])
                 continue
@@ -89,7 +89,9 @@ def verdict_section(doc: Document, view: StudyView) -> None:
              "normal); in brackets the same number at the ends of the 95 % confidence interval of the spread. "
              "It is an estimate from few seeds: the spread of three values is uncertain by a factor of about 0.5 "
              "to 6, and the number of seeds grows with its square.", css="note")  # fmt: skip
-    doc.bullets(f"`{criterion}`: {rule}" for criterion, rule in rules.items())
+    shared = {criterion for (criterion, _), tasks in rules.items() if len(tasks) == len(view.tasks(verdict))}
+    doc.bullets(f"`{criterion}`" + ("" if criterion in shared else f" ({', '.join(tasks)})") + f": {rule}"
+                for (criterion, rule), tasks in rules.items())  # fmt: skip
 
 
 def _describe(view: StudyView, task: str, method: str, metric: str, subset: str) -> dict:

@@ -20,7 +20,7 @@ import pandas as pd
 import psutil
 import torch
 
-from lorascope.runtime import autocast
+from lorascope.runtime import autocast, threads
 from lorascope.serving.inputs import Batch, Models
 from lorascope.serving.strategies import REGISTRY
 from lorascope.serving.timing import say
@@ -88,7 +88,6 @@ def measure_memory(spec: dict) -> dict:
     before loading; CUDA: allocated after loading and max allocated after a reset that follows
     loading. load_seconds includes paging the weights in."""
     device = torch.device(spec["device"])
-    torch.set_num_threads(spec["threads"])
     models = Models(**spec["models"])
     strategy = REGISTRY[spec["strategy"]]
     batches = [Batch({k: torch.tensor(v) for k, v in b["inputs"].items()}, b["tasks"]).to(device)
@@ -180,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    result = measure_memory(json.loads(Path(args[0]).read_text()))
+    spec = json.loads(Path(args[0]).read_text())
+    with threads(spec["threads"]):
+        result = measure_memory(spec)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     return 0
 
