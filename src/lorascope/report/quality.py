@@ -13,6 +13,7 @@ from lorascope.report import format as fmt
 from lorascope.report.document import NOT_RUN, Document
 from lorascope.report.figures import finite, method_label, method_order, performance_figure
 from lorascope.report.loader import ANALYZE, StudyView
+from lorascope.stats import describe
 
 CRITERIA = {
     "quality": ("quality gap: full FT − LoRA (one-sided)", "pp"),
@@ -95,15 +96,11 @@ def verdict_section(doc: Document, view: StudyView) -> None:
 
 
 def _describe(view: StudyView, task: str, method: str, metric: str, subset: str) -> dict:
-    """The analyze stage's n / mean / sd / t-interval row, or an empty one."""
-    stats = view.tables["statistics"]
-    if stats is None:
-        return {"n": 0, "mean": float("nan"), "sd": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
-    rows = stats[(stats["kind"] == "describe") & (stats["task"] == task) & (stats["method"] == method)
-                 & (stats["metric"] == metric) & (stats["subset"] == subset)]  # fmt: skip
-    if rows.empty:
-        return {"n": 0, "mean": float("nan"), "sd": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
-    return rows.iloc[0].to_dict()
+    """The analyze stage's n / mean / sd / t-interval row, or the one of no values."""
+    table = view.tables["statistics"]
+    rows = table[(table["kind"] == "describe") & (table["task"] == task) & (table["method"] == method)
+                 & (table["metric"] == metric) & (table["subset"] == subset)] if table is not None else []  # fmt: skip
+    return rows.iloc[0].to_dict() if len(rows) else describe([])
 
 
 def summary(view: StudyView, missing_sections: list[str]) -> str:
