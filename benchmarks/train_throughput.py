@@ -24,7 +24,7 @@ import transformers
 from transformers import get_linear_schedule_with_warmup
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from lorascope import modeling, runs
+from lorascope import modeling, runs, runtime
 from lorascope.config import load_config
 from lorascope.evaluation import make_collator
 from lorascope.stages import BY_NAME
@@ -36,9 +36,13 @@ transformers.logging.set_verbosity_error()
 
 
 def bare_loop(setup, train, tokenizer, steps: int) -> float:
-    """Tokens per second of a plain PyTorch loop over the batches lorascope would use."""
+    """Tokens per second of a plain PyTorch loop over the batches lorascope would use, on the
+    setup's device and precision (bf16 autocast, gradient checkpointing) as the Trainer runs."""
+    device = runtime.pick_device(setup.runtime)
     model = modeling.load_model(setup.model_name, setup.task.label_names, setup.seed, tokenizer.pad_token_id, setup.dropout)
-    model = modeling.prepare_for_method(model, setup.method, setup.hp, setup.seed)
+    model = modeling.prepare_for_method(model, setup.method, setup.hp, setup.seed).to(device)
+    if setup.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=setup.hp.lr, weight_decay=setup.hp.weight_decay)
@@ -46,20 +50,24 @@ def bare_loop(setup, train, tokenizer, steps: int) -> float:
     sampler = LengthGroupedSampler(setup.hp.batch_size, lengths=train["length"][:],
                                    generator=torch.Generator().manual_seed(setup.seed))  # fmt: skip
     order = list(sampler)
-    collate = make_collator(tokenizer, torch.device("cpu"))
+    collate = make_collator(tokenizer, device)
+    bf16 = runtime.uses_bf16(setup.runtime, device)
     columns = [c for c in ("input_ids", "attention_mask", "token_type_ids", "label") if c in train.column_names]
     rows = [order[i : i + setup.hp.batch_size] for i in range(0, steps * setup.hp.batch_size, setup.hp.batch_size)]
     tokens = 0
     started = time.perf_counter()
     for batch_rows in rows:  # reading and padding a batch is part of a training step, as in a DataLoader
-        batch = collate(train.select(batch_rows).select_columns(columns).to_list())
-        loss = model(**batch).loss
+        batch = {k: v.to(device) for k, v in collate(train.select(batch_rows).select_columns(columns).to_list()).items()}
+        with runtime.autocast(device, bf16):
+            loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, setup.hp.max_grad_norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += int(batch["attention_mask"].sum())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return tokens / (time.perf_counter() - started)
 
 

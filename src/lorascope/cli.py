@@ -261,10 +261,11 @@ def _bench(args) -> int:
     split = tokenize(datasets.DatasetDict(train=evaluation), tokenizer, config.model.max_length)["train"]
     examples = examples_from_dataset(split)
     out = Path(args.out or "bench")
+    device = runtime.pick_device(config.runtime)
     with runtime.threads(config.runtime.threads):
         result = benchmark(modeling.resolve_model_path(args.base), adapters, args.full, {n: examples for n in adapters},
-                           tokenizer, config.deploy, out, device=runtime.pick_device(config.runtime),
-                           bf16=config.runtime.bf16, check_examples=config.deploy.check_examples)  # fmt: skip
+                           tokenizer, config.deploy, out, device=device,
+                           bf16=runtime.uses_bf16(config.runtime, device), check_examples=config.deploy.check_examples)  # fmt: skip
     atomic_write(out / "deployment_latency.png", png_bytes(latency_figure(result.timings[result.timings["status"] == "ok"])))
     if not result.memory.empty:
         atomic_write(out / "deployment_memory.png", png_bytes(memory_figure(result.memory)))

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from lorascope.errors import InputError
 
-PROFILES = ("smoke", "quick", "quick-tuned", "paper")
+PROFILES = ("smoke", "quick", "quick-tuned", "decoder", "paper")
 # Serving strategies a config may ask for; lorascope.serving.strategies registers one object each.
 STRATEGIES = ("base", "full", "merged", "separate", "switch", "mixed")
 DEFAULT_PROFILE = "quick"
@@ -131,6 +131,26 @@ class WeightsConfig(Strict):
     intruder_epsilon: float = Field(0.5, gt=0, lt=1, description="max |cosine| with every base singular vector")
 
 
+class ForgetConfig(Strict):
+    """Stage `forget`: linear probes of every model on every task (transfer retention) and the
+    change of language-modelling loss. Feature time grows with (runs + 1) x tasks x
+    (probe_train + probe_eval) examples."""
+
+    tasks: list[str] | None = Field(None, description="tasks the probes measure; None = every task of the study")
+    probe_train: int = Field(1000, gt=1, description="probe training examples per task, from dev (no run trains on it)")
+    probe_eval: int | None = Field(None, gt=1, description="eval examples the probes are scored on; None = all")
+    pooling: Literal["mean", "head"] = "mean"
+    layer_every: int | None = Field(None, gt=0, description="also probe every k-th layer; None = last layer only")
+    folds: int = Field(5, gt=1, description="cross-validation folds choosing the probe's regularisation")
+    bootstrap: int = Field(1000, ge=0, description="resamples over eval examples / documents; 0 = no intervals")
+    confidence: float = Field(0.95, gt=0, lt=1)
+    lm: bool = Field(True, description="LM-loss change (decoders: causal; encoders with an MLM head: masked)")
+    lm_text: str | None = Field(None, description="text file, one document per line; None = eval sentences of the "
+                                "tasks a run did not train on")  # fmt: skip
+    lm_documents: int = Field(200, gt=0, description="documents per task (or from lm_text)")
+    seed: int = 0
+
+
 class DeployConfig(Strict):
     """Serving benchmark of the study's runs: strategies, grid and timing budget."""
 
@@ -158,6 +178,8 @@ class AnalysisConfig(Strict):
     drift_min_reduction: float = Field(0.20, description="LoRA drift at least this fraction lower")
     deploy_max_overhead: float = Field(0.30, description="separate-adapter overhead at batch 1")
     majority_margin: float = Field(0.01, ge=0, description="a run must beat the majority baseline by this")
+    forgetting_max_gap_pp: float = Field(1.0, description="LoRA forgets at most this many points more than full FT")
+    forgetting_in_verdict: bool = Field(False, description="the forgetting row joins 'recommended'; else it informs")
     confidence: float = Field(0.95, gt=0, lt=1)
     bootstrap: int = Field(10000, ge=0)
     seed: int = 0
@@ -315,7 +337,7 @@ class RuntimeConfig(Strict):
     """How to run; only `device` and `bf16` can change results, so only they are fingerprinted."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    bf16: bool = Field(True, description="bf16 autocast on CUDA (weights stay fp32)")
+    bf16: bool | None = Field(None, description="bf16 autocast over fp32 weights; unset: on CUDA only")
     threads: int | None = Field(None, gt=0)
     report_to: list[Literal["none", "wandb", "mlflow", "tensorboard"]] = ["none"]
     progress: bool = True
@@ -334,6 +356,7 @@ class StudyConfig(Strict):
     represent: RepresentConfig = RepresentConfig()
     drift: DriftConfig = DriftConfig()
     weights: WeightsConfig = WeightsConfig()
+    forget: ForgetConfig = ForgetConfig()
     deploy: DeployConfig = DeployConfig()
     analysis: AnalysisConfig = AnalysisConfig()
     runtime: RuntimeConfig = RuntimeConfig()
@@ -352,6 +375,13 @@ class StudyConfig(Strict):
         if self.deploy.enabled and missing:
             raise ValueError("the deployment criterion reads batch size 1, natural length, strategies separate and "
                              f"full; deploy.{', deploy.'.join(missing)} (add it, or set deploy.enabled=false)")
+        return self
+
+    @model_validator(mode="after")
+    def _forget_tasks_known(self) -> StudyConfig:
+        unknown = sorted(set(self.forget.tasks or ()) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"forget.tasks: {unknown} are not tasks of the study ({', '.join(self.tasks)})")
         return self
 
 

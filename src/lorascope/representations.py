@@ -18,8 +18,14 @@ from lorascope.config import RepresentConfig
 from lorascope.errors import InputError
 from lorascope.evaluation import length_batches
 from lorascope.runtime import autocast
+from lorascope.study import Table
 
 POOLINGS = ("mean", "head")
+# Beside the poolings in every features file when the mean leaves positions out: per layer and
+# example, the share of the token-norm mass (sum of hidden-state norms over attended tokens)
+# that the left-out positions carry, so a reader sees what the exclusion removed.
+EXCLUDED_SHARE = "excluded_norm_share"
+POOLED_POSITIONS = Table("pooled_positions", ("task", "layer", "positions", "excluded_norm_share"))
 
 
 def _classifier(model: torch.nn.Module) -> torch.nn.Module:
@@ -78,10 +84,12 @@ def pooled_features(
     `skip_first_position` (None: decoders yes, encoders no) leaves the first position and any
     BOS out of mean pooling: in decoders the first position's hidden state is a "massive
     activation" (SmolLM2-135M: norm ~23,000 against ~180-500 for other tokens in layers 12-28)
-    that dominates a mean and hid three quarters of a fine-tuned run's drift."""
+    that dominates a mean and hid three quarters of a fine-tuned run's drift. With positions left
+    out, the result also holds EXCLUDED_SHARE [layers × examples]."""
     model.eval()
     last_token = head_reads_last_token(model)
     skip_first = last_token if skip_first_position is None else skip_first_position
+    excludes = "mean" in poolings and (skip_first or skip_special_tokens)
     pad_token_id = _classifier(model).config.pad_token_id
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
     out: dict[str, torch.Tensor] = {}
@@ -93,6 +101,8 @@ def pooled_features(
         if not out:
             chosen = resolve_layers(layers, len(hidden))
             out = {p: torch.empty(len(chosen), len(split), hidden[0].shape[-1]) for p in poolings}
+            if excludes:
+                out[EXCLUDED_SHARE] = torch.empty(len(chosen), len(split))
         mask = batch["attention_mask"].bool()
         if "mean" in out:
             keep = mask & ~torch.isin(batch["input_ids"], special.to(device)) if skip_special_tokens else mask
@@ -110,10 +120,32 @@ def pooled_features(
             states = hidden[layer].float()
             if "mean" in out:
                 out["mean"][slot, rows] = (states * weights).sum(dim=1).cpu()
+            if excludes:
+                norms = states.norm(dim=-1) * mask
+                out[EXCLUDED_SHARE][slot, rows] = ((norms * (mask & ~keep)).sum(dim=1) / norms.sum(dim=1)).cpu()
             if "head" in out:
                 out["head"][slot, rows] = states[torch.arange(len(rows), device=device), position].cpu()
         del hidden
     return out, chosen
+
+
+def pooled_positions(settings: RepresentConfig, model: torch.nn.Module) -> str:
+    """In words, which positions the mean pools under `settings` for this model."""
+    skip_first = head_reads_last_token(model) if settings.skip_first_position is None else settings.skip_first_position
+    left_out = ["the first position and BOS"] * skip_first + ["special tokens"] * settings.skip_special_tokens
+    return "all attended tokens" + (f" but {' and '.join(left_out)}" if left_out else "")
+
+
+def position_rows(task: str, path: Path) -> list[dict]:
+    """pooled_positions.csv rows of one task from a features file: the mean over examples of
+    EXCLUDED_SHARE per layer (NaN when nothing was left out)."""
+    features, _, layers = load_features(path)
+    with safe_open(str(path), "pt") as f:
+        positions = f.metadata().get("positions", "")
+    share = features.get(EXCLUDED_SHARE)
+    return [{"task": task, "layer": layer, "positions": positions,
+             "excluded_norm_share": float("nan") if share is None else share[i].mean().item()}
+            for i, layer in enumerate(layers)]  # fmt: skip
 
 
 def study_features(model: torch.nn.Module, probe: datasets.Dataset, settings: RepresentConfig, tokenizer,
@@ -126,11 +158,12 @@ def study_features(model: torch.nn.Module, probe: datasets.Dataset, settings: Re
     )  # fmt: skip
 
 
-def features_bytes(features: dict[str, torch.Tensor], example_ids, layers: list[int]) -> bytes:
-    """One safetensors file per model and task: a tensor per pooling plus the example ids."""
+def features_bytes(features: dict[str, torch.Tensor], example_ids, layers: list[int], positions: str = "") -> bytes:
+    """One safetensors file per model and task: a tensor per pooling plus the example ids, and
+    which positions the mean pooled (`pooled_positions`) in its metadata."""
     tensors = {p: t.contiguous() for p, t in features.items()}
     tensors["example_ids"] = torch.as_tensor(list(example_ids), dtype=torch.int64)
-    return save(tensors, metadata={"layers": json.dumps(layers)})
+    return save(tensors, metadata={"layers": json.dumps(layers), "positions": positions})
 
 
 def load_features(path: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[int]]:

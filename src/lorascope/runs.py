@@ -28,7 +28,8 @@ RESULTS_VERSION = 2  # bump when a code change alters results, so old outputs ar
 # stage's rows: read by the analyze stage and the report through these records.
 PERFORMANCE = Table("performance", (
     "task", "method", "seed", "status", "primary_metric", "primary_value", "accuracy", "f1",
-    "train_seconds", "trainable_params",
+    "train_seconds", "trainable_params", "train_tokens_per_second", "peak_rss_bytes", "peak_rss_added_bytes",
+    "cuda_max_allocated_bytes", "cuda_max_reserved_bytes", "optimizer_state_bytes", "artifact_bytes",
 ))  # fmt: skip
 BASELINES = Table("baselines", ("task", "baseline", "method", "status", "primary_metric", "primary_value", "accuracy",
                                 "f1", "passed"))  # fmt: skip
@@ -101,7 +102,8 @@ def run_setup(config: StudyConfig, task: Task, method: str, seed: int, hp=None, 
         model_name=config.model.name, task=task, method=method, seed=seed,
         hp=hp or getattr(config.training, method), runtime=config.runtime,
         eval_batch_size=config.training.eval_batch_size,
-        gradient_checkpointing=config.model.gradient_checkpointing, dropout=config.model.dropout, **changes,
+        gradient_checkpointing=config.model.gradient_checkpointing, dropout=config.model.dropout,
+        max_length=config.model.max_length, **changes,
     )  # fmt: skip
 
 

@@ -16,16 +16,18 @@ from pathlib import Path
 
 import datasets
 import pandas as pd
+import psutil
 import torch
 from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from lorascope import modeling, runtime
+from lorascope import artifacts, modeling, runtime
 from lorascope.config import MethodConfig, RuntimeConfig
 from lorascope.errors import Diverged
 from lorascope.evaluation import evaluate, make_collator
+from lorascope.footprint import MB, PeakRss, weights_mb
 from lorascope.tasks import Task
 
 # Method hyperparameter -> TrainingArguments field. Keys consumed by lorascope's own Trainer
@@ -60,6 +62,7 @@ class RunSetup:
     gradient_checkpointing: bool = False
     dropout: float | None = None
     max_steps: int = -1
+    max_length: int | None = None  # where the prepared splits were truncated; the saved tokenizer truncates there
     save_weights: bool = True  # the overfit sanity check keeps only its metrics
     callbacks: list = dataclasses.field(default_factory=list)  # more TrainerCallbacks, after DevSelection
     hp_source: dict[str, str] | None = None  # key -> "tuned" | "config" when tune.enabled
@@ -68,13 +71,13 @@ class RunSetup:
 def training_arguments(setup: RunSetup, device: torch.device, output_dir: str) -> TrainingArguments:
     hp = setup.hp
     cuda = device.type == "cuda"
-    return TrainingArguments(
+    return TrainingArguments(  # bf16 on CPU: accelerate runs the forward under CPU autocast
         output_dir=output_dir,
         **{arg: getattr(hp, key) for key, arg in TRAINER_KEYS.items()},
         max_steps=setup.max_steps,
         seed=setup.seed,
         optim="adamw_torch_fused" if cuda else "adamw_torch",
-        bf16=cuda and setup.runtime.bf16,
+        bf16=runtime.uses_bf16(setup.runtime, device),
         use_cpu=not cuda,
         activation_checkpointing=setup.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if setup.gradient_checkpointing else None,
@@ -203,7 +206,7 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
     def score(split):
         return evaluate(
             model, split, tokenizer=tokenizer, num_labels=task.num_labels,
-            batch_size=setup.eval_batch_size, device=device, bf16=setup.runtime.bf16,
+            batch_size=setup.eval_batch_size, device=device, bf16=runtime.uses_bf16(setup.runtime, device),
         )  # fmt: skip
 
     selection = None
@@ -225,11 +228,12 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
             trainer.remove_callback(PrinterCallback)
         started = time.perf_counter()
         diverged = None
-        try:
-            with _older_objects_frozen():
-                trainer.train()
-        except Diverged as err:
-            diverged = err
+        with training_memory(device) as memory:
+            try:
+                with _older_objects_frozen():
+                    trainer.train()
+            except Diverged as err:
+                diverged = err
         seconds = time.perf_counter() - started
 
     result = {
@@ -241,7 +245,8 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
         "train_examples": len(splits["train"]), "tokens_seen": trainer.tokens_seen,
         "padding_fraction": 1 - trainer.tokens_seen / max(trainer.padded_tokens_seen, 1),
         "head_init_digest": head_digest, "data_order_digest": trainer.order_digest.hexdigest()[:16],
-        "device": device.type,
+        "device": device.type, "train_tokens_per_second": trainer.tokens_seen / seconds, **memory,
+        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer) if trainer.optimizer is not None else None,
     }  # fmt: skip
     if selection is not None:
         result |= {"best_step": selection.best_step, f"dev_{task.metric}": selection.best_value}
@@ -257,7 +262,8 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
         result["primary_value"] = evaluation.metrics[task.metric]
         evaluation.predictions.to_csv(out_dir / "predictions.csv", index=False)
         if setup.save_weights:
-            save_weights(model, setup.method, out_dir)
+            save_weights(model, setup, tokenizer, result, out_dir)
+            result["artifact_bytes"] = round(weights_mb(str(out_dir)) * MB)
     _write_json(out_dir / "metrics.json", result)
     return result
 
@@ -274,13 +280,46 @@ def _older_objects_frozen():
         gc.unfreeze()
 
 
-def save_weights(model: torch.nn.Module, method: str, out_dir: Path) -> None:
-    """LoRA: PEFT adapter (with the head); full: the whole model; head-only: the head."""
-    if method == "head":
+def save_weights(model: torch.nn.Module, setup: RunSetup, tokenizer, metrics: dict, out_dir: Path) -> None:
+    """Head-only: the head. LoRA: the PEFT adapter (with the head); full: the whole model; both
+    with what makes the folder a standalone artifact (lorascope.artifacts): the tokenizer, the
+    base model where AutoPeft can load it, and a model card."""
+    if setup.method == "head":
         head = {n: p.detach().cpu().contiguous() for n, p in modeling.head_parameters(model).items()}
         save_file(head, str(out_dir / "head.safetensors"))
-    else:
-        model.save_pretrained(out_dir, safe_serialization=True)
+        return
+    if setup.method == "lora":
+        model.peft_config["default"].base_model_name_or_path = artifacts.base_model_location(setup.model_name)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    artifacts.save_tokenizer(tokenizer, setup.max_length, out_dir)
+    artifacts.write_card(out_dir, setup.model_name, setup.task, setup.method, setup.seed, metrics,
+                         tokenizer.pad_token_id)  # fmt: skip
+
+
+@contextlib.contextmanager
+def training_memory(device: torch.device):
+    """Peak memory of the block, filled into the yielded dict on exit: the process's resident set
+    at its peak and what training added to the set it started with; on CUDA, the allocator's
+    peaks (allocated by tensors, reserved from the driver). None where there is no CUDA."""
+    memory: dict = {}
+    start = psutil.Process().memory_info().rss
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    with PeakRss() as rss:
+        yield memory
+    memory |= {
+        "peak_rss_bytes": rss.peak, "peak_rss_added_bytes": rss.peak - start,
+        "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+        "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None,
+    }  # fmt: skip
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor the optimizer keeps between steps (AdamW: two moments per trained
+    weight and a step counter per tensor)."""
+    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
+               if torch.is_tensor(v))  # fmt: skip
 
 
 def _resolved_hparams(setup: RunSetup, trainer: LorascopeTrainer, model) -> dict:

@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from lorascope import modeling, runs
+from lorascope import modeling, runs, runtime
 from lorascope.config import MethodConfig, StudyConfig, fingerprint, validate
 from lorascope.errors import InputError
 from lorascope.optuna_storage import Backend, fail_stale, heartbeat, open_storage
@@ -154,7 +154,8 @@ def study_name(study: Study, config: StudyConfig, task: str, method: str) -> str
     fp = fingerprint(
         runs.RESULTS_VERSION, runs.prepared_fingerprint(study, task), runs.model_key(config), method, base,
         config.training.eval_batch_size, _train_seed(config), space, tune.seed, tune.startup_trials,
-        tune.prune, tune.prune_startup_trials, tune.prune_warmup_steps, config.runtime.device, config.runtime.bf16,
+        tune.prune, tune.prune_startup_trials, tune.prune_warmup_steps, config.runtime.device,
+        runtime.uses_bf16(config.runtime, runtime.pick_device(config.runtime)),
     )  # fmt: skip
     return f"lorascope/{config.name}/{task}/{method}/{fp}"
 

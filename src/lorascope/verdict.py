@@ -73,18 +73,19 @@ def _kleene(outcome: str) -> bool | None:
     return {MET: True, NOT_MET: False}.get(outcome)
 
 
-def recommended(quality: str, drift: str, deployment: str) -> str:
-    """'LoRA recommended' = quality and (drift or deployment), in three-valued logic where
-    'inconclusive' and 'not run' are unknown: a decided answer needs only the criteria that decide
-    it (quality not met -> not met whatever else; quality and drift met -> met without a
-    deployment result). An undecided answer reads 'inconclusive' if any criterion is
-    inconclusive, else 'not run'."""
+def recommended(quality: str, drift: str, deployment: str, *required: str) -> str:
+    """'LoRA recommended' = quality and (drift or deployment) [and every `required` criterion,
+    e.g. forgetting when configured to count], in three-valued logic where 'inconclusive' and
+    'not run' are unknown: a decided answer needs only the criteria that decide it (quality not
+    met -> not met whatever else; quality and drift met -> met without a deployment result). An
+    undecided answer reads 'inconclusive' if any criterion is inconclusive, else 'not run'."""
     q, dr, de = _kleene(quality), _kleene(drift), _kleene(deployment)
     either = True if dr or de else False if dr is False and de is False else None
-    result = False if q is False or either is False else True if q and either else None
+    musts = [q, either, *map(_kleene, required)]
+    result = False if False in musts else True if all(musts) else None
     if result is not None:
         return MET if result else NOT_MET
-    return INCONCLUSIVE if INCONCLUSIVE in (quality, drift, deployment) else NOT_RUN
+    return INCONCLUSIVE if INCONCLUSIVE in (quality, drift, deployment, *required) else NOT_RUN
 
 
 
@@ -128,13 +129,15 @@ def row(task: str, c: Criterion, confidence: float = 0.95) -> dict:
 
 def verdict_rows(task: str, criteria: list[Criterion], confidence: float = 0.95) -> list[dict]:
     """Rows of tables/verdict.csv for one task (columns VERDICT_COLUMNS), then 'recommended',
-    which combines the rows named in CRITERIA (see `recommended`)."""
+    which combines the rows named in CRITERIA and any other row that counts (see `recommended`)."""
     rows = [row(task, c, confidence) for c in criteria]
     outcome = {r["criterion"]: r["outcome"] for r in rows}
+    required = [c.name for c in criteria if c.counts and c.name not in CRITERIA]  # e.g. forgetting, when it counts
     rows.append({"task": task, "criterion": "recommended", "value": math.nan, "ci_low": math.nan,
                  "ci_high": math.nan, "threshold": math.nan, "direction": "",
-                 "outcome": recommended(*(outcome.get(name, NOT_RUN) for name in CRITERIA)),
-                 "rule": "quality and (drift or deployment)"})  # fmt: skip
+                 "outcome": recommended(*(outcome.get(name, NOT_RUN) for name in CRITERIA),
+                                        *(outcome[name] for name in required)),
+                 "rule": " and ".join(["quality and (drift or deployment)", *required])})  # fmt: skip
     return rows
 
 

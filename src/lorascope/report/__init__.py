@@ -1,7 +1,7 @@
 """The study's report: `report.md` and a self-contained `report.html`, verdict first.
 
 loader reads the study through the tables' own records; the section modules only render
-(quality, representation, deployment, provenance, reference); figures draws them; document
+(quality, cost, representation, forgetting, deployment, provenance, reference); figures draws them; document
 holds the blocks and their two renderings. Nothing here trains, times or recomputes a
 statistic: every number comes from a table an earlier stage wrote, and a missing table turns
 its section into "not run"."""
@@ -11,8 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorascope.report import quality
+from lorascope.report.cost import cost_section
 from lorascope.report.deployment import deployment_section
 from lorascope.report.document import Document, to_html, to_markdown
+from lorascope.report.forgetting import forgetting_section
 from lorascope.report.loader import FIGURE_PREFIX, load
 from lorascope.report.provenance import hparams_section, provenance_section
 from lorascope.report.reference import load_reference, reference_section
@@ -33,8 +35,10 @@ def write_report(study_root: Path | str) -> tuple[Path, Path]:
         ("verdict", quality.verdict_section, view.need("verdict")),
         ("task performance", quality.performance_section, view.need("flags")),
         ("method comparison", quality.comparison_section, quality.comparisons(view)[1] or None),
+        ("training cost", cost_section, view.need("performance")),
         ("drift", drift_section, view.need("drift_layers")),
         ("weight-space change", weights_section, view.need("weights")),
+        ("forgetting", forgetting_section, view.need("forgetting")),
         ("deployment", deployment_section, view.need("deployment")),
         ("hyperparameters", hparams_section, None),
         ("reference study", reference_section, None),

@@ -405,3 +405,57 @@ def tune_figure(trials: pd.DataFrame, task: str, method: str, metric: str) -> Fi
            title=f"{task} {method}: TPE search ({len(complete)} complete, {len(pruned)} pruned)")
     ax.legend(loc="lower right", fontsize="small")
     return fig
+
+
+def cost_figure(medians: pd.DataFrame) -> Figure:
+    """One panel per training cost: the median of LoRA and of full FT per task, on a log scale
+    (they differ by orders of magnitude), with LoRA / full FT written above each pair."""
+    costs = list(dict.fromkeys(medians["cost"]))
+    ncols = min(4, len(costs))
+    nrows = math.ceil(len(costs) / ncols)
+    fig = _new_figure(3.5 * ncols, 2.9 * nrows + 0.6)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    handles = []
+    for ax, cost in zip(axes.flat, costs):
+        rows = medians[medians["cost"] == cost]
+        x = np.arange(len(rows))
+        for offset, method in ((-0.2, "lora"), (0.2, "full")):
+            handles.append(ax.bar(x + offset, rows[method], width=0.4, color=method_color(method),
+                                  label=method_label(method)))  # fmt: skip
+        for xi, r in zip(x, rows.itertuples()):
+            if finite(r.ratio):
+                ax.annotate(f"×{r.ratio:.3g}", (xi, max(r.lora, r.full)), xytext=(0, 3), textcoords="offset points",
+                            ha="center", fontsize=8)  # fmt: skip
+        ax.set_yscale("log")
+        shown = [v for v in (*rows["lora"], *rows["full"]) if finite(v) and v > 0]
+        if shown:  # a decade of room below the smallest bar, so bar heights compare
+            ax.set_ylim(min(shown) / 10, max(shown) * 3)
+        _plain_ticks(ax.yaxis)
+        ax.set_xticks(x, list(rows["task"]))
+        ax.set_title(cost, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(costs) :]:
+        ax.set_visible(False)
+    _legend(fig, handles, ncol=2)
+    return fig
+
+
+def forgetting_figure(points: pd.DataFrame) -> Figure:
+    """Does drift predict forgetting? One point per run: its drift (x) against its forgetting on
+    the tasks it did not train on (y, points of probe accuracy), coloured by method, one marker
+    per training task."""
+    fig = _new_figure(5.6, 4.2)
+    ax = fig.subplots()
+    markers = dict(zip(ordered(points["task"]), "osD^v<>"))
+    handles = []
+    for method in method_order(points["method"]):
+        for task, marker in markers.items():
+            rows = points[(points["method"] == method) & (points["task"] == task)]
+            if not rows.empty:
+                handles.append(ax.scatter(rows["drift"], 100 * rows["forgetting"], color=method_color(method),
+                                          marker=marker, label=f"{method_label(method)}, trained on {task}"))  # fmt: skip
+    ax.axhline(0, color="black", linestyle="--", linewidth=0.8)
+    ax.set(xlabel="drift, 1 − linear CKA (mean over layers)", ylabel="forgetting on other tasks (points)")
+    ax.grid(alpha=0.3)
+    _legend(fig, handles, ncol=2)
+    return fig

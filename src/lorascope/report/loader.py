@@ -12,8 +12,10 @@ import yaml
 
 from lorascope.analysis import DRIFT_STATISTICS, FLAGS, STATISTICS, VERDICT
 from lorascope.drift import DRIFT_LAYERS, DRIFT_SUMMARY
+from lorascope.forgetting import FORGET_CORRELATION, FORGET_DRIFT, FORGET_STATISTICS, FORGETTING, LM_FORGETTING
 from lorascope.report.document import slug
 from lorascope.report.figures import ordered, png_bytes
+from lorascope.representations import POOLED_POSITIONS
 from lorascope.runs import BASELINES, PERFORMANCE
 from lorascope.serving.checks import DEPLOYMENT_CHECKS
 from lorascope.serving.memory import DEPLOYMENT_MEMORY
@@ -23,7 +25,8 @@ from lorascope.tuning import TRIALS
 from lorascope.weights import WEIGHTS
 
 TABLES: tuple[Table, ...] = (PERFORMANCE, BASELINES, FLAGS, STATISTICS, VERDICT, DRIFT_LAYERS, DRIFT_SUMMARY,
-                             DRIFT_STATISTICS, WEIGHTS, DEPLOYMENT, DEPLOYMENT_MEMORY, DEPLOYMENT_CHECKS, TRIALS)  # fmt: skip
+                             DRIFT_STATISTICS, POOLED_POSITIONS, WEIGHTS, FORGETTING, LM_FORGETTING,
+                             FORGET_STATISTICS, FORGET_DRIFT, FORGET_CORRELATION, DEPLOYMENT, DEPLOYMENT_MEMORY, DEPLOYMENT_CHECKS, TRIALS)  # fmt: skip
 FIGURE_PREFIX = "report_"  # figures this package owns; others' figures are never touched
 ANALYZE = "run `lorascope analyze STUDY`"
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from lorascope.analysis import DIFFERENCE
+from lorascope.analysis import DIFFERENCE, FORGETTING_CRITERION
 from lorascope.report import format as fmt
 from lorascope.report.document import NOT_RUN, Document
 from lorascope.report.figures import finite, method_label, method_order, performance_figure
@@ -19,6 +19,7 @@ CRITERIA = {
     "quality": ("quality gap: full FT − LoRA (one-sided)", "pp"),
     "drift": ("drift reduction: 1 − mean drift(LoRA) / mean drift(full), drift = 1 − CKA", "%"),
     "deployment": ("deployment: separate-adapter latency overhead vs full FT, batch 1", "%"),
+    FORGETTING_CRITERION: ("forgetting: LoRA − full FT, probe accuracy lost on the other tasks", "pp"),
     "recommended": ("**LoRA recommended** = quality and (drift or deployment)", ""),
 }
 DIRECTION = {"at most": "≤", "at least": "≥"}

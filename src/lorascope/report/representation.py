@@ -31,6 +31,7 @@ def drift_section(doc: Document, view: StudyView) -> None:
              "mean: **base vs base** is the ceiling a correct measure reaches (1), **seed vs seed** is the "
              "similarity of two runs of the same method (the noise between seeds), **shuffled rows** is the chance "
              "level of unrelated examples.")  # fmt: skip
+    _pooled_positions(doc, view)
     layers = layers.assign(method=layers["method"].fillna(""))
     for task in view.tasks(layers):
         doc.figure(view.save(drift_figure(layers, task, view.confidence), f"drift_{task}"),
@@ -69,6 +70,23 @@ def drift_section(doc: Document, view: StudyView) -> None:
              "without a flagged run, the number the verdict uses, with Fieller's interval (none when it is "
              "unbounded: the full-FT drift is not clearly above 0). Source: tables/drift_statistics.csv.",
              css="note")  # fmt: skip
+
+
+def _pooled_positions(doc: Document, view: StudyView) -> None:
+    """Which positions the mean pooled, and per layer the share of the base model's token-norm
+    mass the left-out positions carried (a decoder's first position: most of it)."""
+    positions = view.tables["pooled_positions"]
+    if positions is None:
+        return
+    rows = []
+    for task in view.tasks(positions):
+        part = positions[positions["task"] == task].sort_values("layer")
+        shares = part["excluded_norm_share"]
+        per_layer = ("—" if not shares.notna().any() else
+                     " ".join(f"{int(layer)}: {100 * share:.0f}" for layer, share in zip(part["layer"], shares)))
+        rows.append([task, str(part["positions"].iloc[0]), per_layer])  # fmt: skip
+    doc.table(["task", "mean pooling reads", "share of the base model's token-norm mass in the left-out positions, "
+               "% per layer (layer: %)"], rows)  # fmt: skip
 
 
 def weights_section(doc: Document, view: StudyView) -> None:

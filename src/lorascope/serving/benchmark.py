@@ -83,7 +83,7 @@ def benchmark(
     out_dir: Path,
     *,
     device: torch.device | str = "cpu",
-    bf16: bool = True,
+    bf16: bool = False,
     memory: bool = True,
     check_examples: int | None = None,
     meta: dict | None = None,

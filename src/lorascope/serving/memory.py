@@ -12,30 +12,24 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pandas as pd
-import psutil
 import torch
 
+from lorascope.footprint import MB, PeakRss, rss, weights_mb
 from lorascope.runtime import autocast, threads
 from lorascope.serving.inputs import Batch, Models
 from lorascope.serving.strategies import REGISTRY
 from lorascope.serving.timing import say
 from lorascope.study import Table
 
-MB = 2**20
 RESULT_PREFIX = "LORASCOPE_MEMORY "
 DEPLOYMENT_MEMORY = Table("deployment_memory", (
     "strategy", "load_seconds", "peak_mb", "loaded_mb", "inference_mb", "disk_mb", "adapter_disk_mb",
     "measure", "method", "device",
 ))  # fmt: skip
-
-
-def _rss() -> int:
-    return psutil.Process().memory_info().rss
 
 
 @torch.no_grad()
@@ -53,35 +47,6 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-class PeakRss:
-    """Peak resident set of this process inside a block. Linux: the kernel's high-water mark
-    (VmHWM), reset on entry through /proc/self/clear_refs; elsewhere psutil sampled every ms."""
-
-    def __enter__(self) -> PeakRss:
-        self._samples, self._stop, self._thread = [_rss()], threading.Event(), None
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.method = "VmHWM reset via /proc/self/clear_refs after loading"
-        except OSError:
-            self.method = "psutil RSS sampled every 1 ms"
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.001):
-            self._samples.append(_rss())
-
-    def __exit__(self, *exc) -> None:
-        if self._thread is None:
-            status = Path("/proc/self/status").read_text()
-            self.peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) * 1024
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(*self._samples, _rss())
-
-
 def measure_memory(spec: dict) -> dict:
     """Load one strategy and run its workload; meant for a fresh process (see `main`). CPU:
     RSS after loading (weights paged in) and peak RSS during inference, both above the RSS
@@ -93,7 +58,7 @@ def measure_memory(spec: dict) -> dict:
     batches = [Batch({k: torch.tensor(v) for k, v in b["inputs"].items()}, b["tasks"]).to(device)
                for b in spec["batches"]]  # fmt: skip
     gc.collect()
-    before = _rss()
+    before = rss()
     start = time.perf_counter()
     model = strategy.load(models, spec["num_labels"], spec["pad_token_id"]).to(device)
     _touch(model)
@@ -113,7 +78,7 @@ def measure_memory(spec: dict) -> dict:
             peak, measure = torch.cuda.max_memory_allocated(device), "cuda allocated"
             method = "torch.cuda.max_memory_allocated after reset_peak_memory_stats following load"
         else:
-            loaded = _rss() - before
+            loaded = rss() - before
             with PeakRss() as tracker:
                 for i, batch in enumerate(batches):
                     call(batch, i)
@@ -135,14 +100,6 @@ def memory_in_subprocess(spec: dict, timeout: float = 600) -> dict:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"memory measurement of {spec['strategy']} failed: {tail}")
     return json.loads(lines[-1][len(RESULT_PREFIX) :])
-
-
-def weights_mb(folder: str | None) -> float:
-    """Size of the weight files a load reads (safetensors if present, else .bin); NaN for a Hub id."""
-    if folder is None or not Path(folder).is_dir():
-        return float("nan")
-    files = list(Path(folder).glob("*.safetensors")) or list(Path(folder).glob("*.bin"))
-    return sum(f.stat().st_size for f in files) / MB
 
 
 def disk_sizes(strategy: str, models: Models) -> tuple[float, float]:

@@ -3,11 +3,11 @@ run order from `STAGES`."""
 
 from __future__ import annotations
 
-from lorascope.stages import analyze, baselines, deploy, drift, prepare, report, represent, train, tune, weights
+from lorascope.stages import analyze, baselines, deploy, drift, forget, prepare, report, represent, train, tune, weights
 from lorascope.study import Stage
 
 STAGES: tuple[Stage, ...] = tuple(m.STAGE for m in (prepare, baselines, tune, train, represent, drift, weights,
-                                                     deploy, analyze, report))  # fmt: skip
+                                                     forget, deploy, analyze, report))  # fmt: skip
 BY_NAME = {stage.name: stage for stage in STAGES}
 
 

@@ -26,7 +26,8 @@ def run(study: Study, config: StudyConfig) -> None:
     first = next(iter(adapters))
     full = str(study.run_dir(first, "full", seed)) if (first, "full") in served else None
     device = runtime.pick_device(config.runtime)
-    fp = fingerprint(runs.RESULTS_VERSION, config.deploy, config.runtime.bf16, device.type, sorted(served.values()))
+    bf16 = runtime.uses_bf16(config.runtime, device)
+    fp = fingerprint(runs.RESULTS_VERSION, config.deploy, bf16, device.type, sorted(served.values()))
     target = DEPLOYMENT.path(study.tables)
     if is_current(target, fp):
         return
@@ -35,7 +36,7 @@ def run(study: Study, config: StudyConfig) -> None:
         benchmark(
             modeling.resolve_model_path(config.model.name), adapters, full, examples,
             modeling.load_tokenizer(config.model.name), config.deploy, study.tables, device=device,
-            bf16=config.runtime.bf16, check_examples=config.deploy.check_examples,
+            bf16=bf16, check_examples=config.deploy.check_examples,
         )  # fmt: skip
 
 

@@ -35,7 +35,7 @@ def _rows(config: StudyConfig, task: str, pooling: str, base, again, tuned: dict
     return drift.task_drift_rows(
         task, pooling, base[pooling], again[pooling], {k: v[pooling] for k, v in tuned.items()}, layers,
         config.drift.measures, bootstrap=config.drift.bootstrap, confidence=config.drift.confidence,
-        seed=config.drift.seed,
+        seed=config.drift.seed, bf16=runtime.uses_bf16(config.runtime, runtime.pick_device(config.runtime)),
     )  # fmt: skip
 
 

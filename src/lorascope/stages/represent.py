@@ -1,14 +1,17 @@
 """Stage `represent`: pooled features of every layer on each task's probe split, for the base
-model twice (the second pass with other batches, for the base-vs-base check) and every run."""
+model twice (the second pass with other batches, for the base-vs-base check) and every run;
+tables/pooled_positions.csv says which positions the mean pooled and what the left-out ones
+carried in the base model."""
 
 from __future__ import annotations
 
+import pandas as pd
 from tqdm.auto import tqdm
 
 from lorascope import modeling, runs, runtime
 from lorascope import representations as rep
 from lorascope.config import StudyConfig, fingerprint
-from lorascope.study import Stage, Study, is_current, write_current
+from lorascope.study import Stage, Study, is_current, stamp_of, write_current
 
 
 def run(study: Study, config: StudyConfig) -> None:
@@ -32,8 +35,13 @@ def run(study: Study, config: StudyConfig) -> None:
                 model = modeling.load_run_model(study.run_dir(name, *trained), trained[0], config.model.name,
                                                 task.label_names, tokenizer.pad_token_id)  # fmt: skip
             features, layers = rep.study_features(model, splits["probe"], rc, tokenizer, batch_size, device, bf16)
-            data = rep.features_bytes(features, splits["probe"]["example_id"], layers)
+            data = rep.features_bytes(features, splits["probe"]["example_id"], layers, rep.pooled_positions(rc, model))
             write_current(study.features_path(name, model_id), data, fp)
+    bases = [study.features_path(name, "base") for name in config.tasks]
+    table_fp = fingerprint(runs.RESULTS_VERSION, [stamp_of(path) for path in bases])
+    if not is_current(rep.POOLED_POSITIONS.path(study.tables), table_fp):
+        rows = [row for name, path in zip(config.tasks, bases) for row in rep.position_rows(name, path)]
+        rep.POOLED_POSITIONS.write(study.tables, pd.DataFrame(rows, columns=rep.POOLED_POSITIONS.columns), table_fp)
 
 
 STAGE = Stage("represent", "pooled hidden states of every layer on the probe split", run=run,

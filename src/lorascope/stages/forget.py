@@ -1,0 +1,217 @@
+"""Stage `forget`: transfer retention of the base and every run on every probed task (linear
+probes on pooled features, kept per model and task under forget/features/), and the change of
+LM loss under the base's LM head (kept per model under forget/lm/). Each file and each table is
+redone only when its fingerprint changes, so a killed stage resumes at the next model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save
+from tqdm.auto import tqdm
+
+from lorascope import forgetting, modeling, runs, runtime
+from lorascope import representations as rep
+from lorascope.bundled import file_sha256
+from lorascope.config import StudyConfig, fingerprint
+from lorascope.errors import InputError
+from lorascope.study import Stage, Study, is_current, stamp_of, write_current
+
+
+def run(study: Study, config: StudyConfig) -> None:
+    tokenizer = modeling.load_tokenizer(config.model.name)
+    prepared = {name: runs.load_prepared(study, name) for name in config.tasks}
+    models = [("base", "base", None)] + [(f"{task}-{m}-seed{s}", run_fp, (task, m, s)) for task in config.tasks
+                                         for m, s, run_fp in runs.finished_runs(study, config, task)]  # fmt: skip
+    probe_table(study, config, tokenizer, prepared, models)
+    if config.forget.lm:
+        lm_table(study, config, tokenizer, prepared, models)
+
+
+def _load(study: Study, config: StudyConfig, prepared: dict, trained, tokenizer) -> torch.nn.Module:
+    if trained is None:  # the base: any task's labels, the head is not used
+        labels = next(iter(prepared.values()))[0].label_names
+        return modeling.load_model(config.model.name, labels, 0, tokenizer.pad_token_id)
+    task, method, seed = trained
+    return modeling.load_run_model(study.run_dir(task, method, seed), method, config.model.name,
+                                   prepared[task][0].label_names, tokenizer.pad_token_id)  # fmt: skip
+
+
+def _device(config: StudyConfig) -> tuple[torch.device, bool]:
+    device = runtime.pick_device(config.runtime)
+    return device, runtime.uses_bf16(config.runtime, device)
+
+
+# ---------------------------------------------------------------- transfer retention
+
+
+def probe_examples(splits: datasets.DatasetDict, config: StudyConfig) -> tuple[datasets.Dataset, int]:
+    """The probe's fixed examples of one task, training rows (from dev) first, then eval rows."""
+    fc = config.forget
+    train = splits["dev"].select(forgetting.fixed_sample(splits["dev"]["label"], fc.probe_train, fc.seed))
+    evaluation = splits["eval"].select(forgetting.fixed_sample(splits["eval"]["label"], fc.probe_eval, fc.seed))
+    return datasets.concatenate_datasets([train, evaluation]), len(train)
+
+
+def features_path(study: Study, probe_task: str, model_id: str):
+    return study.root / "forget" / "features" / probe_task / f"{model_id}.safetensors"
+
+
+def probe_table(study: Study, config: StudyConfig, tokenizer, prepared: dict, models: list) -> None:
+    fc, (device, bf16) = config.forget, _device(config)
+    probed = fc.tasks or list(config.tasks)
+    examples = {name: probe_examples(prepared[name][1], config) for name in probed}
+    settings = fingerprint(runs.RESULTS_VERSION, runs.model_key(config), device.type, bf16,
+                           config.represent.skip_special_tokens, config.represent.skip_first_position,
+                           fc.model_dump(include={"probe_train", "probe_eval", "pooling", "layer_every", "seed"}))  # fmt: skip
+    wanted = {(model_id, name): (features_path(study, name, model_id),
+                                 fingerprint(settings, runs.prepared_fingerprint(study, name), model_fp))
+              for model_id, model_fp, _ in models for name in probed}  # fmt: skip
+    todo = [(m, trained) for m, _, trained in models if any(not is_current(*wanted[(m, n)]) for n in probed)]
+    for model_id, trained in tqdm(todo, desc="forget features", disable=not config.runtime.progress):
+        model = _load(study, config, prepared, trained, tokenizer)
+        layers = forgetting.probe_layers(model.config.num_hidden_layers, fc.layer_every)
+        represent = config.represent.model_copy(update={"layers": layers, "poolings": [fc.pooling]})
+        for name in probed:
+            path, fp = wanted[(model_id, name)]
+            if is_current(path, fp):
+                continue
+            split = examples[name][0]
+            features, layers = rep.study_features(model, split, represent, tokenizer, represent.batch_size,
+                                                  device, bf16)  # fmt: skip
+            write_current(path, rep.features_bytes(features, split["example_id"], layers), fp)
+        del model
+    table_fp = fingerprint(settings, fc.model_dump(include={"folds", "bootstrap", "confidence"}),
+                           [stamp_of(path) for path, _ in wanted.values()])  # fmt: skip
+    if is_current(forgetting.FORGETTING.path(study.tables), table_fp):
+        return
+    rows = []
+    for name in probed:
+        split, n_train = examples[name]
+        labels = np.asarray(split["label"])
+        for model_id, _, trained in models:
+            features, _, layers = rep.load_features(wanted[(model_id, name)][0])
+            rows += _probe_rows(features[fc.pooling], layers, labels, n_train, name, trained, fc)
+    forgetting.FORGETTING.write(study.tables, _with_base(pd.DataFrame(rows), fc), table_fp)
+
+
+def _probe_rows(features: torch.Tensor, layers: list[int], labels, n_train: int, probe_task: str, trained,
+                fc) -> list[dict]:  # fmt: skip
+    task, method, seed = trained if trained is not None else ("", "base", None)
+    rows = []
+    for slot, layer in enumerate(layers):
+        x = features[slot].double().numpy()
+        fit = forgetting.probe(x[:n_train], labels[:n_train], x[n_train:], labels[n_train:], folds=fc.folds,
+                               seed=fc.seed)  # fmt: skip
+        rows.append({"task": task, "method": method, "seed": seed, "probe_task": probe_task, "layer": layer,
+                     "metric": "accuracy", "score": fit.correct.mean(), "correct": fit.correct,
+                     "own_task": task == probe_task, "n_train": n_train, "n_eval": len(fit.correct),
+                     "probe_c": fit.c})  # fmt: skip
+    return rows
+
+
+def _with_base(frame: pd.DataFrame, fc) -> pd.DataFrame:
+    """Each run's forgetting against the base's probe on the same task, layer and eval examples."""
+    base = frame[frame["method"] == "base"].set_index(["probe_task", "layer"])
+    out = []
+    for row in frame.to_dict("records"):
+        reference = base.loc[(row["probe_task"], row["layer"])]
+        estimate = forgetting.forgetting(reference["correct"], row["correct"], bootstrap=fc.bootstrap,
+                                         confidence=fc.confidence, seed=fc.seed)  # fmt: skip
+        is_base = row["method"] == "base"
+        out.append({**row, "base_score": reference["score"], "forgetting": np.nan if is_base else estimate.value,
+                    "ci_low": np.nan if is_base else estimate.low, "ci_high": np.nan if is_base else estimate.high})
+    out = pd.DataFrame(out).drop(columns="correct")
+    return forgetting.FORGETTING.frame(out.assign(seed=out["seed"].astype("Int64")))
+
+
+# ---------------------------------------------------------------- language modelling
+
+
+def lm_documents(config: StudyConfig, prepared: dict, tokenizer) -> dict[str, datasets.Dataset]:
+    """Held-out documents: the named text file (one per line), else each task's first eval
+    examples (a run is scored on the tasks it did not train on)."""
+    fc = config.forget
+    if fc.lm_text is None:
+        return {name: splits["eval"].select(range(min(fc.lm_documents, len(splits["eval"]))))
+                for name, (_, splits) in prepared.items()}  # fmt: skip
+    try:
+        lines = [line.strip() for line in Path(fc.lm_text).read_text(encoding="utf-8").splitlines()]
+    except OSError as err:
+        raise InputError(f"forget.lm_text: cannot read {fc.lm_text} ({err.strerror})") from None
+    lines = [line for line in lines if line][: fc.lm_documents]
+    if not lines:
+        raise InputError(f"forget.lm_text: {fc.lm_text} has no non-empty line")
+    encoded = tokenizer(lines, truncation=True, max_length=config.model.max_length)
+    encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+    return {"text": datasets.Dataset.from_dict(dict(encoded))}
+
+
+def lm_path(study: Study, model_id: str):
+    return study.root / "forget" / "lm" / f"{model_id}.safetensors"
+
+
+def lm_table(study: Study, config: StudyConfig, tokenizer, prepared: dict, models: list) -> None:
+    fc, (device, bf16) = config.forget, _device(config)
+    sources = ([file_sha256(fc.lm_text)] if fc.lm_text else
+               [runs.prepared_fingerprint(study, name) for name in config.tasks])  # fmt: skip
+    settings = fingerprint(runs.RESULTS_VERSION, runs.model_key(config), device.type, bf16, sources,
+                           fc.model_dump(include={"lm_text", "lm_documents", "seed"}))  # fmt: skip
+    wanted = {model_id: fingerprint(settings, model_fp) for model_id, model_fp, _ in models}
+    table_fp = fingerprint(settings, fc.bootstrap, fc.confidence, wanted)
+    if is_current(forgetting.LM_FORGETTING.path(study.tables), table_fp):
+        return
+    base = _load(study, config, prepared, None, tokenizer)
+    decoder = rep.head_reads_last_token(base)
+    lm, note = forgetting.lm_with_head(modeling.resolve_model_path(config.model.name), decoder)
+    objective = "causal" if decoder else "masked"
+    if lm is None:
+        rows = [{"task": task, "method": method, "seed": seed, "objective": objective, "status": "skipped",
+                 "note": note} for _, _, (task, method, seed) in models[1:]]  # fmt: skip
+        forgetting.LM_FORGETTING.write(study.tables, pd.DataFrame(rows, columns=forgetting.LM_FORGETTING.columns),
+                                       table_fp)  # fmt: skip
+        return
+    documents = lm_documents(config, prepared, tokenizer)
+
+    def sets_of(trained) -> list[str]:
+        """The tasks a run did not train on; in a one-task study, that task's eval sentences
+        (held out from training, but its domain: the note says so)."""
+        return [name for name in documents if trained is None or name != trained[0]] or [trained[0]]
+
+    todo = [(m, t) for m, _, t in models if not is_current(lm_path(study, m), wanted[m])]
+    for model_id, trained in tqdm(todo, desc="forget LM loss", disable=not config.runtime.progress):
+        classifier = base if trained is None else _load(study, config, prepared, trained, tokenizer)
+        forgetting.with_backbone(lm, classifier)
+        tensors = {}
+        for name in sets_of(trained):
+            sums, counts = forgetting.document_losses(lm, documents[name], tokenizer, decoder=decoder,
+                                                      batch_size=config.training.eval_batch_size, device=device,
+                                                      bf16=bf16, seed=fc.seed)  # fmt: skip
+            tensors |= {f"sums.{name}": torch.from_numpy(sums), f"counts.{name}": torch.from_numpy(counts)}
+        write_current(lm_path(study, model_id), save(tensors), wanted[model_id])
+    losses = {model_id: load_file(str(lm_path(study, model_id))) for model_id in wanted}
+    rows = []
+    for model_id, _, trained in models[1:]:
+        names = sets_of(trained)
+        base_part, run_part = ([np.concatenate([losses[m][f"{kind}.{n}"].numpy() for n in names])
+                                for kind in ("sums", "counts")] for m in ("base", model_id))  # fmt: skip
+        change = forgetting.loss_change(*base_part, *run_part, bootstrap=fc.bootstrap, confidence=fc.confidence,
+                                        seed=fc.seed)  # fmt: skip
+        task, method, seed = trained
+        rows.append({"task": task, "method": method, "seed": seed, "objective": objective,
+                     "documents": len(base_part[0]), "tokens": int(base_part[1].sum()),
+                     "base_loss": base_part[0].sum() / base_part[1].sum(),
+                     "run_loss": run_part[0].sum() / run_part[1].sum(), "difference": change.value,
+                     "ci_low": change.low, "ci_high": change.high, "status": "ok",
+                     "note": f"documents: {', '.join(names)}" + (" (the run's own task: no other task in the study)"
+                                                                  if names == [task] else "")})  # fmt: skip
+    forgetting.LM_FORGETTING.write(study.tables, pd.DataFrame(rows, columns=forgetting.LM_FORGETTING.columns), table_fp)
+
+
+STAGE = Stage("forget", "transfer retention (linear probes) of every run on every task, and LM-loss change",
+              run=run, needs=("prepare", "train"),
+              reads=("model", "data", "tasks", "represent", "forget", "runtime"))  # fmt: skip
