@@ -35,7 +35,7 @@ study: setup
 	$(BIN)/lorascope run --profile quick --out studies/quick
 
 test: setup system-packages
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
