@@ -75,6 +75,13 @@ def _new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
+def _panel_grid(panels: int, ncols: int, panel_size: tuple[float, float], legend_height: float):
+    """A figure of `panels` panels in rows of `ncols`, each `panel_size` inches, plus room for a legend."""
+    nrows = math.ceil(panels / ncols)
+    fig = _new_figure(panel_size[0] * ncols, panel_size[1] * nrows + legend_height)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
 def png_bytes(fig: Figure) -> bytes:
     """The figure as PNG, on a white background (the HTML embeds it as a data URI)."""
     buffer = io.BytesIO()
@@ -105,9 +112,7 @@ def performance_figure(
     from matplotlib.lines import Line2D
 
     ncols = min(3, len(tasks))
-    nrows = math.ceil(len(tasks) / ncols)
-    fig = _new_figure(4.1 * ncols, 3.3 * nrows + 0.7)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    fig, axes = _panel_grid(len(tasks), ncols, (4.1, 3.3), 0.7)
     handles = []
     for ax, task in zip(axes.flat, tasks):
         rows = flagged[flagged["task"] == task]
@@ -412,9 +417,7 @@ def cost_figure(medians: pd.DataFrame) -> Figure:
     (they differ by orders of magnitude), with LoRA / full FT written above each pair."""
     costs = list(dict.fromkeys(medians["cost"]))
     ncols = min(4, len(costs))
-    nrows = math.ceil(len(costs) / ncols)
-    fig = _new_figure(3.5 * ncols, 2.9 * nrows + 0.6)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    fig, axes = _panel_grid(len(costs), ncols, (3.5, 2.9), 0.6)
     handles = []
     for ax, cost in zip(axes.flat, costs):
         rows = medians[medians["cost"] == cost]
