@@ -44,9 +44,13 @@ class PeakRss:
             self.peak = max(*self._samples, rss())
 
 
-def weights_mb(folder: str | None) -> float:
+def weights_bytes(folder: str | None) -> float:
     """Size of the weight files a load reads (safetensors if present, else .bin); NaN for a Hub id."""
     if folder is None or not Path(folder).is_dir():
         return float("nan")
     files = list(Path(folder).glob("*.safetensors")) or list(Path(folder).glob("*.bin"))
-    return sum(f.stat().st_size for f in files) / MB
+    return sum(f.stat().st_size for f in files)
+
+
+def weights_mb(folder: str | None) -> float:
+    return weights_bytes(folder) / MB

@@ -139,10 +139,10 @@ def pooled_positions(settings: RepresentConfig, model: torch.nn.Module) -> str:
 def position_rows(task: str, path: Path) -> list[dict]:
     """pooled_positions.csv rows of one task from a features file: the mean over examples of
     EXCLUDED_SHARE per layer (NaN when nothing was left out)."""
-    features, _, layers = load_features(path)
-    with safe_open(str(path), "pt") as f:
-        positions = f.metadata().get("positions", "")
-    share = features.get(EXCLUDED_SHARE)
+    with safe_open(str(path), "pt") as f:  # the metadata and one tensor, not every pooling's features
+        metadata = f.metadata()
+        share = f.get_tensor(EXCLUDED_SHARE) if EXCLUDED_SHARE in f.keys() else None
+    layers, positions = json.loads(metadata["layers"]), metadata.get("positions", "")
     return [{"task": task, "layer": layer, "positions": positions,
              "excluded_norm_share": float("nan") if share is None else share[i].mean().item()}
             for i, layer in enumerate(layers)]  # fmt: skip

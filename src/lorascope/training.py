@@ -16,7 +16,6 @@ from pathlib import Path
 
 import datasets
 import pandas as pd
-import psutil
 import torch
 from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -27,7 +26,7 @@ from lorascope import artifacts, modeling, runtime
 from lorascope.config import MethodConfig, RuntimeConfig
 from lorascope.errors import Diverged
 from lorascope.evaluation import evaluate, make_collator
-from lorascope.footprint import MB, PeakRss, weights_mb
+from lorascope.footprint import PeakRss, rss, weights_bytes
 from lorascope.tasks import Task
 
 # Method hyperparameter -> TrainingArguments field. Keys consumed by lorascope's own Trainer
@@ -263,7 +262,7 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
         evaluation.predictions.to_csv(out_dir / "predictions.csv", index=False)
         if setup.save_weights:
             save_weights(model, setup, tokenizer, result, out_dir)
-            result["artifact_bytes"] = round(weights_mb(str(out_dir)) * MB)
+            result["artifact_bytes"] = weights_bytes(str(out_dir))
     _write_json(out_dir / "metrics.json", result)
     return result
 
@@ -302,14 +301,14 @@ def training_memory(device: torch.device):
     at its peak and what training added to the set it started with; on CUDA, the allocator's
     peaks (allocated by tensors, reserved from the driver). None where there is no CUDA."""
     memory: dict = {}
-    start = psutil.Process().memory_info().rss
+    start = rss()
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    with PeakRss() as rss:
+    with PeakRss() as peak:
         yield memory
     memory |= {
-        "peak_rss_bytes": rss.peak, "peak_rss_added_bytes": rss.peak - start,
+        "peak_rss_bytes": peak.peak, "peak_rss_added_bytes": peak.peak - start,
         "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
         "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None,
     }  # fmt: skip
