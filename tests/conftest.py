@@ -101,5 +101,6 @@ def tiny_config(tiny_bert_dir):
         f"model.name={tiny_bert_dir}", "model.max_length=48",
         "tasks={sst2: {train_max: 48, eval_max: 40}, rte: {train_max: 48, eval_max: 40}}",
         "data.dev_max=16", "data.probe_size=16", "baselines.overfit_steps=3", "runtime.progress=false",
+        "runtime.workers=1",  # serial: a pool per test costs seconds of imports (test_executors covers it)
         "training.lora.lr=1e-2", "training.full.lr=1e-3",
     ])  # fmt: skip

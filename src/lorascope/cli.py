@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import traceback
-import warnings
 from pathlib import Path
 
 from lorascope import __version__, runtime
@@ -35,6 +33,17 @@ def _add_config_args(parser: argparse.ArgumentParser, config_positional: bool,
                         help="override a config key, e.g. --set training.lora.lr=3e-4 (repeatable)")  # fmt: skip
 
 
+def _add_executor_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, help="parallel workers (runtime.workers; 1 = in this process)")
+    parser.add_argument("--ray", metavar="ADDRESS", help="run units on Ray: local, auto or host:port (runtime.ray_address)")
+
+
+def _executor_overrides(args) -> list[str]:
+    """--workers / --ray as the --set overrides they stand for, validated with the rest of the config."""
+    workers, ray = getattr(args, "workers", None), getattr(args, "ray", None)
+    return ([f"runtime.workers={workers}"] if workers is not None else []) + ([f"runtime.ray_address={ray}"] if ray else [])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorascope", description="What LoRA buys and costs vs full fine-tuning.")
     parser.add_argument("--version", action="version", version=f"lorascope {__version__}")
@@ -43,12 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run every stage of a study", description="Run every stage of a study.")
     _add_config_args(run, config_positional=True)
+    _add_executor_args(run)
 
     for stage in STAGES:
         if stage.name not in SPECIAL:
             sub = commands.add_parser(stage.name, help=stage.help, description=f"{stage.help} (on an existing study "
                                       "directory, after the stages it needs)")  # fmt: skip
             sub.add_argument("study", help="study directory")
+            _add_executor_args(sub)
 
     drift = commands.add_parser(
         "drift", help="layer-wise CKA / cosine of every run against the base, with references",
@@ -96,13 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", choices=("lora", "full"))
     train.add_argument("--seed", type=int)
     _add_config_args(train, config_positional=False)
+    _add_executor_args(train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        _quiet_libraries()
+        runtime.quiet_libraries()
         return _dispatch(args)
     except KeyboardInterrupt:
         print("interrupted; finished results are kept, rerun to resume", file=sys.stderr)
@@ -116,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     if args.command == "run":
-        config = load_config(args.config, args.profile, args.overrides)
+        config = load_config(args.config, args.profile, [*args.overrides, *_executor_overrides(args)])
         out = _out_dir(args, config)
         with runtime.threads(config.runtime.threads):
             run_stages(config, out, list(STAGES))
@@ -136,6 +148,8 @@ def _dispatch(args) -> int:
         raise InputError(f"{args.command} needs a study directory")
     study = Study(args.study)
     config = study.load_config()
+    if _executor_overrides(args):
+        config = validate(apply_overrides(config.model_dump(mode="json"), _executor_overrides(args)), source="--workers")
     with runtime.threads(config.runtime.threads):
         run_stages(config, study.root, with_inputs(args.command), write_config=False)
     print(f"{args.command} done in {study.root}")
@@ -152,9 +166,9 @@ def _single_run(args) -> int:
     existing = out is not None and (Path(out) / "config.yaml").is_file()
     if existing and not (args.config or args.profile):
         raw = Study(out).load_config().model_dump(mode="json")
-        config = validate(apply_overrides(raw, args.overrides), source="--set")
+        config = validate(apply_overrides(raw, [*args.overrides, *_executor_overrides(args)]), source="--set")
     else:
-        config = load_config(args.config, args.profile, args.overrides)
+        config = load_config(args.config, args.profile, [*args.overrides, *_executor_overrides(args)])
     task_cfg = config.tasks.get(args.task, TaskConfig())
     config = config.model_copy(update={"tasks": {args.task: task_cfg}, "methods": [args.method], "seeds": [args.seed]})
     out = Path(out) if out else _out_dir(args, config)
@@ -275,16 +289,6 @@ def _bench(args) -> int:
 
 def _out_dir(args, config) -> Path:
     return Path(args.out) if args.out else Path("studies") / config.name
-
-
-def _quiet_libraries() -> None:
-    """Keep the terminal to progress bars and lorascope's own lines."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()  # weight-loading bars; training bars stay
 
 
 if __name__ == "__main__":

@@ -338,7 +338,11 @@ class RuntimeConfig(Strict):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool | None = Field(None, description="bf16 autocast over fp32 weights; unset: on CUDA only")
-    threads: int | None = Field(None, gt=0)
+    threads: int | None = Field(None, gt=0, description="torch threads per worker; None: the cores split between workers")
+    workers: int | None = Field(None, gt=0, description="parallel worker processes for independent units (runs, "
+                                "baselines, features); 1 = in this process; None: one per GPU, else per core (at most 4)")
+    ray_address: str | None = Field(None, min_length=1, description="run units as Ray tasks: local (a Ray instance "
+                                    "for this study), auto (this machine's cluster) or host:port / ray://host:port")
     report_to: list[Literal["none", "wandb", "mlflow", "tensorboard"]] = ["none"]
     progress: bool = True
 

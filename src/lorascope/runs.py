@@ -23,7 +23,7 @@ from lorascope.study import Study, Table, current_dir, is_current, stamp_of
 from lorascope.tasks import Task, load_raw, make_splits, resolve_task, tokenize
 from lorascope.training import RunSetup, train_run
 
-RESULTS_VERSION = 2  # bump when a code change alters results, so old outputs are redone
+RESULTS_VERSION = 3  # bump when a code change alters results, so old outputs are redone (3: fused AdamW on CPU)
 # One row per run (its metrics.json, written by write_performance_table), and the baselines
 # stage's rows: read by the analyze stage and the report through these records.
 PERFORMANCE = Table("performance", (
@@ -115,16 +115,23 @@ def run_fingerprint(config: StudyConfig, setup: RunSetup, splits_fp: str) -> str
     )  # fmt: skip
 
 
+def reusable_result(config: StudyConfig, setup: RunSetup, target, splits_fp: str) -> dict | None:
+    """The metrics of a finished, not failed run in `target` with this setup's fingerprint, else None."""
+    if is_current(target, run_fingerprint(config, setup, splits_fp)):
+        done = json.loads((target / "metrics.json").read_text())
+        if done["status"] != "failed":
+            return done
+    return None
+
+
 def train_or_reuse(config: StudyConfig, setup: RunSetup, splits: dict, target, splits_fp: str, tokenizer) -> dict:
     """The metrics of a finished run with the same fingerprint, else the run trained in a
     scratch folder that replaces `target`. A run that raised is recorded as failed (and redone
     by the next invocation); a config problem (InputError) stops the study."""
-    fp = run_fingerprint(config, setup, splits_fp)
-    if is_current(target, fp):
-        done = json.loads((target / "metrics.json").read_text())
-        if done["status"] != "failed":
-            return done
-    with current_dir(target, fp) as scratch:
+    done = reusable_result(config, setup, target, splits_fp)
+    if done is not None:
+        return done
+    with current_dir(target, run_fingerprint(config, setup, splits_fp)) as scratch:
         try:
             result = train_run(setup, splits, tokenizer, scratch)
         except InputError:

@@ -12,6 +12,7 @@ import contextlib
 import os
 import platform
 import sys
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -79,3 +80,13 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             out[package] = None
     return out | {"python": sys.version.split()[0]}
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal to progress bars and lorascope's own lines (the CLI and every worker)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # weight-loading bars; training bars stay

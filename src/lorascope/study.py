@@ -25,7 +25,7 @@ import filelock
 import pandas as pd
 import yaml
 
-from lorascope import runtime
+from lorascope import executors, runtime
 from lorascope.config import StudyConfig, fingerprint, results_fingerprint, to_yaml, validate
 from lorascope.errors import InputError
 
@@ -285,9 +285,11 @@ class Stage:
 
 def run_stages(config: StudyConfig, root: Path, stages: list[Stage], write_config: bool = True) -> Study:
     """Run `stages` in order under the study lock, after writing config.yaml and the manifest
-    (`write_config`); each records its status and time in manifest.json."""
+    (`write_config`); each records its status and time in manifest.json. The executor
+    (runtime.workers / ray_address) is started first, so a bad one stops before anything is
+    written, and the stages' units run on it."""
     study = Study(root)
-    with study.lock():
+    with executors.started(config.runtime), study.lock():
         if write_config:
             study.write_config(config)
         for stage in stages:

@@ -75,7 +75,9 @@ def training_arguments(setup: RunSetup, device: torch.device, output_dir: str) -
         **{arg: getattr(hp, key) for key, arg in TRAINER_KEYS.items()},
         max_steps=setup.max_steps,
         seed=setup.seed,
-        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        # fused AdamW on CPU too (torch >= 2.4): the default for-loop step over MiniLM's 22.7M
+        # parameters took 5x the fused one's time, a large share of a full fine-tuning step
+        optim="adamw_torch_fused",
         bf16=runtime.uses_bf16(setup.runtime, device),
         use_cpu=not cuda,
         activation_checkpointing=setup.gradient_checkpointing,

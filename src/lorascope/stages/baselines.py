@@ -7,37 +7,62 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
-from lorascope import modeling, runs
+from lorascope import executors, modeling, runs
 from lorascope.config import StudyConfig
 from lorascope.study import Stage, Study
 from lorascope.tasks import Task, compute_metrics, majority_label
 
 
+def _baseline(study: Study, config: StudyConfig, name: str, kind: str):
+    """(setup, splits, target) of one trained baseline: `head_only`, or `overfit_<method>` on a
+    few training examples."""
+    task, splits = runs.load_prepared(study, name)
+    if kind == "head_only":
+        return runs.run_setup(config, task, "head", config.seeds[0]), splits, study.baseline_dir(name, kind)
+    method = kind.removeprefix("overfit_")
+    few = few_examples(splits["train"], config.baselines.overfit_examples, config.data.split_seed)
+    hp = getattr(config.training, method).model_copy(
+        update={"epochs": 1.0, "warmup_ratio": 0.0, "scheduler": "constant_with_warmup",
+                "batch_size": len(few), "grad_accum": 1, "patience": 0}  # fmt: skip
+    )
+    setup = runs.run_setup(config, task, method, config.seeds[0], hp=hp, max_steps=config.baselines.overfit_steps,
+                           save_weights=False)  # fmt: skip
+    return setup, {"train": few, "eval": few}, study.baseline_dir(name, kind)
+
+
+def _row(config: StudyConfig, kind: str, result: dict) -> dict:
+    row = {"baseline": kind, **result}
+    if kind.startswith("overfit"):
+        row["passed"] = result.get("accuracy") is not None and result["accuracy"] >= config.baselines.overfit_threshold
+    return row
+
+
+def baseline_one(root: str, config: StudyConfig, name: str, kind: str) -> dict:
+    """One trained baseline, trained or reused (a worker's unit)."""
+    study = Study(root)
+    setup, splits, target = _baseline(study, config, name, kind)
+    result = runs.train_or_reuse(config, setup, splits, target, runs.prepared_fingerprint(study, name),
+                                 modeling.load_tokenizer(config.model.name))  # fmt: skip
+    return _row(config, kind, result)
+
+
 def run(study: Study, config: StudyConfig) -> None:
-    tokenizer = modeling.load_tokenizer(config.model.name)
-    rows = []
+    kinds = (["head_only"] if config.baselines.head_only else []) + [f"overfit_{m}" for m in config.methods]
+    rows, units = {}, []
     for name in config.tasks:
-        task, splits = runs.load_prepared(study, name)
-        splits_fp = runs.prepared_fingerprint(study, name)
-        rows.append(majority(task, splits))
-        if config.baselines.head_only:
-            setup = runs.run_setup(config, task, "head", config.seeds[0])
-            target = study.baseline_dir(name, "head_only")
-            rows.append({"baseline": "head_only", **runs.train_or_reuse(config, setup, splits, target, splits_fp,
-                                                                         tokenizer)})  # fmt: skip
-        few = few_examples(splits["train"], config.baselines.overfit_examples, config.data.split_seed)
-        for method in config.methods:
-            hp = getattr(config.training, method).model_copy(
-                update={"epochs": 1.0, "warmup_ratio": 0.0, "scheduler": "constant_with_warmup",
-                        "batch_size": len(few), "grad_accum": 1, "patience": 0}  # fmt: skip
-            )
-            setup = runs.run_setup(config, task, method, config.seeds[0], hp=hp,
-                                   max_steps=config.baselines.overfit_steps, save_weights=False)  # fmt: skip
-            target = study.baseline_dir(name, f"overfit_{method}")
-            result = runs.train_or_reuse(config, setup, {"train": few, "eval": few}, target, splits_fp, tokenizer)
-            passed = result.get("accuracy") is not None and result["accuracy"] >= config.baselines.overfit_threshold
-            rows.append({"baseline": f"overfit_{method}", **result, "passed": passed})
-    table = runs.BASELINES.write(study.tables, [{c: row.get(c) for c in runs.BASELINES.columns} for row in rows])
+        rows[name, "majority"] = majority(*runs.load_prepared(study, name))
+        for kind in kinds:
+            setup, _, target = _baseline(study, config, name, kind)
+            done = runs.reusable_result(config, setup, target, runs.prepared_fingerprint(study, name))
+            if done is not None:
+                rows[name, kind] = _row(config, kind, done)
+            else:
+                units.append(executors.Unit(baseline_one, (str(study.root), config, name, kind), f"{name} {kind}"))
+    for unit, row in zip(units, executors.run_units(units, "baselines", config.runtime.progress,
+                                                    lambda row: f"accuracy {row.get('accuracy')}")):  # fmt: skip
+        rows[unit.args[2], unit.args[3]] = row
+    ordered = [rows[name, kind] for name in config.tasks for kind in ("majority", *kinds)]
+    table = runs.BASELINES.write(study.tables, [{c: row.get(c) for c in runs.BASELINES.columns} for row in ordered])
     failed = table[table["baseline"].str.startswith("overfit") & (table["passed"] != True)]  # noqa: E712
     for _, row in failed.iterrows():
         tqdm.write(f"warning: {row.task} {row.method} did not fit {config.baselines.overfit_examples} examples "

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from lorascope import forgetting, modeling, runs, runtime
+from lorascope import executors, forgetting, modeling, runs, runtime
 from lorascope import representations as rep
 from lorascope.bundled import file_sha256
 from lorascope.config import StudyConfig, fingerprint
@@ -71,20 +71,13 @@ def probe_table(study: Study, config: StudyConfig, tokenizer, prepared: dict, mo
     wanted = {(model_id, name): (features_path(study, name, model_id),
                                  fingerprint(settings, runs.prepared_fingerprint(study, name), model_fp))
               for model_id, model_fp, _ in models for name in probed}  # fmt: skip
-    todo = [(m, trained) for m, _, trained in models if any(not is_current(*wanted[(m, n)]) for n in probed)]
-    for model_id, trained in tqdm(todo, desc="forget features", disable=not config.runtime.progress):
-        model = _load(study, config, prepared, trained, tokenizer)
-        layers = forgetting.probe_layers(model.config.num_hidden_layers, fc.layer_every)
-        represent = config.represent.model_copy(update={"layers": layers, "poolings": [fc.pooling]})
-        for name in probed:
-            path, fp = wanted[(model_id, name)]
-            if is_current(path, fp):
-                continue
-            split = examples[name][0]
-            features, layers = rep.study_features(model, split, represent, tokenizer, represent.batch_size,
-                                                  device, bf16)  # fmt: skip
-            write_current(path, rep.features_bytes(features, split["example_id"], layers), fp)
-        del model
+    units = []
+    for model_id, _, trained in models:
+        missing = [(name, *wanted[(model_id, name)]) for name in probed if not is_current(*wanted[(model_id, name)])]
+        if missing:
+            units.append(executors.Unit(probe_features_one, (str(study.root), config, trained, missing),
+                                        f"forget features {model_id}"))  # fmt: skip
+    executors.run_units(units, "forget features", config.runtime.progress)
     table_fp = fingerprint(settings, fc.model_dump(include={"folds", "bootstrap", "confidence"}),
                            [stamp_of(path) for path, _ in wanted.values()])  # fmt: skip
     if is_current(forgetting.FORGETTING.path(study.tables), table_fp):
@@ -97,6 +90,19 @@ def probe_table(study: Study, config: StudyConfig, tokenizer, prepared: dict, mo
             features, _, layers = rep.load_features(wanted[(model_id, name)][0])
             rows += _probe_rows(features[fc.pooling], layers, labels, n_train, name, trained, fc)
     forgetting.FORGETTING.write(study.tables, _with_base(pd.DataFrame(rows), fc), table_fp)
+
+
+def probe_features_one(root: str, config: StudyConfig, trained, missing: list[tuple[str, Path, str]]) -> None:
+    """One model's probe features on each task in `missing` ((task, path, fingerprint)); a worker's unit."""
+    study, tokenizer, fc, (device, bf16) = Study(root), modeling.load_tokenizer(config.model.name), config.forget, _device(config)
+    prepared = {name: runs.load_prepared(study, name) for name in config.tasks}
+    model = _load(study, config, prepared, trained, tokenizer)
+    layers = forgetting.probe_layers(model.config.num_hidden_layers, fc.layer_every)
+    represent = config.represent.model_copy(update={"layers": layers, "poolings": [fc.pooling]})
+    for name, path, fp in missing:
+        split = probe_examples(prepared[name][1], config)[0]
+        features, layers = rep.study_features(model, split, represent, tokenizer, represent.batch_size, device, bf16)
+        write_current(path, rep.features_bytes(features, split["example_id"], layers), fp)
 
 
 def _probe_rows(features: torch.Tensor, layers: list[int], labels, n_train: int, probe_task: str, trained,

@@ -6,37 +6,44 @@ carried in the base model."""
 from __future__ import annotations
 
 import pandas as pd
-from tqdm.auto import tqdm
 
-from lorascope import modeling, runs, runtime
+from lorascope import executors, modeling, runs, runtime
 from lorascope import representations as rep
 from lorascope.config import StudyConfig, fingerprint
 from lorascope.study import Stage, Study, is_current, stamp_of, write_current
 
 
+def features_one(root: str, config: StudyConfig, name: str, model_id: str, fp: str, batch_size: int,
+                 trained: tuple[str, int] | None) -> None:  # fmt: skip
+    """One model's pooled features on one task's probe split (a worker's unit)."""
+    study, tokenizer = Study(root), modeling.load_tokenizer(config.model.name)
+    device = runtime.pick_device(config.runtime)
+    task, splits = runs.load_prepared(study, name)
+    if trained is None:
+        model = modeling.load_model(config.model.name, task.label_names, 0, tokenizer.pad_token_id)
+    else:
+        model = modeling.load_run_model(study.run_dir(name, *trained), trained[0], config.model.name,
+                                        task.label_names, tokenizer.pad_token_id)  # fmt: skip
+    rc = config.represent
+    features, layers = rep.study_features(model, splits["probe"], rc, tokenizer, batch_size, device,
+                                          runtime.uses_bf16(config.runtime, device))  # fmt: skip
+    data = rep.features_bytes(features, splits["probe"]["example_id"], layers, rep.pooled_positions(rc, model))
+    write_current(study.features_path(name, model_id), data, fp)
+
+
 def run(study: Study, config: StudyConfig) -> None:
-    tokenizer = modeling.load_tokenizer(config.model.name)
     device = runtime.pick_device(config.runtime)
     bf16 = runtime.uses_bf16(config.runtime, device)
-    rc = config.represent
+    rc, units = config.represent, []
     for name in config.tasks:
-        task, splits = runs.load_prepared(study, name)
         base_fp = fingerprint(runs.RESULTS_VERSION, runs.prepared_fingerprint(study, name), runs.model_key(config), rc,
                               device.type, bf16)  # fmt: skip
         items = [("base", base_fp, rc.batch_size, None), ("base-again", base_fp, max(1, rc.batch_size // 2), None)]
         items += [(f"{m}-seed{s}", fingerprint(base_fp, run_fp), rc.batch_size, (m, s))
                   for m, s, run_fp in runs.finished_runs(study, config, name)]  # fmt: skip
-        todo = [item for item in items if not is_current(study.features_path(name, item[0]), item[1])]
-        for model_id, fp, batch_size, trained in tqdm(todo, desc=f"represent {name}",
-                                                      disable=not config.runtime.progress):  # fmt: skip
-            if trained is None:
-                model = modeling.load_model(config.model.name, task.label_names, 0, tokenizer.pad_token_id)
-            else:
-                model = modeling.load_run_model(study.run_dir(name, *trained), trained[0], config.model.name,
-                                                task.label_names, tokenizer.pad_token_id)  # fmt: skip
-            features, layers = rep.study_features(model, splits["probe"], rc, tokenizer, batch_size, device, bf16)
-            data = rep.features_bytes(features, splits["probe"]["example_id"], layers, rep.pooled_positions(rc, model))
-            write_current(study.features_path(name, model_id), data, fp)
+        units += [executors.Unit(features_one, (str(study.root), config, name, *item), f"{name} {item[0]} features")
+                  for item in items if not is_current(study.features_path(name, item[0]), item[1])]  # fmt: skip
+    executors.run_units(units, "represent", config.runtime.progress)
     bases = [study.features_path(name, "base") for name in config.tasks]
     table_fp = fingerprint(runs.RESULTS_VERSION, [stamp_of(path) for path in bases])
     if not is_current(rep.POOLED_POSITIONS.path(study.tables), table_fp):

@@ -1,10 +1,9 @@
-"""Stage `train`: one run per task x method x seed, and tables/performance.csv."""
+"""Stage `train`: one run per task x method x seed, and tables/performance.csv. Runs that are
+not current yet go to the study's executor (lorascope.executors), one unit each."""
 
 from __future__ import annotations
 
-from tqdm.auto import tqdm
-
-from lorascope import modeling, runs
+from lorascope import executors, modeling, runs
 from lorascope.config import StudyConfig
 from lorascope.study import Stage, Study
 from lorascope.tuning import tuned_hparams
@@ -21,20 +20,38 @@ def method_hparams(study: Study, config: StudyConfig, task: str, method: str):
     return tuned_hparams(study, config, task, method)
 
 
+def _setup(study: Study, config: StudyConfig, task, name: str, method: str, seed: int):
+    hp, source = method_hparams(study, config, name, method)
+    return runs.run_setup(config, task, method, seed, hp=hp, hp_source=source)
+
+
+def train_one(root: str, config: StudyConfig, name: str, method: str, seed: int) -> dict:
+    """One run of the grid, trained or reused (a worker's unit: everything from plain values)."""
+    study = Study(root)
+    task, splits = runs.load_prepared(study, name)
+    return runs.train_or_reuse(config, _setup(study, config, task, name, method, seed), splits,
+                               study.run_dir(name, method, seed), runs.prepared_fingerprint(study, name),
+                               modeling.load_tokenizer(config.model.name))  # fmt: skip
+
+
+def describe(result: dict) -> str:
+    if result["status"] != "ok":
+        return result["status"] + (f" ({result['error']})" if result.get("error") else "")
+    return f"{result['primary_metric']} {result['primary_value']:.3f}"
+
+
 def run(study: Study, config: StudyConfig) -> None:
-    grid = [(t, m, s) for t in config.tasks for m in config.methods for s in config.seeds]
-    tokenizer = modeling.load_tokenizer(config.model.name)
-    bar = tqdm(grid, desc="study runs", unit="run", disable=not config.runtime.progress)
-    prepared = {}
-    for name, method, seed in bar:
-        bar.set_postfix_str(f"{name} {method} seed{seed}")
-        if name not in prepared:
-            prepared[name] = runs.load_prepared(study, name)
-        task, splits = prepared[name]
-        hp, source = method_hparams(study, config, name, method)
-        setup = runs.run_setup(config, task, method, seed, hp=hp, hp_source=source)
-        runs.train_or_reuse(config, setup, splits, study.run_dir(name, method, seed),
-                            runs.prepared_fingerprint(study, name), tokenizer)  # fmt: skip
+    todo = []
+    for name in config.tasks:
+        task = runs.load_prepared(study, name)[0]
+        splits_fp = runs.prepared_fingerprint(study, name)
+        for method in config.methods:
+            for seed in config.seeds:
+                setup = _setup(study, config, task, name, method, seed)
+                if runs.reusable_result(config, setup, study.run_dir(name, method, seed), splits_fp) is None:
+                    todo.append(executors.Unit(train_one, (str(study.root), config, name, method, seed),
+                                               f"{name} {method} seed{seed}"))  # fmt: skip
+    executors.run_units(todo, "study runs", config.runtime.progress, describe)
     runs.write_performance_table(study)
     failed = runs.study_failures(study)
     if failed:

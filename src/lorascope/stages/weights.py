@@ -7,25 +7,22 @@ import json
 
 import pandas as pd
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
-from lorascope import modeling, runs, runtime
+from lorascope import executors, modeling, runs, runtime
 from lorascope import weights as change
 from lorascope.config import StudyConfig, fingerprint
 from lorascope.study import Stage, Study, is_current
 
 
-def run(study: Study, config: StudyConfig) -> None:
-    grid = [(t, m, s, fp) for t in config.tasks for m, s, fp in runs.finished_runs(study, config, t)]
-    fp = fingerprint(runs.RESULTS_VERSION, config.weights, [r[3] for r in grid])
-    if is_current(change.WEIGHTS.path(study.tables), fp):
-        return
-    tokenizer = modeling.load_tokenizer(config.model.name)
+def weights_rows(root: str, config: StudyConfig, grid: list[tuple[str, str, int]]) -> list[dict]:
+    """Weight-change rows of the runs in `grid` (a worker's unit: one base load and one cache of
+    the base's singular vectors for all of them)."""
+    study, tokenizer = Study(root), modeling.load_tokenizer(config.model.name)
     base_state = modeling.load_model(config.model.name, ("0", "1"), 0, tokenizer.pad_token_id).state_dict()
     k, epsilon = config.weights.intruder_k, config.weights.intruder_epsilon
     rows, base_vectors = [], {}
     with runtime.threads(1):
-        for task, method, seed, _ in tqdm(grid, desc="weights", disable=not config.runtime.progress):
+        for task, method, seed in grid:
             folder = study.run_dir(task, method, seed)
             if method == "lora":
                 adapter = json.loads((folder / "adapter_config.json").read_text())
@@ -35,6 +32,21 @@ def run(study: Study, config: StudyConfig) -> None:
                 deltas = change.full_deltas(load_file(str(folder / "model.safetensors")), base_state)
             for row in change.weight_change_rows(deltas, k=k, epsilon=epsilon, base_vectors=base_vectors):
                 rows.append({"task": task, "method": method, "seed": seed, **row})
+    return rows
+
+
+def run(study: Study, config: StudyConfig) -> None:
+    grid = [(t, m, s, fp) for t in config.tasks for m, s, fp in runs.finished_runs(study, config, t)]
+    fp = fingerprint(runs.RESULTS_VERSION, config.weights, [r[3] for r in grid])
+    if is_current(change.WEIGHTS.path(study.tables), fp):
+        return
+    shares = executors.current().workers  # one share of the runs per worker: the base is loaded once each
+    units = [executors.Unit(weights_rows, (str(study.root), config, [r[:3] for r in grid[i::shares]]),
+                            f"weights of {len(grid[i::shares])} runs") for i in range(min(shares, len(grid)))]  # fmt: skip
+    parts = executors.run_units(units, "weights", config.runtime.progress)
+    rows = [row for part in parts for row in part]
+    order = {r[:3]: i for i, r in enumerate(grid)}
+    rows.sort(key=lambda row: order[row["task"], row["method"], row["seed"]])
     table = pd.DataFrame(rows).rename(columns={"intruder_dimensions": "intruders"})
     change.WEIGHTS.write(study.tables, table if rows else pd.DataFrame(columns=change.WEIGHTS.columns), fp)
 

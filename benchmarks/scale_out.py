@@ -1,0 +1,117 @@
+"""Throughput of the train stage on each executor, and the fixed costs of the pool and of Ray.
+
+    python benchmarks/scale_out.py [--train-max 400] [--seeds 2] [--rounds 2] [--skip-ray]
+
+Part 1: the same grid (SST-2 on the bundled MiniLM, LoRA and full FT, `--seeds` seeds) trained
+from scratch by the serial executor (one process, all cores), the process pool (2 workers x 1
+thread) and Ray (a local instance, 2 tasks x 1 CPU), in rounds whose order alternates (A B C,
+then C B A), so machine drift hits all three alike. Reported: wall seconds of the stage and
+training tokens per second (tokens_seen of all runs / wall), as ratios to serial per round.
+Part 2: what the executors cost before any work: the pool's first result of a no-op unit
+(spawn + imports), Ray's init, first task and per-task overhead (200 no-op tasks), shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from lorascope import executors
+from lorascope.config import load_config
+from lorascope.stages import with_inputs
+from lorascope.study import run_stages
+
+
+def noop() -> int:
+    return os.getpid()
+
+
+def grid_config(train_max: int, seeds: int, **runtime):
+    config = load_config(None, "quick", [
+        f"tasks={{sst2: {{train_max: {train_max}}}}}", f"seeds={list(range(seeds))}", "runtime.progress=false",
+        "baselines.head_only=false",
+    ])  # fmt: skip
+    return config.model_copy(update={"runtime": config.runtime.model_copy(update=runtime)})
+
+
+def train_grid(config, root: Path) -> tuple[float, int]:
+    """Wall seconds of the train stage alone (prepare and baselines run first, untimed) and tokens trained."""
+    run_stages(config, root, with_inputs("baselines"))
+    started = time.perf_counter()
+    run_stages(config, root, with_inputs("train")[-1:], write_config=False)
+    wall = time.perf_counter() - started
+    tokens = sum(json.loads(p.read_text())["tokens_seen"] for p in root.glob("runs/*/*/seed*/metrics.json"))
+    return wall, tokens
+
+
+def fixed_costs(skip_ray: bool) -> list[tuple[str, float]]:
+    rows = []
+    pool = executors.LocalPool(workers=2, threads=1)
+    started = time.perf_counter()
+    list(pool.map([executors.Unit(noop, (), "noop")]))
+    rows.append(("pool: first no-op result (spawn + imports)", time.perf_counter() - started))
+    started = time.perf_counter()
+    list(pool.map([executors.Unit(noop, (), "noop")] * 200))
+    rows.append(("pool: per no-op unit, 200 units (ms)", (time.perf_counter() - started) / 200 * 1e3))
+    pool.close()
+    if skip_ray:
+        return rows
+    import ray
+
+    started = time.perf_counter()
+    ray_tasks = executors.RayTasks("local", workers=2, threads=1, gpus=0)
+    rows.append(("Ray: init of a local instance", time.perf_counter() - started))
+    started = time.perf_counter()
+    list(ray_tasks.map([executors.Unit(noop, (), "noop")]))
+    rows.append(("Ray: first no-op result (worker start)", time.perf_counter() - started))
+    started = time.perf_counter()
+    list(ray_tasks.map([executors.Unit(noop, (), "noop")] * 200))
+    rows.append(("Ray: per no-op task, 200 tasks (ms)", (time.perf_counter() - started) / 200 * 1e3))
+    started = time.perf_counter()
+    ray_tasks.close()
+    rows.append(("Ray: shutdown", time.perf_counter() - started))
+    assert not ray.is_initialized()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-max", type=int, default=400)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--skip-ray", action="store_true")
+    args = parser.parse_args()
+    print(f"cores {executors.cores()}, load average {os.getloadavg()[0]:.2f}")
+    ways = {"serial (1 x all cores)": {"workers": 1}, "pool (2 x 1 thread)": {"workers": 2, "threads": 1}}
+    if not args.skip_ray:
+        ways["Ray local (2 x 1 CPU)"] = {"ray_address": "local", "workers": 2, "threads": 1}
+    names = list(ways)
+    results = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            root = Path(tempfile.mkdtemp(prefix="scale-out-"))
+            try:
+                results[name].append(train_grid(grid_config(args.train_max, args.seeds, **ways[name]), root))
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+    print(f"\ntrain stage, SST-2 {args.train_max} examples x lora/full x {args.seeds} seeds, {args.rounds} rounds")
+    print(f"{'executor':28} {'wall s per round':>24} {'tokens/s':>10} {'vs serial per round':>22}")
+    serial = results[names[0]]
+    for name in names:
+        walls = [w for w, _ in results[name]]
+        rate = sum(t for _, t in results[name]) / sum(walls)
+        ratios = [s[0] / w for s, w in zip(serial, walls)]
+        print(f"{name:28} {' / '.join(f'{w:.1f}' for w in walls):>24} {rate:>10.0f} "
+              f"{' / '.join(f'{x:.2f}x' for x in ratios):>22}")  # fmt: skip
+    print("\nfixed costs")
+    for label, value in fixed_costs(args.skip_ray):
+        print(f"{label:48} {value:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
