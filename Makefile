@@ -34,7 +34,7 @@ system-packages:
 study: setup
 	$(BIN)/lorascope run --profile quick --out studies/quick
 
-test: setup system-packages
+test: setup system-packages vllm
 	$(BIN)/python -m pytest -q --durations=15
 
 bench: setup

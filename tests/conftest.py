@@ -75,6 +75,21 @@ needs_decoder = pytest.mark.skipif(
 )
 
 
+def _vllm_python() -> str | None:
+    from lorascope.errors import InputError
+    from lorascope.serving.vllm_server import find_vllm_python
+
+    try:
+        return find_vllm_python()
+    except InputError:
+        return None
+
+
+VLLM_PYTHON = _vllm_python()
+needs_vllm = pytest.mark.skipif(VLLM_PYTHON is None, reason="no vLLM env (.venv-vllm or $LORASCOPE_VLLM_PYTHON); "
+                                                            "`make test` builds it with `make vllm`")  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def bundled_cache(tmp_path_factory) -> Path:
     """LORASCOPE_CACHE of the tests that convert bundled models: shared, so SmolLM2 is converted

@@ -3,10 +3,12 @@
 Two groups:
 - lifecycle tests against a stand-in server (a small Python HTTP server in a fake env): readiness,
   the process tree stopped on exit, on an exception and on Ctrl-C, SIGKILL after the grace period,
-  and the one-line error when the server dies or times out. They run everywhere, in seconds.
+  the one-line error when the server dies or times out, and the engine grid keeping PEFT's rows
+  when every vLLM server dies. They run everywhere, in seconds.
 - real tests against `vllm serve` from .venv-vllm (or $LORASCOPE_VLLM_PYTHON), skipped when it is
-  missing: one server on a tiny random Llama classifier with one PEFT LoRA adapter, shared by the
-  module, whose probabilities must equal PEFT's in-process ones; plus a bogus model folder.
+  missing: one server on a tiny random Llama classifier with two PEFT LoRA adapters, shared by the
+  module, whose probabilities must equal PEFT's in-process ones and whose wrong adapter (or base)
+  must fail the engine grid's correctness check; plus a bogus model folder.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import VLLM_PYTHON, needs_vllm
 
 from lorascope.errors import InputError
 from lorascope.serving.vllm_server import VllmServer, VllmServerError, find_vllm_python, last_log_line
@@ -119,6 +122,41 @@ def test_server_that_never_answers_times_out_and_is_stopped(fake_env, tmp_path):
     assert time.monotonic() - started < 10 and server.process is None
 
 
+def test_engine_grid_with_a_dying_server_gives_one_line_and_keeps_peft_rows(fake_env, tmp_path, tiny_llama_dir,
+                                                                            monkeypatch, capsys):  # fmt: skip
+    """Every vLLM server dies at start-up: its strategies are skipped with the log's reason in one
+    line, and PEFT's rows of the same grid land in the table."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from lorascope.config import DeployConfig
+    from lorascope.modeling import load_tokenizer
+    from lorascope.serving import engines
+
+    monkeypatch.setenv("FAKE_MODE", "die")
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=2,
+                                                              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"],
+                                    modules_to_save=["score"])).save_pretrained(tmp_path / "adapter")  # fmt: skip
+    examples = {"sst2": [dict(tokenizer(text)) | {"label": 1} for text in ("good", "a fine film")]}
+    cfg = DeployConfig(engines=["peft", "vllm"], concurrency=[1, 2], batch_sizes=[1], engine_requests=4, warmup=0,
+                       bootstrap=0, vllm_python=str(fake_env), vllm_startup_timeout=30)  # fmt: skip
+    rows = engines.run_engines(str(tiny_llama_dir), {"sst2": str(tmp_path / "adapter")}, None, examples, tokenizer,
+                               cfg, tmp_path / "out").rows  # fmt: skip
+    peft, vllm = rows[rows["engine"] == "peft"], rows[rows["engine"] == "vllm"]
+    assert set(peft.loc[peft["status"] == "ok", "strategy"]) == {"merged", "separate"}
+    assert set(peft.loc[peft["status"] == "skipped", "note"]) == {"no fully fine-tuned model given",
+                                                                  "needs 2 or more adapters, 1 given"}  # fmt: skip
+    dead = vllm[vllm["strategy"].isin(["merged", "separate"])]
+    assert (dead["status"] == "skipped").all() and len(dead) == 4
+    assert dead["note"].str.fullmatch(r"vLLM server exited with code 1 before it was ready \(\S+\): "
+                                      r"ValueError: bogus model folder").all()  # fmt: skip
+    assert "vLLM cannot serve merged: vLLM server exited with code 1" in capsys.readouterr().err
+    assert (tmp_path / "out" / "logs" / "vllm-merged.log").is_file()
+    assert engines.DEPLOYMENT_ENGINES.read(tmp_path / "out") is not None
+
+
 def test_last_log_line_finds_the_root_cause(tmp_path):
     log = tmp_path / "vllm.log"
     log.write_text(
@@ -138,16 +176,6 @@ def test_last_log_line_finds_the_root_cause(tmp_path):
 # -- the real vLLM server -------------------------------------------------------------------------
 
 
-def _vllm_python() -> str | None:
-    try:
-        return find_vllm_python()
-    except InputError:
-        return None
-
-
-VLLM_PYTHON = _vllm_python()
-needs_vllm = pytest.mark.skipif(VLLM_PYTHON is None, reason="no vLLM env (.venv-vllm or $LORASCOPE_VLLM_PYTHON); "
-                                                            "build it with `make vllm`")  # fmt: skip
 # The API server, engine core and worker each import vLLM: 35-120 s on 2 busy cores.
 STARTUP_TIMEOUT = 600
 
@@ -178,10 +206,11 @@ def llama(tmp_path_factory):
         modules_to_save=["score"],
         init_lora_weights=False,
     )  # random B: the adapter changes outputs
-    peft_model = get_peft_model(LlamaForSequenceClassification.from_pretrained(folder / "base"), lora)
-    with torch.no_grad():
-        peft_model.base_model.model.score.modules_to_save["default"].weight.normal_(0, 0.5)
-    peft_model.save_pretrained(folder / "adapter")
+    for name in ("adapter", "other"):  # two different adapters: serving the wrong one must fail the check
+        peft_model = get_peft_model(LlamaForSequenceClassification.from_pretrained(folder / "base"), lora)
+        with torch.no_grad():
+            peft_model.base_model.model.score.modules_to_save["default"].weight.normal_(0, 0.5)
+        peft_model.save_pretrained(folder / name)
     return folder
 
 
@@ -205,10 +234,11 @@ def peft_reference(llama):
 
 @pytest.fixture(scope="module")
 def vllm_server(llama, tmp_path_factory):
-    server = VllmServer(llama / "base", lora_modules={"adapter": llama / "adapter"}, num_labels=NUM_LABELS,
+    server = VllmServer(llama / "base", lora_modules={"adapter": llama / "adapter", "other": llama / "other"},
+                        num_labels=NUM_LABELS,
                         hf_overrides={"architectures": ["LlamaForSequenceClassification"]},
                         log_path=tmp_path_factory.mktemp("vllm-log") / "server.log", python=VLLM_PYTHON,
-                        startup_timeout=STARTUP_TIMEOUT)  # fmt: skip
+                        startup_timeout=STARTUP_TIMEOUT, extra_args=["--enforce-eager"])  # fmt: skip (~50 s less)
     with server:
         yield server
 
@@ -216,7 +246,7 @@ def vllm_server(llama, tmp_path_factory):
 @needs_vllm
 def test_vllm_is_ready_with_base_and_adapter(vllm_server):
     assert vllm_server._request("GET", "/health")[0] == 200  # ready means ready, no retry needed
-    assert vllm_server.models() == ["base", "adapter"]
+    assert vllm_server.models() == ["base", "adapter", "other"]
     assert 0 < vllm_server.startup_seconds < STARTUP_TIMEOUT
     assert vllm_server.server_rss_mb() > 200  # the tree: API server + engine core
 
@@ -235,6 +265,24 @@ def test_vllm_probabilities_equal_peft(vllm_server, peft_reference):
     # texts tokenized by vLLM give the same answer as PEFT's token ids
     by_text = torch.tensor(vllm_server.classify("adapter", TEXTS), dtype=torch.float64)
     torch.testing.assert_close(by_text, reference["adapter"], atol=1e-5, rtol=0)
+
+
+@needs_vllm
+@pytest.mark.parametrize(("served", "passed"), [("adapter", True), ("other", False), ("base", False)])
+def test_engine_check_fails_when_the_server_serves_another_adapter_or_the_base(vllm_server, peft_reference, served,
+                                                                                passed):  # fmt: skip
+    """The engine grid's check (serving.engines.vllm_check) on the real server: PEFT's probabilities
+    of `adapter` against what the server answers for `served`."""
+    from lorascope.serving.engines import vllm_check
+    from lorascope.serving.inputs import Models
+
+    ids, reference = peft_reference
+    models = Models("base", {"adapter": "adapter"})
+    checked = {"adapter": [{"input_ids": row, "label": i % NUM_LABELS} for i, row in enumerate(ids)]}
+    send = lambda task, rows: vllm_server.classify(served, [r["input_ids"] for r in rows])
+    [row] = vllm_check(send, "separate", checked, {"separate": {"adapter": reference["adapter"].float()}}, models)
+    assert row["passed"] is passed and row["n_examples"] == len(TEXTS)
+    assert (row["max_abs_diff"] < 1e-5) if passed else (row["max_abs_diff"] > 0.05)
 
 
 @needs_vllm

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="PEFT adapter folder (repeatable; the first is merged / served separately)")  # fmt: skip
     bench.add_argument("--full", help="fully fine-tuned model folder to compare with")
     bench.add_argument("--task", default="sst2", help="task whose eval examples are served (default sst2)")
+    bench.add_argument("--engine", action="append", choices=("peft", "vllm"),
+                       help="serving engine (repeatable; default deploy.engines): peft = the in-process benchmark; "
+                            "vllm adds the load grid on vLLM servers beside PEFT's (`make vllm` first)")  # fmt: skip
     _add_config_args(bench, config_positional=False)
 
     train = commands.add_parser(
@@ -252,16 +255,19 @@ def _tune(args) -> int:
 
 
 def _bench(args) -> int:
-    """`deploy` for models outside a study: every adapter serves the task's eval examples."""
+    """`deploy` for models outside a study: every adapter serves the task's eval examples. Engines:
+    peft runs the in-process benchmark; vllm runs the engine load grid on every engine given."""
     import datasets
 
     from lorascope import modeling
-    from lorascope.report.figures import latency_figure, memory_figure, png_bytes
+    from lorascope.report.figures import engines_figure, latency_figure, memory_figure, png_bytes
     from lorascope.serving.benchmark import benchmark
+    from lorascope.serving.engines import run_engines
     from lorascope.serving.inputs import examples_from_dataset
     from lorascope.tasks import load_raw, resolve_task, tokenize
 
-    config = load_config(args.config, args.profile, args.overrides)
+    engines = [f"deploy.engines=[{','.join(dict.fromkeys(args.engine))}]"] if args.engine else []
+    config = load_config(args.config, args.profile, [*args.overrides, *engines])
     adapters = {}
     for i, item in enumerate(args.adapter):
         name, sep, path = item.rpartition("=")
@@ -276,13 +282,20 @@ def _bench(args) -> int:
     examples = examples_from_dataset(split)
     out = Path(args.out or "bench")
     device = runtime.pick_device(config.runtime)
+    base, served = modeling.resolve_model_path(args.base), {n: examples for n in adapters}
+    engines = config.deploy.engines
     with runtime.threads(config.runtime.threads):
-        result = benchmark(modeling.resolve_model_path(args.base), adapters, args.full, {n: examples for n in adapters},
-                           tokenizer, config.deploy, out, device=device,
-                           bf16=runtime.uses_bf16(config.runtime, device), check_examples=config.deploy.check_examples)  # fmt: skip
-    atomic_write(out / "deployment_latency.png", png_bytes(latency_figure(result.timings[result.timings["status"] == "ok"])))
-    if not result.memory.empty:
-        atomic_write(out / "deployment_memory.png", png_bytes(memory_figure(result.memory)))
+        if "peft" in engines:
+            result = benchmark(base, adapters, args.full, served, tokenizer, config.deploy, out, device=device,
+                               bf16=runtime.uses_bf16(config.runtime, device), check_examples=config.deploy.check_examples)  # fmt: skip
+            atomic_write(out / "deployment_latency.png", png_bytes(latency_figure(result.timings[result.timings["status"] == "ok"])))
+            if not result.memory.empty:
+                atomic_write(out / "deployment_memory.png", png_bytes(memory_figure(result.memory)))
+        if "vllm" in engines:
+            grid = run_engines(base, adapters, args.full, served, tokenizer, config.deploy, out, device=device,
+                               check_examples=config.deploy.check_examples).rows  # fmt: skip
+            if (grid["status"] == "ok").any():
+                atomic_write(out / "deployment_engines.png", png_bytes(engines_figure(grid)))
     print(f"deployment tables and figures written to {out}")
     return 0
 

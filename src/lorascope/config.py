@@ -19,6 +19,7 @@ from lorascope.errors import InputError
 PROFILES = ("smoke", "quick", "quick-tuned", "decoder", "paper")
 # Serving strategies a config may ask for; lorascope.serving.strategies registers one object each.
 STRATEGIES = ("base", "full", "merged", "separate", "switch", "mixed")
+ENGINES = ("peft", "vllm")  # lorascope.serving.engines measures both with one load generator
 DEFAULT_PROFILE = "quick"
 
 
@@ -165,6 +166,32 @@ class DeployConfig(Strict):
     bootstrap: int = Field(1000, ge=0)
     check_examples: int | None = Field(None, gt=0, description="eval examples per task for the correctness checks; None = all")
     compile: bool = Field(False, description="also time torch.compile variants of merged and separate")
+    engines: list[Literal[ENGINES]] = Field(["peft"], min_length=1, description="serving engines; vllm adds the "
+                                            "load grid (concurrency, batched requests) on a vLLM server, beside PEFT")
+    concurrency: list[Annotated[int, Field(gt=0)]] = Field([1, 2, 4, 8, 16], min_length=1,
+                                                           description="closed-loop clients of the engine load grid")
+    engine_requests: int = Field(200, gt=1, description="timed requests per engine load-grid cell (200: p99 is "
+                                 "interpolated below the two slowest, not the maximum)")
+    vllm_python: str | None = Field(None, description="vLLM virtualenv (folder or its python); None = "
+                                    "$LORASCOPE_VLLM_PYTHON, else .venv-vllm (`make vllm`)")
+    vllm_startup_timeout: float = Field(600.0, gt=0, description="seconds a vLLM server may take to become ready")
+    vllm_args: list[str] = Field([], description="extra arguments of every vLLM server, e.g. [--enforce-eager] "
+                                 "(skips torch.compile at start-up: faster to start, slower to serve)")
+
+    @model_validator(mode="after")
+    def _unique(self) -> DeployConfig:
+        for key in ("engines", "concurrency", "batch_sizes"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                raise ValueError(f"`{key}` has duplicates: {values}")
+        return self
+
+    def check_environment(self) -> None:
+        """The checks that need the file system, run before any stage: the vLLM env, when asked for."""
+        if self.enabled and "vllm" in self.engines:
+            from lorascope.serving.vllm_server import find_vllm_python  # standard library + psutil only
+
+            find_vllm_python(self.vllm_python)
 
 
 class AnalysisConfig(Strict):
@@ -403,7 +430,9 @@ def load_config(
         raw = _read_profile(profile or DEFAULT_PROFILE)
     if path is not None:
         _deep_merge(raw, _read_yaml(Path(path)))
-    return validate(apply_overrides(raw, overrides), source=str(path) if path else f"profile {profile or DEFAULT_PROFILE}")
+    config = validate(apply_overrides(raw, overrides), source=str(path) if path else f"profile {profile or DEFAULT_PROFILE}")
+    config.deploy.check_environment()
+    return config
 
 
 def apply_overrides(raw: dict[str, Any], overrides) -> dict[str, Any]:

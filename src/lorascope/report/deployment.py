@@ -1,5 +1,6 @@
 """Report section on serving cost: latency per strategy, batch size and length, overhead against
-full fine-tuning, the correctness checks run before timing, and memory (deployment*.csv)."""
+full fine-tuning, the correctness checks run before timing, and memory (deployment*.csv); then
+the engines side by side, PEFT in-process and vLLM (deployment_engine*.csv)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,19 @@ import pandas as pd
 
 from lorascope.report import format as fmt
 from lorascope.report.document import Document
-from lorascope.report.figures import finite, latency_figure, memory_figure, ordered
+from lorascope.report.figures import ENGINE_LABELS, engines_figure, finite, latency_figure, memory_figure, ordered
 from lorascope.report.loader import StudyView
+from lorascope.serving.engines import DEPLOYMENT_ENGINES, ENGINE_CHECKS, ENGINE_STRATEGIES, ENGINE_VERSIONS
 
 STRATEGY_ORDER = ("full", "merged", "separate", "switch", "mixed", "base")
 
 
-def _overhead(row) -> str:
-    if row is None or not finite(row.get("overhead_vs_full")):
+def _overhead(row, key: str = "overhead_vs_full", low: str = "overhead_ci_low", high: str = "overhead_ci_high") -> str:
+    if row is None or not finite(row.get(key)):
         return "—"
-    text = f"{100 * (row['overhead_vs_full'] - 1):+.1f}"
-    if finite(row.get("overhead_ci_low")) and finite(row.get("overhead_ci_high")):
-        text += f" [{100 * (row['overhead_ci_low'] - 1):+.1f}, {100 * (row['overhead_ci_high'] - 1):+.1f}]"
+    text = f"{100 * (row[key] - 1):+.1f}"
+    if finite(row.get(low)) and finite(row.get(high)):
+        text += f" [{100 * (row[low] - 1):+.1f}, {100 * (row[high] - 1):+.1f}]"
     return text
 
 
@@ -74,13 +76,7 @@ def deployment_section(doc: Document, view: StudyView) -> None:
     if checks is None:
         doc.not_run(view.why["deployment_checks"])
     else:
-        passed = list(checks.columns).index("passed")
-        rows = []
-        for r in checks.itertuples(index=False):
-            cells = [fmt.cell(v) for v in r]
-            cells[passed] = ("passed", "met") if fmt.truthy(r[passed]) else ("FAILED", "notmet")
-            rows.append(cells)
-        doc.table(list(checks.columns), rows)
+        _checks_table(doc, checks)
     doc.heading(3, "Memory")
     if memory is None:
         doc.not_run(view.why["deployment_memory"])
@@ -89,3 +85,77 @@ def deployment_section(doc: Document, view: StudyView) -> None:
                    "Per strategy: memory after loading with the extra peak during inference stacked on it (a fresh "
                    "process per strategy), size on disk of the weights it reads, and load time.")  # fmt: skip
         doc.table(list(memory.columns), [[fmt.cell(v) for v in r] for r in memory.itertuples(index=False)])
+    engines_section(doc, view)
+
+
+def _checks_table(doc: Document, checks: pd.DataFrame) -> None:
+    passed = list(checks.columns).index("passed")
+    rows = []
+    for r in checks.itertuples(index=False):
+        cells = [fmt.cell(v) for v in r]
+        cells[passed] = ("passed", "met") if fmt.truthy(r[passed]) else ("FAILED", "notmet")
+        rows.append(cells)
+    doc.table(list(checks.columns), rows)
+
+
+def _engine_cells(doc: Document, ok: pd.DataFrame, key: str, title: str, cell) -> None:
+    """One row per engine and strategy, one column per value of `key` (the other of concurrency /
+    batch size held at 1)."""
+    other = "batch_size" if key == "concurrency" else "concurrency"
+    part = ok[ok[other] == 1]
+    values = sorted(part[key].astype(int).unique())
+    rows = []
+    for engine in ordered(part["engine"].astype(str), tuple(ENGINE_LABELS)):
+        for strategy in ordered(part.loc[part["engine"] == engine, "strategy"].astype(str), ENGINE_STRATEGIES):
+            mine = part[(part["engine"] == engine) & (part["strategy"] == strategy)]
+            found = [mine[mine[key] == v] for v in values]
+            rows.append([ENGINE_LABELS.get(engine, engine), strategy] + [cell(f.iloc[0]) if not f.empty else "—"
+                                                                           for f in found])  # fmt: skip
+    doc.table([title, "strategy"] + [f"{key.replace('_', ' ')} {v}" for v in values], rows)
+
+
+def engines_section(doc: Document, view: StudyView) -> None:
+    """PEFT and vLLM on the same strategies, requests and load generator (serving.engines)."""
+    doc.heading(3, "Engines: PEFT in-process and vLLM")
+    grid, checks, versions = (t.read(view.study.tables) for t in (DEPLOYMENT_ENGINES, ENGINE_CHECKS, ENGINE_VERSIONS))
+    if grid is None:
+        doc.not_run("only PEFT in-process was measured; add vllm to deploy.engines (after `make vllm`) for the "
+                    "engine comparison")  # fmt: skip
+        return
+    ok = grid[grid["status"] == "ok"]
+    if ok["batch_size"].eq(1).any():
+        doc.figure(view.save(engines_figure(grid), "deployment_engines"),
+                   "Per engine: latency of one-example requests against concurrent clients (line = p50, thick "
+                   "whisker to p95, thin to p99) and throughput; same strategies, requests and load generator.")  # fmt: skip
+    _engine_cells(doc, ok, "concurrency", "p50 / p95 / p99 ms, one example per request",
+                  lambda r: f"{r['p50_ms']:.1f} / {r['p95_ms']:.1f} / {r['p99_ms']:.1f} ({r['examples_per_s']:.0f}/s)")
+    _engine_cells(doc, ok, "batch_size", "p50 ms (examples/s), batched requests at concurrency 1",
+                  lambda r: f"{r['p50_ms']:.1f} ({r['examples_per_s']:.0f}/s)")
+    separate = ok[ok["strategy"] == "separate"]
+    if separate["overhead_vs_merged"].notna().any():
+        _engine_cells(doc, separate, "concurrency", "separate over merged (%, interval)",
+                      lambda r: _overhead(r, "overhead_vs_merged", "overhead_vs_merged_ci_low",
+                                          "overhead_vs_merged_ci_high"))  # fmt: skip
+    memory = ok.groupby(["engine", "strategy"], sort=False)["server_rss_mb"].max().reset_index()
+    doc.table(["engine", "strategy", "peak RSS of the serving process tree (MiB)"],
+              [[ENGINE_LABELS.get(r.engine, r.engine), r.strategy, fmt.num(r.server_rss_mb, 0)]
+               for r in memory.itertuples()])  # fmt: skip
+    missing = grid[grid["status"] != "ok"].drop_duplicates(["engine", "strategy"])
+    for r in missing.itertuples():
+        doc.para(f"{ENGINE_LABELS.get(r.engine, r.engine)} {r.strategy}: {r.status} — {r.note}", css="note")
+    requests = sorted(ok["requests"].dropna().astype(int).unique())
+    doc.para(f"Each cell: {', '.join(map(str, requests)) or '—'} timed requests after warm-up, so p99 is "
+             "interpolated below the slowest requests. Closed loop: each client sends its next eval example when "
+             "its previous answer arrived. PEFT at concurrency C: C clients share one in-process model that serves "
+             "one request at a time (a single-worker server without batching; latency includes the queue); vLLM "
+             "batches concurrent requests itself. Both in fp32; vLLM over HTTP with the token ids PEFT uses. "
+             "Separate over merged: median of per-request latency ratios (request i carries the same inputs on "
+             "both), bootstrap interval. RSS of PEFT is lorascope's whole process; of vLLM its server's process "
+             "tree (pages shared between processes counted in each).", css="note")  # fmt: skip
+    if versions is not None:
+        doc.table(["engine", "package", "version"], [[fmt.cell(v) for v in r] for r in versions.itertuples(index=False)])
+    doc.heading(4, "Engine correctness (vLLM probabilities vs PEFT, before timing)")
+    if checks is None:
+        doc.not_run("no vLLM strategy was served")
+    else:
+        _checks_table(doc, checks)

