@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lorascope import executors
+from lorascope import executors, runtime
 from lorascope.config import load_config
 from lorascope.stages import with_inputs
 from lorascope.study import run_stages
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--skip-ray", action="store_true")
     args = parser.parse_args()
+    runtime.quiet_libraries()
     print(f"cores {executors.cores()}, load average {os.getloadavg()[0]:.2f}")
     ways = {"serial (1 x all cores)": {"workers": 1}, "pool (2 x 1 thread)": {"workers": 2, "threads": 1}}
     if not args.skip_ray:

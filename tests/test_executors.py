@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import json
 import os
-import signal
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pool_units
 import psutil
 import pytest
+from conftest import installed
 from safetensors.torch import load_file
 
-import pool_units
-from conftest import installed
 from lorascope import executors
 from lorascope.cli import main
 from lorascope.config import RuntimeConfig, to_yaml
@@ -128,7 +128,7 @@ def test_driver_killed_leaves_no_worker_and_rerun_keeps_finished_runs(tiny_confi
     finished = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/seed*/metrics.json")}
     assert finished
     resume = [sys.executable, "-m", "lorascope", "train", str(out)]  # the grid only; `run` would go on to the report
-    assert subprocess.run(resume, env=env, capture_output=True).returncode == 0
+    assert subprocess.run(resume, env=env, capture_output=True, check=False).returncode == 0
     assert len(list(out.glob("runs/*/*/seed*/metrics.json"))) == 4
     assert not list(out.glob("runs/**/.partial-*")), "half-written runs were cleaned up"
     assert {p: p.stat().st_mtime_ns for p in finished} == finished, "finished runs were not trained again"
@@ -158,3 +158,14 @@ def test_auto_workers_split_the_cores():
     assert pool.workers == min(executors.cores(), executors.MAX_AUTO_WORKERS)
     assert pool.workers * (pool.threads or 1) <= executors.cores()
     assert isinstance(executors.for_runtime(RuntimeConfig(workers=1)), executors.Serial)
+
+
+def test_progress_has_a_line_per_finished_unit_with_its_result_time_and_place(capsys):
+    units = [executors.Unit(pool_units.square, (n,), f"unit {n}") for n in (2, 3)]
+    with executors.started(RuntimeConfig(workers=2, threads=1)):
+        results = executors.run_units(units, "squares", describe=lambda r: f"square {r}")
+    assert results == [4, 9]
+    captured = capsys.readouterr()  # the lines go to stdout (tqdm.write), the bar to stderr
+    for n in (2, 3):
+        assert re.search(rf"unit {n}: square {n * n} \(\d+\.\d s, \S+ pid \d+\)", captured.out)
+    assert "squares" in captured.err and "2/2" in captured.err

@@ -16,7 +16,6 @@ import contextvars
 import dataclasses
 import multiprocessing
 import os
-import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from lorascope import runtime
 from lorascope.config import RuntimeConfig
 from lorascope.errors import InputError
+from lorascope.processes import die_with_parent
 
 RETRIES = 2  # times a unit is resubmitted after its worker died (Ray's default for tasks is 3)
 MAX_AUTO_WORKERS = 4
@@ -49,17 +49,6 @@ def cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-def die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when the process that started it dies, so a driver
-    killed with -9 leaves no worker (or server) behind writing into the study. Elsewhere a no-op."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def execute(fn: Callable, args: tuple, threads: int | None) -> tuple[Any, float, str]:
@@ -92,10 +81,24 @@ class Serial:
         pass
 
 
+@contextlib.contextmanager
+def _children_inherit(**variables: str):
+    """Environment variables for the processes spawned inside the block (they copy os.environ
+    when they start); this process's own libraries read theirs at import, long before."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
 def _init_worker(threads: int) -> None:
-    """A pool worker: dies with the driver, pins its threads, and draws no progress bars of its
-    own (the training loop's would tear the driver's bar; a line per finished unit replaces them)."""
-    os.environ["TQDM_DISABLE"] = "1"
+    """A pool worker: dies with the driver and pins its threads."""
     die_with_parent()
     torch.set_num_threads(threads)
     runtime.quiet_libraries()
@@ -125,7 +128,10 @@ class LocalPool:
         todo, attempts = set(range(len(units))), dict.fromkeys(range(len(units)), 0)
         while todo:
             pool = self._started()
-            futures = {pool.submit(execute, units[i].fn, units[i].args, self.threads): i for i in sorted(todo)}
+            # workers spawn on submit; they draw no progress bars (tqdm reads TQDM_DISABLE at import):
+            # the training loop's would tear the driver's bar, whose line per finished unit replaces them
+            with _children_inherit(TQDM_DISABLE="1"):
+                futures = {pool.submit(execute, units[i].fn, units[i].args, self.threads): i for i in sorted(todo)}
             try:
                 for future in concurrent.futures.as_completed(futures):
                     i = futures[future]

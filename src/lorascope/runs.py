@@ -143,6 +143,13 @@ def train_or_reuse(config: StudyConfig, setup: RunSetup, splits: dict, target, s
     return result
 
 
+def describe(result: dict) -> str:
+    """A run's (or baseline's) result in a progress line: its primary metric, or why it failed."""
+    if result["status"] != "ok":
+        return result["status"] + (f" ({result['error']})" if result.get("error") else "")
+    return f"{result['primary_metric']} {result['primary_value']:.3f}"
+
+
 def finished_runs(study: Study, config: StudyConfig, task: str) -> list[tuple[str, int, str]]:
     """(method, seed, fingerprint) of the configured runs of `task` that trained without error."""
     runs = []

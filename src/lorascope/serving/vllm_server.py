@@ -40,6 +40,7 @@ from pathlib import Path
 import psutil
 
 from lorascope.errors import InputError
+from lorascope.processes import die_with_parent
 
 ENGINE = "vLLM"
 DEFAULT_ENV = ".venv-vllm"
@@ -119,9 +120,11 @@ def last_log_line(log_path: str | os.PathLike, limit: int = 300) -> str:
 
 def _model_len_limit(model_dir: Path, wanted: int) -> int:
     """`wanted`, lowered to what the folder allows: vLLM refuses a --max-model-len above the model's
-    max_position_embeddings or a sentence-transformers max_seq_length (MiniLM's is 256)."""
+    max_position_embeddings, a sentence-transformers max_seq_length (MiniLM's is 256) or the
+    tokenizer's model_max_length (a study's run folder records the run's max length, e.g. 128)."""
     limits = [wanted]
-    for name, key in (("config.json", "max_position_embeddings"), ("sentence_bert_config.json", "max_seq_length")):
+    for name, key in (("config.json", "max_position_embeddings"), ("sentence_bert_config.json", "max_seq_length"),
+                      ("tokenizer_config.json", "model_max_length")):  # fmt: skip
         try:
             value = json.loads((model_dir / name).read_text()).get(key)
         except (OSError, ValueError, AttributeError):
@@ -139,17 +142,6 @@ def _lora_rank(adapter: str | os.PathLike) -> int:
     except (OSError, ValueError):
         return 16
     return next((r for r in LORA_RANKS if r >= rank), LORA_RANKS[-1])
-
-
-def _parent_death_signal() -> None:
-    """Runs in the child before exec: SIGTERM the server if lorascope's process dies, so a killed
-    test or study leaves no server behind (Linux only; elsewhere a no-op)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class VllmServer:
@@ -239,7 +231,8 @@ class VllmServer:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=self._environment(),
                                             start_new_session=True,
-                                            preexec_fn=_parent_death_signal)  # noqa: PLW1509 (only prctl)  # fmt: skip
+                                            # SIGTERM (not KILL) if lorascope dies: vLLM then stops its own children
+                                            preexec_fn=lambda: die_with_parent(signal.SIGTERM))  # noqa: PLW1509 (only prctl)  # fmt: skip
         try:
             self._wait_ready(started)
         except BaseException:

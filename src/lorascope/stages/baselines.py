@@ -59,7 +59,7 @@ def run(study: Study, config: StudyConfig) -> None:
             else:
                 units.append(executors.Unit(baseline_one, (str(study.root), config, name, kind), f"{name} {kind}"))
     for unit, row in zip(units, executors.run_units(units, "baselines", config.runtime.progress,
-                                                    lambda row: f"accuracy {row.get('accuracy')}")):  # fmt: skip
+                                                    runs.describe)):  # fmt: skip
         rows[unit.args[2], unit.args[3]] = row
     ordered = [rows[name, kind] for name in config.tasks for kind in ("majority", *kinds)]
     table = runs.BASELINES.write(study.tables, [{c: row.get(c) for c in runs.BASELINES.columns} for row in ordered])

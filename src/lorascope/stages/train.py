@@ -34,12 +34,6 @@ def train_one(root: str, config: StudyConfig, name: str, method: str, seed: int)
                                modeling.load_tokenizer(config.model.name))  # fmt: skip
 
 
-def describe(result: dict) -> str:
-    if result["status"] != "ok":
-        return result["status"] + (f" ({result['error']})" if result.get("error") else "")
-    return f"{result['primary_metric']} {result['primary_value']:.3f}"
-
-
 def run(study: Study, config: StudyConfig) -> None:
     todo = []
     for name in config.tasks:
@@ -51,7 +45,7 @@ def run(study: Study, config: StudyConfig) -> None:
                 if runs.reusable_result(config, setup, study.run_dir(name, method, seed), splits_fp) is None:
                     todo.append(executors.Unit(train_one, (str(study.root), config, name, method, seed),
                                                f"{name} {method} seed{seed}"))  # fmt: skip
-    executors.run_units(todo, "study runs", config.runtime.progress, describe)
+    executors.run_units(todo, "study runs", config.runtime.progress, runs.describe)
     runs.write_performance_table(study)
     failed = runs.study_failures(study)
     if failed:
