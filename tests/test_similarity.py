@@ -136,13 +136,13 @@ def test_resampled_linear_cka_is_the_resampled_gram_without_pairs_of_copies():
     x, y = _data(n=30)
     xc, yc = x - x.mean(0), y - y.mean(0)
     idx = torch.randint(30, (4, 30), generator=torch.Generator().manual_seed(2))
-    fast = sim._resampled_cka(_counts(idx, 30), xc @ xc.T, yc @ yc.T, ["linear"])["linear"]
+    fast = sim._resampled_cka(_counts(idx, 30), xc @ xc.T, yc @ yc.T, ["linear"], D)["linear"]
     for i, row in enumerate(idx):
         copies = (row[:, None] == row[None, :]) & ~torch.eye(30, dtype=torch.bool)
         kx, ky = ((z @ z.T)[row][:, row].masked_fill(copies, 0.0) for z in (xc, yc))
         assert fast[i].item() == pytest.approx(sim._gram_cka(kx, ky).item(), abs=1e-12)
     ones = torch.ones(1, 30, dtype=D)
-    assert sim._resampled_cka(ones, xc @ xc.T, yc @ yc.T, ["linear"])["linear"].item() == pytest.approx(
+    assert sim._resampled_cka(ones, xc @ xc.T, yc @ yc.T, ["linear"], D)["linear"].item() == pytest.approx(
         sim.linear_cka(x, y), abs=1e-12
     )
 
@@ -151,7 +151,7 @@ def test_resampled_unbiased_hsic_is_the_weighted_u_statistic_over_distinct_examp
     x, y = _data(n=7, d1=3, d2=2)
     k, l = x @ x.T, y @ y.T
     w = torch.tensor([[3.0, 0, 1, 2, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]], dtype=D)
-    fast = sim._resampled_hsic(w, k, l, w @ k, w @ l, w @ (k * l), (w * w) @ (k * l))
+    fast = sim._resampled_hsic(w, k, l, ["debiased"], D)["debiased"][0]  # of (x, y)
     for row, value in zip(w, fast):
         terms = []  # E[k_ij l_ij], E[k_ij l_qr], E[k_ij l_iq] over distinct examples, weighted by counts
         for size, term in ((2, lambda i, j: k[i, j] * l[i, j]), (4, lambda i, j, q, r: k[i, j] * l[q, r]),
@@ -160,7 +160,8 @@ def test_resampled_unbiased_hsic_is_the_weighted_u_statistic_over_distinct_examp
             weights = torch.stack([row[list(t)].prod() for t in tuples])
             terms.append((weights * torch.stack([term(*t) for t in tuples])).sum() / weights.sum())
         assert value.item() == pytest.approx((terms[0] + terms[1] - 2 * terms[2]).item(), abs=1e-10)
-    assert fast[1].item() == pytest.approx(sim._unbiased_hsic(k, l).item(), abs=1e-10)  # w = 1: the estimator
+    plain = sim._unbiased_hsic(sim._off_diagonal(k), sim._off_diagonal(l))
+    assert fast[1].item() == pytest.approx(plain.item(), abs=1e-10)  # w = 1: the estimator
 
 
 @pytest.mark.parametrize("measure, point", [("linear", sim.linear_cka), ("debiased", sim.debiased_cka)])
@@ -230,14 +231,51 @@ def test_legacy_index_rejects_what_linear_cka_rejects():
         sim.legacy_index(x, torch.full((64, 5), 0.1))
 
 
-def test_shared_gram_estimates_equal_the_single_measure_functions():
+def test_shared_estimates_equal_the_single_measure_functions():
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(40, 12, generator=g, dtype=torch.float64)
-    y = x @ torch.randn(12, 30, generator=g, dtype=torch.float64) + torch.randn(40, 30, generator=g, dtype=torch.float64)
-    both = sim.cka_with_intervals(x, y, ("linear", "debiased"), n_resamples=50, seed=7)
-    assert both["linear"][0] == pytest.approx(sim.linear_cka(x, y), abs=1e-12)
-    assert both["debiased"][0] == pytest.approx(sim.debiased_cka(x, y), abs=1e-12)
+    x = torch.randn(40, 12, generator=g, dtype=D)
+    y = x @ torch.randn(12, 30, generator=g, dtype=D) + torch.randn(40, 30, generator=g, dtype=D)
+    shared = sim.compare(x, y, ("linear", "debiased", "rbf"), n_resamples=50, seed=7, dtype=D)
+    assert shared["linear"][0] == pytest.approx(sim.linear_cka(x, y), abs=1e-12)
+    assert shared["debiased"][0] == pytest.approx(sim.debiased_cka(x, y), abs=1e-12)
+    assert shared["rbf"][0] == pytest.approx(sim.rbf_cka(x, y), abs=1e-12)
+    assert math.isnan(shared["rbf"][1]) and math.isnan(shared["rbf"][2])  # RBF has no interval
     for kind in ("linear", "debiased"):
-        assert both[kind][1:] == pytest.approx(sim.bootstrap_cka(x, y, kind, n_resamples=50, seed=7), abs=1e-12)
-    value, low, high = sim.cka_with_intervals(x, y, ("linear",))["linear"]
-    assert value == pytest.approx(both["linear"][0]) and math.isnan(low) and math.isnan(high)
+        assert shared[kind][1:] == pytest.approx(sim.bootstrap_cka(x, y, kind, 50, seed=7, dtype=D), abs=1e-12)
+    value, low, high = sim.compare(x, y, ("linear",))["linear"]
+    assert value == pytest.approx(shared["linear"][0]) and math.isnan(low) and math.isnan(high)
+    with pytest.raises(ValueError, match="unknown measures"):
+        sim.compare(x, y, ("linear", "cka"))
+
+
+def test_cosine_interval_resamples_the_examples_that_cka_resamples():
+    x, y = _data(n=40, d1=12, d2=12)
+    value, low, high = sim.compare(x, y, ("cosine",), n_resamples=50, seed=7)["cosine"]
+    per_example = sim.cosine_per_example(x, y, centered=True)
+    assert value == pytest.approx(per_example.mean().item(), abs=1e-15)
+    idx = torch.randint(40, (50, 40), generator=torch.Generator().manual_seed(7))  # the draws of bootstrap_cka
+    expected = torch.quantile(per_example[idx].mean(dim=1), torch.tensor([0.025, 0.975], dtype=D))
+    assert (low, high) == pytest.approx(expected.tolist(), abs=1e-12)
+
+
+def _drifted_runs(n=256, d=384, seed=0):
+    """Base features as transformer states are (a decaying spectrum, an offset, a few dimensions
+    far larger than the rest) and runs from almost the base to unrelated to it."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.arange(1, 129, dtype=torch.float32).pow(-0.75)
+    mixing = torch.randn(128, d, generator=g) / 128**0.5
+    base = (torch.randn(n, 128, generator=g) * scales) @ mixing + 0.05 * torch.randn(n, d, generator=g) + 1.0
+    base[:, :3] *= 40.0
+    runs = [base + noise * base.std() * torch.randn(n, d, generator=g) for noise in (0.01, 0.3, 1.0)]
+    return base, [*runs, base[torch.randperm(n, generator=g)]]
+
+
+def test_float32_products_stay_within_1e4_of_float64():
+    """The drift stage's default (benchmarks/drift_speed.py prints the same errors at paper size)."""
+    measures = ("linear", "debiased", "rbf", "cosine")
+    base, runs = _drifted_runs()
+    for run in runs:
+        fast = sim.compare(base, run, measures, n_resamples=200, seed=1, dtype=torch.float32)
+        reference = sim.compare(base, run, measures, n_resamples=200, seed=1, dtype=D)
+        for measure in measures:
+            assert fast[measure] == pytest.approx(reference[measure], abs=1e-4, nan_ok=True), measure

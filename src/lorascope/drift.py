@@ -25,11 +25,9 @@ DRIFT_LAYERS = Table("drift_layers", ("task", "comparison", "method", "seed", "l
                                       "ci_low", "ci_high"))  # fmt: skip
 DRIFT_SUMMARY = Table("drift_summary", ("task", "method", "seed", "pooling", "measure", "mean_over_layers",
                                         "mean_last_third", "comparison"))  # fmt: skip
-POINT = {  # measures without a shared Gram pair (linear and debiased CKA: CKA_KINDS)
-    "rbf_cka": sim.rbf_cka,
-    "cosine": lambda x, y: sim.cosine(x, y, centered=True),
-    "legacy_index": sim.legacy_index,  # opt-in; not a similarity index (similarity.legacy_index)
-}
+# Measures from one centring and one Gram pair (similarity.compare), by their names there.
+SHARED = {"linear_cka": "linear", "debiased_cka": "debiased", "rbf_cka": "rbf", "cosine": "cosine"}
+POINT = {"legacy_index": sim.legacy_index}  # opt-in, no interval; not a similarity index (similarity.legacy_index)
 # Measures whose base vs base must be 1. Not legacy_index: its value for a representation
 # with itself is an inverse participation ratio (0.23-0.40 in the reference study).
 SELF_IS_ONE = ("linear_cka", "debiased_cka", "rbf_cka")
@@ -40,43 +38,28 @@ class DriftCheckFailed(RuntimeError):
     can be trusted (the reference study's CKA scored its base model 0.23-0.40 against itself)."""
 
 
-def cosine_interval(x: torch.Tensor, y: torch.Tensor, n_resamples: int, seed: int, confidence: float):
-    per_example = sim.cosine_per_example(x, y, centered=True)
-    generator = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(per_example), (n_resamples, len(per_example)), generator=generator)
-    alpha = (1 - confidence) / 2
-    low, high = torch.quantile(per_example[idx].mean(dim=1), torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
-    return low.item(), high.item()
-
-
-CKA_KINDS = {"linear_cka": "linear", "debiased_cka": "debiased"}  # computed together from one Gram pair
-
-
-def layer_measures(x: torch.Tensor, y: torch.Tensor, measures, bootstrap: int, seed: int, confidence: float) -> list[dict]:
+def layer_measures(x: torch.Tensor, y: torch.Tensor, measures, bootstrap: int, seed: int, confidence: float,
+                   dtype: torch.dtype = torch.float32) -> list[dict]:  # fmt: skip
     """Every measure between two [examples × hidden] matrices, with bootstrap intervals over
     examples (none for RBF CKA, whose resampled kernels are not worth the time, nor for the
-    legacy index). Linear and debiased CKA share their Gram matrices."""
-    kinds = [CKA_KINDS[m] for m in measures if m in CKA_KINDS]
-    cka = sim.cka_with_intervals(x, y, kinds, bootstrap, seed, confidence) if kinds else {}
+    legacy index). All but the legacy index share one centring and one pair of Gram matrices;
+    `dtype`: of the Gram and bootstrap products (float64 is the reference; similarity's docstring)."""
+    kinds = [SHARED[m] for m in measures if m in SHARED]
+    shared = sim.compare(x, y, kinds, bootstrap, seed, confidence, dtype) if kinds else {}
     rows = []
     for measure in measures:
-        if measure in CKA_KINDS:
-            value, low, high = cka[CKA_KINDS[measure]]
-        else:
-            value, low, high = POINT[measure](x, y), math.nan, math.nan
-            if bootstrap and measure == "cosine":
-                low, high = cosine_interval(x, y, bootstrap, seed, confidence)
+        value, low, high = shared[SHARED[measure]] if measure in SHARED else (POINT[measure](x, y), math.nan, math.nan)
         rows.append({"measure": measure, "value": value, "ci_low": low, "ci_high": high})
     return rows
 
 
 def layer_rows(x: torch.Tensor, y: torch.Tensor, layers: list[int], measures, *, bootstrap=0, bootstrap_seed=0,
-               confidence=0.95, **fields) -> list[dict]:
+               confidence=0.95, dtype=torch.float32, **fields) -> list[dict]:
     """Rows for every layer and measure of two [layers × examples × hidden] stacks."""
     return [
         {**fields, "layer": layer, **row}
         for i, layer in enumerate(layers)
-        for row in layer_measures(x[i], y[i], measures, bootstrap, bootstrap_seed, confidence)
+        for row in layer_measures(x[i], y[i], measures, bootstrap, bootstrap_seed, confidence, dtype)
     ]
 
 

@@ -2,41 +2,74 @@
 per-example cosine, and bootstrap intervals. No model code.
 
 Written by hand because the reference study's "CKA" normalised by ‖X‖²‖Y‖² instead of
-‖XᵀX‖‖YᵀY‖ and scored the base model against itself at 0.23–0.40. Everything here runs in
-float64 on column-centred inputs and raises ValueError instead of returning NaN."""
+‖XᵀX‖‖YᵀY‖ and scored the base model against itself at 0.23–0.40. Inputs are centred in
+float64, and everything runs in float64 except, in compare and bootstrap_cka, the Gram and
+bootstrap matrix products and their row sums: those take `dtype`, float32 by default, which
+halves their time. Against float64 (the reference), no value or interval bound moved by more
+than 4e-7 at paper size (benchmarks/drift_speed.py prints it) nor by more than 3e-6 on a
+SmolLM2 study's features, massive activations included. Errors are ValueErrors, never NaN."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 _DTYPE = torch.float64
 
 
-def _as_float64(x: torch.Tensor, name: str) -> torch.Tensor:
-    x = torch.as_tensor(x)
+def _largest(x: torch.Tensor) -> torch.Tensor:
+    """max |x| without an |x|-sized temporary; NaN if x holds one (min and max propagate it)."""
+    low, high = torch.aminmax(x)
+    return torch.maximum(-low, high)
+
+
+def _checked(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x as a 2-D tensor with enough examples and no NaN or inf, and its largest |entry|."""
+    x = torch.as_tensor(x).detach()
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D [examples, features], got shape {tuple(x.shape)}")
     if x.shape[0] < 2 or x.shape[1] < 1:
         raise ValueError(f"{name} needs at least 2 examples and 1 feature, got shape {tuple(x.shape)}")
-    x = x.detach().to(_DTYPE)
-    if not torch.isfinite(x).all():
+    largest = _largest(x)
+    if not torch.isfinite(largest):
         raise ValueError(f"{name} contains NaN or inf")
-    return x
+    return x, largest
+
+
+def _as_float64(x: torch.Tensor, name: str) -> torch.Tensor:
+    return _checked(x, name)[0].to(_DTYPE)
+
+
+def _column_means(x: torch.Tensor) -> torch.Tensor:
+    """Column means, [1, d], as a matrix product: x.mean(dim=0) took 6x as long at n = 872, d = 2048."""
+    return x.new_ones(1, x.shape[0]) @ x / x.shape[0]
+
+
+def _is_flat(centred: torch.Tensor, scale: torch.Tensor) -> bool:
+    return bool(_largest(centred) <= 1e-12 * scale)
 
 
 def is_constant(x: torch.Tensor) -> bool:
     """Every example has the same features: no similarity to anything is defined (0/0)."""
     x = x.to(_DTYPE)
-    return bool((x - x.mean(dim=0, keepdim=True)).abs().max() <= 1e-12 * x.abs().max())
+    return _is_flat(x - _column_means(x), _largest(x))
 
 
 def _centred(x: torch.Tensor, name: str) -> torch.Tensor:
     """Column-centred float64 copy; a constant matrix is an error rather than a NaN."""
-    x = _as_float64(x, name)
-    centred = x - x.mean(dim=0, keepdim=True)
-    if is_constant(x):
+    x, scale = _checked(x, name)
+    centred = x.to(_DTYPE, copy=True)
+    centred.sub_(_column_means(centred))  # in place: a second [n, d] copy cost as much as the rest
+    if _is_flat(centred, scale):
         raise ValueError(f"{name}: all features are constant across examples (zero variance after centring)")
     return centred
+
+
+def _gram(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """XXᵀ of a centred float64 X as float64, the product taken in `dtype`."""
+    x = x.to(dtype)
+    return (x @ x.T).to(_DTYPE)
 
 
 def _same_n(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -79,13 +112,15 @@ def _centre_gram(k: torch.Tensor) -> torch.Tensor:
     return k - k.mean(dim=-2, keepdim=True)
 
 
+def _alignment(kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
+    """⟨K, L⟩ / (‖K‖ ‖L‖) of (batches of) Gram matrices: CKA when they are centred."""
+    xy, xx, yy = (torch.einsum("...ij,...ij->...", a, b) for a, b in ((kx, ky), (kx, kx), (ky, ky)))
+    return xy / torch.sqrt(xx * yy)
+
+
 def _gram_cka(kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
     """Centred kernel alignment of (batches of) Gram matrices: the biased HSIC estimator."""
-    kx, ky = _centre_gram(kx), _centre_gram(ky)
-    xy = (kx * ky).sum(dim=(-2, -1))
-    xx = (kx * kx).sum(dim=(-2, -1))
-    yy = (ky * ky).sum(dim=(-2, -1))
-    return xy / torch.sqrt(xx * yy)
+    return _alignment(_centre_gram(kx), _centre_gram(ky))
 
 
 def _check_gram(k: torch.Tensor, name: str) -> torch.Tensor:
@@ -106,11 +141,10 @@ def linear_cka_gram(kx: torch.Tensor, ky: torch.Tensor) -> float:
 
 
 def _unbiased_hsic(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """Song et al. 2012 unbiased HSIC of (batches of) Gram matrices; needs n >= 4."""
+    """Song et al. 2012 unbiased HSIC of (batches of) Gram matrices whose diagonals are zeroed
+    (_off_diagonal); needs n >= 4."""
     n = k.shape[-1]
-    diagonal = torch.eye(n, dtype=torch.bool, device=k.device)
-    k, l = k.masked_fill(diagonal, 0.0), l.masked_fill(diagonal, 0.0)
-    trace = (k * l).sum(dim=(-2, -1))
+    trace = torch.einsum("...ij,...ij->...", k, l)
     totals = k.sum(dim=(-2, -1)) * l.sum(dim=(-2, -1)) / ((n - 1) * (n - 2))
     rows = (k.sum(dim=-1) * l.sum(dim=-1)).sum(dim=-1) * 2 / (n - 2)
     return (trace + totals - rows) / (n * (n - 3))
@@ -125,23 +159,40 @@ def debiased_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return _debiased_from_grams(x @ x.T, y @ y.T)
 
 
+def _off_diagonal(k: torch.Tensor) -> torch.Tensor:
+    """A copy of (a batch of) Gram matrices with zero diagonals: the pairs of distinct examples."""
+    k = k.clone()
+    k.diagonal(dim1=-2, dim2=-1).zero_()
+    return k
+
+
 def _debiased_from_grams(kx: torch.Tensor, ky: torch.Tensor) -> float:
     if kx.shape[0] < 4:
         raise ValueError(f"debiased CKA needs at least 4 examples, got {kx.shape[0]}")
-    xx, yy = _unbiased_hsic(kx, kx), _unbiased_hsic(ky, ky)
+    a, b = _off_diagonal(kx), _off_diagonal(ky)
+    xx, yy = _unbiased_hsic(a, a), _unbiased_hsic(b, b)
     if xx <= 0 or yy <= 0:
         raise ValueError("debiased CKA: self-similarity estimate is not positive (too few examples)")
-    return (_unbiased_hsic(kx, ky) / torch.sqrt(xx * yy)).item()
+    return (_unbiased_hsic(a, b) / torch.sqrt(xx * yy)).item()
 
 
-def _rbf_gram(x: torch.Tensor, sigma_scale: float, name: str) -> torch.Tensor:
-    squared = x.pow(2).sum(dim=1)
-    distances = (squared[:, None] + squared[None, :] - 2 * x @ x.T).clamp_min(0.0)
-    pairs = distances[torch.triu_indices(x.shape[0], x.shape[0], offset=1).unbind()]
-    median = pairs.median()  # of squared distances: the square of the median distance
+@functools.lru_cache(maxsize=4)
+def _upper_triangle(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the pairs of distinct examples, kept: building them took as long as using them."""
+    return torch.triu_indices(n, n, offset=1).unbind()
+
+
+def _rbf_gram(k: torch.Tensor, sigma_scale: float, name: str) -> torch.Tensor:
+    """Gaussian kernel from the linear Gram K = XXᵀ, which the other CKA measures share."""
+    squared = k.diagonal()
+    distances = (-2 * k).add_(squared[:, None]).add_(squared[None, :]).clamp_min_(0.0)
+    pairs = distances[_upper_triangle(k.shape[0])].numpy()  # a copy, partitioned in place
+    middle = (len(pairs) - 1) // 2  # the lower median, as torch.median: numpy's selection is 5x faster
+    pairs.partition(middle)
+    median = pairs[middle]  # of squared distances: the square of the median distance
     if median <= 0:
         raise ValueError(f"{name}: median pairwise distance is zero (most examples are identical)")
-    return torch.exp(-distances / (2 * sigma_scale**2 * median))
+    return distances.div_(-2 * sigma_scale**2 * median).exp_()
 
 
 def rbf_cka(x: torch.Tensor, y: torch.Tensor, sigma_scale: float = 1.0) -> float:
@@ -151,76 +202,95 @@ def rbf_cka(x: torch.Tensor, y: torch.Tensor, sigma_scale: float = 1.0) -> float
         raise ValueError(f"sigma_scale must be positive, got {sigma_scale}")
     _same_n(x, y)
     x, y = _centred(x, "x"), _centred(y, "y")
-    return _gram_cka(_rbf_gram(x, sigma_scale, "x"), _rbf_gram(y, sigma_scale, "y")).item()
+    return _gram_cka(_rbf_gram(x @ x.T, sigma_scale, "x"), _rbf_gram(y @ y.T, sigma_scale, "y")).item()
 
 
 def cosine_per_example(x: torch.Tensor, y: torch.Tensor, centered: bool) -> torch.Tensor:
     """Cosine between matching rows, [n]. Uncentred cosine of transformer states is >= 0.94
     almost everywhere (a shared mean direction dominates), so centred is the informative one."""
     _same_n(x, y)
+    x, y = (_centred(x, "x"), _centred(y, "y")) if centered else (_as_float64(x, "x"), _as_float64(y, "y"))
+    return _row_cosines(x, y, " after centring" if centered else "")
+
+
+def _row_cosines(x: torch.Tensor, y: torch.Tensor, note: str) -> torch.Tensor:
+    """Cosines of the matching rows of float64 x and y; `note` ends a zero-row error."""
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"cosine needs equal widths: x has {x.shape[1]} features, y has {y.shape[1]}")
-    x, y = (_centred(x, "x"), _centred(y, "y")) if centered else (_as_float64(x, "x"), _as_float64(y, "y"))
-    norms_x, norms_y = x.norm(dim=1), y.norm(dim=1)
+    norms_x, norms_y = torch.linalg.vector_norm(x, dim=1), torch.linalg.vector_norm(y, dim=1)
     for name, norms in (("x", norms_x), ("y", norms_y)):
         if (norms == 0).any():
             row = int((norms == 0).nonzero()[0])
-            raise ValueError(f"{name}: row {row} is a zero vector{' after centring' if centered else ''}")
-    return (x * y).sum(dim=1) / (norms_x * norms_y)
+            raise ValueError(f"{name}: row {row} is a zero vector{note}")
+    return torch.einsum("ij,ij->i", x, y) / (norms_x * norms_y)
 
 
 def cosine(x: torch.Tensor, y: torch.Tensor, centered: bool = True) -> float:
     """Mean over examples of the per-example cosine (DESIGN.md's interface)."""
     return cosine_per_example(x, y, centered).mean().item()
 
-def _resampled_hsic(w: torch.Tensor, k: torch.Tensor, l: torch.Tensor, kw: torch.Tensor, lw: torch.Tensor,
-                    klw: torch.Tensor, klw2: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """HSIC for resamples given as draw counts w [c, n] (kw, lw, klw = w @ K, w @ L, w @ (K∘L);
-    K and L may carry a leading batch dimension), leaving out every pair of two draws of the
-    same example. Given klw2 = w² @ (K∘L), the unbiased estimator; without it, the biased one.
-    Such a pair is identical in x and in y, so it reads as shared structure: with it (plain
-    K[idx][:, idx]), independent 256×384 inputs bootstrap to debiased CKA ~0.6 instead of 0,
-    and no interval holds the estimate.
+
+def _resampled_hsic(w: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, measures,
+                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:  # fmt: skip
+    """{measure: [3, c] HSIC of (x, y), (x, x), (y, y)} for resamples given as draw counts w
+    [c, n], "linear" (biased) and/or "debiased" (unbiased), leaving out every pair of two draws
+    of the same example. Such a pair is identical in x and in y, so it reads as shared
+    structure: with it (plain K[idx][:, idx]), independent 256×384 inputs bootstrap to debiased
+    CKA ~0.6 instead of 0, and no interval holds the estimate.
 
     biased: tr(K'HL'H) over the resampled Gram with those pairs zeroed (the diagonal, an example
     with itself, stays once per draw). unbiased: the U-statistic of Song et al. over distinct
     examples, each tuple weighted by the product of its draw counts; both equal the plain
-    estimator when w = 1."""
+    estimator when w = 1. With A, B = K, L without their diagonals, every term is a row sum over
+    the [c, n] × [n, n] products w @ (A, B, A∘B, A∘A, B∘B) and, for the unbiased one, w² @ (A∘B,
+    A∘A, B∘B): those products are the cost, and both measures share them. They and their row
+    sums are taken in `dtype`; the terms, which cancel, are combined in float64."""
     n = w.shape[-1]
-    kd, ld = k.diagonal(dim1=-2, dim2=-1)[..., None, :], l.diagonal(dim1=-2, dim2=-1)[..., None, :]
-    w2 = w * w
-    if klw2 is None:
-        ties = w2 - w  # ordered pairs of distinct draws of the same example
-        trace = (klw * w - ties * kd * ld).sum(dim=-1)
-        k_total, l_total = ((kw * w - ties * kd).sum(dim=-1), (lw * w - ties * ld).sum(dim=-1))
-        k_rows, l_rows = kw - (w - 1) * kd, lw - (w - 1) * ld  # row sums of K' at a draw of example i
-        return trace - 2 / n * (w * k_rows * l_rows).sum(dim=-1) + k_total * l_total / n**2
-    # A, B = K, L with zero diagonal; sums over distinct i, j, q, r by inclusion-exclusion.
-    aw, bw = kw - w * kd, lw - w * ld
-    abw, abw2 = klw - w * kd * ld, klw2 - w2 * kd * ld  # w @ (A∘B), w² @ (A∘B)
-    pairs = (abw * w).sum(dim=-1)  # Σ w_i w_j A_ij B_ij
-    triples = (w * aw * bw - abw * w2).sum(dim=-1)  # Σ w_i w_j w_q A_ij B_iq
-    quads = (aw * w).sum(dim=-1) * (bw * w).sum(dim=-1) + (2 * abw2 * w2 - 4 * w2 * aw * bw).sum(dim=-1)
-    p1, p2, p3, p4 = (w.pow(e).sum(dim=-1) for e in (1, 2, 3, 4))  # Σ w^e: weights of distinct tuples
-    n2 = p1**2 - p2
-    n3 = p1**3 - 3 * p1 * p2 + 2 * p3
-    n4 = p1**4 - 6 * p1**2 * p2 + 3 * p2**2 + 8 * p1 * p3 - 6 * p4
-    return pairs / n2 + quads / n4 - 2 * triples / n3
+    diagonals = torch.stack([kx.diagonal(), ky.diagonal()])  # [2, n]
+    grams = torch.empty(5, n, n, dtype=dtype)  # A, B, A∘B, A∘A, B∘B
+    grams[0], grams[1] = kx, ky
+    grams[:2].diagonal(dim1=-2, dim2=-1).zero_()
+    torch.mul(grams[0], grams[1], out=grams[2])
+    torch.mul(grams[:2], grams[:2], out=grams[3:])
+    counts, w = w.to(dtype), w.to(_DTYPE)
+    products = counts @ grams  # [5, c, n]; the first two are w @ A, w @ B
+    left, right = [0, 0, 1], [1, 0, 1]  # (x, y), (x, x), (y, y): which of A, B on each side
 
+    def row_sums(v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Σ_i weights_i v_i over each row, float64."""
+        return torch.einsum("...cn,cn->...c", v, weights).to(_DTYPE)
 
-def _resampled_cka(w: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, measures) -> dict[str, torch.Tensor]:
-    """{measure: CKA of every resample} for "linear" and/or "debiased". xy, xx and yy go in one
-    batched pass, and both measures share the [c, n] × [n, n] products, which are the cost."""
-    kw, lw = w @ kx, w @ ky
-    k, l = torch.stack([kx, kx, ky]), torch.stack([ky, kx, ky])
-    kws, lws, kl = torch.stack([kw, kw, lw]), torch.stack([lw, kw, lw]), k * l
-    klw = w @ kl
-    klw2 = (w * w) @ kl if "debiased" in measures else None
+    def pair_sums(v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Σ_i weights_i v_a,i v_b,i for the three pairs (a, b) of v's two rows, [3, c] float64."""
+        return torch.einsum("acn,bcn->abc", v * weights, v)[left, right].to(_DTYPE)
+
+    hadamard = row_sums(products[2:], counts)  # Σ w_i w_j A_ij B_ij, [3, c]
+    totals = row_sums(products[:2], counts)  # wᵀAw, wᵀBw
     out = {}
-    for measure in measures:
-        xy, xx, yy = _resampled_hsic(w, k, l, kws, lws, klw, klw2 if measure == "debiased" else None)
-        out[measure] = xy / torch.sqrt(xx * yy)
+    if "linear" in measures:
+        resampled_rows = products[:2] + diagonals[:, None, :].to(dtype)  # row sums of K', L' at a draw
+        trace = hadamard + (w @ (diagonals[left] * diagonals[right]).T).T
+        k_totals = totals + (w @ diagonals.T).T
+        out["linear"] = trace - 2 / n * pair_sums(resampled_rows, counts) + k_totals[left] * k_totals[right] / n**2
+    if "debiased" in measures:  # sums over distinct i, j, q, r by inclusion-exclusion
+        squared = counts * counts
+        triples = pair_sums(products[:2], counts) - row_sums(products[2:], squared)  # Σ w_i w_j w_q A_ij B_iq
+        quads = (totals[left] * totals[right] + 2 * row_sums(squared @ grams[2:], squared)
+                 - 4 * pair_sums(products[:2], squared))  # fmt: skip
+        w2 = w * w
+        p1, p2, p3, p4 = w.sum(dim=-1), w2.sum(dim=-1), row_sums(w2, w), row_sums(w2, w2)  # Σ w^e
+        n2 = p1**2 - p2  # weights of the distinct pairs, triples and quadruples
+        n3 = p1**3 - 3 * p1 * p2 + 2 * p3
+        n4 = p1**4 - 6 * p1**2 * p2 + 3 * p2**2 + 8 * p1 * p3 - 6 * p4
+        out["debiased"] = hadamard / n2 + quads / n4 - 2 * triples / n3
     return out
+
+
+def _resampled_cka(w: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, measures,
+                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:  # fmt: skip
+    """{measure: CKA of every resample} for "linear" and/or "debiased" (see _resampled_hsic)."""
+    hsic = _resampled_hsic(w, kx, ky, measures, dtype)
+    return {measure: xy / torch.sqrt(xx * yy) for measure, (xy, xx, yy) in hsic.items()}
 
 
 def bootstrap_cka(
@@ -230,6 +300,7 @@ def bootstrap_cka(
     n_resamples: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[float, float]:
     """Percentile interval over examples resampled with replacement (same rows for x and y).
 
@@ -243,45 +314,73 @@ def bootstrap_cka(
     (decaying) and 99.3 % [98.6, 99.7] (flat); linear covers the expected estimate at this n
     94.2 % [92.6, 95.6] and 97.6 % [96.4, 98.5] but the population value only 82.9 % and 0 %,
     since its bias at n < d lies outside the interval. A linear interval is about biased CKA at
-    this n, not the population."""
+    this n, not the population. `dtype`: of the Gram and bootstrap products (module docstring)."""
     if measure not in ("linear", "debiased"):
         raise ValueError(f"measure must be 'linear' or 'debiased', got {measure!r}")
     if n_resamples < 1 or not 0 < confidence < 1:
         raise ValueError(f"need n_resamples >= 1 and 0 < confidence < 1, got {n_resamples}, {confidence}")
     _same_n(x, y)
     x, y = _centred(x, "x"), _centred(y, "y")
-    return _bootstrap_from_grams(x @ x.T, y @ y.T, [measure], n_resamples, seed, confidence)[measure]
+    return _bootstrap_from_grams(_gram(x, dtype), _gram(y, dtype), [measure], n_resamples, seed, confidence,
+                                 dtype)[measure]  # fmt: skip
+
+
+@functools.lru_cache(maxsize=4)
+def _resample_counts(n: int, n_resamples: int, seed: int) -> torch.Tensor:
+    """[n_resamples, n] draw counts of n examples resampled with replacement, float64, shared
+    (not to be modified): the same for every measure, layer and pair with this seed, and drawing
+    them took as long as a layer's cosine."""
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randint(n, (n_resamples, n), generator=generator)
+    return torch.zeros(n_resamples, n, dtype=_DTYPE).scatter_add_(1, idx, torch.ones_like(idx, dtype=_DTYPE))
+
+
+def _percentiles(values: torch.Tensor, confidence: float) -> tuple[float, float]:
+    if not torch.isfinite(values).all():
+        raise ValueError("bootstrap: a resample has too few distinct examples for this measure")
+    alpha = (1 - confidence) / 2
+    low, high = torch.quantile(values, torch.tensor([alpha, 1 - alpha], dtype=_DTYPE))
+    return low.item(), high.item()
 
 
 def _bootstrap_from_grams(kx: torch.Tensor, ky: torch.Tensor, measures, n_resamples: int, seed: int,
-                          confidence: float) -> dict[str, tuple[float, float]]:  # fmt: skip
+                          confidence: float, dtype: torch.dtype) -> dict[str, tuple[float, float]]:  # fmt: skip
     """{measure: (low, high)}; every measure sees the same resamples (same seed, same draws)."""
     n = kx.shape[0]
     if "debiased" in measures and n < 4:
         raise ValueError(f"debiased CKA needs at least 4 examples, got {n}")
-    generator = torch.Generator().manual_seed(seed)
-    idx = torch.randint(n, (n_resamples, n), generator=generator)
-    counts = torch.zeros(n_resamples, n, dtype=_DTYPE).scatter_add_(1, idx, torch.ones_like(idx, dtype=_DTYPE))
-    alpha = (1 - confidence) / 2
-    out = {}
-    for measure, values in _resampled_cka(counts, kx, ky, measures).items():
-        if not torch.isfinite(values).all():
-            raise ValueError("bootstrap: a resample has too few distinct examples for this measure")
-        low, high = torch.quantile(values, torch.tensor([alpha, 1 - alpha], dtype=_DTYPE))
-        out[measure] = (low.item(), high.item())
-    return out
+    resampled = _resampled_cka(_resample_counts(n, n_resamples, seed), kx, ky, measures, dtype)
+    return {measure: _percentiles(values, confidence) for measure, values in resampled.items()}
 
 
-def cka_with_intervals(x: torch.Tensor, y: torch.Tensor, measures=("linear", "debiased"), n_resamples: int = 0,
-                       seed: int = 0, confidence: float = 0.95) -> dict[str, tuple[float, float, float]]:  # fmt: skip
-    """{measure: (value, ci_low, ci_high)} for linear and/or debiased CKA from one centring and
-    one pair of Gram matrices. Equal to linear_cka / debiased_cka / bootstrap_cka, which each
-    build their own [n × n] Grams: at n = 872, d = 2048 those products were most of the drift
-    stage's time. No interval (NaN) when n_resamples is 0."""
+_COMPARED = ("linear", "debiased", "rbf", "cosine")
+
+
+def compare(x: torch.Tensor, y: torch.Tensor, measures=("linear", "debiased"), n_resamples: int = 0, seed: int = 0,
+            confidence: float = 0.95, dtype: torch.dtype = torch.float32) -> dict[str, tuple[float, float, float]]:
+    """{measure: (value, ci_low, ci_high)} for "linear", "debiased" and "rbf" CKA and "cosine"
+    (centred, the mean over examples) from one centring and one pair of Gram matrices, every
+    interval over the same resamples. Equal to linear_cka / debiased_cka / rbf_cka / cosine /
+    bootstrap_cka, which each centre and build their own [n × n] Grams: at n = 872, d = 2048
+    those were most of the drift stage's time. No interval (NaN) when n_resamples is 0, nor ever
+    for RBF, whose resampled kernels are not worth the time. `dtype`: of the Gram and bootstrap
+    products (module docstring)."""
+    if set(measures) - set(_COMPARED):
+        raise ValueError(f"unknown measures {sorted(set(measures) - set(_COMPARED))}; known: {list(_COMPARED)}")
     _same_n(x, y)
     x, y = _centred(x, "x"), _centred(y, "y")
-    kx, ky = x @ x.T, y @ y.T
-    point = {"linear": lambda: _gram_cka(kx, ky).item(), "debiased": lambda: _debiased_from_grams(kx, ky)}
+    kx, ky = (_gram(x, dtype), _gram(y, dtype)) if set(measures) - {"cosine"} else (None, None)
+    cosines = _row_cosines(x, y, " after centring") if "cosine" in measures else None
+    point = {"linear": lambda: _alignment(kx, ky).item(),  # centred inputs give centred Grams
+             "debiased": lambda: _debiased_from_grams(kx, ky),
+             "rbf": lambda: _gram_cka(_rbf_gram(kx, 1.0, "x"), _rbf_gram(ky, 1.0, "y")).item(),
+             "cosine": lambda: cosines.mean().item()}  # fmt: skip
+    intervals = {}
+    resampled = [m for m in measures if m in ("linear", "debiased")]
+    if n_resamples and resampled:
+        intervals = _bootstrap_from_grams(kx, ky, resampled, n_resamples, seed, confidence, dtype)
+    if n_resamples and cosines is not None:
+        means = _resample_counts(len(cosines), n_resamples, seed) @ cosines / len(cosines)
+        intervals["cosine"] = _percentiles(means, confidence)
     nan = (float("nan"), float("nan"))
-    intervals = _bootstrap_from_grams(kx, ky, measures, n_resamples, seed, confidence) if n_resamples else {}
     return {measure: (point[measure](), *intervals.get(measure, nan)) for measure in measures}
