@@ -254,3 +254,27 @@ def test_engines_figure_and_report_section(tmp_path):
     text = to_markdown(doc, tmp_path)
     assert "+10.0 [+5.0, +20.0]" in text and "does not support LoRA yet" in text and "200 timed requests" in text
     assert "10.0 / 12.0 / 15.0 (100/s)" in text and (tmp_path / "figures" / "report_deployment_engines.png").is_file()
+
+
+def test_peft_lock_serves_requests_in_arrival_order():
+    """The PEFT engine's queue: clients that arrive while the model is busy are served first come,
+    first served (threading.Lock grants in no particular order)."""
+    lock, order, started = engines.FifoLock(), [], []
+
+    def client(i: int) -> None:
+        started.append(i)
+        with lock:
+            order.append(i)
+            time.sleep(0.01)
+
+    with lock:  # the model is busy while the clients arrive, one after another
+        threads = []
+        for i in range(8):
+            threads.append(threading.Thread(target=client, args=(i,)))
+            threads[-1].start()
+            while len(started) <= i:
+                time.sleep(0.001)
+            time.sleep(0.02)  # client i is waiting for its turn before i + 1 arrives
+    for thread in threads:
+        thread.join()
+    assert order == list(range(8))
