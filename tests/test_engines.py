@@ -186,7 +186,7 @@ def test_missing_vllm_env_at_run_time_skips_vllm_with_one_line_and_peft_rows_lan
     result = engines.run_engines(str(root / "base"), adapters, str(root / "full"), examples, tokenizer, cfg, tmp_path)
     peft, vllm = result.rows[result.rows["engine"] == "peft"], result.rows[result.rows["engine"] == "vllm"]
     assert set(peft["strategy"]) == {"full", "merged", "separate", "multi"} and (peft["status"] == "ok").all()
-    assert (peft["requests"] == 6).all() and (peft["max_in_flight"] == peft["concurrency"]).all()
+    assert (peft["requests"] == 6).all() and (peft["max_in_flight"] <= peft["concurrency"]).all()
     assert (vllm["status"] == "skipped").all() and len(vllm) == 8
     assert vllm["note"].str.contains("vLLM environment not found at .*nowhere; run `make vllm`").all()
     assert "vLLM skipped: vLLM environment not found" in capsys.readouterr().err
@@ -210,7 +210,10 @@ def test_bench_vllm_serves_full_merged_separate_multi_like_peft(llama_models, tm
     assert (grid["status"] == "ok").all(), grid[["engine", "strategy", "status", "note"]]
     assert set(zip(grid["engine"], grid["strategy"])) == {(e, s) for e in ("peft", "vllm") for s in engines.ENGINE_STRATEGIES}
     assert sorted(set(zip(grid["concurrency"], grid["batch_size"]))) == [(1, 1), (1, 4), (4, 1)]
-    assert (grid["requests"] == 24).all() and (grid["max_in_flight"] == grid["concurrency"]).all()
+    assert (grid["requests"] == 24).all() and (grid["max_in_flight"] <= grid["concurrency"]).all()
+    # real requests may be too quick for all 4 clients to be in flight at one instant (seen in a
+    # fresh-clone run); the exact count is test_closed_loop_sends_exactly_n_requests_with_at_most_c_in_flight's
+    assert (grid[grid["concurrency"] == 4]["max_in_flight"] >= 2).all()
     assert ((grid["p50_ms"] <= grid["p95_ms"]) & (grid["p95_ms"] <= grid["p99_ms"])).all()
     assert np.allclose(grid["examples_per_s"], grid["requests_per_s"] * grid["batch_size"])
     vllm = grid[grid["engine"] == "vllm"]
