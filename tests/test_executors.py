@@ -153,11 +153,11 @@ def test_ray_missing_is_one_clear_line(monkeypatch):
         executors.for_runtime(RuntimeConfig(ray_address="local"))
 
 
-def test_auto_workers_split_the_cores():
-    pool = executors.for_runtime(RuntimeConfig(device="cpu"))
-    assert pool.workers == min(executors.cores(), executors.MAX_AUTO_WORKERS)
-    assert pool.workers * (pool.threads or 1) <= executors.cores()
-    assert isinstance(executors.for_runtime(RuntimeConfig(workers=1)), executors.Serial)
+def test_auto_workers_on_cpu_is_serial_and_explicit_workers_split_the_cores():
+    assert isinstance(executors.for_runtime(RuntimeConfig(device="cpu")), executors.Serial)
+    if executors.cores() >= 2:
+        pool = executors.for_runtime(RuntimeConfig(workers=2))
+        assert pool.workers == 2 and pool.threads == executors.cores() // 2
 
 
 def test_progress_has_a_line_per_finished_unit_with_its_result_time_and_place(capsys):

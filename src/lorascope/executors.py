@@ -30,7 +30,6 @@ from lorascope.errors import InputError
 from lorascope.processes import die_with_parent
 
 RETRIES = 2  # times a unit is resubmitted after its worker died (Ray's default for tasks is 3)
-MAX_AUTO_WORKERS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,12 +212,14 @@ def _check_answers(address: str, timeout: float = 5.0) -> None:
 
 
 def auto_workers(device: str) -> int:
-    """Workers when runtime.workers is unset: one per GPU on CUDA; on CPU one per core, at most
-    MAX_AUTO_WORKERS. Small-batch runs are dispatch-bound: on 2 cores two 1-thread LoRA runs did
-    2.1x the tokens/s of one 2-thread run, full fine-tuning 1.1x (README, Scale-out)."""
+    """Workers when runtime.workers is unset: one per GPU on CUDA; on CPU one (serial, all cores).
+    Measured on 2 cores (benchmarks/scale_out.py, README Scale-out): the train stage of short
+    SST-2 runs took 36 s serially, 45 s on a 2 x 1-thread pool and 52 s on Ray; feature passes
+    and full fine-tuning scale with threads as well as with processes. Set --workers on
+    machines with more cores than one run can use."""
     if device != "cpu" and torch.cuda.is_available():
         return max(1, torch.cuda.device_count())
-    return max(1, min(cores(), MAX_AUTO_WORKERS))
+    return 1
 
 
 def for_runtime(rc: RuntimeConfig):
