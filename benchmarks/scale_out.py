@@ -49,15 +49,18 @@ def train_grid(config, root: Path) -> tuple[float, int]:
     return wall, tokens
 
 
+def seconds(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
 def fixed_costs(skip_ray: bool) -> list[tuple[str, float]]:
-    rows = []
+    """The same no-op units on each executor: the first result (worker start) and 200 more."""
+    one, many = [executors.Unit(noop, (), "noop")], [executors.Unit(noop, (), "noop")] * 200
     pool = executors.LocalPool(workers=2, threads=1)
-    started = time.perf_counter()
-    list(pool.map([executors.Unit(noop, (), "noop")]))
-    rows.append(("pool: first no-op result (spawn + imports)", time.perf_counter() - started))
-    started = time.perf_counter()
-    list(pool.map([executors.Unit(noop, (), "noop")] * 200))
-    rows.append(("pool: per no-op unit, 200 units (ms)", (time.perf_counter() - started) / 200 * 1e3))
+    rows = [("pool: first no-op result (spawn + imports)", seconds(lambda: list(pool.map(one)))),
+            ("pool: per no-op unit, 200 units (ms)", seconds(lambda: list(pool.map(many))) / 200 * 1e3)]
     pool.close()
     if skip_ray:
         return rows
@@ -66,15 +69,9 @@ def fixed_costs(skip_ray: bool) -> list[tuple[str, float]]:
     started = time.perf_counter()
     ray_tasks = executors.RayTasks("local", workers=2, threads=1, gpus=0)
     rows.append(("Ray: init of a local instance", time.perf_counter() - started))
-    started = time.perf_counter()
-    list(ray_tasks.map([executors.Unit(noop, (), "noop")]))
-    rows.append(("Ray: first no-op result (worker start)", time.perf_counter() - started))
-    started = time.perf_counter()
-    list(ray_tasks.map([executors.Unit(noop, (), "noop")] * 200))
-    rows.append(("Ray: per no-op task, 200 tasks (ms)", (time.perf_counter() - started) / 200 * 1e3))
-    started = time.perf_counter()
-    ray_tasks.close()
-    rows.append(("Ray: shutdown", time.perf_counter() - started))
+    rows += [("Ray: first no-op result (worker start)", seconds(lambda: list(ray_tasks.map(one)))),
+             ("Ray: per no-op task, 200 tasks (ms)", seconds(lambda: list(ray_tasks.map(many))) / 200 * 1e3),
+             ("Ray: shutdown", seconds(ray_tasks.close))]
     assert not ray.is_initialized()
     return rows
 

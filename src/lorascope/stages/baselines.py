@@ -13,10 +13,10 @@ from lorascope.study import Stage, Study
 from lorascope.tasks import Task, compute_metrics, majority_label
 
 
-def _baseline(study: Study, config: StudyConfig, name: str, kind: str):
-    """(setup, splits, target) of one trained baseline: `head_only`, or `overfit_<method>` on a
-    few training examples."""
-    task, splits = runs.load_prepared(study, name)
+def _baseline(study: Study, config: StudyConfig, prepared: tuple, name: str, kind: str):
+    """(setup, splits, target) of one trained baseline of task `name` (`prepared`: its task and
+    splits): `head_only`, or `overfit_<method>` on a few training examples."""
+    task, splits = prepared
     if kind == "head_only":
         return runs.run_setup(config, task, "head", config.seeds[0]), splits, study.baseline_dir(name, kind)
     method = kind.removeprefix("overfit_")
@@ -40,7 +40,7 @@ def _row(config: StudyConfig, kind: str, result: dict) -> dict:
 def baseline_one(root: str, config: StudyConfig, name: str, kind: str) -> dict:
     """One trained baseline, trained or reused (a worker's unit)."""
     study = Study(root)
-    setup, splits, target = _baseline(study, config, name, kind)
+    setup, splits, target = _baseline(study, config, runs.load_prepared(study, name), name, kind)
     result = runs.train_or_reuse(config, setup, splits, target, runs.prepared_fingerprint(study, name),
                                  modeling.load_tokenizer(config.model.name))  # fmt: skip
     return _row(config, kind, result)
@@ -50,10 +50,11 @@ def run(study: Study, config: StudyConfig) -> None:
     kinds = (["head_only"] if config.baselines.head_only else []) + [f"overfit_{m}" for m in config.methods]
     rows, units = {}, []
     for name in config.tasks:
-        rows[name, "majority"] = majority(*runs.load_prepared(study, name))
+        prepared, splits_fp = runs.load_prepared(study, name), runs.prepared_fingerprint(study, name)
+        rows[name, "majority"] = majority(*prepared)
         for kind in kinds:
-            setup, _, target = _baseline(study, config, name, kind)
-            done = runs.reusable_result(config, setup, target, runs.prepared_fingerprint(study, name))
+            setup, _, target = _baseline(study, config, prepared, name, kind)
+            done = runs.reusable_result(config, setup, target, splits_fp)
             if done is not None:
                 rows[name, kind] = _row(config, kind, done)
             else:
