@@ -50,6 +50,7 @@ class TaskConfig(Strict):
 
     train_max: int | None = Field(None, gt=0, description="stratified subsample of train")
     eval_max: int | None = Field(None, gt=0, description="first N eval examples (smoke tests only)")
+    dev_max: int | None = Field(None, gt=0, description="cap on this task's dev split; None = data.dev_max")
     source: str | None = Field(None, description="Hub id, dataset folder, or CSV/TSV/JSON file")
     subset: str | None = None
     eval_source: str | None = Field(None, description="file with the eval split (file sources)")

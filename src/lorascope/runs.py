@@ -36,6 +36,15 @@ BASELINES = Table("baselines", ("task", "baseline", "method", "status", "primary
 PATH_KEYS = {"data": {"glue"}, "task": {"source", "eval_source"}}  # identified by their content instead
 
 
+def task_key(task_cfg) -> dict:
+    """The task's config as its prepared splits are fingerprinted. An unset dev_max (added after
+    studies existed) is left out, so those studies' splits and runs stay current."""
+    key = task_cfg.model_dump(mode="json", exclude=PATH_KEYS["task"])
+    if key["dev_max"] is None:
+        del key["dev_max"]
+    return key
+
+
 # ---------------------------------------------------------------- prepared splits
 
 
@@ -66,7 +75,7 @@ def prepare_tasks(study: Study, config: StudyConfig, tasks: list[str] | None = N
         task_cfg = config.tasks[name]
         task, train, evaluation = load_raw(resolve_task(name, task_cfg, config.data))
         fp = fingerprint(RESULTS_VERSION, model_key(config)["name"], config.model.max_length, data,
-                         task_cfg.model_dump(mode="json", exclude=PATH_KEYS["task"]),
+                         task_key(task_cfg),
                          content_digest(train, evaluation))  # fmt: skip
         target = study.prepared_dir(name)
         if is_current(target, fp):

@@ -33,6 +33,7 @@ class Task:
     eval_source: str | None = None
     train_max: int | None = None
     eval_max: int | None = None
+    dev_max: int | None = None
 
     @property
     def num_labels(self) -> int:
@@ -54,7 +55,7 @@ SPLITS = ("train", "dev", "eval", "probe")
 
 
 def resolve_task(name: str, cfg: TaskConfig, data: DataConfig) -> Task:
-    sizes = dict(train_max=cfg.train_max, eval_max=cfg.eval_max)
+    sizes = dict(train_max=cfg.train_max, eval_max=cfg.eval_max, dev_max=cfg.dev_max)
     if cfg.source is None:
         if name not in GLUE_TASKS:
             raise InputError(
@@ -189,7 +190,7 @@ def make_splits(task: Task, train: datasets.Dataset, evaluation: datasets.Datase
     ordered subset of eval for representations). Deterministic in `data.split_seed` only, so
     every run of a study sees the same splits."""
     labels = np.asarray(train["label"])
-    n_dev = min(data.dev_max, max(len(task.label_names), round(data.dev_fraction * len(train))))
+    n_dev = min(task.dev_max or data.dev_max, max(len(task.label_names), round(data.dev_fraction * len(train))))
     keep, dev = train_test_split(np.arange(len(train)), test_size=n_dev, stratify=labels, random_state=data.split_seed)
     if task.train_max and task.train_max < len(keep):
         keep, _ = train_test_split(keep, train_size=task.train_max, stratify=labels[keep], random_state=data.split_seed)
