@@ -15,7 +15,7 @@ import pytest
 import torch
 from peft import LoraModel
 
-from lorascope import stats
+from lorascope import footprint, stats
 from lorascope.config import STRATEGIES, DeployConfig, LoraMethodConfig
 from lorascope.modeling import load_model, load_tokenizer, prepare_for_method
 from lorascope.report.figures import memory_figure, png_bytes
@@ -229,9 +229,15 @@ def test_memory_is_measured_in_a_fresh_process(setup):
             "num_labels": 2, "pad_token_id": tokenizer.pad_token_id, "device": "cpu", "threads": 1, "bf16": False,
             "batches": [{"inputs": {k: v.tolist() for k, v in batch.inputs.items()},
                          "tasks": batch.tasks}]}  # fmt: skip
+    ballast = torch.ones(64 * 2**20)  # 256 MB in this process, which the measuring process must not carry
     row = memory.memory_in_subprocess(spec)
     assert row["loaded_mb"] > 1 and row["peak_mb"] > 0 and row["load_seconds"] > 0 and row["inference_mb"] >= 0
     assert row["measure"] == "cpu rss" and row["method"]
+    assert row["runtime_mb"] < footprint.rss() / footprint.MB - 200, "the measuring process inherited the driver's heap"
+    del ballast
+    broken = spec | {"models": spec["models"] | {"base": str(models.base) + "-missing"}}
+    with pytest.raises(RuntimeError, match="memory measurement of mixed failed: .*missing"):
+        memory.memory_in_subprocess(broken)
     assert memory.disk_sizes("mixed", models)[1] == pytest.approx(2 * memory.disk_sizes("separate", models)[1], rel=0.01)
 
 
