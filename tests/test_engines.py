@@ -20,7 +20,7 @@ from lorascope.cli import main
 from lorascope.config import DeployConfig, LoraMethodConfig
 from lorascope.errors import InputError
 from lorascope.modeling import load_model, load_tokenizer, prepare_for_method
-from lorascope.serving import engines
+from lorascope.serving import engines, vllm_server
 from lorascope.serving.load import closed_loop
 
 LABELS = ("negative", "positive")
@@ -242,7 +242,7 @@ def test_engines_figure_and_report_section(tmp_path):
 
     rows = [{"engine": e, "strategy": s, "concurrency": c, "batch_size": b, "requests": 200, "p50_ms": 10.0 * c,
              "p95_ms": 12.0 * c, "p99_ms": 15.0 * c, "examples_per_s": 100.0 * b, "server_rss_mb": 500.0,
-             "overhead_vs_merged": 1.1 if s == "separate" else np.nan, "overhead_vs_merged_ci_low": 1.05,
+             "server_gpu_mb": 2048.0 if e == "vllm" else 300.0, "overhead_vs_merged": 1.1 if s == "separate" else np.nan, "overhead_vs_merged_ci_low": 1.05,
              "overhead_vs_merged_ci_high": 1.2, "status": "ok", "note": ""}
             for e in ("peft", "vllm") for s in ("merged", "separate") for c, b in ((1, 1), (4, 1), (1, 4))]  # fmt: skip
     rows += [{"engine": "vllm", "strategy": "multi", "concurrency": 1, "batch_size": 1, "requests": 0,
@@ -257,6 +257,16 @@ def test_engines_figure_and_report_section(tmp_path):
     text = to_markdown(doc, tmp_path)
     assert "+10.0 [+5.0, +20.0]" in text and "does not support LoRA yet" in text and "200 timed requests" in text
     assert "10.0 / 12.0 / 15.0 (100/s)" in text and (tmp_path / "figures" / "report_deployment_engines.png").is_file()
+    assert "GPU memory (MiB)" in text and "| vLLM server | separate | 500 | 2048 |" in text.replace("  ", " ")
+
+
+def test_gpu_memory_of_a_process_tree_from_nvidia_smi():
+    """nvidia-smi's per-process list, summed over the server's processes only; no GPU: None."""
+    listing = "4242, 30512\n4300, 1024\n999, 77\n[N/A], [N/A]\n"
+    assert vllm_server.gpu_mb_of(listing, {4242, 4300}) == 31536.0
+    assert vllm_server.gpu_mb_of(listing, {1}) == 0.0 and vllm_server.gpu_mb_of("", {4242}) == 0.0
+    if not torch.cuda.is_available():
+        assert engines.peft_memory_mb(torch.device("cpu"))["server_gpu_mb"] is None
 
 
 def test_peft_lock_serves_requests_in_arrival_order():

@@ -136,10 +136,11 @@ def engines_section(doc: Document, view: StudyView) -> None:
         _engine_cells(doc, separate, "concurrency", "separate over merged (%, interval)",
                       lambda r: _overhead(r, "overhead_vs_merged", "overhead_vs_merged_ci_low",
                                           "overhead_vs_merged_ci_high"))  # fmt: skip
-    memory = ok.groupby(["engine", "strategy"], sort=False)["server_rss_mb"].max().reset_index()
-    doc.table(["engine", "strategy", "peak RSS of the serving process tree (MiB)"],
-              [[ENGINE_LABELS.get(r.engine, r.engine), r.strategy, fmt.num(r.server_rss_mb, 0)]
-               for r in memory.itertuples()])  # fmt: skip
+    gpu = "server_gpu_mb" in ok and ok["server_gpu_mb"].notna().any()
+    memory = ok.groupby(["engine", "strategy"], sort=False)[["server_rss_mb", *(["server_gpu_mb"] if gpu else [])]]
+    doc.table(["engine", "strategy", "peak RSS of the serving process tree (MiB)", *(["GPU memory (MiB)"] if gpu else [])],
+              [[ENGINE_LABELS.get(engine, engine), strategy, *(fmt.num(v, 0) for v in row)]
+               for (engine, strategy), row in memory.max().iterrows()])  # fmt: skip
     missing = grid[grid["status"] != "ok"].drop_duplicates(["engine", "strategy"])
     for r in missing.itertuples():
         doc.para(f"{ENGINE_LABELS.get(r.engine, r.engine)} {r.strategy}: {r.status} — {r.note}", css="note")

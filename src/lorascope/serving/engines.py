@@ -47,7 +47,7 @@ PEFT_STRATEGY = {"full": "full", "merged": "merged", "separate": "separate", "mu
 PROB_ATOL = 1e-4
 DEPLOYMENT_ENGINES = Table("deployment_engines", (
     "engine", "strategy", "concurrency", "batch_size", "requests", "p50_ms", "p95_ms", "p99_ms", "mean_ms",
-    "requests_per_s", "examples_per_s", "tokens_per_s", "server_rss_mb", "overhead_vs_merged",
+    "requests_per_s", "examples_per_s", "tokens_per_s", "server_rss_mb", "server_gpu_mb", "overhead_vs_merged",
     "overhead_vs_merged_ci_low", "overhead_vs_merged_ci_high", "max_in_flight", "device", "status", "note",
 ))  # fmt: skip
 ENGINE_CHECKS = Table("deployment_engine_checks", ("engine", "strategy", *DEPLOYMENT_CHECKS.columns))
@@ -107,14 +107,14 @@ def measure(send: Send, items: list[tuple], concurrency: int, cfg: DeployConfig)
 
 
 def grid(engine: str, strategy: str, send: Send, examples, models: Models, cfg: DeployConfig, device: str,
-         rss: Callable[[], float]) -> tuple[list[dict], dict]:  # fmt: skip
+         memory: Callable[[], dict]) -> tuple[list[dict], dict]:  # fmt: skip
     """Every cell of one strategy on one engine: rows, and the latencies by cell (for overheads)."""
     rows, latencies = [], {}
     for concurrency, batch_size in cells(cfg):
         items = workload(examples, tasks_of(strategy, models), batch_size, cfg.engine_requests)
         row, latencies[(concurrency, batch_size)] = measure(send, items, concurrency, cfg)
         rows.append({"engine": engine, "strategy": strategy, "concurrency": concurrency, "batch_size": batch_size,
-                     "server_rss_mb": rss(), "device": device, "status": "ok", "note": ""} | row)  # fmt: skip
+                     **memory(), "device": device, "status": "ok", "note": ""} | row)  # fmt: skip
         say(f"{engine} {strategy} concurrency {concurrency} batch {batch_size}: p50 {row['p50_ms']:.1f} ms, "
             f"p99 {row['p99_ms']:.1f} ms, {row['examples_per_s']:.0f} examples/s")  # fmt: skip
     return rows, latencies
@@ -156,6 +156,12 @@ class FifoLock:
         with self._turn:
             self._serving += 1
             self._turn.notify_all()
+
+
+def peft_memory_mb(device: torch.device) -> dict:
+    """This process's RSS and, on CUDA, the memory torch reserved (the in-process server's share)."""
+    gpu = torch.cuda.memory_reserved(device) / 2**20 if device.type == "cuda" else None
+    return {"server_rss_mb": server_rss_mb(os.getpid()), "server_gpu_mb": gpu}
 
 
 def peft_send(model: torch.nn.Module, strategy: str, models: Models, pad_token_id: int, input_names,
@@ -282,7 +288,7 @@ def run_vllm(strategies: list[str], models: Models, examples, checked, reference
                                                      device)  # fmt: skip
                                 continue
                             cell_rows, cell_latencies = grid("vllm", strategy, send, examples, models, cfg, device,
-                                                             server.server_rss_mb)  # fmt: skip
+                                                             server.memory_mb)  # fmt: skip
                         except VllmServerError as err:
                             say(f"vLLM {strategy} failed: {err}")
                             rows += not_measured("vllm", strategy, "failed", str(err), cfg, device)
@@ -328,7 +334,7 @@ def run_engines(base: str, adapters: dict[str, str], full: str | None, examples:
             if "peft" in cfg.engines:
                 send = peft_send(model, strategy, models, pad_token_id, input_names, device)
                 cell_rows, cell_latencies = grid("peft", strategy, send, examples, models, cfg, device.type,
-                                                 lambda: server_rss_mb(os.getpid()))  # fmt: skip
+                                                 lambda: peft_memory_mb(device))  # fmt: skip
                 rows += cell_rows
                 latencies |= {("peft", strategy, *cell): v for cell, v in cell_latencies.items()}
             del model

@@ -73,17 +73,42 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def gpu_mb_of(nvidia_smi_csv: str, pids: set[int]) -> float:
+    """GPU memory (MiB) that `nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits`
+    lists for `pids`."""
+    total = 0.0
+    for line in nvidia_smi_csv.strip().splitlines():
+        pid, _, used = line.partition(",")
+        if pid.strip().isdigit() and int(pid) in pids and used.strip().replace(".", "", 1).isdigit():
+            total += float(used)
+    return total
+
+
+def server_gpu_mb(pid: int) -> float | None:
+    """GPU memory of a process tree in MiB as the driver reports it (vLLM's worker holds the
+    weights and the KV cache it preallocated); None without an NVIDIA GPU."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return gpu_mb_of(out, {proc.pid for proc in _tree(pid)})
+
+
 def server_rss_mb(pid: int) -> float:
     """Resident memory of a process and all its descendants, in MiB. vLLM serves from several processes
     (API server, engine core, worker, resource tracker), so one process's RSS would miss the model. Pages shared between
     them count once per process, so this is an upper bound."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
     total = 0
-    for proc in procs:
+    for proc in _tree(pid):
         try:
             total += proc.memory_info().rss
         except psutil.NoSuchProcess:
@@ -324,9 +349,11 @@ class VllmServer:
         token ids let the caller tokenize exactly as PEFT does. `model` is the base's or an adapter's name."""
         return classify(self, model, inputs)
 
-    def server_rss_mb(self) -> float:
-        """RSS of the server's process tree in MiB (0 when not running)."""
-        return server_rss_mb(self.process.pid) if self.process else 0.0
+    def memory_mb(self) -> dict:
+        """RSS of the server's process tree in MiB (0 when not running) and, on NVIDIA GPUs, its GPU memory."""
+        if not self.process:
+            return {"server_rss_mb": 0.0, "server_gpu_mb": None}
+        return {"server_rss_mb": server_rss_mb(self.process.pid), "server_gpu_mb": server_gpu_mb(self.process.pid)}
 
 
 def classify(server: VllmServer, model: str, inputs: list[str] | list[list[int]]) -> list[list[float]]:
@@ -354,7 +381,7 @@ if __name__ == "__main__":  # by hand: python -m lorascope.serving.vllm_server M
     adapters = dict(arg.split("=", 1) for arg in sys.argv[2:])
     with VllmServer(sys.argv[1], lora_modules=adapters, log_path="vllm-server.log") as srv:
         print(
-            f"ready in {srv.startup_seconds:.1f} s at {srv.url}; models {srv.models()}; {srv.server_rss_mb():.0f} MiB"
+            f"ready in {srv.startup_seconds:.1f} s at {srv.url}; models {srv.models()}; {srv.memory_mb()['server_rss_mb']:.0f} MiB"
         )
         for name in srv.models():
             print(name, srv.classify(name, ["hello world"]))
