@@ -92,7 +92,7 @@ def _search(task: str, method: str) -> tuple[optuna.Study, Backend]:
             params=params, distributions={"lr": lr, "weight_decay": wd}, state=state,
             value=0.85 + i / 100 if state == optuna.trial.TrialState.COMPLETE else None,
             intermediate_values={10: 0.84 + i / 100}))  # fmt: skip
-    return ostudy, Backend(storage, "in memory", "rdb")
+    return ostudy, Backend(storage, "in memory", "rdb", "in memory")
 
 
 def _deployment(tables: Path) -> None:

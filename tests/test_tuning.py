@@ -21,7 +21,7 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from lorascope import optuna_storage, runs, tuning
+from lorascope import executors, optuna_storage, runs, tuning
 from lorascope.config import load_config, to_yaml, validate
 from lorascope.errors import InputError
 from lorascope.study import Study
@@ -173,6 +173,30 @@ def test_same_config_and_seed_give_the_same_trials_and_a_rerun_continues(searche
     trials = _trials(study, config)
     assert [t.number for t in trials] == [0, 1, 2]
     assert _sequence(trials) == _sequence(_trials(reference, config))
+
+
+def test_a_search_on_the_pool_runs_one_unit_per_worker_on_a_journal_in_the_study(tiny_bert_dir, tmp_path):
+    """--workers 2: both searches' trials run in the pool's workers (not the driver), on the
+    journal file in the study, exactly 3 finished trials each; the random start-up trials equal
+    a serial search's (each is seeded by its number), and the records name the journal."""
+    config = _config(tiny_bert_dir, "methods=[lora, full]", "tune.startup_trials=2", "tune.prune=false")
+    serial = Study(tmp_path / "serial")
+    tuning.tune_study(serial, config)
+    pooled = config.model_copy(update={"runtime": config.runtime.model_copy(update={"workers": 2, "threads": 1})})
+    study = Study(tmp_path / "pool")
+    with executors.started(pooled.runtime):
+        records = tuning.tune_study(study, pooled)
+    journal = str((study.root / "tune" / "optuna.journal").resolve())
+    assert not (study.root / "tune" / "optuna.db").exists()
+    for method in ("lora", "full"):
+        trials = _trials(study, config, method, storage=journal)
+        finished = [t for t in trials if t.state in tuning.FINISHED]
+        assert len(finished) == 3 and len({t.number for t in trials}) == len(trials)
+        workers = {t.user_attrs["worker"] for t in finished}
+        assert f"{socket.gethostname()}:{os.getpid()}" not in workers and len(workers) <= 2
+        assert _sequence(trials)[:2] == _sequence(_trials(serial, config, method))[:2]
+        assert records["sst2", method]["storage"] == journal
+        assert records["sst2", method]["trials"]["complete"] == 3
 
 
 def test_the_sampler_is_seeded_per_trial_from_the_config_seed():

@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = commands.add_parser(
         "tune", help="Optuna search per task x method on the dev split",
-        description="Search hyperparameters per task x method on dev. Several workers: one study "
-                    "directory each (--out), one shared --storage.",
+        description="Search hyperparameters per task x method on dev. Several workers: --workers N or "
+                    "--ray (one shared journal in the study unless --storage), or separate processes with one "
+                    "study directory each (--out) and one shared --storage.",
     )  # fmt: skip
     tune.add_argument("study", help="study directory or config YAML")
     tune.add_argument("--task", action="append", help="only this task (repeatable)")
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--out", help="study directory when STUDY is a config file")
     tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config key (repeatable)")  # fmt: skip
+    _add_executor_args(tune)
 
     bench = commands.add_parser(
         "bench", help="serving benchmark of any base model with adapters (and a full model)",
@@ -239,9 +241,10 @@ def _tune(args) -> int:
     path = Path(args.study)
     if path.is_dir():
         raw = Study(path).load_config().model_dump(mode="json")
-        config, out, write = validate(apply_overrides(raw, args.overrides), source="--set"), path, False
+        overrides = [*args.overrides, *_executor_overrides(args)]
+        config, out, write = validate(apply_overrides(raw, overrides), source="--set"), path, False
     else:
-        config = load_config(path, None, args.overrides)
+        config = load_config(path, None, [*args.overrides, *_executor_overrides(args)])
         out, write = _out_dir(args, config), True
 
     def search(study, cfg):

@@ -31,6 +31,7 @@ class Backend:
     storage: optuna.storages.BaseStorage
     url: str  # for the records: password redacted
     kind: str  # default (SQLite in the study, one process) | rdb | journal
+    address: str  # what open_storage takes to open this storage again (in a worker): password kept
     lock_path: Path | None = None
 
     @contextlib.contextmanager
@@ -51,22 +52,26 @@ class Backend:
             lock.release()
 
 
-def open_storage(study_root, config: StudyConfig, storage: str | None = None) -> Backend:
+def open_storage(study_root, config: StudyConfig, storage: str | None = None, shared: bool = False) -> Backend:
     """`storage` (else tune.storage): an RDB URL (sqlite:///, postgresql://, mysql://) with
-    Optuna's heartbeat, or a journal file path; none: tune/optuna.db in the study directory."""
+    Optuna's heartbeat, or a journal file path; none: tune/optuna.db in the study directory, or
+    for several workers (`shared`) the journal file tune/optuna.journal there."""
     tune = config.tune
     url = storage or tune.storage
+    if url is None and shared:
+        url = str((Path(study_root) / "tune" / "optuna.journal").resolve())
     if url is None:
         path = (Path(study_root) / "tune" / "optuna.db").resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
-        return Backend(RDBStorage(f"sqlite:///{path}"), f"sqlite:///{path}", "default", path.with_suffix(".lock"))
+        return Backend(RDBStorage(f"sqlite:///{path}"), f"sqlite:///{path}", "default", f"sqlite:///{path}",
+                       path.with_suffix(".lock"))  # fmt: skip
     if "://" in url:
-        return Backend(_rdb(url, tune), redact(url), "rdb")
+        return Backend(_rdb(url, tune), redact(url), "rdb", url)
     path = Path(url).expanduser()
     if path.suffix in SQLITE_SUFFIXES:
         raise InputError(f"storage {url}: a path is read as an Optuna journal file; for SQLite give sqlite:///{url}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    return Backend(JournalStorage(JournalFileBackend(str(path))), str(path), "journal")
+    return Backend(JournalStorage(JournalFileBackend(str(path))), str(path), "journal", str(path))
 
 
 def _rdb(url: str, tune, attempts: int = 3) -> RDBStorage:

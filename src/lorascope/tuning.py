@@ -7,7 +7,8 @@ in the search), so the same config gives the same sequence of trials, also acros
 a resume. Resumable: finished trials stay in the storage; rerunning continues to the requested
 number of finished (complete or pruned) trials; a trial left RUNNING by a killed process is
 failed and rerun with its parameters. Scalable: workers on several machines fill one search
-through a shared storage (a PostgreSQL / MySQL URL or a journal file)."""
+through a shared storage (a PostgreSQL / MySQL URL or a journal file); on a study's executor
+with several workers (--workers, --ray) each search gets one unit per worker, all filling it."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from lorascope import modeling, runs, runtime
+from lorascope import executors, modeling, runs, runtime
 from lorascope.config import MethodConfig, StudyConfig, fingerprint, validate
 from lorascope.errors import InputError
 from lorascope.optuna_storage import Backend, fail_stale, heartbeat, open_storage
@@ -74,25 +75,50 @@ def tune_study(
     done = {(t, m): _finished_record(study, config, t, m, target) for t in tasks for m in methods}
     if all(done.values()):  # e.g. filled by workers on a shared storage; nothing left to search
         return done
-    backend = open_storage(study.root, config, storage)
+    workers = executors.current().workers
+    backend = open_storage(study.root, config, storage, shared=workers > 1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    tokenizer = modeling.load_tokenizer(config.model.name)
+    searches = [(task_name, method) for task_name in tasks for method in methods]
+    if workers > 1:
+        units = [executors.Unit(search_worker, (str(study.root), config, t, m, target, backend.address),
+                                f"tune {t} {m} worker {k + 1}/{workers}")
+                 for t, m in searches for k in range(workers)]  # fmt: skip
+        executors.run_units(units, "tune", config.runtime.progress, lambda ran: f"{ran} trial(s) run here")
     records = {}
     with backend.exclusive():
-        for task_name in tasks:
-            task, splits = runs.load_prepared(study, task_name)
-            for method in methods:
-                ostudy = optuna.create_study(
-                    storage=backend.storage, study_name=study_name(study, config, task_name, method),
-                    direction="maximize", load_if_exists=True, pruner=_pruner(config),
-                    sampler=TrialSeededTPE(config.tune.seed, config.tune.startup_trials),
-                )  # fmt: skip
-                objective = _Objective(study, config, task, method, splits, tokenizer, backend, target)
-                _fill(ostudy, objective, target, backend, config, f"tune {task_name} {method}")
-                records[task_name, method] = write_tuned(study, config, task_name, method, task.metric, ostudy,
-                                                         backend, target)  # fmt: skip
+        for task_name, method in searches:
+            ostudy = _open_search(study, config, task_name, method, backend)
+            if workers == 1:
+                _fill(ostudy, _objective(study, config, task_name, method, backend, target), target, backend, config,
+                      f"tune {task_name} {method}")  # fmt: skip
+            metric = runs.load_prepared(study, task_name)[0].metric
+            records[task_name, method] = write_tuned(study, config, task_name, method, metric, ostudy, backend, target)
         write_trials_table(study, config, backend)
     return records
+
+
+def search_worker(root: str, config: StudyConfig, task: str, method: str, target: int, storage: str) -> int:
+    """One worker's part of a search on a shared storage (a unit on the study's executor): trials
+    until `target` have finished, then wait for the others'. Returns the trials it ran."""
+    study, backend = Study(root), open_storage(root, config, storage)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ostudy = _open_search(study, config, task, method, backend)
+    _fill(ostudy, _objective(study, config, task, method, backend, target), target, backend, config,
+          f"tune {task} {method}")  # fmt: skip
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    return sum(t.user_attrs.get("worker") == me for t in ostudy.get_trials(deepcopy=False, states=FINISHED))
+
+
+def _open_search(study: Study, config: StudyConfig, task: str, method: str, backend: Backend) -> optuna.Study:
+    return optuna.create_study(
+        storage=backend.storage, study_name=study_name(study, config, task, method), direction="maximize",
+        load_if_exists=True, pruner=_pruner(config), sampler=TrialSeededTPE(config.tune.seed, config.tune.startup_trials),
+    )  # fmt: skip
+
+
+def _objective(study: Study, config: StudyConfig, task_name: str, method: str, backend: Backend, target: int):
+    task, splits = runs.load_prepared(study, task_name)
+    return _Objective(study, config, task, method, splits, modeling.load_tokenizer(config.model.name), backend, target)
 
 
 def tuned_hparams(study: Study, config: StudyConfig, task: str, method: str) -> tuple[MethodConfig, dict[str, str]]:
