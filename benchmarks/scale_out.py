@@ -1,12 +1,13 @@
 """Throughput of the train stage on each executor, and the fixed costs of the pool and of Ray.
 
-    python benchmarks/scale_out.py [--train-max 400] [--seeds 2] [--rounds 2] [--skip-ray]
+    python benchmarks/scale_out.py [--tasks sst2,mrpc,rte] [--seeds 1] [--train-max N] [--rounds 2] [--skip-ray]
 
-Part 1: the same grid (SST-2 on the bundled MiniLM, LoRA and full FT, `--seeds` seeds) trained
-from scratch by the serial executor (one process, all cores), the process pool (2 workers x 1
-thread) and Ray (a local instance, 2 tasks x 1 CPU), in rounds whose order alternates (A B C,
-then C B A), so machine drift hits all three alike. Reported: wall seconds of the stage and
-training tokens per second (tokens_seen of all runs / wall), as ratios to serial per round.
+Part 1: the quick profile's own train stage (its tasks at its sizes, LoRA and full FT, the
+first `--seeds` seeds; `--train-max` resizes SST-2) trained from scratch by the serial executor
+(one process, all cores), the process pool (2 workers x 1 thread) and Ray (a local instance,
+2 tasks x 1 CPU), in rounds whose order alternates (A B C, then C B A), so machine drift hits
+all three alike. Reported: wall seconds of the stage and training tokens per second
+(tokens_seen of all runs / wall), as ratios to serial per round.
 Part 2: what the executors cost before any work: the pool's first result of a no-op unit
 (spawn + imports), Ray's init, first task and per-task overhead (200 no-op tasks), shutdown.
 """
@@ -31,12 +32,13 @@ def noop() -> int:
     return os.getpid()
 
 
-def grid_config(train_max: int, seeds: int, **runtime):
-    config = load_config(None, "quick", [
-        f"tasks={{sst2: {{train_max: {train_max}}}}}", f"seeds={list(range(seeds))}", "runtime.progress=false",
-        "baselines.head_only=false",
-    ])  # fmt: skip
-    return config.model_copy(update={"runtime": config.runtime.model_copy(update=runtime)})
+def grid_config(tasks: list[str], seeds: int, train_max: int | None, **runtime):
+    config = load_config(None, "quick", ["runtime.progress=false", "baselines.head_only=false"])
+    chosen = {name: config.tasks[name] for name in tasks}
+    if train_max:
+        chosen["sst2"] = chosen["sst2"].model_copy(update={"train_max": train_max})
+    return config.model_copy(update={"tasks": chosen, "seeds": config.seeds[:seeds],
+                                     "runtime": config.runtime.model_copy(update=runtime)})  # fmt: skip
 
 
 def train_grid(config, root: Path) -> tuple[float, int]:
@@ -78,8 +80,9 @@ def fixed_costs(skip_ray: bool) -> list[tuple[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-max", type=int, default=400)
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--tasks", default="sst2,mrpc,rte")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--train-max", type=int, default=None, help="SST-2 train examples (default: the profile's)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--skip-ray", action="store_true")
     args = parser.parse_args()
@@ -94,10 +97,12 @@ def main() -> None:
         for name in names if r % 2 == 0 else names[::-1]:
             root = Path(tempfile.mkdtemp(prefix="scale-out-"))
             try:
-                results[name].append(train_grid(grid_config(args.train_max, args.seeds, **ways[name]), root))
+                config = grid_config(args.tasks.split(","), args.seeds, args.train_max, **ways[name])
+                results[name].append(train_grid(config, root))
             finally:
                 shutil.rmtree(root, ignore_errors=True)
-    print(f"\ntrain stage, SST-2 {args.train_max} examples x lora/full x {args.seeds} seeds, {args.rounds} rounds")
+    sizes = ", ".join(f"{t} {c.train_max}" for t, c in config.tasks.items())
+    print(f"\ntrain stage of the quick profile ({sizes}) x lora/full x {args.seeds} seed(s), {args.rounds} rounds")
     print(f"{'executor':28} {'wall s per round':>24} {'tokens/s':>10} {'vs serial per round':>22}")
     serial = results[names[0]]
     for name in names:
