@@ -242,8 +242,8 @@ def test_engines_figure_and_report_section(tmp_path):
 
     rows = [{"engine": e, "strategy": s, "concurrency": c, "batch_size": b, "requests": 200, "p50_ms": 10.0 * c,
              "p95_ms": 12.0 * c, "p99_ms": 15.0 * c, "examples_per_s": 100.0 * b, "server_rss_mb": 500.0,
-             "server_gpu_mb": 2048.0 if e == "vllm" else 300.0, "overhead_vs_merged": 1.1 if s == "separate" else np.nan, "overhead_vs_merged_ci_low": 1.05,
-             "overhead_vs_merged_ci_high": 1.2, "status": "ok", "note": ""}
+             "server_gpu_mb": 2048.0 if e == "vllm" else 300.0, "overhead_vs_merged": 1.1 if s == "separate" else np.nan,
+             "overhead_vs_merged_ci_low": 1.05, "overhead_vs_merged_ci_high": 1.2, "status": "ok", "note": ""}
             for e in ("peft", "vllm") for s in ("merged", "separate") for c, b in ((1, 1), (4, 1), (1, 4))]  # fmt: skip
     rows += [{"engine": "vllm", "strategy": "multi", "concurrency": 1, "batch_size": 1, "requests": 0,
               "status": "skipped", "note": "ValueError: BertForSequenceClassification does not support LoRA yet."}]

@@ -213,9 +213,9 @@ def _check_answers(address: str, timeout: float = 5.0) -> None:
 
 def auto_workers(device: str) -> int:
     """Workers when runtime.workers is unset: one per GPU on CUDA; on CPU one (serial, all cores).
-    Measured on 2 cores (benchmarks/scale_out.py, README Scale-out): the train stage of short
-    SST-2 runs took 36 s serially, 45 s on a 2 x 1-thread pool and 52 s on Ray; feature passes
-    and full fine-tuning scale with threads as well as with processes. Set --workers on
+    Measured on 2 cores (benchmarks/scale_out.py, README Scale-out): the quick profile's train
+    stage took the same time serially, on a 2 x 1-thread pool and on Ray (0.89-1.16x of serial,
+    within the machine's noise), so the executor with no fixed costs wins. Set --workers on
     machines with more cores than one run can use."""
     if device != "cpu" and torch.cuda.is_available():
         return max(1, torch.cuda.device_count())
