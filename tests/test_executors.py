@@ -153,8 +153,16 @@ def test_ray_missing_is_one_clear_line(monkeypatch):
         executors.for_runtime(RuntimeConfig(ray_address="local"))
 
 
-def test_auto_workers_on_cpu_is_serial_and_explicit_workers_split_the_cores():
-    assert isinstance(executors.for_runtime(RuntimeConfig(device="cpu")), executors.Serial)
+def test_auto_workers_on_cpu_are_one_per_core_and_explicit_workers_split_the_cores(monkeypatch):
+    for cores, expected in ((1, 1), (2, 2), (3, 3), (16, executors.MAX_CPU_WORKERS)):
+        monkeypatch.setattr(executors, "cores", lambda cores=cores: cores)
+        executor = executors.for_runtime(RuntimeConfig(device="cpu"))
+        assert executor.workers == expected
+        if expected == 1:
+            assert isinstance(executor, executors.Serial)
+        else:
+            assert isinstance(executor, executors.LocalPool) and executor.threads == cores // expected
+    monkeypatch.undo()
     if executors.cores() >= 2:
         pool = executors.for_runtime(RuntimeConfig(workers=2))
         assert pool.workers == 2 and pool.threads == executors.cores() // 2

@@ -30,6 +30,7 @@ from lorascope.errors import InputError
 from lorascope.processes import die_with_parent
 
 RETRIES = 2  # times a unit is resubmitted after its worker died (Ray's default for tasks is 3)
+MAX_CPU_WORKERS = 4  # default CPU workers: one per core up to this (each holds its own model copy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,14 +213,15 @@ def _check_answers(address: str, timeout: float = 5.0) -> None:
 
 
 def auto_workers(device: str) -> int:
-    """Workers when runtime.workers is unset: one per GPU on CUDA; on CPU one (serial, all cores).
-    Measured on 2 cores (benchmarks/scale_out.py, README Scale-out): the quick profile's train
-    stage took the same time serially, on a 2 x 1-thread pool and on Ray (0.89-1.16x of serial,
-    within the machine's noise), so the executor with no fixed costs wins. Set --workers on
-    machines with more cores than one run can use."""
+    """Workers when runtime.workers is unset: one per GPU on CUDA; on CPU one per core, at most
+    MAX_CPU_WORKERS (small-batch training leaves a process's second core half idle). Measured on
+    2 cores (README Scale-out): the quick profile's train stage took 341 s on a 2 x 1-thread pool
+    against 394 s serially (benchmarks/scale_out.py), and the whole quick study's parallel stages
+    were faster on the pool (train 311 vs 399 s, weights 25 vs 40, forget 42 vs 51, represent 42
+    vs 47; baselines 78 vs 73)."""
     if device != "cpu" and torch.cuda.is_available():
         return max(1, torch.cuda.device_count())
-    return 1
+    return min(cores(), MAX_CPU_WORKERS)
 
 
 def for_runtime(rc: RuntimeConfig):
