@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from conftest import VLLM_PYTHON, needs_vllm
 
 from lorascope.errors import InputError
@@ -89,7 +90,7 @@ def test_ready_then_tree_stopped_on_normal_exit(fake_env, tmp_path):
     with _fake(fake_env, tmp_path) as server:
         assert server._request("GET", "/health")[0] == 200
         procs = _tree(server.pid)
-        assert len(procs) == 2 and server.server_rss_mb() > 1
+        assert len(procs) == 2 and server.memory_mb()["server_rss_mb"] > 1
     assert _gone(procs)
 
 
@@ -248,7 +249,8 @@ def test_vllm_is_ready_with_base_and_adapter(vllm_server):
     assert vllm_server._request("GET", "/health")[0] == 200  # ready means ready, no retry needed
     assert vllm_server.models() == ["base", "adapter", "other"]
     assert 0 < vllm_server.startup_seconds < STARTUP_TIMEOUT
-    assert vllm_server.server_rss_mb() > 200  # the tree: API server + engine core
+    assert vllm_server.memory_mb()["server_rss_mb"] > 200  # the tree: API server + engine core
+    assert vllm_server.memory_mb()["server_gpu_mb"] is None or torch.cuda.is_available()
 
 
 @needs_vllm
