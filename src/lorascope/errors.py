@@ -1,6 +1,11 @@
 """Errors a user can fix. The CLI prints them as one line and exits with code 2."""
 
 
+def first_line(err: BaseException) -> str:
+    """An exception as one line: its message's first line, or its type when it has none."""
+    return (str(err).strip() or type(err).__name__).splitlines()[0]
+
+
 class InputError(Exception):
     """Bad config, bad data or a bad path: the message says what is wrong and where."""
 

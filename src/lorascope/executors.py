@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from lorascope import runtime
 from lorascope.config import RuntimeConfig
-from lorascope.errors import InputError
+from lorascope.errors import InputError, first_line
 from lorascope.processes import die_with_parent
 
 RETRIES = 2  # times a unit is resubmitted after its worker died (Ray's default for tasks is 3)
@@ -176,8 +176,7 @@ class RayTasks:
             else:
                 ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as err:
-            first = (str(err).strip() or type(err).__name__).splitlines()[0]
-            raise InputError(f"runtime.ray_address: no Ray cluster answers at {address}: {first}") from None
+            raise InputError(f"runtime.ray_address: no Ray cluster answers at {address}: {first_line(err)}") from None
         cpus = int(ray.cluster_resources().get("CPU", 0))
         if cpus < threads:
             ray.shutdown()

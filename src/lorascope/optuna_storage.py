@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import DBAPIError
 
 from lorascope.config import StudyConfig
-from lorascope.errors import InputError
+from lorascope.errors import InputError, first_line
 
 SQLITE_SUFFIXES = {".db", ".sqlite", ".sqlite3"}
 
@@ -90,7 +90,7 @@ def _rdb(url: str, tune, attempts: int = 3) -> RDBStorage:
             if attempt + 1 < attempts and isinstance(err, DBAPIError):  # not a bad scheme or a missing driver
                 time.sleep(0.5 * (attempt + 1))
                 continue
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            message = first_line(err)
             raise InputError(f"storage {redact(url)}: cannot open it ({message})") from None
     raise AssertionError("unreachable")
 

@@ -13,7 +13,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from sklearn.model_selection import train_test_split
 
 from lorascope.config import DataConfig, TaskConfig
-from lorascope.errors import InputError
+from lorascope.errors import InputError, first_line
 
 datasets.disable_progress_bars()
 
@@ -115,7 +115,7 @@ def _load_files(task: Task, fmt: str) -> tuple[datasets.Dataset, datasets.Datase
         except Exception as err:  # noqa: BLE001 - datasets raises many types for unreadable files
             if "corresponds to no data" in str(err):  # how datasets says a file has no rows
                 raise InputError(f"{_where(task, split)}: the split is empty (no rows in {path})") from None
-            raise InputError(f"tasks.{task.name}: cannot read {path}: {_first_line(err)}") from None
+            raise InputError(f"tasks.{task.name}: cannot read {path}: {first_line(err)}") from None
     return loaded[0], loaded[1]
 
 
@@ -127,7 +127,7 @@ def _load_dataset(task: Task) -> tuple[datasets.Dataset, datasets.Dataset]:
         loaded = datasets.load_dataset(str(Path(task.source).expanduser()) if looks_local else task.source, task.subset)
     except Exception as err:  # noqa: BLE001
         where = f"{task.source}" + (f" ({task.subset})" if task.subset else "")
-        raise InputError(f"tasks.{task.name}: cannot load dataset {where}: {_first_line(err)}") from None
+        raise InputError(f"tasks.{task.name}: cannot load dataset {where}: {first_line(err)}") from None
     for split in (task.train_split, task.eval_split):
         if split not in loaded:
             raise InputError(f"tasks.{task.name}: split '{split}' not in {task.source}; it has {list(loaded)}")
@@ -175,11 +175,6 @@ def _label_ids(task: Task, values: list, where: str) -> list[int]:
     if bad:
         raise InputError(f"{where}: labels outside the label set {names}: {bad[:5]} (column '{task.label}')")
     return ids
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
 
 
 # ---------------------------------------------------------------- splits and tokens

@@ -78,21 +78,23 @@ def tune_study(
     workers = executors.current().workers
     backend = open_storage(study.root, config, storage, shared=workers > 1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    searches = [(task_name, method) for task_name in tasks for method in methods]
     if workers > 1:
         units = [executors.Unit(search_worker, (str(study.root), config, t, m, target, backend.address),
                                 f"tune {t} {m} worker {k + 1}/{workers}")
-                 for t, m in searches for k in range(workers)]  # fmt: skip
+                 for t in tasks for m in methods for k in range(workers)]  # fmt: skip
         executors.run_units(units, "tune", config.runtime.progress, lambda ran: f"{ran} trial(s) run here")
+    tokenizer = modeling.load_tokenizer(config.model.name) if workers == 1 else None
     records = {}
     with backend.exclusive():
-        for task_name, method in searches:
-            ostudy = _open_search(study, config, task_name, method, backend)
-            if workers == 1:
-                _fill(ostudy, _objective(study, config, task_name, method, backend, target), target, backend, config,
-                      f"tune {task_name} {method}")  # fmt: skip
-            metric = runs.load_prepared(study, task_name)[0].metric
-            records[task_name, method] = write_tuned(study, config, task_name, method, metric, ostudy, backend, target)
+        for task_name in tasks:
+            task, splits = runs.load_prepared(study, task_name)
+            for method in methods:
+                ostudy = _open_search(study, config, task_name, method, backend)
+                if workers == 1:
+                    objective = _Objective(study, config, task, method, splits, tokenizer, backend, target)
+                    _fill(ostudy, objective, target, backend, config, f"tune {task_name} {method}")
+                records[task_name, method] = write_tuned(study, config, task_name, method, task.metric, ostudy,
+                                                         backend, target)  # fmt: skip
         write_trials_table(study, config, backend)
     return records
 
@@ -103,10 +105,11 @@ def search_worker(root: str, config: StudyConfig, task: str, method: str, target
     study, backend = Study(root), open_storage(root, config, storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ostudy = _open_search(study, config, task, method, backend)
-    _fill(ostudy, _objective(study, config, task, method, backend, target), target, backend, config,
-          f"tune {task} {method}")  # fmt: skip
-    me = f"{socket.gethostname()}:{os.getpid()}"
-    return sum(t.user_attrs.get("worker") == me for t in ostudy.get_trials(deepcopy=False, states=FINISHED))
+    prepared, splits = runs.load_prepared(study, task)
+    objective = _Objective(study, config, prepared, method, splits, modeling.load_tokenizer(config.model.name), backend,
+                           target)  # fmt: skip
+    _fill(ostudy, objective, target, backend, config, f"tune {task} {method}")
+    return sum(t.user_attrs.get("worker") == _worker() for t in ostudy.get_trials(deepcopy=False, states=FINISHED))
 
 
 def _open_search(study: Study, config: StudyConfig, task: str, method: str, backend: Backend) -> optuna.Study:
@@ -116,9 +119,9 @@ def _open_search(study: Study, config: StudyConfig, task: str, method: str, back
     )  # fmt: skip
 
 
-def _objective(study: Study, config: StudyConfig, task_name: str, method: str, backend: Backend, target: int):
-    task, splits = runs.load_prepared(study, task_name)
-    return _Objective(study, config, task, method, splits, modeling.load_tokenizer(config.model.name), backend, target)
+def _worker() -> str:
+    """The process a trial ran in, as its `worker` attribute records it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def tuned_hparams(study: Study, config: StudyConfig, task: str, method: str) -> tuple[MethodConfig, dict[str, str]]:
@@ -320,7 +323,7 @@ class _Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         self._check_not_surplus(trial)
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("worker", _worker())
         hp = trial_hparams(self.config, self.method, trial)
         reporter = DevReporter(trial, self.task.metric, self.config.tune.prune)
         setup = runs.run_setup(self.config, self.task, self.method, _train_seed(self.config), hp=hp,

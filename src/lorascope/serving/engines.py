@@ -31,7 +31,7 @@ from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, AutoConfig
 
 from lorascope import runtime, stats
 from lorascope.config import DeployConfig
-from lorascope.errors import InputError
+from lorascope.errors import InputError, first_line
 from lorascope.serving.checks import CHECK_BATCH_SIZE, DEPLOYMENT_CHECKS, compare_logits, logits
 from lorascope.serving.inputs import Models, forward_inputs, num_labels_of, pad_batch
 from lorascope.serving.load import closed_loop
@@ -296,7 +296,7 @@ def run_vllm(strategies: list[str], models: Models, examples, checked, reference
                         rows += cell_rows
                         latencies |= {("vllm", strategy, *cell): v for cell, v in cell_latencies.items()}
             except Exception as err:  # noqa: BLE001 - an engine that cannot serve is a result, not a crash
-                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                reason = first_line(err)
                 say(f"vLLM cannot serve {', '.join(served)}: {reason}")
                 done = {r["strategy"] for r in rows}
                 rows += [r for s in served if s not in done for r in not_measured("vllm", s, "skipped", reason, cfg,

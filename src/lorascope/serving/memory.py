@@ -16,6 +16,7 @@ import time
 import pandas as pd
 import torch
 
+from lorascope.errors import first_line
 from lorascope.footprint import MB, PeakRss, rss, weights_mb
 from lorascope.runtime import autocast, threads
 from lorascope.serving.inputs import Batch, Models
@@ -94,7 +95,7 @@ def _child(conn, spec: dict) -> None:
         with threads(spec["threads"]):
             conn.send(("ok", measure_memory(spec)))
     except Exception as err:  # noqa: BLE001 - reported by the driver as one line
-        conn.send(("error", f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"))
+        conn.send(("error", f"{type(err).__name__}: {first_line(err)}"))
 
 
 def memory_in_subprocess(spec: dict, timeout: float = 600) -> dict:
