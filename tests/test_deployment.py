@@ -241,6 +241,21 @@ def test_memory_is_measured_in_a_fresh_process(setup):
     assert memory.disk_sizes("mixed", models)[1] == pytest.approx(2 * memory.disk_sizes("separate", models)[1], rel=0.01)
 
 
+def test_memory_of_strategies_measured_side_by_side_lands_in_strategy_order(setup, monkeypatch):
+    models, examples, tokenizer = setup
+    batch = inputs.make_batches(inputs.interleave(examples), 4, "natural", 1, tokenizer.pad_token_id,
+                                inputs.forward_inputs(models.base))[0]  # fmt: skip
+    spec = {"models": {"base": models.base, "adapters": models.adapters, "full": models.full}, "num_labels": 2,
+            "pad_token_id": tokenizer.pad_token_id, "device": "cpu", "threads": 1, "bf16": False,
+            "batches": [{"inputs": {k: v.tolist() for k, v in batch.inputs.items()}, "tasks": batch.tasks}]}  # fmt: skip
+    monkeypatch.setattr(memory, "cores", lambda: 2)  # two processes at once, whatever this machine has
+    table = memory.memory_table(["mixed", "full", "separate"], models, spec)
+    assert table["strategy"].tolist() == ["mixed", "full", "separate"]
+    assert table["adapter_disk_mb"].tolist() == pytest.approx(
+        [memory.disk_sizes(s, models)[1] for s in ("mixed", "full", "separate")])
+    assert (table["loaded_mb"] > 1).all() and (table["inference_mb"] >= 0).all()
+
+
 def test_memory_figure():
     table = pd.DataFrame({"strategy": ["full", "separate"], "load_seconds": [0.2, 0.3], "peak_mb": [90, 95],
                            "loaded_mb": [85, 87], "inference_mb": [5, 8], "disk_mb": [86, 87],

@@ -89,6 +89,8 @@ def check_correctness(models: Models, examples: dict[str, list[dict]], num_label
     merged vs the same adapter unmerged; with 2+ adapters, the switch path and each example of
     a mixed batch vs a freshly loaded single adapter."""
     rows, alone = [], {}
+    # shortest first: batches pad to their longest, and every check row is order-free
+    examples = {t: sorted(ex, key=lambda r: len(r["input_ids"])) for t, ex in examples.items()}
     labels = {t: [r["label"] for r in ex] if all("label" in r for r in ex) else None for t, ex in examples.items()}
     for task in models.adapters:
         one = Models(models.base, {task: models.adapters[task]})
