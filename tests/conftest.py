@@ -16,7 +16,25 @@ os.environ["LORASCOPE_GLUE"] = str(GLUE)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # xdist workers share the cores: each gets its share of OpenMP threads (as pool workers do);
+    # two workers of two threads each on two cores spin against each other (the smoke study
+    # took 327 s beside the vLLM bench, 161 s alone). Set before torch is imported.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0))
+                                                     // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+# The modules that take a minute or more (`make test` prints --durations), longest first:
+# `make test` runs two xdist workers that take whole modules (their module fixtures build
+# models and start servers) in collection order, so both start on a long one.
+SLOW_MODULES = ("test_e2e.py", "test_engines.py", "test_executors.py", "test_vllm_server.py", "test_study.py",
+                "test_tuning.py", "test_forgetting.py", "test_decoder.py", "test_bundled.py", "test_analysis_stages.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_MODULES)))  # stable: each module keeps its order
 
 
 def _minilm_tokenizer():
@@ -93,8 +111,13 @@ needs_vllm = pytest.mark.skipif(VLLM_PYTHON is None, reason="no vLLM env (.venv-
 @pytest.fixture(scope="session")
 def bundled_cache(tmp_path_factory) -> Path:
     """LORASCOPE_CACHE of the tests that convert bundled models: shared, so SmolLM2 is converted
-    once per session (about 35 s on two cores)."""
-    return tmp_path_factory.mktemp("lorascope-cache")
+    once per run (about 35 s on two cores), by all xdist workers too (the build is file-locked)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this run's temporary root, above every worker's own
+    folder = base / "lorascope-cache"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -159,11 +160,15 @@ def test_failed_conversion_leaves_nothing(cache, monkeypatch):
 
 
 @needs_decoder
-def test_corrupted_folder_is_rebuilt(smollm2, builds):
-    """Last: it converts a second time. The rebuild reproduces the same bytes."""
-    manifest = json.loads((smollm2 / MANIFEST).read_text())
-    weights = smollm2 / "model.safetensors"
+def test_corrupted_folder_is_rebuilt(cache, smollm2, builds, tmp_path, monkeypatch):
+    """In a copy of the cache (other tests, maybe in other workers, read the shared folder): a
+    truncated weight file is converted again, and the rebuild reproduces the same bytes."""
+    copy = tmp_path / "cache" / smollm2.relative_to(cache)
+    shutil.copytree(smollm2, copy)
+    monkeypatch.setenv("LORASCOPE_CACHE", str(tmp_path / "cache"))
+    manifest = json.loads((copy / MANIFEST).read_text())
+    weights = copy / "model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)
-    assert Path(resolve_bundled("smollm2-135m")) == smollm2
-    assert builds == [smollm2]
-    assert json.loads((smollm2 / MANIFEST).read_text())["files"] == manifest["files"]
+    assert Path(resolve_bundled("smollm2-135m")) == copy
+    assert builds == [copy]
+    assert json.loads((copy / MANIFEST).read_text())["files"] == manifest["files"]

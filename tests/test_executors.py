@@ -78,7 +78,8 @@ def test_process_pool_grid_equals_serial(tiny_config, serial_results, tmp_path):
 
 
 @pytest.mark.skipif(not installed("ray"), reason="Ray not installed (pip install 'lorascope[ray]')")
-def test_ray_local_grid_equals_serial(tiny_config, serial_results, tmp_path):
+def test_ray_local_grid_equals_serial(tiny_config, serial_results, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # "local" starts its own instance, never joins this one
     study = run_stages(_with_runtime(tiny_config, ray_address="local", workers=2, threads=1), tmp_path,
                        with_inputs("train"))  # fmt: skip
     assert _grid_results(study) == serial_results

@@ -170,8 +170,8 @@ class RayTasks:
         if address not in ("local", "auto"):
             _check_answers(address)
         try:
-            if address == "local":
-                ray.init(num_cpus=(workers or 1) * threads, num_gpus=torch.cuda.device_count(),
+            if address == "local":  # "local", not None: None would join $RAY_ADDRESS or a `ray start` cluster
+                ray.init(address="local", num_cpus=(workers or 1) * threads, num_gpus=torch.cuda.device_count(),
                          include_dashboard=False, log_to_driver=False)  # fmt: skip
             else:
                 ray.init(address=address, log_to_driver=False)
