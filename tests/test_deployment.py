@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +257,18 @@ def test_memory_of_strategies_measured_side_by_side_lands_in_strategy_order(setu
     assert table["adapter_disk_mb"].tolist() == pytest.approx(
         [memory.disk_sizes(s, models)[1] for s in ("mixed", "full", "separate")])
     assert (table["loaded_mb"] > 1).all() and (table["inference_mb"] >= 0).all()
+
+
+def test_a_process_spinning_beside_the_timing_counts_as_busy():
+    """The busy warning reads what other processes use now, not the minute-long load average
+    that still counts the idle workers of the stages before."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # started and spinning
+        assert timing.others_busy_cores(0.5) > 0.5
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_memory_figure():

@@ -21,7 +21,8 @@ from lorascope.serving.checks import ATOL, DEPLOYMENT_CHECKS, DeploymentCheckFai
 from lorascope.serving.inputs import Batch, Models, forward_inputs, interleave, make_batches, num_labels_of
 from lorascope.serving.memory import DEPLOYMENT_MEMORY, memory_table
 from lorascope.serving.strategies import REGISTRY, compile_model, variants
-from lorascope.serving.timing import DEPLOYMENT, DEPLOYMENT_TIMES, say, time_grid, times_table, timing_table
+from lorascope.serving.timing import (DEPLOYMENT, DEPLOYMENT_TIMES, others_busy_cores, say, time_grid, times_table,
+                                      timing_table)
 from lorascope.study import atomic_write
 
 
@@ -106,9 +107,6 @@ def benchmark(
     threads = cfg.threads or torch.get_num_threads()
     pad_token_id, input_names, num_labels = tokenizer.pad_token_id, forward_inputs(base), num_labels_of(models)
     env = runtime.hardware(device) | runtime.versions() | {"device": device.type, "threads": threads}
-    if device.type == "cpu" and env["load_average"][0] > (os.cpu_count() or 1):
-        say(f"the machine is busy (load average {env['load_average'][0]:.1f} on {os.cpu_count()} cores): "
-            "timings include contention from other processes")  # fmt: skip
     pool = interleave({t: examples[t] for t in models.adapters})
 
     # the checks are not timed, so they use every core (44 s of the quick study's deploy stage on one)
@@ -125,6 +123,10 @@ def benchmark(
         for strategy, reason in skipped.items():
             say(f"{strategy} skipped: {reason}")
         env["load_average_before_timing"] = list(os.getloadavg())
+        env["others_busy_cores_before_timing"] = others = others_busy_cores()
+        if device.type == "cpu" and others > 0.5:
+            say(f"the machine is busy (other processes used {others:.1f} of {os.cpu_count()} cores in the last "
+                "second): timings include contention from them")  # fmt: skip
         results = time_grid(calls, pool, cfg, pad_token_id, input_names, device, bf16)
         env["load_average_after_timing"] = list(os.getloadavg())
         del calls

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
+import psutil
 import torch
 
 from lorascope import stats
@@ -33,6 +34,23 @@ DEPLOYMENT_TIMES = Table("deployment_times", ("strategy", "batch_size", "seq_len
 
 def say(message: str) -> None:
     print(f"deploy: {message}", file=sys.stderr, flush=True)
+
+
+def others_busy_cores(window: float = 1.0) -> float:
+    """Cores' worth of CPU that processes other than this one used over the next `window`
+    seconds. The load average lags by a minute: after the parallel stages it still counts
+    their workers (2.1 on 2 cores in the quick study), which are idle by the time serving is timed."""
+    def busy() -> float:
+        t = psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+
+    def mine() -> float:
+        t = psutil.Process().cpu_times()
+        return t.user + t.system
+
+    busy_start, mine_start = busy(), mine()
+    time.sleep(window)
+    return max(0.0, (busy() - busy_start) - (mine() - mine_start)) / window
 
 
 def round_robin(strategies: list[str], repeats: int) -> list[list[str]]:
