@@ -19,7 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # xdist workers share the cores: each gets its share of OpenMP threads (as pool workers do);
     # two workers of two threads each on two cores spin against each other (the smoke study
-    # took 327 s beside the vLLM bench, 161 s alone). Set before torch is imported.
+    # took 327 s beside the vLLM bench, 161 s alone). Set before torch is imported, which is why
+    # this counts the cores itself instead of calling lorascope.executors.cores().
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0))
                                                      // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 warnings.filterwarnings("ignore", category=FutureWarning)

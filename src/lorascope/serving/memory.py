@@ -141,7 +141,7 @@ def memory_table(strategies: list[str], models: Models, spec: dict) -> pd.DataFr
     as many at once as the cores hold at `spec["threads"]` each: a process's RSS is its own, and
     one at a time the quick study spent ~25 s here with a core idle."""
     measured = [s for s in strategies if not REGISTRY[s].compiled_from]
-    parallel = max(1, cores() // max(1, spec["threads"])) if spec["device"] == "cpu" else 1
+    parallel = max(1, cores() // spec["threads"]) if spec["device"] == "cpu" else 1
     with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
         results = list(pool.map(lambda s: memory_in_subprocess(spec | {"strategy": s}), measured))
     rows = []
