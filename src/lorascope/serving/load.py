@@ -45,8 +45,14 @@ def closed_loop(send: Callable[[int], object], requests: int, concurrency: int, 
 def _run(send, numbers: range, concurrency: int, latencies: np.ndarray | None = None) -> tuple[float, int]:
     lock, todo = threading.Lock(), iter(numbers)
     state = {"in_flight": 0, "peak": 0, "error": None}
+    clients = min(concurrency, len(numbers))
+    # every client is alive before the clock starts: on a loaded machine creating a thread can take
+    # longer than a request, and the first clients would otherwise run alone (seen in CI: 4 clients,
+    # never 2 in flight) with the thread start-up counted in the wall time
+    ready = threading.Barrier(clients + 1)
 
     def client() -> None:
+        ready.wait()
         while True:
             with lock:
                 i = next(todo, None)
@@ -67,10 +73,11 @@ def _run(send, numbers: range, concurrency: int, latencies: np.ndarray | None = 
             if latencies is not None:
                 latencies[i - numbers.start] = (time.perf_counter() - start) * 1e3
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(min(concurrency, len(numbers)))]
-    start = time.perf_counter()
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     for thread in threads:
         thread.start()
+    ready.wait()
+    start = time.perf_counter()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
