@@ -31,20 +31,24 @@ LABELS = ("negative", "positive")
 
 @pytest.mark.parametrize("concurrency", [1, 3, 8])
 def test_closed_loop_sends_exactly_n_requests_with_at_most_c_in_flight(concurrency):
-    lock, seen, in_flight, peak = threading.Lock(), [], [0], [0]
+    lock, seen, in_flight, peak, load = threading.Lock(), [], [0], [0], {}
 
     def send(i):
         with lock:
             seen.append(i)
             in_flight[0] += 1
             peak[0] = max(peak[0], in_flight[0])
+            load[i] = in_flight[0]
         time.sleep(0.004)
         with lock:
             in_flight[0] -= 1
 
-    result = closed_loop(send, 40, concurrency, warmup=5)
-    assert sorted(seen) == list(range(-5, 0)) + list(range(40))  # warm-up numbered apart, each request once
+    result = closed_loop(send, 40, concurrency, warmup=concurrency)
+    warmup = list(range(-concurrency, 0))
+    assert sorted(seen) == warmup + list(range(40))  # warm-up numbered apart, each request once
     assert peak[0] == concurrency == result.max_in_flight
+    # one loop: the timed requests go out while the warm-up's are still in flight, not into an empty queue
+    assert np.mean([load[i] == concurrency for i in range(40)]) > 0.9
     assert len(result.latencies_ms) == 40 and np.all(result.latencies_ms >= 4)
     # closed loop: C clients of ~4 ms requests finish 40 requests in about 40/C request times
     assert result.requests_per_s == pytest.approx(40 / result.wall_s)
@@ -95,13 +99,40 @@ def test_measure_p99_is_interpolated_below_the_maximum():
     cfg = DeployConfig(engine_requests=200, warmup=0)
     items = [("t", [{"input_ids": [1] * (3 + i % 5)}]) for i in range(200)]
     durations = np.linspace(0.0005, 0.003, 200)
-    row, latencies = engines.measure(lambda task, rows: time.sleep(durations[len(rows[0]["input_ids"]) * 40 - 120]),
-                                     items, 1, cfg)  # fmt: skip
+    send = lambda task, rows: time.sleep(durations[len(rows[0]["input_ids"]) * 40 - 120])
+    row, latencies = engines.measure({"merged": send}, {"merged": items}, 1, cfg)["merged"]
     assert row["requests"] == 200 and len(latencies) == 200
     assert row["p99_ms"] == pytest.approx(np.percentile(latencies, 99))
     assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] < latencies.max()
     assert (latencies > row["p99_ms"]).sum() == 2
     assert row["tokens_per_s"] == pytest.approx(sum(3 + i % 5 for i in range(200)) / (200 / row["requests_per_s"]))
+
+
+def test_measure_interleaves_strategies_in_rotating_rounds_on_the_same_requests():
+    """Round r: every strategy sends requests r*n/k..(r+1)*n/k-1 in turn, the first strategy
+    rotating, so a slow spell of the machine costs each strategy the same share."""
+    cfg = DeployConfig(engine_requests=12, engine_rounds=3, warmup=1)
+    items = [("t", [{"input_ids": [i]}]) for i in range(12)]
+    calls, slow = [], [False]
+
+    def sender(name):
+        def send(task, rows):
+            calls.append((name, rows[0]["input_ids"][0]))
+            time.sleep(0.02 if slow[0] else 0.002)
+            if len(calls) == 10:  # a slow spell from round 1 on: one after another, only b's requests would see it
+                slow[0] = True
+
+        return send
+
+    out = engines.measure({"a": sender("a"), "b": sender("b")}, {"a": items, "b": items}, 1, cfg)
+    assert [name for name, _ in calls] == ["a"] * 5 + ["b"] * 5 + ["b"] * 5 + ["a"] * 5 + ["a"] * 5 + ["b"] * 5
+    # each round warms up on the request before it, then sends its own
+    assert [i for name, i in calls if name == "a"] == [11, 0, 1, 2, 3, 3, 4, 5, 6, 7, 7, 8, 9, 10, 11]
+    (a, lat_a), (b, lat_b) = out["a"], out["b"]
+    assert a["requests"] == b["requests"] == 12 and a["max_in_flight"] == 1
+    assert a["requests_per_s"] == pytest.approx(12 / (lat_a.sum() / 1e3), rel=0.2)
+    # interleaved, the spell hit the same request numbers of both
+    assert (lat_a[4:] > 15).all() and (lat_b[4:] > 15).all() and (lat_a[:4] < 15).all() and (lat_b[:4] < 15).all()
 
 
 def test_cells_and_workload_are_the_same_requests_on_every_engine():
@@ -135,6 +166,7 @@ def _exits_2(argv, message, capsys):
     ("deploy.engines=[peft,peft]", "`engines` has duplicates"),
     ("deploy.engines=[]", "deploy.engines"),
     ("deploy.engine_requests=1", "deploy.engine_requests"),
+    ("deploy.engine_rounds=300", "`engine_rounds` (300) is more than `engine_requests` (200)"),
 ])  # fmt: skip
 def test_bad_deploy_settings_exit_2_before_any_stage(setting, message, tmp_path, capsys):
     _exits_2(["run", "--profile", "smoke", "--out", str(tmp_path / "study"), "--set", setting], message, capsys)

@@ -141,7 +141,7 @@ def test_engine_grid_with_a_dying_server_gives_one_line_and_keeps_peft_rows(fake
     get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"],
                                     modules_to_save=["score"])).save_pretrained(tmp_path / "adapter")  # fmt: skip
     examples = {"sst2": [dict(tokenizer(text)) | {"label": 1} for text in ("good", "a fine film")]}
-    cfg = DeployConfig(engines=["peft", "vllm"], concurrency=[1, 2], batch_sizes=[1], engine_requests=4, warmup=0,
+    cfg = DeployConfig(engines=["peft", "vllm"], concurrency=[1, 2], batch_sizes=[1], engine_requests=4, engine_rounds=2, warmup=0,
                        bootstrap=0, vllm_python=str(fake_env), vllm_startup_timeout=30)  # fmt: skip
     rows = engines.run_engines(str(tiny_llama_dir), {"sst2": str(tmp_path / "adapter")}, None, examples, tokenizer,
                                cfg, tmp_path / "out").rows  # fmt: skip

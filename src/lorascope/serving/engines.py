@@ -6,8 +6,10 @@ folder written for it), separate (the first adapter on the base; a LoRA request 
 multi (every task's adapter on one base, requests interleaved across adapters). Cells: C
 closed-loop clients sending one example per request, for C in deploy.concurrency, and requests
 of B examples at concurrency 1, for B in deploy.batch_sizes; `engine_requests` timed requests
-each. Before timing, every vLLM strategy's probabilities are checked against PEFT's on the
-labelled eval examples; a strategy that fails is not timed.
+each, in `engine_rounds` rounds that interleave the engine's strategies (all loaded, or all
+servers up, at once), so ratios between strategies are measured side by side in time. Before
+timing, every vLLM strategy's probabilities are checked against PEFT's on the labelled eval
+examples; a strategy that fails is not timed.
 
 PEFT at concurrency C: C client threads share one in-process model that serves one request at
 a time (a first-come-first-served lock), as a plain single-worker PEFT server without batching does; latency includes
@@ -16,6 +18,7 @@ vLLM is never imported: its servers run from their own virtualenv (vllm_server).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -91,32 +94,65 @@ def workload(examples: dict[str, list[dict]], tasks: list[str], batch_size: int,
     return items
 
 
-def measure(send: Send, items: list[tuple], concurrency: int, cfg: DeployConfig) -> tuple[dict, np.ndarray]:
-    """One cell through the closed loop: latency percentiles (timing.summarize) over the requests,
-    throughput over the wall time of the loop (requests overlap, so not over summed latencies)."""
-    result = closed_loop(lambda i: send(*items[i % len(items)]), cfg.engine_requests, concurrency,
-                         warmup=cfg.warmup * concurrency)  # fmt: skip
-    batch_size = len(items[0][1])
-    tokens = np.array([sum(len(r["input_ids"]) for r in items[i % len(items)][1]) for i in range(cfg.engine_requests)])
-    row = {k: v for k, v in summarize(result.latencies_ms, batch_size, tokens, tokens).items()
-           if k in ("p50_ms", "p95_ms", "p99_ms", "mean_ms")}  # fmt: skip
-    row |= {"requests": cfg.engine_requests, "requests_per_s": result.requests_per_s,
-            "examples_per_s": result.requests_per_s * batch_size, "tokens_per_s": tokens.sum() / result.wall_s,
-            "max_in_flight": result.max_in_flight}  # fmt: skip
-    return row, result.latencies_ms
+def rounds(cfg: DeployConfig) -> list[range]:
+    """The cell's request numbers split into `engine_rounds` consecutive rounds."""
+    n, k = cfg.engine_requests, cfg.engine_rounds
+    return [range(r * n // k, (r + 1) * n // k) for r in range(k)]
 
 
-def grid(engine: str, strategy: str, send: Send, examples, models: Models, cfg: DeployConfig, device: str,
-         memory: Callable[[], dict]) -> tuple[list[dict], dict]:  # fmt: skip
-    """Every cell of one strategy on one engine: rows, and the latencies by cell (for overheads)."""
+def numbered(send: Send, items: list[tuple], start: int) -> Callable[[int], object]:
+    """The closed loop's request i as request start + i of `items` (warm-up requests, i < 0, are
+    the ones before it, wrapping around)."""
+    return lambda i: send(*items[(start + i) % len(items)])
+
+
+def measure(sends: dict[str, Send], items: dict[str, list[tuple]], concurrency: int,
+            cfg: DeployConfig) -> dict[str, tuple[dict, np.ndarray]]:  # fmt: skip
+    """One cell of every strategy through the closed loop, interleaved: in each round every
+    strategy sends its share of the requests in turn (the order rotating by round), so a slow
+    spell of the machine or of a server hits all strategies alike and request i of two strategies
+    (the same inputs) ran minutes apart at most, never a whole grid apart. Run one after another,
+    separate over merged on vLLM moved 24-55 points between two runs. Each round starts with
+    `concurrency` untimed requests (deploy.warmup times as many in the first), so its timed ones
+    all meet the full load. Latency percentiles (timing.summarize) over the requests; throughput
+    over the summed wall time of its rounds (requests overlap, so not over summed latencies)."""
+    latencies = {s: np.full(cfg.engine_requests, np.nan) for s in sends}
+    walls, peaks, names = dict.fromkeys(sends, 0.0), dict.fromkeys(sends, 0), list(sends)
+    for r, numbers in enumerate(rounds(cfg)):
+        for strategy in names[r % len(names):] + names[: r % len(names)]:
+            warmup = concurrency * (max(cfg.warmup, 1) if r == 0 else 1)  # every round starts at full load
+            result = closed_loop(numbered(sends[strategy], items[strategy], numbers.start), len(numbers),
+                                 concurrency, warmup)  # fmt: skip
+            latencies[strategy][numbers.start : numbers.stop] = result.latencies_ms
+            walls[strategy] += result.wall_s
+            peaks[strategy] = max(peaks[strategy], result.max_in_flight)
+    out = {}
+    for strategy, work in items.items():
+        batch_size = len(work[0][1])
+        tokens = np.array([sum(len(r["input_ids"]) for r in rows) for _, rows in work])
+        row = {k: v for k, v in summarize(latencies[strategy], batch_size, tokens, tokens).items()
+               if k in ("p50_ms", "p95_ms", "p99_ms", "mean_ms")}  # fmt: skip
+        per_s = cfg.engine_requests / walls[strategy]
+        row |= {"requests": cfg.engine_requests, "requests_per_s": per_s, "examples_per_s": per_s * batch_size,
+                "tokens_per_s": tokens.sum() / walls[strategy], "max_in_flight": peaks[strategy]}  # fmt: skip
+        out[strategy] = row, latencies[strategy]
+    return out
+
+
+def grid(engine: str, sends: dict[str, Send], examples, models: Models, cfg: DeployConfig, device: str,
+         memory: dict[str, Callable[[], dict]]) -> tuple[list[dict], dict]:  # fmt: skip
+    """Every cell of one engine's strategies (measured together, interleaved): rows, and the
+    latencies by strategy and cell (for overheads)."""
     rows, latencies = [], {}
     for concurrency, batch_size in cells(cfg):
-        items = workload(examples, tasks_of(strategy, models), batch_size, cfg.engine_requests)
-        row, latencies[(concurrency, batch_size)] = measure(send, items, concurrency, cfg)
-        rows.append({"engine": engine, "strategy": strategy, "concurrency": concurrency, "batch_size": batch_size,
-                     **memory(), "device": device, "status": "ok", "note": ""} | row)  # fmt: skip
-        say(f"{engine} {strategy} concurrency {concurrency} batch {batch_size}: p50 {row['p50_ms']:.1f} ms, "
-            f"p99 {row['p99_ms']:.1f} ms, {row['examples_per_s']:.0f} examples/s")  # fmt: skip
+        items = {s: workload(examples, tasks_of(s, models), batch_size, cfg.engine_requests) for s in sends}
+        for strategy, (row, times) in measure(sends, items, concurrency, cfg).items():
+            latencies[(strategy, concurrency, batch_size)] = times
+            rows.append({"engine": engine, "strategy": strategy, "concurrency": concurrency,
+                         "batch_size": batch_size, **memory[strategy](), "device": device, "status": "ok",
+                         "note": ""} | row)  # fmt: skip
+            say(f"{engine} {strategy} concurrency {concurrency} batch {batch_size}: p50 {row['p50_ms']:.1f} ms, "
+                f"p99 {row['p99_ms']:.1f} ms, {row['examples_per_s']:.0f} examples/s")  # fmt: skip
     return rows, latencies
 
 
@@ -164,6 +200,13 @@ def peft_memory_mb(device: torch.device) -> dict:
     return {"server_rss_mb": server_rss_mb(os.getpid()), "server_gpu_mb": gpu}
 
 
+def served_alone(baseline: dict, before: dict, after: dict) -> Callable[[], dict]:
+    """What the in-process server would hold with only this strategy loaded: the process before
+    any model plus what loading this one added (the grid holds all strategies at once)."""
+    alone = {key: None if after[key] is None else baseline[key] + after[key] - before[key] for key in after}
+    return lambda: alone
+
+
 def peft_send(model: torch.nn.Module, strategy: str, models: Models, pad_token_id: int, input_names,
               device: torch.device) -> Send:  # fmt: skip
     """One request: pad the rows, one forward pass under the model's lock (first come, first
@@ -182,6 +225,14 @@ def peft_references(model, strategy: str, checked: dict, models: Models, pad_tok
     """PEFT's probabilities per task on the check examples (fp32, batches padded to their longest)."""
     return {t: logits(model, [{**r, "task": t} for r in checked[t]], pad_token_id, input_names, device,
                       mixed=strategy == "multi").softmax(-1) for t in tasks_of(strategy, models)}  # fmt: skip
+
+
+def peft_server(strategy: str, models: Models, num_labels: int, pad_token_id, input_names, device,
+                checked: dict) -> tuple[Send, dict]:  # fmt: skip
+    """One strategy's in-process model, loaded: its request function and its reference probabilities."""
+    model = REGISTRY[PEFT_STRATEGY[strategy]].load(models, num_labels, pad_token_id).to(device)
+    return (peft_send(model, strategy, models, pad_token_id, input_names, device),
+            peft_references(model, strategy, checked, models, pad_token_id, input_names, device))  # fmt: skip
 
 
 # -- vLLM servers --------------------------------------------------------------------------------
@@ -264,43 +315,54 @@ def check_summary(rows: list[dict]) -> str:
 
 def run_vllm(strategies: list[str], models: Models, examples, checked, references, num_labels, pad_token_id,
              tokenizer, cfg: DeployConfig, out_dir: Path, python: str) -> tuple[list, list, dict]:  # fmt: skip
-    """One server at a time, always stopped; a server that cannot start (or dies) costs its
-    strategies, with vLLM's reason in one line, never the other measurements."""
-    rows, check_rows, latencies = [], [], {}
+    """Every server started (one after another) and kept up, so the grid can interleave their
+    strategies; all always stopped. A server that cannot start (or dies) costs its strategies,
+    with vLLM's reason in one line, never the other measurements. On CUDA the servers share the
+    GPU: each gets an equal part of vLLM's default memory fraction unless vllm_args sets one."""
+    rows, check_rows, sends, memory = [], [], {}, {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with tempfile.TemporaryDirectory(prefix="lorascope-vllm-") as scratch:
+
+    def skip(served: list[str], status: str, reason: str) -> None:
+        done = {r["strategy"] for r in rows} | set(sends)
+        rows.extend(r for s in served if s not in done for r in not_measured("vllm", s, status, reason, cfg, device))
+
+    with tempfile.TemporaryDirectory(prefix="lorascope-vllm-") as scratch, contextlib.ExitStack() as running:
         merged = lambda: write_merged(models, num_labels, pad_token_id, tokenizer, Path(scratch) / "merged")
-        for name, arguments, served in servers(strategies, models, num_labels, merged):
+        plan = servers(strategies, models, num_labels, merged)
+        gpu_share = (["--gpu-memory-utilization", f"{0.9 / len(plan):.2f}"]
+                     if device == "cuda" and "--gpu-memory-utilization" not in cfg.vllm_args else [])  # fmt: skip
+        for name, arguments, served in plan:
             try:
-                server = VllmServer(**arguments(), python=python, log_path=out_dir / "logs" / f"vllm-{name}.log",
-                                    startup_timeout=cfg.vllm_startup_timeout, extra_args=cfg.vllm_args,
-                                    max_num_seqs=max(*cfg.concurrency, *cfg.batch_sizes))  # fmt: skip
-                with server:
-                    say(f"vLLM server for {', '.join(served)} ready in {server.startup_seconds:.0f} s")
-                    for strategy in served:
-                        send = vllm_send(server, strategy)
-                        try:
-                            checks = vllm_check(send, strategy, checked, references, models)
-                            check_rows += checks
-                            if not all(r["passed"] for r in checks):
-                                say(f"vLLM {strategy} failed the correctness check, not timed: {check_summary(checks)}")
-                                rows += not_measured("vllm", strategy, "failed check", check_summary(checks), cfg,
-                                                     device)  # fmt: skip
-                                continue
-                            cell_rows, cell_latencies = grid("vllm", strategy, send, examples, models, cfg, device,
-                                                             server.memory_mb)  # fmt: skip
-                        except VllmServerError as err:
-                            say(f"vLLM {strategy} failed: {err}")
-                            rows += not_measured("vllm", strategy, "failed", str(err), cfg, device)
-                            continue
-                        rows += cell_rows
-                        latencies |= {("vllm", strategy, *cell): v for cell, v in cell_latencies.items()}
+                server = running.enter_context(VllmServer(
+                    **arguments(), python=python, log_path=out_dir / "logs" / f"vllm-{name}.log",
+                    startup_timeout=cfg.vllm_startup_timeout, extra_args=[*cfg.vllm_args, *gpu_share],
+                    max_num_seqs=max(*cfg.concurrency, *cfg.batch_sizes)))  # fmt: skip
+                say(f"vLLM server for {', '.join(served)} ready in {server.startup_seconds:.0f} s")
+                for strategy in served:
+                    send = vllm_send(server, strategy)
+                    checks = vllm_check(send, strategy, checked, references, models)
+                    check_rows += checks
+                    if all(r["passed"] for r in checks):
+                        sends[strategy], memory[strategy] = send, server.memory_mb
+                    else:
+                        say(f"vLLM {strategy} failed the correctness check, not timed: {check_summary(checks)}")
+                        skip([strategy], "failed check", check_summary(checks))
             except Exception as err:  # noqa: BLE001 - an engine that cannot serve is a result, not a crash
                 reason = first_line(err)
                 say(f"vLLM cannot serve {', '.join(served)}: {reason}")
-                done = {r["strategy"] for r in rows}
-                rows += [r for s in served if s not in done for r in not_measured("vllm", s, "skipped", reason, cfg,
-                                                                                 device)]  # fmt: skip
+                for strategy in served:
+                    sends.pop(strategy, None)
+                skip(served, "skipped", reason)
+        latencies = {}
+        if sends:
+            try:
+                more_rows, more_latencies = grid("vllm", sends, examples, models, cfg, device, memory)
+                rows += more_rows
+                latencies = {("vllm", *key): v for key, v in more_latencies.items()}
+            except VllmServerError as err:  # a server died while timing: its strategies and those timed with it
+                say(f"vLLM failed while timing: {err}")
+                failed, sends = list(sends), {}
+                skip(failed, "failed", str(err))
     return rows, check_rows, latencies
 
 
@@ -327,17 +389,18 @@ def run_engines(base: str, adapters: dict[str, str], full: str | None, examples:
                 if p in ("torch", "transformers", "peft")]  # fmt: skip
 
     with runtime.threads(cfg.threads or torch.get_num_threads()):
+        # every strategy loaded at once, as the timing grid does, so the grid can interleave them
+        sends, memory, baseline = {}, {}, peft_memory_mb(device)
         for strategy in runnable:  # PEFT first: its references gate vLLM, and no server competes with it
-            model = REGISTRY[PEFT_STRATEGY[strategy]].load(models, num_labels, pad_token_id).to(device)
-            references[strategy] = peft_references(model, strategy, checked, models, pad_token_id, input_names,
-                                                   device)  # fmt: skip
-            if "peft" in cfg.engines:
-                send = peft_send(model, strategy, models, pad_token_id, input_names, device)
-                cell_rows, cell_latencies = grid("peft", strategy, send, examples, models, cfg, device.type,
-                                                 lambda: peft_memory_mb(device))  # fmt: skip
-                rows += cell_rows
-                latencies |= {("peft", strategy, *cell): v for cell, v in cell_latencies.items()}
-            del model
+            before = peft_memory_mb(device)
+            sends[strategy], references[strategy] = peft_server(strategy, models, num_labels, pad_token_id,
+                                                                input_names, device, checked)  # fmt: skip
+            memory[strategy] = served_alone(baseline, before, peft_memory_mb(device))
+        if "peft" in cfg.engines and sends:
+            more_rows, more_latencies = grid("peft", sends, examples, models, cfg, device.type, memory)
+            rows += more_rows
+            latencies |= {("peft", *key): v for key, v in more_latencies.items()}
+        del sends  # the models live in their request functions only
 
     if "vllm" in cfg.engines:
         served = []

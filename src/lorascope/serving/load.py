@@ -30,25 +30,22 @@ class LoadResult:
 
 
 def closed_loop(send: Callable[[int], object], requests: int, concurrency: int, warmup: int = 0) -> LoadResult:
-    """`warmup` untimed requests (numbered -warmup..-1, sent by the same clients so every thread
-    and connection is warm), then exactly `requests` timed ones numbered 0..requests-1. The first
-    error of any client stops the others and is raised here."""
+    """`warmup` untimed requests (numbered -warmup..-1), then exactly `requests` timed ones
+    numbered 0..requests-1, all from the same clients in one loop: with warmup ≥ concurrency
+    every timed request is sent while the other clients are busy, so none sees an emptier queue
+    than the load means (a loop restarted for the timed requests spent its first C of them
+    ramping up: 16 of 20 requests in a round at C = 16). Wall time runs from the first timed
+    request out to the last one back. The first error of any client stops the others and is
+    raised here."""
     if requests < 1 or concurrency < 1:
         raise ValueError(f"a load needs requests ≥ 1 and concurrency ≥ 1, got {requests} and {concurrency}")
-    if warmup:
-        _run(send, range(-warmup, 0), concurrency)
+    lock, todo = threading.Lock(), iter(range(-warmup, requests))
     latencies = np.full(requests, np.nan)
-    wall, peak = _run(send, range(requests), concurrency, latencies)
-    return LoadResult(latencies, wall, peak)
-
-
-def _run(send, numbers: range, concurrency: int, latencies: np.ndarray | None = None) -> tuple[float, int]:
-    lock, todo = threading.Lock(), iter(numbers)
-    state = {"in_flight": 0, "peak": 0, "error": None}
-    clients = min(concurrency, len(numbers))
-    # every client is alive before the clock starts: on a loaded machine creating a thread can take
+    state = {"in_flight": 0, "peak": 0, "error": None, "first": None}
+    clients = min(concurrency, warmup + requests)
+    # every client is alive before the first request: on a loaded machine creating a thread can take
     # longer than a request, and the first clients would otherwise run alone (seen in CI: 4 clients,
-    # never 2 in flight) with the thread start-up counted in the wall time
+    # never 2 in flight)
     ready = threading.Barrier(clients + 1)
 
     def client() -> None:
@@ -59,8 +56,11 @@ def _run(send, numbers: range, concurrency: int, latencies: np.ndarray | None = 
                 if i is None or state["error"] is not None:
                     return
                 state["in_flight"] += 1
-                state["peak"] = max(state["peak"], state["in_flight"])
+                if i >= 0:
+                    state["peak"] = max(state["peak"], state["in_flight"])
             start = time.perf_counter()
+            if i == 0:
+                state["first"] = start
             try:
                 send(i)
             except BaseException as err:  # noqa: BLE001 - handed to the caller below
@@ -70,17 +70,16 @@ def _run(send, numbers: range, concurrency: int, latencies: np.ndarray | None = 
             finally:
                 with lock:
                     state["in_flight"] -= 1
-            if latencies is not None:
-                latencies[i - numbers.start] = (time.perf_counter() - start) * 1e3
+            if i >= 0:
+                latencies[i] = (time.perf_counter() - start) * 1e3
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     for thread in threads:
         thread.start()
     ready.wait()
-    start = time.perf_counter()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - start
+    end = time.perf_counter()
     if state["error"] is not None:
         raise state["error"]
-    return wall, state["peak"]
+    return LoadResult(latencies, end - state["first"], state["peak"])

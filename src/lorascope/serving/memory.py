@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm  # the class PEFT draws its bars with
 
 from lorascope.errors import first_line
-from lorascope.footprint import MB, PeakRss, rss, weights_mb
 from lorascope.executors import cores
+from lorascope.footprint import MB, PeakRss, rss, weights_mb
 from lorascope.runtime import autocast, quiet_libraries, threads
 from lorascope.serving.inputs import Batch, Models
 from lorascope.serving.strategies import REGISTRY
