@@ -39,7 +39,7 @@ from lorascope.serving.checks import CHECK_BATCH_SIZE, DEPLOYMENT_CHECKS, compar
 from lorascope.serving.inputs import Models, forward_inputs, num_labels_of, pad_batch
 from lorascope.serving.load import closed_loop
 from lorascope.serving.strategies import REGISTRY
-from lorascope.serving.timing import say, summarize
+from lorascope.serving.timing import round_robin, say, summarize
 from lorascope.serving.vllm_server import VllmServer, VllmServerError, classify, find_vllm_python, server_rss_mb
 from lorascope.study import Table
 
@@ -117,9 +117,9 @@ def measure(sends: dict[str, Send], items: dict[str, list[tuple]], concurrency: 
     all meet the full load. Latency percentiles (timing.summarize) over the requests; throughput
     over the summed wall time of its rounds (requests overlap, so not over summed latencies)."""
     latencies = {s: np.full(cfg.engine_requests, np.nan) for s in sends}
-    walls, peaks, names = dict.fromkeys(sends, 0.0), dict.fromkeys(sends, 0), list(sends)
-    for r, numbers in enumerate(rounds(cfg)):
-        for strategy in names[r % len(names):] + names[: r % len(names)]:
+    walls, peaks = dict.fromkeys(sends, 0.0), dict.fromkeys(sends, 0)
+    for r, (numbers, order) in enumerate(zip(rounds(cfg), round_robin(list(sends), cfg.engine_rounds))):
+        for strategy in order:
             warmup = concurrency * (max(cfg.warmup, 1) if r == 0 else 1)  # every round starts at full load
             result = closed_loop(numbered(sends[strategy], items[strategy], numbers.start), len(numbers),
                                  concurrency, warmup)  # fmt: skip
