@@ -10,7 +10,7 @@ engine grid (lorascope.serving.engines) runs twice, merged and separate at concu
 (deploy.engine_rounds); each run starts its own vLLM servers, both up at once. PEFT gets one torch thread,
 as vLLM's CPU worker binds one core (it reserves the other) on this machine. Prints:
 - latency at concurrency 1 (p50, PEFT / vLLM) and throughput at 16 (examples/s, vLLM / PEFT);
-- separate over merged per engine in both runs and the difference in points.
+- separate over merged per engine in both runs (bootstrap intervals) and the difference in points.
 """
 
 from __future__ import annotations
@@ -88,9 +88,12 @@ def main() -> None:
     print("\nseparate over merged (%, median of per-request ratios), concurrency 1 and 16")
     for e in cfg.engines:
         for c in cfg.concurrency:
-            o = [100 * (grid[(grid.engine == e) & (grid.strategy == "separate") & (grid.concurrency == c)
-                             & (grid.run == r)]["overhead_vs_merged"].iloc[0] - 1) for r in (1, 2)]  # fmt: skip
-            print(f"{e:5} c{c:<3} run 1 {o[0]:+6.1f}   run 2 {o[1]:+6.1f}   difference {abs(o[0] - o[1]):4.1f} points")
+            rows = [grid[(grid.engine == e) & (grid.strategy == "separate") & (grid.concurrency == c)
+                         & (grid.run == r)].iloc[0] for r in (1, 2)]  # fmt: skip
+            o, low, high = ([100 * (r[col] - 1) for r in rows] for col in
+                            ("overhead_vs_merged", "overhead_vs_merged_ci_low", "overhead_vs_merged_ci_high"))  # fmt: skip
+            print(f"{e:5} c{c:<3} run 1 {o[0]:+6.1f} [{low[0]:.1f}, {high[0]:.1f}]   run 2 {o[1]:+6.1f} "
+                  f"[{low[1]:.1f}, {high[1]:.1f}]   difference {abs(o[0] - o[1]):4.1f} points")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -135,6 +135,29 @@ def test_measure_interleaves_strategies_in_rotating_rounds_on_the_same_requests(
     assert (lat_a[4:] > 15).all() and (lat_b[4:] > 15).all() and (lat_a[:4] < 15).all() and (lat_b[:4] < 15).all()
 
 
+@pytest.mark.parametrize("settle_s", [0.0, 0.12])
+def test_measure_lets_the_last_turns_server_go_quiet_before_the_next_turn(settle_s):
+    """Two fake servers on one core: each polls for 0.1 s after its last request, as an idle vLLM
+    server does, and a request the other one serves meanwhile takes 10x as long. Settled, no
+    request meets the other's polling; not settled, the first request of each later turn does."""
+    cfg = DeployConfig(engine_requests=8, engine_rounds=2, warmup=1)
+    items = [("t", [{"input_ids": [i]}]) for i in range(8)]
+    last_done = {"a": -1.0, "b": -1.0}
+
+    def server(name):
+        def send(task, rows):
+            other_polling = any(time.perf_counter() - t < 0.1 for n, t in last_done.items() if n != name)
+            time.sleep(0.02 if other_polling else 0.002)
+            last_done[name] = time.perf_counter()
+
+        return send
+
+    out = engines.measure({"a": server("a"), "b": server("b")}, {"a": items, "b": items}, 1, cfg, settle_s)
+    slow = sum(int((latencies > 15).sum()) for _, latencies in out.values())
+    # not settled, b's first turn starts right after a's last request: its warm-up request and at
+    # least its first timed one (20 ms later) fall in a's polling
+    assert slow == 0 if settle_s else slow >= 1
+
 def test_cells_and_workload_are_the_same_requests_on_every_engine():
     cfg = DeployConfig(concurrency=[1, 4, 16], batch_sizes=[1, 2, 8])
     assert engines.cells(cfg) == [(1, 1), (4, 1), (16, 1), (1, 2), (1, 8)]

@@ -23,6 +23,7 @@ import dataclasses
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -40,7 +41,14 @@ from lorascope.serving.inputs import Models, forward_inputs, num_labels_of, pad_
 from lorascope.serving.load import closed_loop
 from lorascope.serving.strategies import REGISTRY
 from lorascope.serving.timing import round_robin, say, summarize
-from lorascope.serving.vllm_server import VllmServer, VllmServerError, classify, find_vllm_python, server_rss_mb
+from lorascope.serving.vllm_server import (
+    IDLE_SPIN_S,
+    VllmServer,
+    VllmServerError,
+    classify,
+    find_vllm_python,
+    server_rss_mb,
+)
 from lorascope.study import Table
 
 ENGINE_STRATEGIES = ("full", "merged", "separate", "multi")
@@ -106,20 +114,22 @@ def numbered(send: Send, items: list[tuple], start: int) -> Callable[[int], obje
     return lambda i: send(*items[(start + i) % len(items)])
 
 
-def measure(sends: dict[str, Send], items: dict[str, list[tuple]], concurrency: int,
-            cfg: DeployConfig) -> dict[str, tuple[dict, np.ndarray]]:  # fmt: skip
+def measure(sends: dict[str, Send], items: dict[str, list[tuple]], concurrency: int, cfg: DeployConfig,
+            settle_s: float = 0.0) -> dict[str, tuple[dict, np.ndarray]]:  # fmt: skip
     """One cell of every strategy through the closed loop, interleaved: in each round every
     strategy sends its share of the requests in turn (the order rotating by round), so a slow
     spell of the machine or of a server hits all strategies alike and request i of two strategies
     (the same inputs) ran minutes apart at most, never a whole grid apart. Run one after another,
     separate over merged on vLLM moved 24-55 points between two runs. Each round starts with
     `concurrency` untimed requests (deploy.warmup times as many in the first), so its timed ones
-    all meet the full load. Latency percentiles (timing.summarize) over the requests; throughput
+    all meet the full load, and `settle_s` of quiet before it, so what the last turn left
+    running (an idle vLLM server's polling) is over. Latency percentiles (timing.summarize) over the requests; throughput
     over the summed wall time of its rounds (requests overlap, so not over summed latencies)."""
     latencies = {s: np.full(cfg.engine_requests, np.nan) for s in sends}
     walls, peaks = dict.fromkeys(sends, 0.0), dict.fromkeys(sends, 0)
     for r, (numbers, order) in enumerate(zip(rounds(cfg), round_robin(list(sends), cfg.engine_rounds))):
         for strategy in order:
+            time.sleep(settle_s)
             warmup = concurrency * (max(cfg.warmup, 1) if r == 0 else 1)  # every round starts at full load
             result = closed_loop(numbered(sends[strategy], items[strategy], numbers.start), len(numbers),
                                  concurrency, warmup)  # fmt: skip
@@ -140,13 +150,13 @@ def measure(sends: dict[str, Send], items: dict[str, list[tuple]], concurrency: 
 
 
 def grid(engine: str, sends: dict[str, Send], examples, models: Models, cfg: DeployConfig, device: str,
-         memory: dict[str, Callable[[], dict]]) -> tuple[list[dict], dict]:  # fmt: skip
-    """Every cell of one engine's strategies (measured together, interleaved): rows, and the
-    latencies by strategy and cell (for overheads)."""
+         memory: dict[str, Callable[[], dict]], settle_s: float = 0.0) -> tuple[list[dict], dict]:  # fmt: skip
+    """Every cell of one engine's strategies (measured together, interleaved, `settle_s` apart):
+    rows, and the latencies by strategy and cell (for overheads)."""
     rows, latencies = [], {}
     for concurrency, batch_size in cells(cfg):
         items = {s: workload(examples, tasks_of(s, models), batch_size, cfg.engine_requests) for s in sends}
-        for strategy, (row, times) in measure(sends, items, concurrency, cfg).items():
+        for strategy, (row, times) in measure(sends, items, concurrency, cfg, settle_s).items():
             latencies[(strategy, concurrency, batch_size)] = times
             rows.append({"engine": engine, "strategy": strategy, "concurrency": concurrency,
                          "batch_size": batch_size, **memory[strategy](), "device": device, "status": "ok",
@@ -356,7 +366,8 @@ def run_vllm(strategies: list[str], models: Models, examples, checked, reference
         latencies = {}
         if sends:
             try:
-                more_rows, more_latencies = grid("vllm", sends, examples, models, cfg, device, memory)
+                # the last turn's server polls for IDLE_SPIN_S after it, on the core the next one computes on
+                more_rows, more_latencies = grid("vllm", sends, examples, models, cfg, device, memory, 2 * IDLE_SPIN_S)
                 rows += more_rows
                 latencies = {("vllm", *key): v for key, v in more_latencies.items()}
             except VllmServerError as err:  # a server died while timing: its strategies and those timed with it
