@@ -252,7 +252,8 @@ def _bench_args(root, adapters, out, *engine_args, extra=()):
             str(out), *engine_args, "--set", "deploy.concurrency=[1,4]", "--set", "deploy.batch_sizes=[1,4]",
             "--set", "deploy.seq_lens=[natural]", "--set", "deploy.engine_requests=24", "--set", "deploy.warmup=1",
             "--set", "deploy.repeats=3", "--set", "deploy.check_examples=16", "--set", "tasks.sst2.eval_max=32",
-            "--set", "deploy.vllm_args=[--enforce-eager]", *extra]  # fmt: skip (eager: ~50 s less per server start)
+            "--set", "deploy.engine_rounds=2", "--set", "deploy.vllm_args=[--enforce-eager]", *extra]  # fmt: skip
+    # eager: ~50 s less per server start; 2 rounds: each vLLM turn waits 2 s for the last server to go quiet
 
 
 def test_missing_vllm_env_at_run_time_skips_vllm_with_one_line_and_peft_rows_land(llama_models, tmp_path, capsys):
