@@ -139,10 +139,10 @@ def test_measure_interleaves_strategies_in_rotating_rounds_on_the_same_requests(
 def test_measure_lets_the_last_turns_server_go_quiet_before_the_next_turn(settle_s):
     """Two fake servers on one core: each polls for 0.1 s after its last request, as an idle vLLM
     server does, and a request the other one serves meanwhile takes 10x as long. Settled, no
-    request meets the other's polling; not settled, the first request of each later turn does."""
+    request meets the other's polling; not settled, the first requests of a turn after the other's do."""
     cfg = DeployConfig(engine_requests=8, engine_rounds=2, warmup=1)
     items = [("t", [{"input_ids": [i]}]) for i in range(8)]
-    last_done = {"a": -1.0, "b": -1.0}
+    last_done = {"a": float("-inf"), "b": float("-inf")}
 
     def server(name):
         def send(task, rows):

@@ -122,9 +122,10 @@ def measure(sends: dict[str, Send], items: dict[str, list[tuple]], concurrency: 
     (the same inputs) ran minutes apart at most, never a whole grid apart. Run one after another,
     separate over merged on vLLM moved 24-55 points between two runs. Each round starts with
     `concurrency` untimed requests (deploy.warmup times as many in the first), so its timed ones
-    all meet the full load, and `settle_s` of quiet before it, so what the last turn left
-    running (an idle vLLM server's polling) is over. Latency percentiles (timing.summarize) over the requests; throughput
-    over the summed wall time of its rounds (requests overlap, so not over summed latencies)."""
+    all meet the full load, and each turn waits `settle_s` first, so what the last turn left
+    running (an idle vLLM server's polling) is over. Latency percentiles (timing.summarize) over
+    the requests; throughput over the summed wall time of its rounds (requests overlap, so not
+    over summed latencies)."""
     latencies = {s: np.full(cfg.engine_requests, np.nan) for s in sends}
     walls, peaks = dict.fromkeys(sends, 0.0), dict.fromkeys(sends, 0)
     for r, (numbers, order) in enumerate(zip(rounds(cfg), round_robin(list(sends), cfg.engine_rounds))):
