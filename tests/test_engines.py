@@ -158,6 +158,7 @@ def test_measure_lets_the_last_turns_server_go_quiet_before_the_next_turn(settle
     # least its first timed one (20 ms later) fall in a's polling
     assert slow == 0 if settle_s else slow >= 1
 
+
 def test_cells_and_workload_are_the_same_requests_on_every_engine():
     cfg = DeployConfig(concurrency=[1, 4, 16], batch_sizes=[1, 2, 8])
     assert engines.cells(cfg) == [(1, 1), (4, 1), (16, 1), (1, 2), (1, 8)]

@@ -53,6 +53,8 @@ from lorascope.study import Table
 
 ENGINE_STRATEGIES = ("full", "merged", "separate", "multi")
 PEFT_STRATEGY = {"full": "full", "merged": "merged", "separate": "separate", "multi": "mixed"}
+# quiet before each turn: the last turn's vLLM server polls for IDLE_SPIN_S on the core the next one computes on
+SETTLE_S = {"peft": 0.0, "vllm": 2 * IDLE_SPIN_S}
 # vLLM's fused CPU kernels sum in another order than eager PyTorch: ~1e-7 on a tiny Llama. An adapter
 # that is not applied (the base served, or another task's adapter) moves probabilities by far more.
 PROB_ATOL = 1e-4
@@ -151,13 +153,13 @@ def measure(sends: dict[str, Send], items: dict[str, list[tuple]], concurrency: 
 
 
 def grid(engine: str, sends: dict[str, Send], examples, models: Models, cfg: DeployConfig, device: str,
-         memory: dict[str, Callable[[], dict]], settle_s: float = 0.0) -> tuple[list[dict], dict]:  # fmt: skip
-    """Every cell of one engine's strategies (measured together, interleaved, `settle_s` apart):
-    rows, and the latencies by strategy and cell (for overheads)."""
+         memory: dict[str, Callable[[], dict]]) -> tuple[list[dict], dict]:  # fmt: skip
+    """Every cell of one engine's strategies (measured together, interleaved, SETTLE_S[engine]
+    apart): rows, and the latencies by strategy and cell (for overheads)."""
     rows, latencies = [], {}
     for concurrency, batch_size in cells(cfg):
         items = {s: workload(examples, tasks_of(s, models), batch_size, cfg.engine_requests) for s in sends}
-        for strategy, (row, times) in measure(sends, items, concurrency, cfg, settle_s).items():
+        for strategy, (row, times) in measure(sends, items, concurrency, cfg, SETTLE_S[engine]).items():
             latencies[(strategy, concurrency, batch_size)] = times
             rows.append({"engine": engine, "strategy": strategy, "concurrency": concurrency,
                          "batch_size": batch_size, **memory[strategy](), "device": device, "status": "ok",
@@ -367,8 +369,7 @@ def run_vllm(strategies: list[str], models: Models, examples, checked, reference
         latencies = {}
         if sends:
             try:
-                # the last turn's server polls for IDLE_SPIN_S after it, on the core the next one computes on
-                more_rows, more_latencies = grid("vllm", sends, examples, models, cfg, device, memory, 2 * IDLE_SPIN_S)
+                more_rows, more_latencies = grid("vllm", sends, examples, models, cfg, device, memory)
                 rows += more_rows
                 latencies = {("vllm", *key): v for key, v in more_latencies.items()}
             except VllmServerError as err:  # a server died while timing: its strategies and those timed with it
