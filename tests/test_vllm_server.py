@@ -13,6 +13,7 @@ Two groups:
 
 from __future__ import annotations
 
+import itertools
 import sys
 import textwrap
 import time
@@ -121,6 +122,32 @@ def test_server_that_never_answers_times_out_and_is_stopped(fake_env, tmp_path):
     with pytest.raises(VllmServerError, match=r"^vLLM server not ready after 2 s"):
         server.start()
     assert time.monotonic() - started < 10 and server.process is None
+
+
+def _adapter_config(folder: Path, target_modules) -> Path:
+    from peft import LoraConfig
+
+    LoraConfig(task_type="SEQ_CLS", r=8, target_modules=target_modules).save_pretrained(folder)
+    return folder
+
+
+def _lora_targets_flag(command: list[str]) -> list[str] | None:
+    if "--lora-target-modules" not in command:
+        return None
+    start = command.index("--lora-target-modules") + 1
+    return list(itertools.takewhile(lambda arg: not arg.startswith("--"), command[start:]))
+
+
+def test_lora_server_wraps_only_the_modules_the_adapters_train(fake_env, tmp_path):
+    qv = _adapter_config(tmp_path / "qv", ["q_proj", "v_proj"])
+    vo = _adapter_config(tmp_path / "vo", ["v_proj", "o_proj"])
+    pattern = _adapter_config(tmp_path / "all", "all-linear")
+    targets = lambda adapters, extra=(): _lora_targets_flag(_fake(
+        fake_env, tmp_path, lora_modules=adapters, extra_args=list(extra)).command())  # fmt: skip
+    assert targets({"a": qv, "b": vo}) == ["o_proj", "q_proj", "v_proj"]  # the union, as PEFT wrote them
+    assert targets({"a": qv, "b": pattern}) is None  # a pattern: vLLM's default (every supported module)
+    assert targets({"a": qv}, ["--lora-target-modules", "qkv_proj"]) == ["qkv_proj"]  # the user's, once
+    assert _lora_targets_flag(_fake(fake_env, tmp_path).command()) is None  # no adapters, no flag
 
 
 def test_engine_grid_with_a_dying_server_gives_one_line_and_keeps_peft_rows(fake_env, tmp_path, tiny_llama_dir,
