@@ -327,8 +327,8 @@ def test_engines_figure_and_report_section(tmp_path):
     rows = [{"engine": e, "strategy": s, "concurrency": c, "batch_size": b, "requests": 200, "p50_ms": 10.0 * c,
              "p95_ms": 12.0 * c, "p99_ms": 15.0 * c, "examples_per_s": 100.0 * b, "server_rss_mb": 500.0,
              "server_gpu_mb": 2048.0 if e == "vllm" else 300.0, "overhead_vs_merged": 1.1 if s == "separate" else np.nan,
-             "overhead_vs_merged_ci_low": 1.05, "overhead_vs_merged_ci_high": 1.2, "status": "ok", "note": ""}
-            for e in ("peft", "vllm") for s in ("merged", "separate") for c, b in ((1, 1), (4, 1), (1, 4))]  # fmt: skip
+             "overhead_vs_merged_ci_low": 1.05, "overhead_vs_merged_ci_high": 1.2, "device": "cpu", "status": "ok",
+             "note": ""} for e in ("peft", "vllm") for s in ("merged", "separate") for c, b in ((1, 1), (4, 1), (1, 4))]  # fmt: skip
     rows += [{"engine": "vllm", "strategy": "multi", "concurrency": 1, "batch_size": 1, "requests": 0,
               "status": "skipped", "note": "ValueError: BertForSequenceClassification does not support LoRA yet."}]
     (tmp_path / "tables").mkdir()
@@ -342,6 +342,12 @@ def test_engines_figure_and_report_section(tmp_path):
     assert "+10.0 [+5.0, +20.0]" in text and "does not support LoRA yet" in text and "200 timed requests" in text
     assert "10.0 / 12.0 / 15.0 (100/s)" in text and (tmp_path / "figures" / "report_deployment_engines.png").is_file()
     assert "GPU memory (MiB)" in text and "| vLLM server | separate | 500 | 2048 |" in text.replace("  ", " ")
+    assert "without torch.compile" in text  # vLLM's LoRA server on CPU: the overhead includes the compile's gain
+    engines.DEPLOYMENT_ENGINES.write(tmp_path / "tables", pd.DataFrame(rows).assign(device="cuda").reindex(
+        columns=engines.DEPLOYMENT_ENGINES.columns))  # fmt: skip
+    doc = Document()
+    engines_section(doc, load(tmp_path))
+    assert "without torch.compile" not in to_markdown(doc, tmp_path)  # only vLLM's CPU platform does that
 
 
 def test_gpu_memory_of_a_process_tree_from_nvidia_smi():

@@ -136,6 +136,12 @@ def engines_section(doc: Document, view: StudyView) -> None:
         _engine_cells(doc, separate, "concurrency", "separate over merged (%, interval)",
                       lambda r: _overhead(r, "overhead_vs_merged", "overhead_vs_merged_ci_low",
                                           "overhead_vs_merged_ci_high"))  # fmt: skip
+    lora_on_cpu = ok[(ok["engine"] == "vllm") & ok["strategy"].isin(["separate", "multi"]) & (ok["device"] == "cpu")]
+    if not lora_on_cpu.empty:
+        doc.para("vLLM on CPU serves a server with LoRA enabled without torch.compile (its CPU platform turns "
+                 "compilation off), while full and merged folders are compiled: vLLM's separate over merged "
+                 "includes that gain (benchmarks/vllm_lora_cost.py measures it apart). The LoRA server wraps only "
+                 "the modules the adapters train (--lora-target-modules).", css="note")  # fmt: skip
     gpu = "server_gpu_mb" in ok and ok["server_gpu_mb"].notna().any()
     memory = ok.groupby(["engine", "strategy"], sort=False)[["server_rss_mb", *(["server_gpu_mb"] if gpu else [])]]
     doc.table(["engine", "strategy", "peak RSS of the serving process tree (MiB)", *(["GPU memory (MiB)"] if gpu else [])],
