@@ -182,7 +182,8 @@ def _lora_targets(adapters) -> list[str] | None:
     --lora-target-modules; None when any adapter names them by a pattern ("all-linear", a regex) or
     not at all. Without the flag vLLM wraps every module it supports (here o, gate/up and down as
     well as the packed q/k/v), and on CPU each wrapped module gathers a LoRA matrix per token:
-    measured on SmolLM2-135M with q/v adapters, LoRA requests took 234 ms instead of 365 ms at one client."""
+    with q/v adapters on SmolLM2-135M, LoRA requests took 230 ms instead of 346 ms at one client
+    (benchmarks/vllm_lora_cost.py)."""
     targets = set()
     for adapter in adapters:
         try:
