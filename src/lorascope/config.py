@@ -173,8 +173,9 @@ class DeployConfig(Strict):
                                                            description="closed-loop clients of the engine load grid")
     engine_requests: int = Field(200, gt=1, description="timed requests per engine load-grid cell (200: p99 is "
                                  "interpolated below the two slowest, not the maximum)")
-    engine_rounds: int = Field(5, gt=0, description="rounds each engine cell's requests go in, every strategy of "
-                               "the engine in turn, so a slow spell hits all strategies alike")
+    engine_rounds: int | None = Field(None, gt=0, description="rounds each engine cell's requests go in, every "
+                                      "strategy of the engine in turn, so a slow spell hits all strategies alike; "
+                                      "None = turns as short as the engine allows (serving.engines.TURNS)")
     vllm_python: str | None = Field(None, description="vLLM virtualenv (folder or its python); None = "
                                     "$LORASCOPE_VLLM_PYTHON, else .venv-vllm (`make vllm`)")
     vllm_startup_timeout: float = Field(600.0, gt=0, description="seconds a vLLM server may take to become ready")
@@ -187,7 +188,7 @@ class DeployConfig(Strict):
             values = getattr(self, key)
             if len(set(values)) != len(values):
                 raise ValueError(f"`{key}` has duplicates: {values}")
-        if self.engine_rounds > self.engine_requests:
+        if self.engine_rounds is not None and self.engine_rounds > self.engine_requests:
             raise ValueError(f"`engine_rounds` ({self.engine_rounds}) is more than `engine_requests` "
                              f"({self.engine_requests}): every round needs a request")
         return self

@@ -6,10 +6,10 @@ folder written for it), separate (the first adapter on the base; a LoRA request 
 multi (every task's adapter on one base, requests interleaved across adapters). Cells: C
 closed-loop clients sending one example per request, for C in deploy.concurrency, and requests
 of B examples at concurrency 1, for B in deploy.batch_sizes; `engine_requests` timed requests
-each, in `engine_rounds` rounds that interleave the engine's strategies (all loaded, or all
-servers up, at once), so ratios between strategies are measured side by side in time. Before
-timing, every vLLM strategy's probabilities are checked against PEFT's on the labelled eval
-examples; a strategy that fails is not timed.
+each, in rounds that interleave the engine's strategies (all loaded, or all servers up, at
+once) in turns as short as the engine allows, so ratios between strategies are measured side by
+side in time. Before timing, every vLLM strategy's probabilities are checked against PEFT's on
+the labelled eval examples; a strategy that fails is not timed.
 
 PEFT at concurrency C: C client threads share one in-process model that serves one request at
 a time (a first-come-first-served lock), as a plain single-worker PEFT server without batching does; latency includes
@@ -53,8 +53,32 @@ from lorascope.study import Table
 
 ENGINE_STRATEGIES = ("full", "merged", "separate", "multi")
 PEFT_STRATEGY = {"full": "full", "merged": "merged", "separate": "separate", "multi": "mixed"}
-# quiet before each turn: the last turn's vLLM server polls for IDLE_SPIN_S on the core the next one computes on
-SETTLE_S = {"peft": 0.0, "vllm": 2 * IDLE_SPIN_S}
+
+
+@dataclasses.dataclass(frozen=True)
+class Turns:
+    """How an engine's strategies take turns in a cell: `settle_s` of quiet before each turn, and
+    at least `min_requests` timed requests a turn (at concurrency C, at least C). Short turns keep
+    a slow spell of the machine from landing on one strategy: two identical processes taking
+    turns of 20 requests read 24.6 % apart in one 30-s window (whole run +1.3 % [0.9, 1.7]) where,
+    alternating request by request, every window stayed within 1.6 points and the whole run read
+    +0.0 % [-0.3, 0.2] (benchmarks/identical_processes.py)."""
+
+    settle_s: float = 0.0
+    min_requests: int = 1
+
+    def warmup(self, concurrency: int) -> int:
+        """Untimed requests a turn after the first starts with, so that its timed ones meet the full
+        load: C, or none at one client when nothing went quiet before it (no queue to fill)."""
+        return concurrency if concurrency > 1 or self.settle_s > 0 else 0
+
+
+# PEFT in-process alternates request by request. A vLLM server polls for IDLE_SPIN_S after its last
+# request on the core the next server computes on, so each vLLM turn first waits twice that; and
+# what moves vLLM's runs is the server instance, not the turns (turns of 5 requests: separate over
+# merged 30.3 and 21.1 points apart in two runs on fresh servers; of 20: 18.2 and 13.2), so vLLM
+# keeps turns of 20, whose waits cost a quarter as much.
+TURNS = {"peft": Turns(), "vllm": Turns(settle_s=2 * IDLE_SPIN_S, min_requests=20)}
 # vLLM's fused CPU kernels sum in another order than eager PyTorch: ~1e-7 on a tiny Llama. An adapter
 # that is not applied (the base served, or another task's adapter) moves probabilities by far more.
 PROB_ATOL = 1e-4
@@ -104,9 +128,11 @@ def workload(examples: dict[str, list[dict]], tasks: list[str], batch_size: int,
     return items
 
 
-def rounds(cfg: DeployConfig) -> list[range]:
-    """The cell's request numbers split into `engine_rounds` consecutive rounds."""
-    n, k = cfg.engine_requests, cfg.engine_rounds
+def rounds(cfg: DeployConfig, concurrency: int, turns: Turns) -> list[range]:
+    """The cell's request numbers in consecutive rounds: `deploy.engine_rounds` of them, else
+    turns of max(concurrency, turns.min_requests) requests."""
+    n = cfg.engine_requests
+    k = cfg.engine_rounds or max(1, n // max(concurrency, turns.min_requests))
     return [range(r * n // k, (r + 1) * n // k) for r in range(k)]
 
 
@@ -117,27 +143,29 @@ def numbered(send: Send, items: list[tuple], start: int) -> Callable[[int], obje
 
 
 def measure(sends: dict[str, Send], items: dict[str, list[tuple]], concurrency: int, cfg: DeployConfig,
-            settle_s: float = 0.0) -> dict[str, tuple[dict, np.ndarray]]:  # fmt: skip
+            turns: Turns = Turns()) -> dict[str, tuple[dict, np.ndarray]]:  # fmt: skip
     """One cell of every strategy through the closed loop, interleaved: in each round every
     strategy sends its share of the requests in turn (the order rotating by round), so a slow
     spell of the machine or of a server hits all strategies alike and request i of two strategies
-    (the same inputs) ran minutes apart at most, never a whole grid apart. Run one after another,
-    separate over merged on vLLM moved 24-55 points between two runs. Each round starts with
-    `concurrency` untimed requests (deploy.warmup times as many in the first), so its timed ones
-    all meet the full load, and each turn waits `settle_s` first, so what the last turn left
+    (the same inputs) ran a turn or two apart, never a whole grid apart. Run one after another,
+    separate over merged on vLLM moved 24-55 points between two runs. The first round starts with
+    deploy.warmup x concurrency untimed requests and every later one with turns.warmup, so the
+    timed ones all meet the full load, and each turn waits `turns.settle_s` first, so what the last turn left
     running (an idle vLLM server's polling) is over. Latency percentiles (timing.summarize) over
-    the requests; throughput over the summed wall time of its rounds (requests overlap, so not
-    over summed latencies)."""
+    the requests; throughput over the rounds' steady states (load.closed_loop), tokens/s at the
+    cell's mean tokens a request."""
     latencies = {s: np.full(cfg.engine_requests, np.nan) for s in sends}
-    walls, peaks = dict.fromkeys(sends, 0.0), dict.fromkeys(sends, 0)
-    for r, (numbers, order) in enumerate(zip(rounds(cfg), round_robin(list(sends), cfg.engine_rounds))):
+    steady, answered, peaks = dict.fromkeys(sends, 0.0), dict.fromkeys(sends, 0), dict.fromkeys(sends, 0)
+    split = rounds(cfg, concurrency, turns)
+    for r, (numbers, order) in enumerate(zip(split, round_robin(list(sends), len(split)))):
         for strategy in order:
-            time.sleep(settle_s)
-            warmup = concurrency * (max(cfg.warmup, 1) if r == 0 else 1)  # every round starts at full load
+            time.sleep(turns.settle_s)
+            warmup = concurrency * max(cfg.warmup, 1) if r == 0 else turns.warmup(concurrency)
             result = closed_loop(numbered(sends[strategy], items[strategy], numbers.start), len(numbers),
                                  concurrency, warmup)  # fmt: skip
             latencies[strategy][numbers.start : numbers.stop] = result.latencies_ms
-            walls[strategy] += result.wall_s
+            steady[strategy] += result.steady_s
+            answered[strategy] += result.answered
             peaks[strategy] = max(peaks[strategy], result.max_in_flight)
     out = {}
     for strategy, work in items.items():
@@ -145,21 +173,21 @@ def measure(sends: dict[str, Send], items: dict[str, list[tuple]], concurrency: 
         tokens = np.array([sum(len(r["input_ids"]) for r in rows) for _, rows in work])
         row = {k: v for k, v in summarize(latencies[strategy], batch_size, tokens, tokens).items()
                if k in ("p50_ms", "p95_ms", "p99_ms", "mean_ms")}  # fmt: skip
-        per_s = cfg.engine_requests / walls[strategy]
+        per_s = answered[strategy] / steady[strategy]
         row |= {"requests": cfg.engine_requests, "requests_per_s": per_s, "examples_per_s": per_s * batch_size,
-                "tokens_per_s": tokens.sum() / walls[strategy], "max_in_flight": peaks[strategy]}  # fmt: skip
+                "tokens_per_s": per_s * tokens.mean(), "max_in_flight": peaks[strategy]}  # fmt: skip
         out[strategy] = row, latencies[strategy]
     return out
 
 
 def grid(engine: str, sends: dict[str, Send], examples, models: Models, cfg: DeployConfig, device: str,
          memory: dict[str, Callable[[], dict]]) -> tuple[list[dict], dict]:  # fmt: skip
-    """Every cell of one engine's strategies (measured together, interleaved, SETTLE_S[engine]
-    apart): rows, and the latencies by strategy and cell (for overheads)."""
+    """Every cell of one engine's strategies (measured together, interleaved in TURNS[engine]):
+    rows, and the latencies by strategy and cell (for overheads)."""
     rows, latencies = [], {}
     for concurrency, batch_size in cells(cfg):
         items = {s: workload(examples, tasks_of(s, models), batch_size, cfg.engine_requests) for s in sends}
-        for strategy, (row, times) in measure(sends, items, concurrency, cfg, SETTLE_S[engine]).items():
+        for strategy, (row, times) in measure(sends, items, concurrency, cfg, TURNS[engine]).items():
             latencies[(strategy, concurrency, batch_size)] = times
             rows.append({"engine": engine, "strategy": strategy, "concurrency": concurrency,
                          "batch_size": batch_size, **memory[strategy](), "device": device, "status": "ok",

@@ -17,16 +17,19 @@ import numpy as np
 
 @dataclasses.dataclass
 class LoadResult:
-    """Per-request latencies (ms, in request order), wall seconds of the timed requests, and the
-    most requests that were ever in flight at once (≤ concurrency by construction)."""
+    """Per-request latencies (ms, in request order), the most requests that were ever in flight
+    at once (≤ concurrency by construction), and the loop's steady state: `answered` requests
+    came back in `steady_s` seconds while every client had work (from the last client's first
+    request out to the first client finding none left)."""
 
     latencies_ms: np.ndarray
-    wall_s: float
     max_in_flight: int
+    answered: int
+    steady_s: float
 
     @property
     def requests_per_s(self) -> float:
-        return len(self.latencies_ms) / self.wall_s
+        return self.answered / self.steady_s
 
 
 def closed_loop(send: Callable[[int], object], requests: int, concurrency: int, warmup: int = 0) -> LoadResult:
@@ -34,14 +37,16 @@ def closed_loop(send: Callable[[int], object], requests: int, concurrency: int, 
     numbered 0..requests-1, all from the same clients in one loop: with warmup ≥ concurrency
     every timed request is sent while the other clients are busy, so none sees an emptier queue
     than the load means (a loop restarted for the timed requests spent its first C of them
-    ramping up: 16 of 20 requests in a round at C = 16). Wall time runs from the first timed
-    request out to the last one back. The first error of any client stops the others and is
-    raised here."""
+    ramping up: 16 of 20 requests in a round at C = 16). Throughput counts the answers while
+    every client had work, warm-up ones included: timed requests over the time from the first
+    timed one out to the last one back also counted the queue the warm-up left (one server at
+    5 ms a request, 16 clients, 40 timed requests after 16 warm-up ones: 141 requests/s instead
+    of 200). The first error of any client stops the others and is raised here."""
     if requests < 1 or concurrency < 1:
         raise ValueError(f"a load needs requests ≥ 1 and concurrency ≥ 1, got {requests} and {concurrency}")
     lock, todo = threading.Lock(), iter(range(-warmup, requests))
     latencies = np.full(requests, np.nan)
-    state = {"in_flight": 0, "peak": 0, "error": None, "first": None}
+    state = {"in_flight": 0, "peak": 0, "error": None, "sent": 0, "full": None, "drained": None, "answered": 0}
     clients = min(concurrency, warmup + requests)
     # every client is alive before the first request: on a loaded machine creating a thread can take
     # longer than a request, and the first clients would otherwise run alone (seen in CI: 4 clients,
@@ -54,13 +59,15 @@ def closed_loop(send: Callable[[int], object], requests: int, concurrency: int, 
             with lock:
                 i = next(todo, None)
                 if i is None or state["error"] is not None:
+                    state["drained"] = state["drained"] or time.perf_counter()
                     return
                 state["in_flight"] += 1
+                state["sent"] += 1
+                if state["sent"] == clients:
+                    state["full"] = time.perf_counter()
                 if i >= 0:
                     state["peak"] = max(state["peak"], state["in_flight"])
             start = time.perf_counter()
-            if i == 0:
-                state["first"] = start
             try:
                 send(i)
             except BaseException as err:  # noqa: BLE001 - handed to the caller below
@@ -70,6 +77,7 @@ def closed_loop(send: Callable[[int], object], requests: int, concurrency: int, 
             finally:
                 with lock:
                     state["in_flight"] -= 1
+                    state["answered"] += state["full"] is not None and state["drained"] is None
             if i >= 0:
                 latencies[i] = (time.perf_counter() - start) * 1e3
 
@@ -79,7 +87,6 @@ def closed_loop(send: Callable[[int], object], requests: int, concurrency: int, 
     ready.wait()
     for thread in threads:
         thread.join()
-    end = time.perf_counter()
     if state["error"] is not None:
         raise state["error"]
-    return LoadResult(latencies, end - state["first"], state["peak"])
+    return LoadResult(latencies, state["peak"], state["answered"], state["drained"] - state["full"])
