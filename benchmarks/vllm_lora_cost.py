@@ -61,7 +61,7 @@ def main() -> None:
         for grid in (1, 2):
             for concurrency in cfg.concurrency:
                 items = {name: engines.workload(inputs, [models.first], 1, cfg.engine_requests) for name in sends}
-                measured = engines.measure(sends, items, concurrency, cfg, engines.SETTLE_S["vllm"])
+                measured = engines.measure(sends, items, concurrency, cfg, engines.TURNS["vllm"])
                 p50 = ", ".join(f"{name} {row['p50_ms']:.0f}" for name, (row, _) in measured.items())
                 print(f"grid {grid}, concurrency {concurrency}: p50 ms {p50}")
                 for a, b in RATIOS:
