@@ -67,7 +67,8 @@ def main() -> None:
 
     for _ in range(5):  # warm-up
         ids = rng.integers(1, SMOLLM2_135M["vocab_size"], size=25).tolist()
-        [turn(pipe, ids) for pipe in pipes]
+        for pipe in pipes:
+            turn(pipe, ids)
     seconds, at, started = [], [], time.perf_counter()
     while time.perf_counter() - started < args.minutes * 60:
         work = [rng.integers(1, SMOLLM2_135M["vocab_size"], size=int(rng.integers(10, 41))).tolist()

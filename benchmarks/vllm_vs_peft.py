@@ -7,8 +7,8 @@ prepare_for_method and PEFT's save_pretrained; B and the score head perturbed, s
 changes the outputs and the correctness check is not vacuous), SST-2 and RTE eval texts. The
 engine grid (lorascope.serving.engines) runs twice, merged and separate at concurrency 1 and 16
 (one example per request), each engine's two strategies interleaved in turns as short as the
-engine allows (serving.engines.TURNS: request by request on PEFT at one client, 5 requests on vLLM,
-16 at concurrency 16); each run starts its own vLLM servers, both up at once. PEFT gets one torch thread,
+engine allows (serving.engines.TURNS: request by request on PEFT at one client, 20 requests on vLLM,
+16 on PEFT at concurrency 16); each run starts its own vLLM servers, both up at once. PEFT gets one torch thread,
 as vLLM's CPU worker binds one core (it reserves the other) on this machine. Prints:
 - latency at concurrency 1 (p50, PEFT / vLLM) and throughput at 16 (examples/s, vLLM / PEFT);
 - separate over merged per engine in both runs (bootstrap intervals) and the difference in points.
