@@ -64,8 +64,10 @@ def main() -> None:
                 measured = engines.measure(sends, items, concurrency, cfg, engines.TURNS["vllm"])
                 p50 = ", ".join(f"{name} {row['p50_ms']:.0f}" for name, (row, _) in measured.items())
                 print(f"grid {grid}, concurrency {concurrency}: p50 ms {p50}")
+                turns = engines.rounds(cfg, concurrency, engines.TURNS["vllm"])
                 for a, b in RATIOS:
-                    ratio, low, high = stats.median_paired_ratio(measured[a][1], measured[b][1], cfg.bootstrap)
+                    ratio, low, high = stats.median_paired_ratio(measured[a][1], measured[b][1], cfg.bootstrap,
+                                                                 blocks=turns)  # fmt: skip
                     print(f"  {a + ' over ' + b:44} {100 * (ratio - 1):+6.1f} % [{100 * (low - 1):.1f}, "
                           f"{100 * (high - 1):.1f}]", flush=True)  # fmt: skip
 

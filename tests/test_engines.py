@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import needs_vllm
 
+from lorascope import stats
 from lorascope.cli import main
 from lorascope.config import DeployConfig, LoraMethodConfig
 from lorascope.errors import InputError
@@ -168,6 +169,25 @@ def test_turns_are_as_short_as_the_engine_allows_unless_rounds_are_set():
     # later turns start at full load: C untimed requests, none at one client without a quiet before
     assert [engines.TURNS["peft"].warmup(c) for c in (1, 16)] == [0, 16]
     assert [engines.TURNS["vllm"].warmup(c) for c in (1, 16)] == [1, 16]
+
+
+def test_overhead_interval_resamples_whole_turns():
+    """At 16 clients a PEFT turn is 16-17 requests that waited in one queue through one spell of
+    the machine: the interval resamples turns, as many as the cell had, not requests."""
+    cfg = DeployConfig(engine_requests=100, bootstrap=500)
+    merged = np.random.default_rng(0).uniform(1500, 2500, 100)
+    spells = np.concatenate([np.full(len(r), f) for r, f in zip(engines.rounds(cfg, 16, engines.TURNS["peft"]),
+                                                                 (1.00, 1.10, 1.02, 1.08, 1.04, 1.06))])  # fmt: skip
+    cell = {"engine": "peft", "concurrency": 16, "batch_size": 1}
+    rows = [{**cell, "strategy": "merged"}, {**cell, "strategy": "separate"}]
+    engines.overheads(rows, {("peft", "merged", 16, 1): merged, ("peft", "separate", 16, 1): merged * spells}, cfg)
+    separate = rows[1]
+    low, high = separate["overhead_vs_merged_ci_low"], separate["overhead_vs_merged_ci_high"]
+    assert separate["overhead_vs_merged"] == pytest.approx(np.median(spells))
+    # six turns: the bootstrap median moves over the middle turns' values, not within one of them
+    assert low <= 1.03 and high >= 1.07
+    assert (low, high) == stats.median_paired_ratio(merged * spells, merged, 500,
+                                                    blocks=engines.rounds(cfg, 16, engines.TURNS["peft"]))[1:]  # fmt: skip
 
 
 @pytest.mark.parametrize("settle_s", [0.0, 0.12])

@@ -19,7 +19,7 @@ import functools
 import itertools
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -252,16 +252,24 @@ def bootstrap_paired_interval(
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
-def median_paired_ratio(a: np.ndarray, b: np.ndarray, n_boot: int, confidence: float = 0.95,
-                        seed: int = 0) -> tuple[float, float, float]:  # fmt: skip
+def median_paired_ratio(a: np.ndarray, b: np.ndarray, n_boot: int, confidence: float = 0.95, seed: int = 0,
+                        blocks: Sequence[range] | None = None) -> tuple[float, float, float]:  # fmt: skip
     """Median over repetitions of a[r] / b[r], with a percentile-bootstrap interval. Call r of
     both strategies processed the same batch in the same round, so the per-round ratio cancels
-    the batch's content (natural lengths vary several-fold) and slow machine drift."""
+    the batch's content (natural lengths vary several-fold) and slow machine drift.
+
+    `blocks`: runs of repetitions that are not independent, resampled whole (default: each
+    repetition alone). The requests of one turn of the engine grid waited in one queue through
+    one spell of the machine: six identical runs of PEFT's separate over merged at 16 clients (20
+    turns) read +4.0 to +5.2 %; resampled one by one, two runs' intervals were disjoint ([3.4, 4.5]
+    and [4.8, 5.6]), resampled by turn, every two overlapped ([2.0, 6.8] ... [4.3, 6.1])."""
     ratios = np.asarray(a) / np.asarray(b)
     if n_boot == 0:
         return float(np.median(ratios)), math.nan, math.nan
-    idx = np.random.default_rng(seed).integers(0, len(ratios), size=(n_boot, len(ratios)))
-    low, high = np.quantile(np.median(ratios[idx], axis=1), [(1 - confidence) / 2, (1 + confidence) / 2])
+    groups = [ratios[r.start : r.stop] for r in blocks or [range(i, i + 1) for i in range(len(ratios))]]
+    picks = np.random.default_rng(seed).integers(0, len(groups), size=(n_boot, len(groups)))
+    boot = [np.median(np.concatenate([groups[g] for g in pick])) for pick in picks]
+    low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
     return float(np.median(ratios)), float(low), float(high)
 
 

@@ -199,12 +199,14 @@ def grid(engine: str, sends: dict[str, Send], examples, models: Models, cfg: Dep
 
 def overheads(rows: list[dict], latencies: dict, cfg: DeployConfig) -> None:
     """separate over merged per engine and cell: median of per-request latency ratios, request i
-    of both having carried the same inputs (stats.median_paired_ratio), with its bootstrap interval."""
+    of both having carried the same inputs (stats.median_paired_ratio), with a bootstrap interval
+    that resamples whole turns (a turn's requests shared its queue and the machine's spell)."""
     for row in rows:
         key = (row["engine"], "separate", row["concurrency"], row["batch_size"])
         ref = (row["engine"], "merged", row["concurrency"], row["batch_size"])
         if row["strategy"] == "separate" and key in latencies and ref in latencies:
-            values = stats.median_paired_ratio(latencies[key], latencies[ref], cfg.bootstrap)
+            turns = rounds(cfg, row["concurrency"], TURNS[row["engine"]])
+            values = stats.median_paired_ratio(latencies[key], latencies[ref], cfg.bootstrap, blocks=turns)
             row.update(zip(("overhead_vs_merged", "overhead_vs_merged_ci_low", "overhead_vs_merged_ci_high"), values))
 
 
