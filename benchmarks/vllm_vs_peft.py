@@ -99,7 +99,7 @@ def main() -> None:
             rows = grid[(grid.engine == e) & (grid.strategy == "separate") & (grid.concurrency == c)]
             o, low, high = ([100 * (v - 1) for v in rows[col]] for col in
                             ("overhead_vs_merged", "overhead_vs_merged_ci_low", "overhead_vs_merged_ci_high"))  # fmt: skip
-            each = "   ".join(f"run {r} {o[r - 1]:+6.1f} [{low[r - 1]:.1f}, {high[r - 1]:.1f}]" for r in rows.run)
+            each = "   ".join(f"run {r} {v:+6.1f} [{lo:.1f}, {hi:.1f}]" for r, v, lo, hi in zip(rows.run, o, low, high))
             print(f"{e:5} c{c:<3} {each}   runs apart by {max(o) - min(o):4.1f} points")
 
 

@@ -75,9 +75,10 @@ class Turns:
 
 # PEFT in-process alternates request by request. A vLLM server polls for IDLE_SPIN_S after its last
 # request on the core the next server computes on, so each vLLM turn first waits twice that; and
-# what moves vLLM's runs is the server instance, not the turns (turns of 5 requests: separate over
-# merged 30.3 and 21.1 points apart in two runs on fresh servers; of 20: 18.2 and 13.2), so vLLM
-# keeps turns of 20, whose waits cost a quarter as much.
+# shorter vLLM turns did not bring runs closer (turns of 5 requests: separate over merged 30.3 and
+# 21.1 points apart in two runs on fresh servers, one server instance a third slower; of 20, as
+# shipped: 0.2-4.0, the merged server's own speed drifting ~2.5 % between grids even on one
+# instance), so vLLM keeps turns of 20, whose waits cost a quarter as much.
 TURNS = {"peft": Turns(), "vllm": Turns(settle_s=2 * IDLE_SPIN_S, min_requests=20)}
 # vLLM's fused CPU kernels sum in another order than eager PyTorch: ~1e-7 on a tiny Llama. An adapter
 # that is not applied (the base served, or another task's adapter) moves probabilities by far more.
