@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 
 VLLM_VENV := .venv-vllm
 
-.PHONY: setup system-packages study test bench vllm clean
+.PHONY: setup system-packages study lint test test-fast bench vllm clean
 
 $(BIN)/lorascope: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,10 +37,19 @@ system-packages:
 study: setup
 	$(BIN)/lorascope run --profile quick --out studies/quick
 
+# ruff, pinned in the dev extra, with the rule set in pyproject.toml: a finding fails the build
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
 # two xdist workers, each taking whole modules (tests/conftest.py orders the long ones first)
 TEST_WORKERS ?= 2
-test: setup system-packages vllm
+test: lint system-packages vllm
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=15
+
+# the edit-test loop: lint and the unit tests (modules conftest.py does not mark slow)
+test-fast: lint
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow" --durations=5
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py

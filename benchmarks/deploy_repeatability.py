@@ -44,13 +44,27 @@ def run_once(args, out: Path) -> None:
     adapters = {t: str(study.run_dir(t, "lora", seed)) for t in tasks}
     splits = {t: datasets.load_from_disk(str(study.prepared_dir(t) / "splits")) for t in tasks}
     examples = {t: examples_from_dataset(splits[t]["eval"]) for t in tasks}
-    cfg = config.deploy.model_copy(update={
-        "batch_sizes": args.batch_sizes, "seq_lens": [s if s == "natural" else int(s) for s in args.seq_lens],
-        "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads, "bootstrap": 1000})  # fmt: skip
+    cfg = config.deploy.model_copy(
+        update={
+            "batch_sizes": args.batch_sizes,
+            "seq_lens": [s if s == "natural" else int(s) for s in args.seq_lens],
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "threads": args.threads,
+            "bootstrap": 1000,
+        }
+    )
     benchmark(
-        modeling.resolve_model_path(config.model.name), adapters, str(study.run_dir(tasks[0], "full", seed)), examples,
-        modeling.load_tokenizer(config.model.name), cfg, out, memory=args.memory, check_examples=args.check_examples,
-    )  # fmt: skip
+        modeling.resolve_model_path(config.model.name),
+        adapters,
+        str(study.run_dir(tasks[0], "full", seed)),
+        examples,
+        modeling.load_tokenizer(config.model.name),
+        cfg,
+        out,
+        memory=args.memory,
+        check_examples=args.check_examples,
+    )
 
 
 def summary(outs: list[Path], n_boot: int = 1000) -> pd.DataFrame:
@@ -65,17 +79,24 @@ def summary(outs: list[Path], n_boot: int = 1000) -> pd.DataFrame:
         for (batch_size, seq_len), cell in times.groupby(["batch_size", "seq_len"], sort=False):
             ms = {s: g.sort_values("repetition")["ms"].to_numpy() for s, g in cell.groupby("strategy")}
             paired = median_paired_ratio(ms["separate"], ms["merged"], n_boot)
-            rows.append({
-                "run": k, "batch_size": batch_size, "seq_len": seq_len,
-                "separate_p50_ms": np.median(ms["separate"]), "merged_p50_ms": np.median(ms["merged"]),
-                "sep_vs_merged_pct": 100 * (paired[0] - 1),
-                "ci_pct": f"[{100 * (paired[1] - 1):.1f}, {100 * (paired[2] - 1):.1f}]",
-                "sep_vs_merged_pct_ratio_of_medians": 100 * (ratio_of_medians(ms["separate"], ms["merged"], 0)[0] - 1),
-                "merged_over_full": median_paired_ratio(ms["merged"], ms["full"], 0)[0],
-                "merged_over_full_ratio_of_medians": ratio_of_medians(ms["merged"], ms["full"], 0)[0],
-                "load_avg": "{:.1f} -> {:.1f}".format(env["load_average_before_timing"][0],
-                                                     env["load_average_after_timing"][0]),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "run": k,
+                    "batch_size": batch_size,
+                    "seq_len": seq_len,
+                    "separate_p50_ms": np.median(ms["separate"]),
+                    "merged_p50_ms": np.median(ms["merged"]),
+                    "sep_vs_merged_pct": 100 * (paired[0] - 1),
+                    "ci_pct": f"[{100 * (paired[1] - 1):.1f}, {100 * (paired[2] - 1):.1f}]",
+                    "sep_vs_merged_pct_ratio_of_medians": 100
+                    * (ratio_of_medians(ms["separate"], ms["merged"], 0)[0] - 1),
+                    "merged_over_full": median_paired_ratio(ms["merged"], ms["full"], 0)[0],
+                    "merged_over_full_ratio_of_medians": ratio_of_medians(ms["merged"], ms["full"], 0)[0],
+                    "load_avg": "{:.1f} -> {:.1f}".format(
+                        env["load_average_before_timing"][0], env["load_average_after_timing"][0]
+                    ),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -105,7 +126,7 @@ def main() -> None:
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="deploy-repeat-"))
     outs = [root / f"run{k}" for k in range(1, args.runs + 1)]
     for out in outs:
-        command = [sys.executable, __file__, "--single", str(out)] + sys.argv[1:]
+        command = [sys.executable, __file__, "--single", str(out), *sys.argv[1:]]
         subprocess.run(command, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     table = summary(outs)
     pd.set_option("display.width", 250)
@@ -117,8 +138,10 @@ def main() -> None:
     print(spread(table, "sep_vs_merged_pct_ratio_of_medians").to_string(float_format=lambda v: f"{v:.2f}"))
     for column in ("merged_over_full", "merged_over_full_ratio_of_medians"):
         ratio = table[column]
-        print(f"\n{column}: min {ratio.min():.3f}, max {ratio.max():.3f} "
-              f"({'inside' if ratio.between(0.97, 1.03).all() else 'outside'} [0.97, 1.03])")  # fmt: skip
+        print(
+            f"\n{column}: min {ratio.min():.3f}, max {ratio.max():.3f} "
+            f"({'inside' if ratio.between(0.97, 1.03).all() else 'outside'} [0.97, 1.03])"
+        )
     print(f"outputs: {root}")
 
 

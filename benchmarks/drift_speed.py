@@ -55,8 +55,18 @@ def timed_rows(base, run, measures: list[str], bootstrap: int, dtype: torch.dtyp
     times = []
     for _ in range(repeats):
         wall, cpu = time.perf_counter(), time.process_time()
-        rows = drift.layer_rows(base, run, list(range(base.shape[0])), measures, bootstrap=bootstrap, bootstrap_seed=0,
-                                confidence=0.95, dtype=dtype, task="bench", comparison="run_vs_base")  # fmt: skip
+        rows = drift.layer_rows(
+            base,
+            run,
+            list(range(base.shape[0])),
+            measures,
+            bootstrap=bootstrap,
+            bootstrap_seed=0,
+            confidence=0.95,
+            dtype=dtype,
+            task="bench",
+            comparison="run_vs_base",
+        )
         times.append((time.perf_counter() - wall, time.process_time() - cpu))
     return *sorted(times)[len(times) // 2], rows
 
@@ -108,27 +118,40 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=23, help="layers compared (default 23)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--measures", nargs="+", default=MEASURES, choices=sorted([*drift.SHARED, *drift.POINT]))
-    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2],
-                        help="torch threads; every measure at the first (the stage's 1), all at once at the others")
+    parser.add_argument(
+        "--threads",
+        nargs="+",
+        type=int,
+        default=[1, 2],
+        help="torch threads; every measure at the first (the stage's 1), all at once at the others",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="timed passes per measure; the median is shown")
     parser.add_argument("--study", type=Path, help="study directory or its features folder: print its size on disk")
     args = parser.parse_args()
 
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
+    )
     print(f"one pair: n={args.examples}, d={args.hidden}, {args.layers} layers, {args.bootstrap} resamples")
     base, run = synthetic_pair(args.layers, args.examples, args.hidden)
     results = compare_dtypes(base, run, args.measures, args.bootstrap, args.repeats, args.threads)
-    print(f"\n{'threads':>7} {'measure':<14} {'float64 s':>9} {'float32 s':>9} {'ratio':>6} {'cpu s':>6} "
-          f"{'s / layer':>9} {'rows':>5} {'Δ value':>9} {'Δ ci_low':>9} {'Δ ci_high':>9}")  # fmt: skip
+    print(
+        f"\n{'threads':>7} {'measure':<14} {'float64 s':>9} {'float32 s':>9} {'ratio':>6} {'cpu s':>6} "
+        f"{'s / layer':>9} {'rows':>5} {'Δ value':>9} {'Δ ci_low':>9} {'Δ ci_high':>9}"
+    )
     for count, label, reference_s, seconds, cpu, errors, rows in results:
-        print(f"{count:>7} {label:<14} {reference_s:>9.2f} {seconds:>9.2f} {reference_s / seconds:>5.1f}x {cpu:>6.2f} "
-              f"{seconds / args.layers:>9.3f} {rows:>5}{''.join(f'{e:>10.1e}' for e in errors)}")  # fmt: skip
+        print(
+            f"{count:>7} {label:<14} {reference_s:>9.2f} {seconds:>9.2f} {reference_s / seconds:>5.1f}x {cpu:>6.2f} "
+            f"{seconds / args.layers:>9.3f} {rows:>5}{''.join(f'{e:>10.1e}' for e in errors)}"
+        )
     print("cpu s, s / layer: float32; Δ: max |float32 - float64| over layers")
     total = next(r[3] for r in results if r[0] == args.threads[0] and r[1] == "all, one call")
     verdict = "met" if total < TARGET_S else "not met"
-    print(f"target: < {TARGET_S:.0f} s for all measures of one pair in {args.threads[0]} thread(s), float32: "
-          f"{total:.2f} s, {verdict}; load average now {' '.join(f'{v:.2f}' for v in os.getloadavg())}")  # fmt: skip
+    print(
+        f"target: < {TARGET_S:.0f} s for all measures of one pair in {args.threads[0]} thread(s), float32: "
+        f"{total:.2f} s, {verdict}; load average now {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
+    )
     per_model = args.layers * args.examples * args.hidden * 4 * 2  # float32, mean + head pooling
     print(f"one model's features at this size (2 poolings, float32): {per_model / 1e6:.0f} MB")
     if args.study:

@@ -37,8 +37,9 @@ def grid_config(tasks: list[str], seeds: int, train_max: int | None, **runtime):
     chosen = {name: config.tasks[name] for name in tasks}
     if train_max:
         chosen["sst2"] = chosen["sst2"].model_copy(update={"train_max": train_max})
-    return config.model_copy(update={"tasks": chosen, "seeds": config.seeds[:seeds],
-                                     "runtime": config.runtime.model_copy(update=runtime)})  # fmt: skip
+    return config.model_copy(
+        update={"tasks": chosen, "seeds": config.seeds[:seeds], "runtime": config.runtime.model_copy(update=runtime)}
+    )
 
 
 def train_grid(config, root: Path) -> tuple[float, int]:
@@ -61,8 +62,10 @@ def fixed_costs(skip_ray: bool) -> list[tuple[str, float]]:
     """The same no-op units on each executor: the first result (worker start) and 200 more."""
     one, many = [executors.Unit(noop, (), "noop")], [executors.Unit(noop, (), "noop")] * 200
     pool = executors.LocalPool(workers=2, threads=1)
-    rows = [("pool: first no-op result (spawn + imports)", seconds(lambda: list(pool.map(one)))),
-            ("pool: per no-op unit, 200 units (ms)", seconds(lambda: list(pool.map(many))) / 200 * 1e3)]
+    rows = [
+        ("pool: first no-op result (spawn + imports)", seconds(lambda: list(pool.map(one)))),
+        ("pool: per no-op unit, 200 units (ms)", seconds(lambda: list(pool.map(many))) / 200 * 1e3),
+    ]
     pool.close()
     if skip_ray:
         return rows
@@ -71,9 +74,11 @@ def fixed_costs(skip_ray: bool) -> list[tuple[str, float]]:
     started = time.perf_counter()
     ray_tasks = executors.RayTasks("local", workers=2, threads=1, gpus=0)
     rows.append(("Ray: init of a local instance", time.perf_counter() - started))
-    rows += [("Ray: first no-op result (worker start)", seconds(lambda: list(ray_tasks.map(one)))),
-             ("Ray: per no-op task, 200 tasks (ms)", seconds(lambda: list(ray_tasks.map(many))) / 200 * 1e3),
-             ("Ray: shutdown", seconds(ray_tasks.close))]
+    rows += [
+        ("Ray: first no-op result (worker start)", seconds(lambda: list(ray_tasks.map(one)))),
+        ("Ray: per no-op task, 200 tasks (ms)", seconds(lambda: list(ray_tasks.map(many))) / 200 * 1e3),
+        ("Ray: shutdown", seconds(ray_tasks.close)),
+    ]
     assert not ray.is_initialized()
     return rows
 
@@ -109,8 +114,10 @@ def main() -> None:
         walls = [w for w, _ in results[name]]
         rate = sum(t for _, t in results[name]) / sum(walls)
         ratios = [s[0] / w for s, w in zip(serial, walls)]
-        print(f"{name:28} {' / '.join(f'{w:.1f}' for w in walls):>24} {rate:>10.0f} "
-              f"{' / '.join(f'{x:.2f}x' for x in ratios):>22}")  # fmt: skip
+        print(
+            f"{name:28} {' / '.join(f'{w:.1f}' for w in walls):>24} {rate:>10.0f} "
+            f"{' / '.join(f'{x:.2f}x' for x in ratios):>22}"
+        )
     print("\nfixed costs")
     for label, value in fixed_costs(args.skip_ray):
         print(f"{label:48} {value:8.2f}")

@@ -39,7 +39,9 @@ def bare_loop(setup, train, tokenizer, steps: int) -> float:
     """Tokens per second of a plain PyTorch loop over the batches lorascope would use, on the
     setup's device and precision (bf16 autocast, gradient checkpointing) as the Trainer runs."""
     device = runtime.pick_device(setup.runtime)
-    model = modeling.load_model(setup.model_name, setup.task.label_names, setup.seed, tokenizer.pad_token_id, setup.dropout)
+    model = modeling.load_model(
+        setup.model_name, setup.task.label_names, setup.seed, tokenizer.pad_token_id, setup.dropout
+    )
     model = modeling.prepare_for_method(model, setup.method, setup.hp, setup.seed).to(device)
     if setup.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -47,8 +49,9 @@ def bare_loop(setup, train, tokenizer, steps: int) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=setup.hp.lr, weight_decay=setup.hp.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, int(setup.hp.warmup_ratio * steps), steps)
-    sampler = LengthGroupedSampler(setup.hp.batch_size, lengths=train["length"][:],
-                                   generator=torch.Generator().manual_seed(setup.seed))  # fmt: skip
+    sampler = LengthGroupedSampler(
+        setup.hp.batch_size, lengths=train["length"][:], generator=torch.Generator().manual_seed(setup.seed)
+    )
     order = list(sampler)
     collate = make_collator(tokenizer, device)
     bf16 = runtime.uses_bf16(setup.runtime, device)
@@ -57,7 +60,9 @@ def bare_loop(setup, train, tokenizer, steps: int) -> float:
     tokens = 0
     started = time.perf_counter()
     for batch_rows in rows:  # reading and padding a batch is part of a training step, as in a DataLoader
-        batch = {k: v.to(device) for k, v in collate(train.select(batch_rows).select_columns(columns).to_list()).items()}
+        batch = {
+            k: v.to(device) for k, v in collate(train.select(batch_rows).select_columns(columns).to_list()).items()
+        }
         with runtime.autocast(device, bf16):
             loss = model(**batch).loss
         loss.backward()
@@ -97,8 +102,10 @@ def main() -> None:
     study = run_stages(config, work, [BY_NAME["prepare"]])
     tokenizer = modeling.load_tokenizer(config.model.name)
 
-    print(f"## Training throughput: lorascope (Trainer) vs bare PyTorch loop, {args.steps} steps, "
-          f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds\n")  # fmt: skip
+    print(
+        f"## Training throughput: lorascope (Trainer) vs bare PyTorch loop, {args.steps} steps, "
+        f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds\n"
+    )
     print("| task | method | lorascope tokens/s | bare loop tokens/s | ratio |")
     print("|---|---|---|---|---|")
     for name in ("sst2", "rte"):
@@ -112,8 +119,11 @@ def main() -> None:
                 b = second(setup, splits["train"], tokenizer, args.steps)
                 mine, plain = (a, b) if first is lorascope_run else (b, a)
                 ours.append(mine), bare.append(plain), ratios.append(mine / plain)
-            print(f"| {name} | {method} | {statistics.median(ours):,.0f} | {statistics.median(bare):,.0f} "
-                  f"| {statistics.median(ratios):.3f} |", flush=True)  # fmt: skip
+            print(
+                f"| {name} | {method} | {statistics.median(ours):,.0f} | {statistics.median(bare):,.0f} "
+                f"| {statistics.median(ratios):.3f} |",
+                flush=True,
+            )
 
     print("\n## Padding: share of processed tokens that are padding (batch 16, quick-profile train sets)\n")
     print("| task | length-grouped | random |")
@@ -123,7 +133,9 @@ def main() -> None:
         lengths = np.asarray(splits["train"]["length"])
         grouped = list(LengthGroupedSampler(16, lengths=lengths.tolist(), generator=torch.Generator().manual_seed(42)))
         shuffled = np.random.default_rng(42).permutation(len(lengths))
-        print(f"| {name} | {padding_fraction(lengths, grouped, 16):.1%} | {padding_fraction(lengths, shuffled, 16):.1%} |")
+        print(
+            f"| {name} | {padding_fraction(lengths, grouped, 16):.1%} | {padding_fraction(lengths, shuffled, 16):.1%} |"
+        )
 
     if args.study:
         manifest = json.loads((Path(args.study) / "manifest.json").read_text())

@@ -21,20 +21,34 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # two workers of two threads each on two cores spin against each other (the smoke study
     # took 327 s beside the vLLM bench, 161 s alone). Set before torch is imported, which is why
     # this counts the cores itself instead of calling lorascope.executors.cores().
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0))
-                                                     // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    )
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 # The modules that take a minute or more (`make test` prints --durations), longest first:
 # `make test` runs two xdist workers that take whole modules (their module fixtures build
 # models and start servers) in collection order, so both start on a long one.
-SLOW_MODULES = ("test_e2e.py", "test_engines.py", "test_executors.py", "test_vllm_server.py", "test_study.py",
-                "test_tuning.py", "test_forgetting.py", "test_decoder.py", "test_bundled.py", "test_analysis_stages.py")
+SLOW_MODULES = (
+    "test_e2e.py",
+    "test_engines.py",
+    "test_executors.py",
+    "test_vllm_server.py",
+    "test_study.py",
+    "test_tuning.py",
+    "test_forgetting.py",
+    "test_decoder.py",
+    "test_bundled.py",
+    "test_analysis_stages.py",
+)
 
 
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOW_MODULES)}
+    for item in items:
+        if item.path.name in rank:
+            item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_MODULES)))  # stable: each module keeps its order
 
 
@@ -53,8 +67,14 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=512)  # fmt: skip
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
     BertModel(config).save_pretrained(folder)  # a backbone without a classifier, like a real checkpoint
     _minilm_tokenizer().save_pretrained(folder)
     return folder
@@ -69,10 +89,18 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
     tokenizer = _minilm_tokenizer()
-    config = LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
-                         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-                         pad_token_id=None)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=None,
+    )
     LlamaModel(config).save_pretrained(folder)
     tokenizer.eos_token = tokenizer.sep_token
     tokenizer.pad_token = None
@@ -105,8 +133,10 @@ def _vllm_python() -> str | None:
 
 
 VLLM_PYTHON = _vllm_python()
-needs_vllm = pytest.mark.skipif(VLLM_PYTHON is None, reason="no vLLM env (.venv-vllm or $LORASCOPE_VLLM_PYTHON); "
-                                                            "`make test` builds it with `make vllm`")  # fmt: skip
+needs_vllm = pytest.mark.skipif(
+    VLLM_PYTHON is None,
+    reason="no vLLM env (.venv-vllm or $LORASCOPE_VLLM_PYTHON); `make test` builds it with `make vllm`",
+)
 
 
 @pytest.fixture(scope="session")
@@ -136,10 +166,19 @@ def tiny_config(tiny_bert_dir):
     """A complete study on the tiny BERT and 48 real SST-2 / RTE examples: seconds per run."""
     from lorascope.config import load_config
 
-    return load_config(None, "smoke", [
-        f"model.name={tiny_bert_dir}", "model.max_length=48",
-        "tasks={sst2: {train_max: 48, eval_max: 40}, rte: {train_max: 48, eval_max: 40}}",
-        "data.dev_max=16", "data.probe_size=16", "baselines.overfit_steps=3", "runtime.progress=false",
-        "runtime.workers=1",  # serial: a pool per test costs seconds of imports (test_executors covers it)
-        "training.lora.lr=1e-2", "training.full.lr=1e-3",
-    ])  # fmt: skip
+    return load_config(
+        None,
+        "smoke",
+        [
+            f"model.name={tiny_bert_dir}",
+            "model.max_length=48",
+            "tasks={sst2: {train_max: 48, eval_max: 40}, rte: {train_max: 48, eval_max: 40}}",
+            "data.dev_max=16",
+            "data.probe_size=16",
+            "baselines.overfit_steps=3",
+            "runtime.progress=false",
+            "runtime.workers=1",  # serial: a pool per test costs seconds of imports (test_executors covers it)
+            "training.lora.lr=1e-2",
+            "training.full.lr=1e-3",
+        ],
+    )

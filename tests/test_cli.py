@@ -56,14 +56,20 @@ def test_wrong_type_and_missing_key_in_set(tiny_args, capsys):
     _fails_with(["run", *tiny_args, "--set", "training.lora.rr=8"], "no key 'rr' in training.lora", capsys)
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("deploy.batch_sizes=[0]", "deploy.batch_sizes.0: Input should be greater than 0"),
-    ("deploy.batch_sizes=[]", "deploy.batch_sizes: List should have at least 1 item"),
-    ("deploy.seq_lens=[natural, 0]", "deploy.seq_lens.1"),
-    ("deploy.strategies=[separate, vllm]", "deploy.strategies.1: Input should be 'base', 'full'"),
-    ("deploy.batch_sizes=[4, 8]", "the deployment criterion reads batch size 1, natural length, strategies separate "
-                                  "and full; deploy.batch_sizes lacks 1"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("deploy.batch_sizes=[0]", "deploy.batch_sizes.0: Input should be greater than 0"),
+        ("deploy.batch_sizes=[]", "deploy.batch_sizes: List should have at least 1 item"),
+        ("deploy.seq_lens=[natural, 0]", "deploy.seq_lens.1"),
+        ("deploy.strategies=[separate, vllm]", "deploy.strategies.1: Input should be 'base', 'full'"),
+        (
+            "deploy.batch_sizes=[4, 8]",
+            "the deployment criterion reads batch size 1, natural length, strategies separate "
+            "and full; deploy.batch_sizes lacks 1",
+        ),
+    ],
+)
 def test_bad_deploy_settings_stop_before_anything_runs(tiny_args, tmp_path, setting, message, capsys):
     _fails_with(["run", *tiny_args, "--set", setting], message, capsys)
     assert not (tmp_path / "study").exists()  # nothing was started: no study directory at all
@@ -91,7 +97,10 @@ def test_bad_data_is_caught_before_training(tiny_args, tmp_path, capsys):
     empty = _custom(tmp_path, "text,label", [])
 
     def task(train, evaluation=good):
-        return ["--set", f"tasks={{mine: {{source: {train}, eval_source: {evaluation}, text: text, label_names: [a, b]}}}}"]
+        return [
+            "--set",
+            f"tasks={{mine: {{source: {train}, eval_source: {evaluation}, text: text, label_names: [a, b]}}}}",
+        ]
 
     _fails_with(["run", *tiny_args, *task(missing_column)], "missing column(s) ['text']", capsys)
     _fails_with(["run", *tiny_args, *task(bad_labels)], "labels outside the label set ['a', 'b']: [2]", capsys)
@@ -110,7 +119,9 @@ def test_stage_commands_need_a_study(tmp_path, capsys):
 
 def test_single_run_uses_the_same_code_path(tiny_args, tmp_path, capsys):
     config_path, _, out = tiny_args
-    assert main(["train", "--config", config_path, "--out", out, "--task", "rte", "--method", "lora", "--seed", "7"]) == 0
+    assert (
+        main(["train", "--config", config_path, "--out", out, "--task", "rte", "--method", "lora", "--seed", "7"]) == 0
+    )
     metrics = json.loads((tmp_path / "study" / "runs" / "rte" / "lora" / "seed7" / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["method"] == "lora" and metrics["seed"] == 7
     assert (tmp_path / "study" / "tables" / "performance.csv").is_file()
@@ -123,17 +134,42 @@ def test_single_run_uses_the_same_code_path(tiny_args, tmp_path, capsys):
 @pytest.fixture()
 def drift_args(tmp_path):
     """Small probe, few resamples: seconds on the tiny BERT."""
-    return ["--profile", "smoke", "--task", "rte", "--set", "tasks={rte: {train_max: 48, eval_max: 40}}",
-            "--set", "data.probe_size=24", "--set", "model.max_length=32", "--set", "drift.bootstrap=20",
-            "--set", "represent.batch_size=8", "--set", "runtime.progress=false"]  # fmt: skip
+    return [
+        "--profile",
+        "smoke",
+        "--task",
+        "rte",
+        "--set",
+        "tasks={rte: {train_max: 48, eval_max: 40}}",
+        "--set",
+        "data.probe_size=24",
+        "--set",
+        "model.max_length=32",
+        "--set",
+        "drift.bootstrap=20",
+        "--set",
+        "represent.batch_size=8",
+        "--set",
+        "runtime.progress=false",
+    ]
 
 
 def _drift_tables(out):
     import pandas as pd
 
     layers, summary = pd.read_csv(out / "drift_layers.csv"), pd.read_csv(out / "drift_summary.csv")
-    assert list(layers.columns[:10]) == ["task", "comparison", "method", "seed", "layer", "pooling", "measure",
-                                         "value", "ci_low", "ci_high"]  # fmt: skip
+    assert list(layers.columns[:10]) == [
+        "task",
+        "comparison",
+        "method",
+        "seed",
+        "layer",
+        "pooling",
+        "measure",
+        "value",
+        "ci_low",
+        "ci_high",
+    ]
     assert list(summary.columns[:6]) == ["task", "method", "seed", "pooling", "measure", "mean_over_layers"]
     assert set(layers["comparison"]) == {"base_vs_base", "shuffled_base", "run_vs_base"}
     assert layers[layers.comparison == "base_vs_base"].query("measure != 'cosine'")["value"].sub(1).abs().max() < 1e-6

@@ -39,7 +39,9 @@ def test_paper_profile_matches_the_reference_study():
 
 
 def test_set_overrides_are_typed():
-    config = load_config(None, "smoke", ["training.lora.lr=3e-4", "seeds=[1, 2]", "training.lora.target_modules=[query]"])
+    config = load_config(
+        None, "smoke", ["training.lora.lr=3e-4", "seeds=[1, 2]", "training.lora.target_modules=[query]"]
+    )
     assert config.training.lora.lr == pytest.approx(3e-4)
     assert isinstance(config.training.lora.lr, float)
     assert config.seeds == [1, 2]
@@ -75,7 +77,9 @@ def test_wrong_type_is_reported_with_its_location():
 
 
 def test_set_on_a_missing_key_is_an_error():
-    with pytest.raises(InputError, match=r"--set training.lora.alpah: no key 'alpah' in training.lora \(did you mean 'alpha'\?\)"):
+    with pytest.raises(
+        InputError, match=r"--set training.lora.alpah: no key 'alpah' in training.lora \(did you mean 'alpha'\?\)"
+    ):
         load_config(None, "smoke", ["training.lora.alpah=4"])
     with pytest.raises(InputError, match="key=value"):
         load_config(None, "smoke", ["training.lora.lr"])

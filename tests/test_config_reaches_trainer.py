@@ -15,8 +15,20 @@ from lorascope.study import run_stages
 from lorascope.tasks import Task
 from lorascope.training import CALLBACK_KEYS, PEFT_KEYS, TRAINER_KEYS, RunSetup, training_arguments
 
-DISTINCT = dict(lr=3.7e-4, head_lr=2.2e-3, epochs=2.5, batch_size=7, grad_accum=3, scheduler="cosine", warmup_ratio=0.13,
-                weight_decay=0.031, max_grad_norm=0.77, adam_beta2=0.987, eval_every=5, patience=4)  # fmt: skip
+DISTINCT = dict(
+    lr=3.7e-4,
+    head_lr=2.2e-3,
+    epochs=2.5,
+    batch_size=7,
+    grad_accum=3,
+    scheduler="cosine",
+    warmup_ratio=0.13,
+    weight_decay=0.031,
+    max_grad_norm=0.77,
+    adam_beta2=0.987,
+    eval_every=5,
+    patience=4,
+)
 DISTINCT_LORA = dict(r=3, alpha=11.0, dropout=0.07, target_modules=["query", "key"], modules_to_save=["pooler"])
 
 
@@ -31,7 +43,9 @@ def test_every_key_has_a_destination():
 
 def test_trainer_keys_reach_training_arguments(tmp_path):
     hp = MethodConfig(**DISTINCT)
-    setup = RunSetup(model_name="x", task=None, method="full", seed=5, hp=hp, runtime=RuntimeConfig(), eval_batch_size=8)
+    setup = RunSetup(
+        model_name="x", task=None, method="full", seed=5, hp=hp, runtime=RuntimeConfig(), eval_batch_size=8
+    )
     args = training_arguments(setup, torch.device("cpu"), str(tmp_path))
     for key, arg in TRAINER_KEYS.items():
         value = getattr(args, arg)
@@ -53,9 +67,25 @@ def test_callback_keys_shape_training_and_everything_is_saved(tiny_config, tmp_p
     """eval_every sets when dev is scored; patience stops a run whose dev score cannot improve
     (lr ~ 0); head_lr reaches the optimizer; hparams.json records what the Trainer, its
     optimizer and PEFT actually held."""
-    lora = dict(lr=1e-12, head_lr=1e-11, epochs=3.0, batch_size=4, grad_accum=1, scheduler="cosine", warmup_ratio=0.13,
-                weight_decay=0.031, max_grad_norm=0.77, adam_beta2=0.987, eval_every=2, patience=3,
-                r=3, alpha=11.0, dropout=0.07, target_modules=["query", "key"], modules_to_save=["pooler"])  # fmt: skip
+    lora = dict(
+        lr=1e-12,
+        head_lr=1e-11,
+        epochs=3.0,
+        batch_size=4,
+        grad_accum=1,
+        scheduler="cosine",
+        warmup_ratio=0.13,
+        weight_decay=0.031,
+        max_grad_norm=0.77,
+        adam_beta2=0.987,
+        eval_every=2,
+        patience=3,
+        r=3,
+        alpha=11.0,
+        dropout=0.07,
+        target_modules=["query", "key"],
+        modules_to_save=["pooler"],
+    )
     config = tiny_config.model_copy(update={"tasks": {"sst2": tiny_config.tasks["sst2"]}, "methods": ["lora"]})
     config.training.lora = LoraMethodConfig(**lora)
     study = run_stages(config, tmp_path, with_inputs("train"))
@@ -80,8 +110,16 @@ def test_callback_keys_shape_training_and_everything_is_saved(tiny_config, tmp_p
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_a_different_value_changes_the_run_fingerprint(tiny_config, method):
-    task = Task(name="sst2", source="", subset=None, text="t", text_pair=None, label="label",
-                label_names=("a", "b"), metric="accuracy")  # fmt: skip
+    task = Task(
+        name="sst2",
+        source="",
+        subset=None,
+        text="t",
+        text_pair=None,
+        label="label",
+        label_names=("a", "b"),
+        metric="accuracy",
+    )
     base = runs.run_setup(tiny_config, task, method, 42)
     fingerprints = set()
     for key, value in DISTINCT.items():

@@ -7,9 +7,9 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
-from conftest import needs_decoder
 from safetensors import safe_open
 
+from conftest import needs_decoder
 from lorascope import drift, modeling
 from lorascope import representations as rep
 from lorascope import similarity as sim
@@ -19,8 +19,13 @@ from lorascope.study import run_stages
 from lorascope.tasks import tokenize
 
 pytestmark = needs_decoder
-TEXTS = ["a gripping, beautifully shot film", "dull and slow", "the plot holds together until the last ten minutes",
-         "yes, really", "not bad at all, though far too long"] * 4  # fmt: skip
+TEXTS = [
+    "a gripping, beautifully shot film",
+    "dull and slow",
+    "the plot holds together until the last ten minutes",
+    "yes, really",
+    "not bad at all, though far too long",
+] * 4
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +40,9 @@ def test_pads_with_eos_on_the_right_and_the_head_reads_the_last_real_token(decod
     model, tokenizer, probe = decoder
     assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>" and tokenizer.padding_side == "right"
     assert model.config.pad_token_id == tokenizer.eos_token_id and model.score.bias is None
-    features, layers = rep.pooled_features(model, probe, tokenizer=tokenizer, layers=None, poolings=("head",),
-                                           batch_size=8)  # fmt: skip
+    features, layers = rep.pooled_features(
+        model, probe, tokenizer=tokenizer, layers=None, poolings=("head",), batch_size=8
+    )
     assert layers == list(range(31))
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     assert (batch["attention_mask"] == 0).any()  # padded rows are part of the check
@@ -53,20 +59,30 @@ def test_lora_targets_q_and_v_with_grouped_query_attention(decoder, smollm2_dir)
     attention = lora.base_model.model.model.layers[0].self_attn
     assert tuple(attention.q_proj.lora_B["default"].weight.shape) == (576, 8)
     assert tuple(attention.v_proj.lora_B["default"].weight.shape) == (192, 8)  # 3 key-value heads x 64
-    trainable, total = modeling.count_parameters(lora)
+    trainable, _total = modeling.count_parameters(lora)
     assert trainable == 30 * ((8 * 576 + 576 * 8) + (8 * 576 + 192 * 8)) + 2 * 576
 
 
 def test_trained_head_is_saved_with_the_adapter_and_merged_equals_separate(smollm2_dir, tmp_path):
-    config = load_config(None, "smoke", [
-        f"model.name={smollm2_dir}", "model.max_length=32", "tasks={sst2: {train_max: 16, eval_max: 16}}",
-        "data.dev_max=8", "data.probe_size=8", "methods=[lora]", "runtime.progress=false",
-        "training.lora.batch_size=8", "training.lora.lr=1e-3",
-    ])  # fmt: skip
+    config = load_config(
+        None,
+        "smoke",
+        [
+            f"model.name={smollm2_dir}",
+            "model.max_length=32",
+            "tasks={sst2: {train_max: 16, eval_max: 16}}",
+            "data.dev_max=8",
+            "data.probe_size=8",
+            "methods=[lora]",
+            "runtime.progress=false",
+            "training.lora.batch_size=8",
+            "training.lora.lr=1e-3",
+        ],
+    )
     study = run_stages(config, tmp_path, with_inputs("train"))
     run = study.run_dir("sst2", "lora", 42)
     with safe_open(str(run / "adapter_model.safetensors"), "pt") as f:
-        saved = {k: f.get_tensor(k) for k in f.keys()}
+        saved = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     head = next(v for k, v in saved.items() if k.endswith("score.weight"))
     tokenizer = modeling.load_tokenizer(str(smollm2_dir))
     base = modeling.load_model(str(smollm2_dir), ("negative", "positive"), 42, tokenizer.pad_token_id)
@@ -81,8 +97,9 @@ def test_trained_head_is_saved_with_the_adapter_and_merged_equals_separate(smoll
 def test_the_massive_first_position_is_left_out_of_the_mean(decoder):
     model, tokenizer, probe = decoder
     default, _ = rep.pooled_features(model, probe, tokenizer=tokenizer, layers=[1, 15, 30], poolings=("mean",))
-    kept, _ = rep.pooled_features(model, probe, tokenizer=tokenizer, layers=[1, 15, 30], poolings=("mean",),
-                                  skip_first_position=False)  # fmt: skip
+    kept, _ = rep.pooled_features(
+        model, probe, tokenizer=tokenizer, layers=[1, 15, 30], poolings=("mean",), skip_first_position=False
+    )
     share = default[rep.EXCLUDED_SHARE].mean(dim=1)
     assert share[1] > 0.5 and share[1] > 2 * max(share[0], share[2])  # layer 15: most of the norm mass
     assert rep.EXCLUDED_SHARE not in kept

@@ -46,8 +46,10 @@ def _adapter(base_dir, tokenizer, folder, seed):
 def setup(tiny_bert_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
     tokenizer = load_tokenizer(str(tiny_bert_dir))
-    adapters = {"sst2": _adapter(tiny_bert_dir, tokenizer, root / "sst2", 1),
-                "rte": _adapter(tiny_bert_dir, tokenizer, root / "rte", 2)}  # fmt: skip
+    adapters = {
+        "sst2": _adapter(tiny_bert_dir, tokenizer, root / "sst2", 1),
+        "rte": _adapter(tiny_bert_dir, tokenizer, root / "rte", 2),
+    }
     full = load_model(str(tiny_bert_dir), LABELS, 3, tokenizer.pad_token_id)
     full.save_pretrained(root / "full")
     sst2 = pd.read_parquet(GLUE / "sst2" / "validation-00000-of-00001.parquet").head(24)
@@ -61,8 +63,9 @@ def setup(tiny_bert_dir, tmp_path_factory):
 
 
 def _checks(models, examples, tokenizer):
-    return checks.check_correctness(models, examples, 2, tokenizer.pad_token_id, inputs.forward_inputs(models.base),
-                               torch.device("cpu"))  # fmt: skip
+    return checks.check_correctness(
+        models, examples, 2, tokenizer.pad_token_id, inputs.forward_inputs(models.base), torch.device("cpu")
+    )
 
 
 def _cfg(**changes):
@@ -74,13 +77,17 @@ def test_checks_pass_on_real_serving_paths(setup):
     models, examples, tokenizer = setup
     table = _checks(models, examples, tokenizer)
     assert sorted(table["check"].value_counts().items()) == [
-        ("merged_vs_separate", 2), ("mixed_vs_alone", 2), ("switch_vs_fresh", 2)]  # fmt: skip
+        ("merged_vs_separate", 2),
+        ("mixed_vs_alone", 2),
+        ("switch_vs_fresh", 2),
+    ]
     assert table["passed"].all(), table
     assert (table["max_abs_diff"] < checks.ATOL).all() and (table["prediction_mismatches"] == 0).all()
     assert table["accuracy"].between(0, 1).all() and (table["n_examples"] == 24).all()
     # not vacuous: the two adapters and the base give clearly different logits
     names, pad = inputs.forward_inputs(models.base), tokenizer.pad_token_id
     rows = examples["sst2"]
+
     def served(strategy, served_models):
         model = strategies.REGISTRY[strategy].load(served_models, 2, pad)
         return checks.logits(model, rows, pad, names, torch.device("cpu"))
@@ -104,7 +111,9 @@ def test_corrupted_merge_stops_the_benchmark_with_numbers(setup, tmp_path, monke
 
     monkeypatch.setattr(LoraModel, "merge_and_unload", bad_merge)
     with pytest.raises(checks.DeploymentCheckFailed, match=r"merged_vs_separate sst2: max \|Δlogit\| [0-9.e-]+") as err:
-        benchmark.benchmark(models.base, models.adapters, models.full, examples, tokenizer, _cfg(), tmp_path, memory=False)
+        benchmark.benchmark(
+            models.base, models.adapters, models.full, examples, tokenizer, _cfg(), tmp_path, memory=False
+        )
     failed = err.value.checks[~err.value.checks["passed"]]
     assert set(failed["check"]) == {"merged_vs_separate"} and (failed["max_abs_diff"] > checks.ATOL).all()
     written = pd.read_csv(tmp_path / "deployment_checks.csv")
@@ -164,12 +173,30 @@ def test_percentiles_throughput_and_overhead_match_numpy():
 
 def test_table_has_required_columns_and_one_row_per_cell(setup, tmp_path):
     models, examples, tokenizer = setup
-    result = benchmark.benchmark(models.base, models.adapters, models.full, examples, tokenizer, _cfg(), tmp_path,
-                         memory=False, meta={"fingerprint": "abc"})  # fmt: skip
+    result = benchmark.benchmark(
+        models.base,
+        models.adapters,
+        models.full,
+        examples,
+        tokenizer,
+        _cfg(),
+        tmp_path,
+        memory=False,
+        meta={"fingerprint": "abc"},
+    )
     assert json.loads((tmp_path / "deployment_checks.json").read_text())["meta"] == {"fingerprint": "abc"}
     table = pd.read_csv(tmp_path / "deployment.csv")
-    assert list(table.columns[:9]) == ["strategy", "batch_size", "seq_len", "p50_ms", "p95_ms", "p99_ms", "mean_ms",
-                                       "examples_per_s", "overhead_vs_full"]  # fmt: skip
+    assert list(table.columns[:9]) == [
+        "strategy",
+        "batch_size",
+        "seq_len",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "mean_ms",
+        "examples_per_s",
+        "overhead_vs_full",
+    ]
     assert list(table.columns[9:14]) == ["tokens_per_s", "overhead_ci_low", "overhead_ci_high", "threads", "repeats"]
     cells = table.groupby(["strategy", "batch_size", "seq_len"]).size()
     assert len(table) == len(cells) == 6 * 2 * 2 and (cells == 1).all()
@@ -228,10 +255,16 @@ def test_memory_is_measured_in_a_fresh_process(setup):
     models, examples, tokenizer = setup
     pool = inputs.interleave(examples)
     batch = inputs.make_batches(pool, 4, "natural", 1, tokenizer.pad_token_id, inputs.forward_inputs(models.base))[0]
-    spec = {"strategy": "mixed", "models": {"base": models.base, "adapters": models.adapters, "full": models.full},
-            "num_labels": 2, "pad_token_id": tokenizer.pad_token_id, "device": "cpu", "threads": 1, "bf16": False,
-            "batches": [{"inputs": {k: v.tolist() for k, v in batch.inputs.items()},
-                         "tasks": batch.tasks}]}  # fmt: skip
+    spec = {
+        "strategy": "mixed",
+        "models": {"base": models.base, "adapters": models.adapters, "full": models.full},
+        "num_labels": 2,
+        "pad_token_id": tokenizer.pad_token_id,
+        "device": "cpu",
+        "threads": 1,
+        "bf16": False,
+        "batches": [{"inputs": {k: v.tolist() for k, v in batch.inputs.items()}, "tasks": batch.tasks}],
+    }
     ballast = torch.ones(64 * 2**20)  # 256 MB in this process, which the measuring process must not carry
     row = memory.memory_in_subprocess(spec)
     assert row["loaded_mb"] > 1 and row["peak_mb"] > 0 and row["load_seconds"] > 0 and row["inference_mb"] >= 0
@@ -239,23 +272,33 @@ def test_memory_is_measured_in_a_fresh_process(setup):
     assert row["runtime_mb"] < footprint.rss() / footprint.MB - 200, "the measuring process inherited the driver's heap"
     del ballast
     broken = spec | {"models": spec["models"] | {"base": str(models.base) + "-missing"}}
-    with pytest.raises(RuntimeError, match="memory measurement of mixed failed: .*missing"):
+    with pytest.raises(RuntimeError, match=r"memory measurement of mixed failed: .*missing"):
         memory.memory_in_subprocess(broken)
-    assert memory.disk_sizes("mixed", models)[1] == pytest.approx(2 * memory.disk_sizes("separate", models)[1], rel=0.01)
+    assert memory.disk_sizes("mixed", models)[1] == pytest.approx(
+        2 * memory.disk_sizes("separate", models)[1], rel=0.01
+    )
 
 
 def test_memory_of_strategies_measured_side_by_side_lands_in_strategy_order(setup, monkeypatch):
     models, examples, tokenizer = setup
-    batch = inputs.make_batches(inputs.interleave(examples), 4, "natural", 1, tokenizer.pad_token_id,
-                                inputs.forward_inputs(models.base))[0]  # fmt: skip
-    spec = {"models": {"base": models.base, "adapters": models.adapters, "full": models.full}, "num_labels": 2,
-            "pad_token_id": tokenizer.pad_token_id, "device": "cpu", "threads": 1, "bf16": False,
-            "batches": [{"inputs": {k: v.tolist() for k, v in batch.inputs.items()}, "tasks": batch.tasks}]}  # fmt: skip
+    batch = inputs.make_batches(
+        inputs.interleave(examples), 4, "natural", 1, tokenizer.pad_token_id, inputs.forward_inputs(models.base)
+    )[0]
+    spec = {
+        "models": {"base": models.base, "adapters": models.adapters, "full": models.full},
+        "num_labels": 2,
+        "pad_token_id": tokenizer.pad_token_id,
+        "device": "cpu",
+        "threads": 1,
+        "bf16": False,
+        "batches": [{"inputs": {k: v.tolist() for k, v in batch.inputs.items()}, "tasks": batch.tasks}],
+    }
     monkeypatch.setattr(memory, "cores", lambda: 2)  # two processes at once, whatever this machine has
     table = memory.memory_table(["mixed", "full", "separate"], models, spec)
     assert table["strategy"].tolist() == ["mixed", "full", "separate"]
     assert table["adapter_disk_mb"].tolist() == pytest.approx(
-        [memory.disk_sizes(s, models)[1] for s in ("mixed", "full", "separate")])
+        [memory.disk_sizes(s, models)[1] for s in ("mixed", "full", "separate")]
+    )
     assert (table["loaded_mb"] > 1).all() and (table["inference_mb"] >= 0).all()
 
 
@@ -272,9 +315,17 @@ def test_a_process_spinning_beside_the_timing_counts_as_busy():
 
 
 def test_memory_figure():
-    table = pd.DataFrame({"strategy": ["full", "separate"], "load_seconds": [0.2, 0.3], "peak_mb": [90, 95],
-                           "loaded_mb": [85, 87], "inference_mb": [5, 8], "disk_mb": [86, 87],
-                           "measure": ["cpu rss"] * 2})  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "strategy": ["full", "separate"],
+            "load_seconds": [0.2, 0.3],
+            "peak_mb": [90, 95],
+            "loaded_mb": [85, 87],
+            "inference_mb": [5, 8],
+            "disk_mb": [86, 87],
+            "measure": ["cpu rss"] * 2,
+        }
+    )
     assert len(png_bytes(memory_figure(table))) > 1000
 
 
@@ -286,8 +337,16 @@ def test_skipped_strategies_are_reported_with_their_reason(setup, tmp_path, monk
 
     monkeypatch.setattr(torch, "compile", no_compiler)
     one = {"sst2": models.adapters["sst2"]}
-    result = benchmark.benchmark(models.base, one, None, examples, tokenizer, _cfg(batch_sizes=[1], seq_lens=[8], compile=True),
-                         tmp_path, memory=False)  # fmt: skip
+    result = benchmark.benchmark(
+        models.base,
+        one,
+        None,
+        examples,
+        tokenizer,
+        _cfg(batch_sizes=[1], seq_lens=[8], compile=True),
+        tmp_path,
+        memory=False,
+    )
     table = pd.read_csv(tmp_path / "deployment.csv").set_index("strategy")
     assert list(table.index) == [*STRATEGIES, "merged_compiled", "separate_compiled"]
     notes = table[table["status"] == "skipped"]["note"]

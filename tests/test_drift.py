@@ -12,8 +12,11 @@ def _stack(layers=3, n=64, width=16, seed=0):
 
 
 def _rows(base, again, runs, bootstrap=50):
-    return pd.DataFrame(drift.task_drift_rows("sst2", "mean", base, again, runs, [0, 1, 2], MEASURES,
-                                              bootstrap=bootstrap, confidence=0.9, seed=0))  # fmt: skip
+    return pd.DataFrame(
+        drift.task_drift_rows(
+            "sst2", "mean", base, again, runs, [0, 1, 2], MEASURES, bootstrap=bootstrap, confidence=0.9, seed=0
+        )
+    )
 
 
 def test_references_and_runs_have_the_expected_values():
@@ -51,9 +54,19 @@ def test_a_constant_layer_is_left_out():
 
 
 def test_summary_means_over_all_and_over_the_last_third_of_layers():
-    rows = [{"task": "t", "comparison": "run_vs_base", "method": "lora", "seed": "1", "pooling": "mean",
-             "measure": "linear_cka", "layer": layer, "value": value}
-            for layer, value in enumerate([1.0, 0.9, 0.8, 0.7, 0.6, 0.3])]  # fmt: skip
+    rows = [
+        {
+            "task": "t",
+            "comparison": "run_vs_base",
+            "method": "lora",
+            "seed": "1",
+            "pooling": "mean",
+            "measure": "linear_cka",
+            "layer": layer,
+            "value": value,
+        }
+        for layer, value in enumerate([1.0, 0.9, 0.8, 0.7, 0.6, 0.3])
+    ]
     (summary,) = drift.summary_rows(pd.DataFrame(rows))
     assert summary["mean_over_layers"] == pytest.approx(4.3 / 6)
     assert summary["mean_last_third"] == pytest.approx(0.45)
@@ -65,9 +78,20 @@ def test_legacy_index_is_opt_in_and_exempt_from_the_base_vs_base_check():
     assert "legacy_index" not in DriftConfig().measures
     assert DriftConfig(measures=["linear_cka", "legacy_index"]).measures[-1] == "legacy_index"
     base = _stack()
-    table = pd.DataFrame(drift.task_drift_rows("sst2", "mean", base, base.clone(), {("lora", 1): base + 0.3 * _stack(seed=4)},
-                                               [0, 1, 2], MEASURES + ["legacy_index"], bootstrap=20, confidence=0.9,
-                                               seed=0))  # fmt: skip
+    table = pd.DataFrame(
+        drift.task_drift_rows(
+            "sst2",
+            "mean",
+            base,
+            base.clone(),
+            {("lora", 1): base + 0.3 * _stack(seed=4)},
+            [0, 1, 2],
+            [*MEASURES, "legacy_index"],
+            bootstrap=20,
+            confidence=0.9,
+            seed=0,
+        )
+    )
     own = table[(table.comparison == "base_vs_base")].set_index("measure")["value"]
     assert own["legacy_index"].max() < 1  # an inverse participation ratio, not 1
     assert own["linear_cka"].sub(1).abs().max() < 1e-12  # the check still holds the CKA measures
@@ -83,8 +107,8 @@ def test_base_vs_base_tolerance_depends_on_the_precision_and_still_catches_broke
     from lorascope import modeling
     from lorascope import representations as rep
     from lorascope import similarity as sim
-    from lorascope.tasks import load_raw, resolve_task, tokenize
     from lorascope.config import DataConfig, TaskConfig
+    from lorascope.tasks import load_raw, resolve_task, tokenize
 
     task, _, evaluation = load_raw(resolve_task("sst2", TaskConfig(eval_max=48), DataConfig()))
     tokenizer = modeling.load_tokenizer("minilm-l6")
@@ -92,8 +116,9 @@ def test_base_vs_base_tolerance_depends_on_the_precision_and_still_catches_broke
     model = modeling.load_model("minilm-l6", task.label_names, 0, tokenizer.pad_token_id)
 
     def head(batch_size, bf16):
-        features, _ = rep.pooled_features(model, probe, tokenizer=tokenizer, layers=None, poolings=("head",),
-                                          batch_size=batch_size, bf16=bf16)  # fmt: skip
+        features, _ = rep.pooled_features(
+            model, probe, tokenizer=tokenizer, layers=None, poolings=("head",), batch_size=batch_size, bf16=bf16
+        )
         return features["head"][1:]  # layer 0's first token is always [CLS]: constant, left out by the stage
 
     base, again = head(16, True), head(5, True)

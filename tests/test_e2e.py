@@ -18,10 +18,24 @@ def test_smoke_study_end_to_end(tmp_path):
     assert main(["run", "--profile", "smoke", "--out", str(out), "--set", "runtime.progress=false"]) == 0
 
     performance = pd.read_csv(out / "tables" / "performance.csv")
-    assert list(performance.columns[:10]) == ["task", "method", "seed", "status", "primary_metric", "primary_value",
-                                              "accuracy", "f1", "train_seconds", "trainable_params"]  # fmt: skip
+    assert list(performance.columns[:10]) == [
+        "task",
+        "method",
+        "seed",
+        "status",
+        "primary_metric",
+        "primary_value",
+        "accuracy",
+        "f1",
+        "train_seconds",
+        "trainable_params",
+    ]
     assert len(performance) == 6 and set(performance["status"]) == {"ok"}
-    assert dict(zip(performance["task"], performance["primary_metric"])) == {"sst2": "accuracy", "mrpc": "f1", "rte": "accuracy"}
+    assert dict(zip(performance["task"], performance["primary_metric"])) == {
+        "sst2": "accuracy",
+        "mrpc": "f1",
+        "rte": "accuracy",
+    }
     assert set(performance.loc[performance["method"] == "lora", "trainable_params"]) == {MINILM_LORA_PARAMS}
     assert set(performance.loc[performance["method"] == "full", "trainable_params"]) == {MINILM_PARAMS}
 
@@ -56,13 +70,23 @@ def test_smoke_study_end_to_end(tmp_path):
     checks = pd.read_csv(out / "tables" / "deployment_checks.csv")
     assert checks["passed"].all() and set(checks["n_examples"]) == {24}  # deploy.check_examples reached the checks
     verdict = pd.read_csv(out / "tables" / "verdict.csv")
-    rows = {"quality", "drift", "forgetting: LoRA − full FT", "deployment", "recommended", "failure rate lora",
-            "failure rate full"}
+    rows = {
+        "quality",
+        "drift",
+        "forgetting: LoRA − full FT",
+        "deployment",
+        "recommended",
+        "failure rate lora",
+        "failure rate full",
+    }
     probes = pd.read_csv(out / "tables" / "forgetting.csv")
     assert len(probes) == 7 * 3 and set(probes["layer"]) == {6}  # (base + 6 runs) x 3 tasks, the last block
     assert probes.loc[probes.method == "base", "forgetting"].isna().all()
     assert set(pd.read_csv(out / "tables" / "lm_forgetting.csv")["status"]) == {"skipped"}  # MiniLM: no MLM head
     assert {t: set(g["criterion"]) for t, g in verdict.groupby("task")} == {
-        "sst2": rows, "rte": rows, "mrpc": rows | {"quality (f1)"}}  # accuracy is the criterion, F1 is shown
+        "sst2": rows,
+        "rte": rows,
+        "mrpc": rows | {"quality (f1)"},
+    }  # accuracy is the criterion, F1 is shown
     assert verdict["outcome"].notna().all()
     assert "data:image/png;base64," in (out / "report.html").read_text()

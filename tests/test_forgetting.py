@@ -30,8 +30,9 @@ def _gaussian(n: int, shift: float, dims: int, seed: int):
     return x, y
 
 
-@pytest.mark.parametrize("shift, expected, tolerance", [(4.0, 1.0, 0.01), (1.0, sp.norm.cdf(1.0), 0.03),
-                                                        (0.0, 0.5, 0.04)])  # fmt: skip
+@pytest.mark.parametrize(
+    "shift, expected, tolerance", [(4.0, 1.0, 0.01), (1.0, sp.norm.cdf(1.0), 0.03), (0.0, 0.5, 0.04)]
+)
 def test_probe_scores_features_as_their_separability_allows(shift, expected, tolerance):
     train_x, train_y = _gaussian(600, shift, 20, seed=0)
     eval_x, eval_y = _gaussian(3000, shift, 20, seed=1)
@@ -70,8 +71,9 @@ def test_the_base_forgets_nothing_and_a_damaged_backbone_forgets_a_lot(sst2_prob
     base = modeling.load_model("minilm-l6", task.label_names, 0, tokenizer.pad_token_id)
     base_correct = _probe_correct(base, tokenizer, split, n_train)
     assert base_correct.mean() > 0.7  # MiniLM's features separate SST-2 sentiment
-    again = _probe_correct(modeling.load_model("minilm-l6", task.label_names, 1, tokenizer.pad_token_id),
-                           tokenizer, split, n_train)  # another head, same backbone  # fmt: skip
+    again = _probe_correct(
+        modeling.load_model("minilm-l6", task.label_names, 1, tokenizer.pad_token_id), tokenizer, split, n_train
+    )  # another head, same backbone
     same = forgetting.forgetting(base_correct, again, bootstrap=500, confidence=0.95, seed=0)
     assert same == (0.0, 0.0, 0.0)
     damaged = copy.deepcopy(base)
@@ -79,8 +81,9 @@ def test_the_base_forgets_nothing_and_a_damaged_backbone_forgets_a_lot(sst2_prob
     with torch.no_grad():
         for param in damaged.bert.encoder.layer[1].parameters():  # every weight of one block, shuffled
             param.copy_(param.flatten()[torch.randperm(param.numel(), generator=generator)].view_as(param))
-    lost = forgetting.forgetting(base_correct, _probe_correct(damaged, tokenizer, split, n_train), bootstrap=500,
-                                 confidence=0.95, seed=0)  # fmt: skip
+    lost = forgetting.forgetting(
+        base_correct, _probe_correct(damaged, tokenizer, split, n_train), bootstrap=500, confidence=0.95, seed=0
+    )
     assert lost.value > 0.1 and lost.low > 0.02
 
 
@@ -102,23 +105,27 @@ def _documents(tokenizer, n=12):
 
 def _losses(lm, classifier, tokenizer, documents, decoder):
     forgetting.with_backbone(lm, classifier)
-    return forgetting.document_losses(lm, documents, tokenizer, decoder=decoder, batch_size=5,
-                                      device=torch.device("cpu"), bf16=False)  # fmt: skip
+    return forgetting.document_losses(
+        lm, documents, tokenizer, decoder=decoder, batch_size=5, device=torch.device("cpu"), bf16=False
+    )
 
 
 @pytest.mark.parametrize("decoder", [True, False])
 def test_lm_forgetting_of_the_base_against_itself_is_zero(decoder, tiny_llama_dir, tiny_bert_dir, tmp_path):
     from transformers import BertForMaskedLM, LlamaForCausalLM
 
-    folder = _lm_folder(tmp_path, *((tiny_llama_dir, LlamaForCausalLM) if decoder else (tiny_bert_dir, BertForMaskedLM)))
+    folder = _lm_folder(
+        tmp_path, *((tiny_llama_dir, LlamaForCausalLM) if decoder else (tiny_bert_dir, BertForMaskedLM))
+    )
     tokenizer = modeling.load_tokenizer(str(folder))
     lm, note = forgetting.lm_with_head(str(folder), decoder)
     assert lm is not None and note == ""
     base = modeling.load_model(str(folder), ("a", "b"), 0, tokenizer.pad_token_id)
     documents = _documents(tokenizer)
     base_sums, base_counts = _losses(lm, base, tokenizer, documents, decoder)
-    again = _losses(lm, modeling.load_model(str(folder), ("a", "b"), 1, tokenizer.pad_token_id), tokenizer,
-                    documents, decoder)  # fmt: skip
+    again = _losses(
+        lm, modeling.load_model(str(folder), ("a", "b"), 1, tokenizer.pad_token_id), tokenizer, documents, decoder
+    )
     assert (base_counts > 0).all() and (base_sums > 0).all()
     assert forgetting.loss_change(base_sums, base_counts, *again, bootstrap=200, confidence=0.95, seed=0) == (0, 0, 0)
     if decoder:  # every next token after the first is scored
@@ -127,8 +134,14 @@ def test_lm_forgetting_of_the_base_against_itself_is_zero(decoder, tiny_llama_di
     with torch.no_grad():
         damaged.base_model.get_input_embeddings().weight.mul_(-3.0)  # the head must stay the base's
     head_before = lm.get_output_embeddings().weight.detach().clone()
-    change = forgetting.loss_change(base_sums, base_counts, *_losses(lm, damaged, tokenizer, documents, decoder),
-                                    bootstrap=200, confidence=0.95, seed=0)  # fmt: skip
+    change = forgetting.loss_change(
+        base_sums,
+        base_counts,
+        *_losses(lm, damaged, tokenizer, documents, decoder),
+        bootstrap=200,
+        confidence=0.95,
+        seed=0,
+    )
     assert torch.equal(lm.get_output_embeddings().weight, head_before)
     assert change.value != 0 and change.low <= change.value <= change.high
 
@@ -142,8 +155,9 @@ def test_checkpoints_without_an_lm_head_are_skipped_with_a_reason(tiny_llama_dir
 def test_loss_change_is_the_difference_of_token_weighted_means():
     base_sums, base_counts = np.array([2.0, 6.0, 3.0]), np.array([1, 3, 2])
     run_sums = np.array([3.0, 6.0, 5.0])
-    change = forgetting.loss_change(base_sums, base_counts, run_sums, base_counts, bootstrap=500, confidence=0.9,
-                                    seed=0)  # fmt: skip
+    change = forgetting.loss_change(
+        base_sums, base_counts, run_sums, base_counts, bootstrap=500, confidence=0.9, seed=0
+    )
     assert change.value == pytest.approx(14 / 6 - 11 / 6)
     assert change.low <= change.value <= change.high
 
@@ -159,28 +173,59 @@ def test_spearman_and_its_interval_agree_with_scipy():
     rho, p = forgetting.spearman_interval(x, y, n_resamples=4000, confidence=0.9, seed=0)
     reference = sp.spearmanr(x, y)
     assert rho.value == pytest.approx(reference.statistic) and p == pytest.approx(reference.pvalue)
-    scipy_interval = sp.bootstrap((x, y), lambda a, b: sp.spearmanr(a, b).statistic, paired=True, vectorized=False,
-                                  n_resamples=2000, confidence_level=0.9, method="percentile",
-                                  rng=np.random.default_rng(1)).confidence_interval  # fmt: skip
+    scipy_interval = sp.bootstrap(
+        (x, y),
+        lambda a, b: sp.spearmanr(a, b).statistic,
+        paired=True,
+        vectorized=False,
+        n_resamples=2000,
+        confidence_level=0.9,
+        method="percentile",
+        rng=np.random.default_rng(1),
+    ).confidence_interval
     assert rho.low == pytest.approx(scipy_interval.low, abs=0.05)
     assert rho.high == pytest.approx(scipy_interval.high, abs=0.05)
     monotone, _ = forgetting.spearman_interval(x, x**3, n_resamples=200, confidence=0.9, seed=0)
     assert tuple(monotone) == pytest.approx((1.0, 1.0, 1.0))
-    assert all(math.isnan(v) for v in forgetting.spearman_interval(x[:2], y[:2], n_resamples=10, confidence=0.9,
-                                                                   seed=0)[0])  # fmt: skip
+    assert all(
+        math.isnan(v) for v in forgetting.spearman_interval(x[:2], y[:2], n_resamples=10, confidence=0.9, seed=0)[0]
+    )
 
 
 def _probe_table(values: dict) -> pd.DataFrame:
     """A forgetting.csv with one row per (task, method, seed, probe_task) -> forgetting."""
-    rows = [{"task": t, "method": m, "seed": s, "probe_task": p, "layer": 6, "metric": "accuracy", "score": 0.8 - v,
-             "base_score": 0.8, "forgetting": v, "ci_low": v, "ci_high": v, "own_task": t == p, "n_train": 9,
-             "n_eval": 9, "probe_c": 1.0} for (t, m, s, p), v in values.items()]  # fmt: skip
+    rows = [
+        {
+            "task": t,
+            "method": m,
+            "seed": s,
+            "probe_task": p,
+            "layer": 6,
+            "metric": "accuracy",
+            "score": 0.8 - v,
+            "base_score": 0.8,
+            "forgetting": v,
+            "ci_low": v,
+            "ci_high": v,
+            "own_task": t == p,
+            "n_train": 9,
+            "n_eval": 9,
+            "probe_c": 1.0,
+        }
+        for (t, m, s, p), v in values.items()
+    ]
     return forgetting.FORGETTING.frame(rows)
 
 
 def _flags(tasks, seeds) -> pd.DataFrame:
-    return pd.DataFrame([{"task": t, "method": m, "seed": s, "status": "ok", "flagged": False}
-                         for t in tasks for m in ("lora", "full") for s in seeds])  # fmt: skip
+    return pd.DataFrame(
+        [
+            {"task": t, "method": m, "seed": s, "status": "ok", "flagged": False}
+            for t in tasks
+            for m in ("lora", "full")
+            for s in seeds
+        ]
+    )
 
 
 def test_the_verdict_row_is_lora_minus_full_forgetting_on_the_other_tasks():
@@ -194,24 +239,54 @@ def test_the_verdict_row_is_lora_minus_full_forgetting_on_the_other_tasks():
     assert criterion.estimate.value == pytest.approx(np.mean(gaps))
     row = verdict.row("a", criterion)
     assert row["outcome"] == verdict.SHOWN and row["ci_high"] < 0  # LoRA forgot less, and it only informs
-    counted = analysis.forgetting_criterion(table, _flags(["a"], seeds), "a", AnalysisConfig(forgetting_in_verdict=True))
-    rows = verdict.verdict_rows("a", [verdict.Criterion("quality", (1, 0, 2), 3, False, ""),
-                                      verdict.Criterion("drift", (0.5, 0.3, 0.7), 0.2, True, ""), counted])  # fmt: skip
+    counted = analysis.forgetting_criterion(
+        table, _flags(["a"], seeds), "a", AnalysisConfig(forgetting_in_verdict=True)
+    )
+    rows = verdict.verdict_rows(
+        "a",
+        [
+            verdict.Criterion("quality", (1, 0, 2), 3, False, ""),
+            verdict.Criterion("drift", (0.5, 0.3, 0.7), 0.2, True, ""),
+            counted,
+        ],
+    )
     assert [r["outcome"] for r in rows] == ["met", "met", "met", "met"]
     assert rows[-1]["rule"] == f"quality and (drift or deployment) and {analysis.FORGETTING_CRITERION}"
     assert verdict.recommended("met", "met", "not run", "not met") == "not met"
 
 
 def test_drift_points_pair_each_run_with_its_forgetting_elsewhere():
-    lost = {("a", m, s, p): v for (m, s, p), v in {("lora", 1, "b"): 0.1, ("lora", 1, "a"): -0.3,
-                                                   ("full", 1, "b"): 0.2, ("full", 1, "a"): -0.3}.items()}  # fmt: skip
-    summary = pd.DataFrame([{"task": "a", "method": m, "seed": 1, "pooling": "mean", "measure": "linear_cka",
-                             "mean_over_layers": cka, "mean_last_third": cka, "comparison": "run_vs_base"}
-                            for m, cka in (("lora", 0.9), ("full", 0.6))])  # fmt: skip
+    lost = {
+        ("a", m, s, p): v
+        for (m, s, p), v in {
+            ("lora", 1, "b"): 0.1,
+            ("lora", 1, "a"): -0.3,
+            ("full", 1, "b"): 0.2,
+            ("full", 1, "a"): -0.3,
+        }.items()
+    }
+    summary = pd.DataFrame(
+        [
+            {
+                "task": "a",
+                "method": m,
+                "seed": 1,
+                "pooling": "mean",
+                "measure": "linear_cka",
+                "mean_over_layers": cka,
+                "mean_last_third": cka,
+                "comparison": "run_vs_base",
+            }
+            for m, cka in (("lora", 0.9), ("full", 0.6))
+        ]
+    )
     points = forgetting.drift_points(_probe_table(lost), summary, None, "mean", "linear_cka")
     mean = points[points["probe_task"] == forgetting.OTHER_TASKS].set_index("method")
     assert mean.loc["lora", "drift"] == pytest.approx(0.1) and mean.loc["full", "drift"] == pytest.approx(0.4)
-    assert mean.loc["full", "forgetting"] == pytest.approx(0.2) and set(points["probe_task"]) == {"b", forgetting.OTHER_TASKS}
+    assert mean.loc["full", "forgetting"] == pytest.approx(0.2) and set(points["probe_task"]) == {
+        "b",
+        forgetting.OTHER_TASKS,
+    }
 
 
 # ---------------------------------------------------------------- the stage
@@ -224,12 +299,24 @@ STAGES = [BY_NAME[s] for s in ("prepare", "train", "represent", "drift", "forget
 def study(tiny_bert_dir, tmp_path_factory):
     from lorascope.config import load_config
 
-    config = load_config(None, "smoke", [
-        f"model.name={tiny_bert_dir}", "model.max_length=48", "runtime.progress=false", "data.dev_max=24",
-        "data.probe_size=16", "tasks={sst2: {train_max: 48, eval_max: 40}, rte: {train_max: 48, eval_max: 40}}",
-        "training.lora.lr=1e-2", "training.full.lr=1e-3", "drift.bootstrap=20", "forget.bootstrap=50",
-        "forget.layer_every=1", "analysis.bootstrap=200",
-    ])  # fmt: skip
+    config = load_config(
+        None,
+        "smoke",
+        [
+            f"model.name={tiny_bert_dir}",
+            "model.max_length=48",
+            "runtime.progress=false",
+            "data.dev_max=24",
+            "data.probe_size=16",
+            "tasks={sst2: {train_max: 48, eval_max: 40}, rte: {train_max: 48, eval_max: 40}}",
+            "training.lora.lr=1e-2",
+            "training.full.lr=1e-3",
+            "drift.bootstrap=20",
+            "forget.bootstrap=50",
+            "forget.layer_every=1",
+            "analysis.bootstrap=200",
+        ],
+    )
     return run_stages(config, tmp_path_factory.mktemp("forget"), STAGES), config
 
 
@@ -237,7 +324,9 @@ def test_the_stage_probes_every_model_on_every_task(study):
     study, _ = study
     table = forgetting.FORGETTING.read(study.tables)
     runs = table[table["method"] != "base"]
-    assert len(table[table["method"] == "base"]) == 2 * 2 and len(runs) == 4 * 2 * 2  # (base + 4 runs) x 2 tasks x 2 layers
+    assert (
+        len(table[table["method"] == "base"]) == 2 * 2 and len(runs) == 4 * 2 * 2
+    )  # (base + 4 runs) x 2 tasks x 2 layers
     assert set(runs.loc[runs["own_task"], "task"]) == {"sst2", "rte"} and set(table["n_train"]) == {24}
     assert (runs["forgetting"] == runs["base_score"] - runs["score"]).all()
     lm = forgetting.LM_FORGETTING.read(study.tables)
@@ -251,8 +340,11 @@ def test_the_stage_probes_every_model_on_every_task(study):
 
 def test_a_second_pass_recomputes_nothing_and_a_lost_file_is_redone_alone(study):
     study, config = study
-    files = sorted((study.root / "forget").rglob("*.safetensors")) + [forgetting.FORGETTING.path(study.tables),
-                                                                       forgetting.LM_FORGETTING.path(study.tables)]
+    files = [
+        *sorted((study.root / "forget").rglob("*.safetensors")),
+        forgetting.FORGETTING.path(study.tables),
+        forgetting.LM_FORGETTING.path(study.tables),
+    ]
     before = {p: p.stat().st_mtime_ns for p in files}
     run_stages(config, study.root, [BY_NAME["forget"]])
     assert {p: p.stat().st_mtime_ns for p in files} == before
@@ -270,7 +362,9 @@ def test_a_named_text_file_gives_the_lm_documents(study, tmp_path):
     study, config = study
     text = tmp_path / "held_out.txt"
     text.write_text("a first document .\n\n  a second one  \na third\n")
-    config = config.model_copy(update={"forget": config.forget.model_copy(update={"lm_text": str(text), "lm_documents": 2})})
+    config = config.model_copy(
+        update={"forget": config.forget.model_copy(update={"lm_text": str(text), "lm_documents": 2})}
+    )
     documents = lm_documents(config, {}, modeling.load_tokenizer(config.model.name))
     assert list(documents) == ["text"] and len(documents["text"]) == 2
     assert documents["text"]["length"] == [len(ids) for ids in documents["text"]["input_ids"]]

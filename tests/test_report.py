@@ -20,16 +20,22 @@ import torch
 
 from lorascope import analysis, drift, report, runs, stats, tuning, verdict, weights
 from lorascope.config import DeployConfig, to_yaml, validate
+from lorascope.footprint import MB
 from lorascope.optuna_storage import Backend
 from lorascope.serving import checks, memory, timing
-from lorascope.footprint import MB
 from lorascope.study import Study
 
 TASKS = {"sst2": "accuracy", "mrpc": "f1"}
 SEEDS = (42, 1337, 2024)
 MAJORITY = {"sst2": 0.5092, "mrpc": 0.8122}
-KINDS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-         "intermediate.dense", "output.dense")  # fmt: skip
+KINDS = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
 VERDICT = {  # task -> (quality, drift, deployment) estimates: value, low, high
     "sst2": (stats.Estimate(0.5, -1.0, 2.0), stats.Estimate(0.30, 0.25, 0.35), stats.Estimate(0.37, 0.33, 0.41)),
     "mrpc": (stats.Estimate(2.5, -4.0, 9.0), stats.Estimate(0.05, -0.10, 0.20), None),
@@ -49,22 +55,38 @@ def performance_rows(tasks: dict[str, str], seeds=SEEDS) -> list[dict]:
                 value = round(level + rng.normal(0, 0.006), 4)
                 if (original, method, seed) == ("mrpc", "full", 1337):
                     value = MAJORITY["mrpc"]  # learned nothing: must be flagged
-                rows.append({"task": task, "method": method, "seed": seed, "status": "ok", "primary_metric": metric,
-                             "primary_value": value, "accuracy": value - 0.01 if metric == "f1" else value,
-                             "f1": value if metric == "f1" else value - 0.005, "train_seconds": 30.0 + seed % 7,
-                             "trainable_params": 222338 if method == "lora" else 22713986,
-                             "head_init_digest": f"h{task}{seed}", "data_order_digest": f"d{task}{seed}",
-                             **run_cost(method, seed)})  # fmt: skip
+                rows.append(
+                    {
+                        "task": task,
+                        "method": method,
+                        "seed": seed,
+                        "status": "ok",
+                        "primary_metric": metric,
+                        "primary_value": value,
+                        "accuracy": value - 0.01 if metric == "f1" else value,
+                        "f1": value if metric == "f1" else value - 0.005,
+                        "train_seconds": 30.0 + seed % 7,
+                        "trainable_params": 222338 if method == "lora" else 22713986,
+                        "head_init_digest": f"h{task}{seed}",
+                        "data_order_digest": f"d{task}{seed}",
+                        **run_cost(method, seed),
+                    }
+                )
     return rows
 
 
 def run_cost(method: str, seed: int) -> dict:
     """What train_run records of a run's cost (CPU: no CUDA fields), varying with the seed."""
     trainable = 222338 if method == "lora" else 22713986
-    return {"train_tokens_per_second": (5000.0 if method == "lora" else 2000.0) + seed % 5,
-            "peak_rss_bytes": 900 * MB + seed, "peak_rss_added_bytes": (40 if method == "lora" else 300) * MB + seed,
-            "cuda_max_allocated_bytes": None, "cuda_max_reserved_bytes": None,
-            "optimizer_state_bytes": 8 * trainable + 4 * 40, "artifact_bytes": 4 * trainable + seed}  # fmt: skip
+    return {
+        "train_tokens_per_second": (5000.0 if method == "lora" else 2000.0) + seed % 5,
+        "peak_rss_bytes": 900 * MB + seed,
+        "peak_rss_added_bytes": (40 if method == "lora" else 300) * MB + seed,
+        "cuda_max_allocated_bytes": None,
+        "cuda_max_reserved_bytes": None,
+        "optimizer_state_bytes": 8 * trainable + 4 * 40,
+        "artifact_bytes": 4 * trainable + seed,
+    }
 
 
 def _write_runs(study: Study, rows: list[dict], training: dict) -> None:
@@ -74,24 +96,32 @@ def _write_runs(study: Study, rows: list[dict], training: dict) -> None:
         folder = study.run_dir(row["task"], row["method"], row["seed"])
         folder.mkdir(parents=True)
         (folder / "metrics.json").write_text(json.dumps(row))
-        (folder / "hparams.json").write_text(json.dumps({"method": row["method"], "seed": row["seed"],
-                                                         "configured": training[row["method"]]}))  # fmt: skip
+        (folder / "hparams.json").write_text(
+            json.dumps({"method": row["method"], "seed": row["seed"], "configured": training[row["method"]]})
+        )
     runs.write_performance_table(study)
 
 
 def _search(task: str, method: str) -> tuple[optuna.Study, Backend]:
     """A finished in-memory Optuna search of six trials, two of them pruned."""
     storage = optuna.storages.InMemoryStorage()
-    ostudy = optuna.create_study(storage=storage, direction="maximize", study_name=f"lorascope/synthetic/{task}/{method}/x")
+    ostudy = optuna.create_study(
+        storage=storage, direction="maximize", study_name=f"lorascope/synthetic/{task}/{method}/x"
+    )
     lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
     wd = optuna.distributions.FloatDistribution(0.0, 0.1)
     for i in range(6):
         params = {"lr": 0.002 if i == 5 else 0.001 * (i + 1), "weight_decay": 0.05}
         state = optuna.trial.TrialState.COMPLETE if i % 3 else optuna.trial.TrialState.PRUNED
-        ostudy.add_trial(optuna.trial.create_trial(
-            params=params, distributions={"lr": lr, "weight_decay": wd}, state=state,
-            value=0.85 + i / 100 if state == optuna.trial.TrialState.COMPLETE else None,
-            intermediate_values={10: 0.84 + i / 100}))  # fmt: skip
+        ostudy.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions={"lr": lr, "weight_decay": wd},
+                state=state,
+                value=0.85 + i / 100 if state == optuna.trial.TrialState.COMPLETE else None,
+                intermediate_values={10: 0.84 + i / 100},
+            )
+        )
     return ostudy, Backend(storage, "in memory", "rdb", "in memory")
 
 
@@ -109,47 +139,121 @@ def _deployment(tables: Path) -> None:
     timing.DEPLOYMENT.write(tables, timing.timing_table(results, list(SLOWER), {}, cfg, 1, torch.device("cpu")))
     reference = torch.tensor([[0.2, 0.9], [1.0, -0.3], [0.1, 0.4], [0.7, 0.2]])
     labels = [1, 0, 1, 0]
-    rows = [checks.compare_logits("merged_vs_separate", "sst2", reference + 2e-6, reference, labels),
-            checks.compare_logits("mixed_vs_alone", "sst2", reference + torch.tensor([0.0, 0.7]), reference, labels)]
+    rows = [
+        checks.compare_logits("merged_vs_separate", "sst2", reference + 2e-6, reference, labels),
+        checks.compare_logits("mixed_vs_alone", "sst2", reference + torch.tensor([0.0, 0.7]), reference, labels),
+    ]
     checks.DEPLOYMENT_CHECKS.write(tables, rows)
-    memory.DEPLOYMENT_MEMORY.write(tables, [
-        {"strategy": s, "load_seconds": 0.4, "peak_mb": w + 40.5, "loaded_mb": w, "inference_mb": 40.5, "disk_mb": w,
-         "adapter_disk_mb": w - 86.6, "measure": "cpu rss", "method": "VmHWM", "device": "cpu"}
-        for s, w in (("full", 86.6), ("merged", 86.6), ("separate", 87.5), ("mixed", 89.2))])  # fmt: skip
+    memory.DEPLOYMENT_MEMORY.write(
+        tables,
+        [
+            {
+                "strategy": s,
+                "load_seconds": 0.4,
+                "peak_mb": w + 40.5,
+                "loaded_mb": w,
+                "inference_mb": 40.5,
+                "disk_mb": w,
+                "adapter_disk_mb": w - 86.6,
+                "measure": "cpu rss",
+                "method": "VmHWM",
+                "device": "cpu",
+            }
+            for s, w in (("full", 86.6), ("merged", 86.6), ("separate", 87.5), ("mixed", 89.2))
+        ],
+    )
 
 
 def make_study(root: Path, partial: bool = False, tasks: dict[str, str] | None = None) -> Path:
     """A small study directory written by lorascope's own writers: performance.csv only when
     `partial`, else every table the report reads, the analyze stage's included."""
     study = Study(root)
-    training = {"lora": {"lr": 0.002, "r": 8, "weight_decay": 0.01, "warmup_ratio": 0.1},
-                "full": {"lr": 1e-4, "weight_decay": 0.01, "warmup_ratio": 0.1}}  # fmt: skip
+    training = {
+        "lora": {"lr": 0.002, "r": 8, "weight_decay": 0.01, "warmup_ratio": 0.1},
+        "full": {"lr": 1e-4, "weight_decay": 0.01, "warmup_ratio": 0.1},
+    }
     _write_runs(study, performance_rows(tasks or TASKS), training)
     if partial:
         return root
-    config = validate({"name": "synthetic", "model": {"name": "minilm-l6"}, "tasks": {t: {} for t in TASKS},
-                       "methods": ["lora", "full"], "seeds": list(SEEDS), "training": training,
-                       "analysis": {"majority_margin": 0.01, "confidence": 0.95, "bootstrap": 2000, "seed": 0}})  # fmt: skip
+    config = validate(
+        {
+            "name": "synthetic",
+            "model": {"name": "minilm-l6"},
+            "tasks": {t: {} for t in TASKS},
+            "methods": ["lora", "full"],
+            "seeds": list(SEEDS),
+            "training": training,
+            "analysis": {"majority_margin": 0.01, "confidence": 0.95, "bootstrap": 2000, "seed": 0},
+        }
+    )
     (root / "config.yaml").write_text(to_yaml(config))
-    manifest = {"config_fingerprint": "10789b141317b3cc", "lorascope": "0.1.0", "python": "3.11.7",
-                "versions": {"torch": "2.13.0+cpu", "transformers": "5.23.0", "peft": "0.21.2"},
-                "hardware": {"machine": "x86_64", "cpu_count": 2, "cuda": False},
-                "stages": {name: {"status": "done", "seconds": sec, "fingerprint": "10789b141317b3cc",
-                                  "finished": "2026-11-23T01:04:30+00:00"}
-                           for name, sec in (("prepare", 3.5), ("baselines", 124.1), ("train", 829.5),
-                                             ("drift", 61.0), ("deploy", 300.2), ("analyze", 2.0))}}  # fmt: skip
+    manifest = {
+        "config_fingerprint": "10789b141317b3cc",
+        "lorascope": "0.1.0",
+        "python": "3.11.7",
+        "versions": {"torch": "2.13.0+cpu", "transformers": "5.23.0", "peft": "0.21.2"},
+        "hardware": {"machine": "x86_64", "cpu_count": 2, "cuda": False},
+        "stages": {
+            name: {
+                "status": "done",
+                "seconds": sec,
+                "fingerprint": "10789b141317b3cc",
+                "finished": "2026-11-23T01:04:30+00:00",
+            }
+            for name, sec in (
+                ("prepare", 3.5),
+                ("baselines", 124.1),
+                ("train", 829.5),
+                ("drift", 61.0),
+                ("deploy", 300.2),
+                ("analyze", 2.0),
+            )
+        },
+    }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
     rows = []
     for task, metric in TASKS.items():
         accuracy, f1 = (0.5092, 0.6748) if task == "sst2" else (0.6838, 0.8122)  # as GLUE's validation splits
-        rows.append({"task": task, "baseline": "majority", "method": "", "status": "ok", "primary_metric": metric,
-                     "primary_value": MAJORITY[task], "accuracy": accuracy, "f1": f1, "passed": None})  # fmt: skip
-        rows.append({"task": task, "baseline": "head_only", "method": "head", "status": "ok", "primary_metric": metric,
-                     "primary_value": 0.7018, "accuracy": 0.7018, "f1": 0.6912, "passed": None})  # fmt: skip
+        rows.append(
+            {
+                "task": task,
+                "baseline": "majority",
+                "method": "",
+                "status": "ok",
+                "primary_metric": metric,
+                "primary_value": MAJORITY[task],
+                "accuracy": accuracy,
+                "f1": f1,
+                "passed": None,
+            }
+        )
+        rows.append(
+            {
+                "task": task,
+                "baseline": "head_only",
+                "method": "head",
+                "status": "ok",
+                "primary_metric": metric,
+                "primary_value": 0.7018,
+                "accuracy": 0.7018,
+                "f1": 0.6912,
+                "passed": None,
+            }
+        )
         for method in ("lora", "full"):
-            rows.append({"task": task, "baseline": f"overfit_{method}", "method": method, "status": "ok",
-                         "primary_metric": metric, "primary_value": 1.0, "accuracy": 1.0, "f1": 1.0,
-                         "passed": method == "lora"})  # fmt: skip
+            rows.append(
+                {
+                    "task": task,
+                    "baseline": f"overfit_{method}",
+                    "method": method,
+                    "status": "ok",
+                    "primary_metric": metric,
+                    "primary_value": 1.0,
+                    "accuracy": 1.0,
+                    "f1": 1.0,
+                    "passed": method == "lora",
+                }
+            )
     runs.BASELINES.write(study.tables, rows)
     layers, summary = drift.drift_tables(drift_rows())
     drift.DRIFT_LAYERS.write(study.tables, layers)
@@ -160,11 +264,18 @@ def make_study(root: Path, partial: bool = False, tasks: dict[str, str] | None =
     tuning.write_tuned(study, config, "sst2", "lora", "accuracy", ostudy, backend, 6)
     tuning.TRIALS.write(study.tables, tuning.trial_rows("sst2", "lora", ostudy))
     analysis.analyze(study, config)
-    verdict_rows = [row for task, (q, d, dep) in VERDICT.items() for row in verdict.verdict_rows(task, [
-        verdict.Criterion("quality", q, 3.0, False, "quality rule", spread=(q.value, 4.0, 3)),
-        verdict.Criterion("drift", d, 0.2, True, "drift rule"),
-        verdict.Criterion("deployment", dep, 0.3, False, "deployment rule"),
-    ])]  # fmt: skip
+    verdict_rows = [
+        row
+        for task, (q, d, dep) in VERDICT.items()
+        for row in verdict.verdict_rows(
+            task,
+            [
+                verdict.Criterion("quality", q, 3.0, False, "quality rule", spread=(q.value, 4.0, 3)),
+                verdict.Criterion("drift", d, 0.2, True, "drift rule"),
+                verdict.Criterion("deployment", dep, 0.3, False, "deployment rule"),
+            ],
+        )
+    ]
     analysis.VERDICT.write(study.tables, verdict_rows)  # outcomes of every kind, which real data would not give
     return root
 
@@ -177,19 +288,55 @@ def drift_rows() -> list[dict]:
             for measure in ("linear_cka", "debiased_cka", "cosine"):
                 for layer in range(7):
                     base = {"task": task, "layer": layer, "pooling": pooling, "measure": measure}
-                    rows.append({**base, "comparison": "base_vs_base", "method": "", "seed": "",
-                                 "value": 1.0, "ci_low": 1.0, "ci_high": 1.0})  # fmt: skip
-                    rows.append({**base, "comparison": "shuffled_base", "method": "", "seed": "",
-                                 "value": 0.05 + rng.normal(0, 0.01), "ci_low": 0.02, "ci_high": 0.08})  # fmt: skip
+                    rows.append(
+                        {
+                            **base,
+                            "comparison": "base_vs_base",
+                            "method": "",
+                            "seed": "",
+                            "value": 1.0,
+                            "ci_low": 1.0,
+                            "ci_high": 1.0,
+                        }
+                    )
+                    rows.append(
+                        {
+                            **base,
+                            "comparison": "shuffled_base",
+                            "method": "",
+                            "seed": "",
+                            "value": 0.05 + rng.normal(0, 0.01),
+                            "ci_low": 0.02,
+                            "ci_high": 0.08,
+                        }
+                    )
                     for method, slope in (("lora", 0.015), ("full", 0.05)):
                         for seed in SEEDS:
                             v = 1 - slope * layer + rng.normal(0, 0.005)
-                            rows.append({**base, "comparison": "run_vs_base", "method": method, "seed": str(seed),
-                                         "value": v, "ci_low": v - 0.01, "ci_high": min(1.0, v + 0.01)})  # fmt: skip
+                            rows.append(
+                                {
+                                    **base,
+                                    "comparison": "run_vs_base",
+                                    "method": method,
+                                    "seed": str(seed),
+                                    "value": v,
+                                    "ci_low": v - 0.01,
+                                    "ci_high": min(1.0, v + 0.01),
+                                }
+                            )
                         for pair in ("42-1337", "42-2024", "1337-2024"):
                             v = 1 - slope * layer / 3 + rng.normal(0, 0.003)
-                            rows.append({**base, "comparison": "seed_vs_seed", "method": method, "seed": pair,
-                                         "value": v, "ci_low": v - 0.01, "ci_high": min(1.0, v + 0.01)})  # fmt: skip
+                            rows.append(
+                                {
+                                    **base,
+                                    "comparison": "seed_vs_seed",
+                                    "method": method,
+                                    "seed": pair,
+                                    "value": v,
+                                    "ci_low": v - 0.01,
+                                    "ci_high": min(1.0, v + 0.01),
+                                }
+                            )
     return rows
 
 
@@ -203,22 +350,32 @@ def weights_rows() -> list[dict]:
                     for kind in KINDS:
                         if method == "lora" and kind not in ("attention.self.query", "attention.self.value"):
                             continue
-                        rows.append({
-                            "task": task, "method": method, "seed": seed,
-                            "module": f"bert.encoder.layer.{layer}.{kind}",
-                            "relative_update": (0.012 if method == "lora" else 0.003) * (1 + layer / 6)
-                            * (1 + rng.normal(0, 0.05)),
-                            "effective_rank": 5.5 + rng.normal(0, 0.3) if method == "lora" else 180 + rng.normal(0, 5),
-                            "intruders": int(rng.integers(1, 4)) if method == "lora" else 0,
-                            "layer": layer, "kind": kind.rsplit(".", 1)[-1], "rows": 384, "cols": 384,
-                        })  # fmt: skip
+                        rows.append(
+                            {
+                                "task": task,
+                                "method": method,
+                                "seed": seed,
+                                "module": f"bert.encoder.layer.{layer}.{kind}",
+                                "relative_update": (0.012 if method == "lora" else 0.003)
+                                * (1 + layer / 6)
+                                * (1 + rng.normal(0, 0.05)),
+                                "effective_rank": 5.5 + rng.normal(0, 0.3)
+                                if method == "lora"
+                                else 180 + rng.normal(0, 5),
+                                "intruders": int(rng.integers(1, 4)) if method == "lora" else 0,
+                                "layer": layer,
+                                "kind": kind.rsplit(".", 1)[-1],
+                                "rows": 384,
+                                "cols": 384,
+                            }
+                        )
     return rows
 
 
 def _md_tables(md: str) -> list[list[list[str]]]:
     """Every pipe table of a Markdown text as rows of cells (separator row dropped)."""
     tables, current = [], []
-    for line in md.splitlines() + [""]:
+    for line in [*md.splitlines(), ""]:
         if line.startswith("|"):
             if not re.fullmatch(r"\|(---\|)+", line):
                 current.append([c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]])
@@ -253,7 +410,9 @@ def test_verdict_table_comes_first_with_the_tables_outcomes(full_report):
     assert outcomes == ["met", "met", "not met", "met", "inconclusive", "inconclusive", "not run", "inconclusive"]
     needed = stats.seeds_needed(2.5, 4.0, 3, 3.0, higher_is_better=False)
     low, high = stats.seeds_needed_range(2.5, 4.0, 3, 3.0, higher_is_better=False)
-    assert first[5][-1] == f"inconclusive; at this spread ~{needed} seed pairs would decide it ({low}–{high or '>1000'})"
+    assert (
+        first[5][-1] == f"inconclusive; at this spread ~{needed} seed pairs would decide it ({low}–{high or '>1000'})"
+    )
     assert "Seeds needed" in md and "t-distribution" in md
     sst2_quality = first[1]
     assert sst2_quality[2:5] == ["0.50 pp", "[-1.00 pp, 2.00 pp]", "≤ 3.00 pp"]
@@ -283,8 +442,10 @@ def test_numbers_from_the_tables_appear_in_the_markdown(full_report):
     assert f"[{d['ci_low']:.4f}, {d['ci_high']:.4f}]" in performance
     # comparison: read from statistics.csv, as stats.compare computes it, Holm across the two tasks
     comparison = _section(md, "Method comparison")
-    by = {m: perf[(perf.task == "sst2") & (perf.method == m)].set_index("seed")["primary_value"].to_dict()
-          for m in ("lora", "full")}  # fmt: skip
+    by = {
+        m: perf[(perf.task == "sst2") & (perf.method == m)].set_index("seed")["primary_value"].to_dict()
+        for m in ("lora", "full")
+    }
     result = stats.compare(by["lora"], by["full"], n_resamples=2000)
     assert f"{result['mean_diff_paired']:.4f}" in comparison
     assert f"{result['paired_t_p']:.3f}" in comparison and f"{result['cohen_dz']:.2f}" in comparison
@@ -292,19 +453,27 @@ def test_numbers_from_the_tables_appear_in_the_markdown(full_report):
     assert "Source: tables/statistics.csv." in comparison
     # drift, weights, deployment
     summary = pd.read_csv(root / "tables" / "drift_summary.csv")
-    cell = summary[(summary.task == "sst2") & (summary.method == "lora") & (summary.pooling == "mean")
-                   & (summary.measure == "linear_cka")]  # fmt: skip
+    cell = summary[
+        (summary.task == "sst2")
+        & (summary.method == "lora")
+        & (summary.pooling == "mean")
+        & (summary.measure == "linear_cka")
+    ]
     lora = cell[cell.comparison == "run_vs_base"]["mean_over_layers"]
     noise = cell[cell.comparison == "seed_vs_seed"]["mean_over_layers"]
-    assert f"| sst2 | mean | linear_cka | {lora.mean():.4f} ± {lora.std():.4f} (n=3) |" in _section(md, "Representational drift")
+    assert f"| sst2 | mean | linear_cka | {lora.mean():.4f} ± {lora.std():.4f} (n=3) |" in _section(
+        md, "Representational drift"
+    )
     assert f"| {noise.mean():.4f} |" in _section(md, "Representational drift")  # seed vs seed beside it
     dep = pd.read_csv(root / "tables" / "deployment.csv")
     sep = dep[(dep.strategy == "separate") & (dep.batch_size == 1) & (dep.seq_len == "natural")].iloc[0]
     deployment = _section(md, "Deployment cost")
     assert re.search(r"\| merged_vs_separate \| sst2 \| 4 \| 2\.\d+e-06 \| 0 \| 0\.0001 \| passed \|", deployment)
     assert "| mixed_vs_alone | sst2 | 4 | 0.7 | 1 | 0.0001 | FAILED |" in deployment
-    overhead = (f"| separate | {100 * (sep.overhead_vs_full - 1):+.1f} [{100 * (sep.overhead_ci_low - 1):+.1f}, "
-                f"{100 * (sep.overhead_ci_high - 1):+.1f}] |")  # fmt: skip
+    overhead = (
+        f"| separate | {100 * (sep.overhead_vs_full - 1):+.1f} [{100 * (sep.overhead_ci_low - 1):+.1f}, "
+        f"{100 * (sep.overhead_ci_high - 1):+.1f}] |"
+    )
     assert f"| separate | {sep.p50_ms:.2f} |" in deployment and overhead in deployment
     assert 1.3 < sep.overhead_vs_full < 1.4  # the fake grid's 1.35, through the real estimator
     assert "| LoRA | value | 3 | 6 |" in _section(md, "Weight-space change")
@@ -322,10 +491,14 @@ def test_training_cost_shows_medians_of_each_method_and_their_ratio(full_report)
     perf = pd.read_csv(root / "tables" / "performance.csv")
     assert "![" in section and "figures/report_training_cost.png" in section
     rows = {(r[0], r[1]): r[2:] for r in _md_tables(section)[0][1:]}
-    assert {cost for _, cost in rows} == {"training time (s)", "training tokens / s",
-                                          "peak resident memory added by training (MB)",
-                                          "peak resident memory of the process (MB)", "optimizer state (MB)",
-                                          "saved weights (MB)"}  # fmt: skip
+    assert {cost for _, cost in rows} == {
+        "training time (s)",
+        "training tokens / s",
+        "peak resident memory added by training (MB)",
+        "peak resident memory of the process (MB)",
+        "optimizer state (MB)",
+        "saved weights (MB)",
+    }
     medians = perf.groupby(["task", "method"])[["optimizer_state_bytes", "train_tokens_per_second"]].median()
     for task in TASKS:
         lora, full = (medians.loc[(task, m), "optimizer_state_bytes"] / MB for m in ("lora", "full"))
@@ -368,25 +541,41 @@ def test_html_is_self_contained_and_every_image_is_a_png(full_report):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     assert "<script" not in html and "<link" not in html and not re.search(r"(src|href)=\"(https?:|//)", html)
     drawn = sorted(p.name for p in (root / "figures").glob("*.png"))
-    assert drawn == ["report_deployment_latency.png", "report_deployment_memory.png", "report_drift_mrpc.png",
-                     "report_drift_sst2.png", "report_performance.png", "report_training_cost.png",
-                     "report_tune_sst2_lora.png", "report_weights_mrpc.png", "report_weights_sst2.png"]  # fmt: skip
+    assert drawn == [
+        "report_deployment_latency.png",
+        "report_deployment_memory.png",
+        "report_drift_mrpc.png",
+        "report_drift_sst2.png",
+        "report_performance.png",
+        "report_training_cost.png",
+        "report_tune_sst2_lora.png",
+        "report_weights_mrpc.png",
+        "report_weights_sst2.png",
+    ]
 
 
 def test_partial_study_reads_not_run(tmp_path):
     root = make_study(tmp_path / "partial", partial=True)
     md_path, html_path = report.write_report(root)
     md = md_path.read_text()
-    for heading in ("Verdict", "Task performance", "Representational drift", "Weight-space change", "Deployment cost",
-                    "Provenance"):  # fmt: skip
+    for heading in (
+        "Verdict",
+        "Task performance",
+        "Representational drift",
+        "Weight-space change",
+        "Deployment cost",
+        "Provenance",
+    ):
         assert "*not run:" in _section(md, heading), heading
     assert "tables/verdict.csv missing" in md and "tables/weights.csv missing" in md
     performance = _section(md, "Task performance")  # flags come from the analyze stage, never guessed here
     assert "*not run: tables/flags.csv missing or empty; run `lorascope analyze STUDY`*" in performance
     comparison = _section(md, "Method comparison")
     assert "*not run: tables/statistics.csv missing or empty; run `lorascope analyze STUDY`*" in comparison
-    assert ("Not run: verdict, task performance, method comparison, drift, weight-space change, forgetting, "
-            "deployment, provenance.") in md  # fmt: skip
+    assert (
+        "Not run: verdict, task performance, method comparison, drift, weight-space change, forgetting, "
+        "deployment, provenance."
+    ) in md
     html = html_path.read_text()
     assert "not run" not in _section(md, "Training cost")  # it needs performance.csv alone
     assert html.count("<img ") == 1 and "report_training_cost.png" in md and 'class="notrun"' in html
@@ -426,24 +615,38 @@ def test_comparison_not_run_without_comparison_rows(tmp_path):
     analysis.STATISTICS.write(root / "tables", table[table["kind"] == "describe"])
     md = report.write_report(root)[0].read_text()
     section = _section(md, "Method comparison")
-    assert ("*not run: tables/statistics.csv has no comparison rows (no task has runs of both methods); run "
-            "`lorascope analyze STUDY`*") in section  # fmt: skip
+    assert (
+        "*not run: tables/statistics.csv has no comparison rows (no task has runs of both methods); run "
+        "`lorascope analyze STUDY`*"
+    ) in section
     assert "Not run: method comparison, drift, weight-space change, forgetting, deployment." in md
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package `chromium`)")
 def test_every_figure_loads_in_chromium(full_report, tmp_path):
-    root, _, html = full_report
-    probe = ("<script>window.addEventListener('load', () => { const imgs = [...document.images];"
-             " document.title = 'loaded ' + imgs.filter(i => i.complete && i.naturalWidth > 0).length"
-             " + ' of ' + imgs.length; });</script>")  # fmt: skip
+    _root, _, html = full_report
+    probe = (
+        "<script>window.addEventListener('load', () => { const imgs = [...document.images];"
+        " document.title = 'loaded ' + imgs.filter(i => i.complete && i.naturalWidth > 0).length"
+        " + ' of ' + imgs.length; });</script>"
+    )
     page = tmp_path / "probe.html"
     page.write_text(html.replace("</body>", probe + "</body>"))
     result = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     match = re.search(r"<title>loaded (\d+) of (\d+)</title>", result.stdout)
     assert match, f"no probe title in Chromium's DOM; stderr: {result.stderr[-2000:]}"
     loaded, total = map(int, match.groups())
@@ -457,8 +660,7 @@ def test_many_seeds_go_through_analyze_and_report(tmp_path, n_seeds):
     study = Study(tmp_path / "many")
     seeds = list(range(1, n_seeds + 1))
     _write_runs(study, performance_rows(TASKS, seeds), {"lora": {"lr": 0.002}, "full": {"lr": 1e-4}})
-    config = validate({"name": "many", "tasks": {t: {} for t in TASKS}, "seeds": seeds,
-                       "analysis": {"bootstrap": 500}})  # fmt: skip
+    config = validate({"name": "many", "tasks": {t: {} for t in TASKS}, "seeds": seeds, "analysis": {"bootstrap": 500}})
     (study.root / "config.yaml").write_text(to_yaml(config))
     analysis.analyze(study, config)
     compare = analysis.STATISTICS.read(study.tables).query("kind == 'compare' and subset == 'all'")

@@ -68,16 +68,18 @@ def test_decoder_mean_pooling_leaves_the_first_position_out_unless_asked(tiny_ll
     probe = _probe(tokenizer)
     hidden, _ = _states_alone(model, tokenizer, TEXTS[0])
     default, _ = rep.pooled_features(model, probe, tokenizer=tokenizer, layers=[2], poolings=("mean",))
-    kept, _ = rep.pooled_features(model, probe, tokenizer=tokenizer, layers=[2], poolings=("mean",),
-                                  skip_first_position=False)  # fmt: skip
+    kept, _ = rep.pooled_features(
+        model, probe, tokenizer=tokenizer, layers=[2], poolings=("mean",), skip_first_position=False
+    )
     torch.testing.assert_close(default["mean"][0, 0], hidden[2][0, 1:].mean(dim=0), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kept["mean"][0, 0], hidden[2][0].mean(dim=0), atol=1e-5, rtol=1e-5)
 
 
 def test_special_tokens_can_be_left_out_of_the_mean(tiny_bert_dir):
     model, tokenizer = _setup(tiny_bert_dir)
-    features, _ = rep.pooled_features(model, _probe(tokenizer), tokenizer=tokenizer, layers=[2], poolings=("mean",),
-                                      skip_special_tokens=True)  # fmt: skip
+    features, _ = rep.pooled_features(
+        model, _probe(tokenizer), tokenizer=tokenizer, layers=[2], poolings=("mean",), skip_special_tokens=True
+    )
     hidden, ids = _states_alone(model, tokenizer, TEXTS[0])
     words = ~torch.isin(ids, torch.tensor(tokenizer.all_special_ids))
     torch.testing.assert_close(features["mean"][0, 0], hidden[2][0, words].mean(dim=0), atol=1e-5, rtol=1e-5)
@@ -120,8 +122,9 @@ def test_left_out_positions_carry_a_recorded_share_of_the_norm(tiny_llama_dir, t
     assert [r["layer"] for r in rows] == layers
     assert {r["positions"] for r in rows} == {"all attended tokens but the first position and BOS"}
     assert rows[1]["excluded_norm_share"] == pytest.approx(features[rep.EXCLUDED_SHARE][1].mean().item())
-    kept, _ = rep.pooled_features(model, probe, tokenizer=tokenizer, layers=None, poolings=("mean",),
-                                  skip_first_position=False)  # fmt: skip
+    kept, _ = rep.pooled_features(
+        model, probe, tokenizer=tokenizer, layers=None, poolings=("mean",), skip_first_position=False
+    )
     assert rep.EXCLUDED_SHARE not in kept
     assert rep.pooled_positions(RepresentConfig(skip_first_position=False), model) == "all attended tokens"
 
@@ -132,8 +135,9 @@ def test_minilm_special_tokens_do_not_dominate_the_mean():
     examples: 7-9 % for 2 of ~25 tokens; [CLS] norm 0.7-1.1x the others')."""
     model, tokenizer = _setup("minilm-l6")
     probe = _probe(tokenizer)
-    features, _ = rep.pooled_features(model, probe, tokenizer=tokenizer, layers=None, poolings=("mean",),
-                                      skip_special_tokens=True)  # fmt: skip
+    features, _ = rep.pooled_features(
+        model, probe, tokenizer=tokenizer, layers=None, poolings=("mean",), skip_special_tokens=True
+    )
     token_share = 2 / torch.tensor([len(ids) for ids in probe["input_ids"]], dtype=torch.float32)
     ratio = features[rep.EXCLUDED_SHARE] / token_share  # per layer and example: 1 = as many as their count
     assert ratio.max() < 1.6 and ratio.min() > 0.4

@@ -11,8 +11,9 @@ from lorascope.training import RunSetup, training_arguments
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-@pytest.mark.parametrize(("setting", "on_cpu", "on_cuda"), [(None, False, True), (True, True, True),
-                                                            (False, False, False)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("setting", "on_cpu", "on_cuda"), [(None, False, True), (True, True, True), (False, False, False)]
+)
 def test_bf16_setting_resolves_per_device(setting, on_cpu, on_cuda):
     config = RuntimeConfig(bf16=setting)
     assert runtime.uses_bf16(config, CPU) is on_cpu and runtime.uses_bf16(config, CUDA) is on_cuda
@@ -30,6 +31,13 @@ def test_cpu_autocast_runs_products_in_bf16_over_fp32_weights():
 
 @pytest.mark.parametrize("setting", [None, True])
 def test_the_trainer_gets_the_resolved_setting_on_cpu(setting, tmp_path):
-    setup = RunSetup(model_name="x", task=None, method="full", seed=1, hp=MethodConfig(lr=1e-3),
-                     runtime=RuntimeConfig(bf16=setting), eval_batch_size=8)  # fmt: skip
+    setup = RunSetup(
+        model_name="x",
+        task=None,
+        method="full",
+        seed=1,
+        hp=MethodConfig(lr=1e-3),
+        runtime=RuntimeConfig(bf16=setting),
+        eval_batch_size=8,
+    )
     assert training_arguments(setup, CPU, str(tmp_path)).bf16 is bool(setting)

@@ -154,8 +154,11 @@ def test_resampled_unbiased_hsic_is_the_weighted_u_statistic_over_distinct_examp
     fast = sim._resampled_hsic(w, k, l, ["debiased"], D)["debiased"][0]  # of (x, y)
     for row, value in zip(w, fast):
         terms = []  # E[k_ij l_ij], E[k_ij l_qr], E[k_ij l_iq] over distinct examples, weighted by counts
-        for size, term in ((2, lambda i, j: k[i, j] * l[i, j]), (4, lambda i, j, q, r: k[i, j] * l[q, r]),
-                           (3, lambda i, j, q: k[i, j] * l[i, q])):  # fmt: skip
+        for size, term in (
+            (2, lambda i, j: k[i, j] * l[i, j]),
+            (4, lambda i, j, q, r: k[i, j] * l[q, r]),
+            (3, lambda i, j, q: k[i, j] * l[i, q]),
+        ):
             tuples = list(itertools.permutations(range(7), size))
             weights = torch.stack([row[list(t)].prod() for t in tuples])
             terms.append((weights * torch.stack([term(*t) for t in tuples])).sum() / weights.sum())

@@ -171,7 +171,8 @@ def test_compare_at_many_seeds_says_how_each_permutation_p_was_computed(n):
     assert out["n_pairs"] == n
     # 2^12 = 4096 sign patterns are enumerated; C(24, 12) and 2^30 are not
     assert (out["permutation_paired_method"], out["permutation_paired_n"]) == (
-        ("exact", 2**12) if n == 12 else ("monte carlo", 100_000))  # fmt: skip
+        ("exact", 2**12) if n == 12 else ("monte carlo", 100_000)
+    )
     assert (out["permutation_unpaired_method"], out["permutation_unpaired_n"]) == ("monte carlo", 100_000)
     a, b = stats.paired(lora, full)
     assert out["permutation_paired_p"] == stats.permutation_paired_p(a, b)
@@ -310,8 +311,9 @@ def test_fieller_matches_the_textbook_closed_form():
     root = (t / b.mean()) * math.sqrt(v_aa - 2 * ratio * v_ab + ratio**2 * v_bb - g * (v_aa - v_ab**2 / v_bb))
     assert r.bounded and r.note == "bounded" and g < 1
     assert r.value == pytest.approx(ratio)
-    assert (r.low, r.high) == pytest.approx(((ratio - g * v_ab / v_bb - root) / (1 - g),
-                                             (ratio - g * v_ab / v_bb + root) / (1 - g)))  # fmt: skip
+    assert (r.low, r.high) == pytest.approx(
+        ((ratio - g * v_ab / v_bb - root) / (1 - g), (ratio - g * v_ab / v_bb + root) / (1 - g))
+    )
 
 
 def test_fieller_limits_are_where_the_paired_t_test_of_a_minus_r_b_reaches_alpha():
@@ -360,8 +362,9 @@ def test_fieller_unbounded_when_the_denominator_mean_is_not_significant():
     reduction = stats.drift_reduction(lora, full)
     assert not reduction.bounded and math.isnan(reduction.low)
     assert verdict.criterion(*reduction[:3], 0.2, higher_is_better=True) == "inconclusive"
-    assert stats.ratio_of_means_fieller({1: 0.1}, {1: 0.2})[:4] == pytest.approx((0.5, math.nan, math.nan, False),
-                                                                                nan_ok=True)  # fmt: skip
+    assert stats.ratio_of_means_fieller({1: 0.1}, {1: 0.2})[:4] == pytest.approx(
+        (0.5, math.nan, math.nan, False), nan_ok=True
+    )
     assert math.isnan(stats.ratio_of_means_fieller({}, {}).value)
 
 
@@ -449,7 +452,7 @@ def test_seeds_needed_is_where_the_interval_first_decides():
     for mean, sd, threshold, better in ((0.25, 0.06, 0.2, True), (0.1, 0.3, 0.2, True), (1.0, 2.5, 3.0, False)):
         n = stats.seeds_needed(mean, sd, 3, threshold, higher_is_better=better)
 
-        def outcome(seeds):
+        def outcome(seeds, mean=mean, sd=sd, threshold=threshold, better=better):
             half = st.t.ppf(0.975, seeds - 1) * sd / math.sqrt(seeds)
             return verdict.criterion(mean, mean - half, mean + half, threshold, better)
 

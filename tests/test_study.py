@@ -124,10 +124,16 @@ def test_stage_seconds_add_up_over_resumes_and_reset_with_the_fingerprint(tmp_pa
 
 def test_a_second_writer_is_refused(tiny_config, tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import filelock, sys, time; l = filelock.FileLock(sys.argv[1]); l.acquire(); "
-         "print('locked', flush=True); time.sleep(60)", str(tmp_path / ".lock")],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import filelock, sys, time; l = filelock.FileLock(sys.argv[1]); l.acquire(); "
+            "print('locked', flush=True); time.sleep(60)",
+            str(tmp_path / ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(InputError, match="being written by another lorascope process"):

@@ -2,9 +2,9 @@ import json
 
 import numpy as np
 import pytest
-from conftest import GLUE
 from transformers import AutoTokenizer
 
+from conftest import GLUE
 from lorascope import runs
 from lorascope.config import DataConfig, TaskConfig
 from lorascope.errors import InputError
@@ -78,22 +78,37 @@ def test_custom_csv_tsv_and_json_tasks(tmp_path):
     rows = [("good film", "yes"), ("bad film", "no"), ("fine", "yes"), ("awful", "no")] * 10
     (tmp_path / "train.tsv").write_text("review\tsentiment\n" + "\n".join(f"{t}\t{l}" for t, l in rows) + "\n")
     (tmp_path / "eval.tsv").write_text("review\tsentiment\n" + "\n".join(f"{t}\t{l}" for t, l in rows[:8]) + "\n")
-    cfg = TaskConfig(source=str(tmp_path / "train.tsv"), eval_source=str(tmp_path / "eval.tsv"), text="review",
-                     label="sentiment", label_names=["no", "yes"])  # fmt: skip
-    task, train, evaluation = load_raw(resolve_task("reviews", cfg, DATA))
+    cfg = TaskConfig(
+        source=str(tmp_path / "train.tsv"),
+        eval_source=str(tmp_path / "eval.tsv"),
+        text="review",
+        label="sentiment",
+        label_names=["no", "yes"],
+    )
+    _task, train, evaluation = load_raw(resolve_task("reviews", cfg, DATA))
     assert len(train) == 40 and len(evaluation) == 8
     assert train["label"][:2] == [1, 0]  # strings mapped through label_names
     for suffix, write in (("csv", _write_csv), ("json", _write_jsonl)):
         write(tmp_path / f"t.{suffix}", rows)
-        cfg = TaskConfig(source=str(tmp_path / f"t.{suffix}"), eval_source=str(tmp_path / f"t.{suffix}"),
-                         text="review", label="sentiment", label_names=["no", "yes"])  # fmt: skip
+        cfg = TaskConfig(
+            source=str(tmp_path / f"t.{suffix}"),
+            eval_source=str(tmp_path / f"t.{suffix}"),
+            text="review",
+            label="sentiment",
+            label_names=["no", "yes"],
+        )
         _, train, _ = load_raw(resolve_task("reviews", cfg, DATA))
         assert train["text"][0] == "good film" and train["label"][0] == 1
 
 
 def test_custom_task_from_a_dataset_folder():
-    cfg = TaskConfig(source=str(GLUE), subset="rte", text="sentence1", text_pair="sentence2",
-                     label_names=["entailment", "not_entailment"])  # fmt: skip
+    cfg = TaskConfig(
+        source=str(GLUE),
+        subset="rte",
+        text="sentence1",
+        text_pair="sentence2",
+        label_names=["entailment", "not_entailment"],
+    )
     task, train, evaluation = load_raw(resolve_task("my_rte", cfg, DATA))
     assert len(train) == 2490 and len(evaluation) == 277 and task.num_labels == 2
 
@@ -109,11 +124,17 @@ def _write_jsonl(path, rows):
 @pytest.mark.parametrize(
     "cfg, message",
     [
-        (dict(source="MISSING/train.csv", eval_source="MISSING/e.csv", text="t", label_names=["a"]), "data file not found"),
+        (
+            dict(source="MISSING/train.csv", eval_source="MISSING/e.csv", text="t", label_names=["a"]),
+            "data file not found",
+        ),
         (dict(source="./missing_folder", text="t", label_names=["a"]), "dataset folder not found"),
         (dict(source=str(GLUE), subset="rte", text="premise"), r"missing column\(s\) \['premise'\]"),
         (dict(source=str(GLUE), subset="rte", text="sentence1", label_names=["a"]), "labels outside the label set"),
-        (dict(source=str(GLUE), subset="rte", text="sentence1", label_names=["a", "b"], eval_split="test"), "split 'test' not in"),
+        (
+            dict(source=str(GLUE), subset="rte", text="sentence1", label_names=["a", "b"], eval_split="test"),
+            "split 'test' not in",
+        ),
         (dict(source=str(GLUE), subset="rte", text="sentence1"), "give `label_names`"),
         (dict(source=str(GLUE), subset="rte"), "needs `text`"),
     ],
@@ -126,8 +147,9 @@ def test_bad_custom_tasks_say_what_is_wrong(cfg, message):
 def test_empty_split_and_unknown_task(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\n")
     (tmp_path / "eval.csv").write_text("text,label\nok,0\n")
-    cfg = TaskConfig(source=str(tmp_path / "train.csv"), eval_source=str(tmp_path / "eval.csv"), text="text",
-                     label_names=["a", "b"])  # fmt: skip
+    cfg = TaskConfig(
+        source=str(tmp_path / "train.csv"), eval_source=str(tmp_path / "eval.csv"), text="text", label_names=["a", "b"]
+    )
     with pytest.raises(InputError, match="empty"):
         load_raw(resolve_task("custom", cfg, DATA))
     with pytest.raises(InputError, match="unknown task 'cola'"):

@@ -89,10 +89,22 @@ def test_the_best_dev_checkpoint_is_what_gets_saved(tiny_config, tmp_path):
 
     task, splits = runs.load_prepared(study, "sst2")
     tokenizer = modeling.load_tokenizer(config.model.name)
-    base = modeling.load_model(config.model.name, task.label_names, seed=999, pad_token_id=tokenizer.pad_token_id)  # another head
+    base = modeling.load_model(
+        config.model.name, task.label_names, seed=999, pad_token_id=tokenizer.pad_token_id
+    )  # another head
     model = PeftModel.from_pretrained(base, run)
-    score = lambda split: evaluate(model, splits[split], tokenizer=tokenizer, num_labels=2, batch_size=8,  # noqa: E731
-                                   device=torch.device("cpu"), bf16=False)  # fmt: skip
+
+    def score(split):
+        return evaluate(
+            model,
+            splits[split],
+            tokenizer=tokenizer,
+            num_labels=2,
+            batch_size=8,
+            device=torch.device("cpu"),
+            bf16=False,
+        )
+
     assert score("dev").metrics["accuracy"] == pytest.approx(metrics["dev_accuracy"])
     saved = pd.read_csv(run / "predictions.csv")
     again = score("eval").predictions
@@ -109,10 +121,11 @@ def test_full_runs_save_a_loadable_model(tiny_config, tmp_path):
     run = study.run_dir("sst2", "full", 42)
     assert (run / "model.safetensors").is_file()
     model = AutoModelForSequenceClassification.from_pretrained(run)
-    task, splits = runs.load_prepared(study, "sst2")
+    _task, splits = runs.load_prepared(study, "sst2")
     tokenizer = modeling.load_tokenizer(str(tiny_config.model.name))
-    result = evaluate(model, splits["eval"], tokenizer=tokenizer, num_labels=2, batch_size=8,
-                      device=torch.device("cpu"), bf16=False)  # fmt: skip
+    result = evaluate(
+        model, splits["eval"], tokenizer=tokenizer, num_labels=2, batch_size=8, device=torch.device("cpu"), bf16=False
+    )
     assert result.metrics["accuracy"] == pytest.approx(_metrics(study, "full", 42)["accuracy"])
 
 
@@ -134,11 +147,17 @@ def test_a_run_records_what_it_cost(tiny_config, tmp_path):
         assert metrics["optimizer_state_bytes"] == 2 * 4 * metrics["trainable_params"] + 4 * tensors
         assert 0 <= metrics["peak_rss_added_bytes"] < metrics["peak_rss_bytes"]
         assert metrics["cuda_max_allocated_bytes"] is None and metrics["cuda_max_reserved_bytes"] is None
-        assert metrics["train_tokens_per_second"] == pytest.approx(metrics["tokens_seen"] / metrics["train_seconds"],
-                                                                   rel=1e-2)  # fmt: skip
+        assert metrics["train_tokens_per_second"] == pytest.approx(
+            metrics["tokens_seen"] / metrics["train_seconds"], rel=1e-2
+        )
         row = table.loc[method]
-        for column in ("artifact_bytes", "optimizer_state_bytes", "peak_rss_bytes", "peak_rss_added_bytes",
-                       "train_tokens_per_second"):  # fmt: skip
+        for column in (
+            "artifact_bytes",
+            "optimizer_state_bytes",
+            "peak_rss_bytes",
+            "peak_rss_added_bytes",
+            "train_tokens_per_second",
+        ):
             assert row[column] == pytest.approx(metrics[column])
         assert np.isnan(row["cuda_max_allocated_bytes"]) and np.isnan(row["cuda_max_reserved_bytes"])
     assert _metrics(study, "lora", 42)["optimizer_state_bytes"] < _metrics(study, "full", 42)["optimizer_state_bytes"]

@@ -36,11 +36,24 @@ SPACES = [
 
 def _config(model_dir, *overrides):
     """One task, 48 training examples, 3 steps per trial with a dev evaluation after each."""
-    return load_config(None, "smoke", [
-        f"model.name={model_dir}", "model.max_length=48", "tasks={sst2: {train_max: 48, eval_max: 40}}",
-        "data.dev_max=16", "data.probe_size=16", "runtime.progress=false", "training.lora.eval_every=1",
-        "training.full.eval_every=1", "tune.trials=3", "tune.startup_trials=1", *SPACES, *overrides,
-    ])  # fmt: skip
+    return load_config(
+        None,
+        "smoke",
+        [
+            f"model.name={model_dir}",
+            "model.max_length=48",
+            "tasks={sst2: {train_max: 48, eval_max: 40}}",
+            "data.dev_max=16",
+            "data.probe_size=16",
+            "runtime.progress=false",
+            "training.lora.eval_every=1",
+            "training.full.eval_every=1",
+            "tune.trials=3",
+            "tune.startup_trials=1",
+            *SPACES,
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -87,21 +100,24 @@ def test_default_spaces_cover_the_profile_learning_rates():
     assert spaces.lora.r is None  # rank: optional
 
 
-@pytest.mark.parametrize(("space", "expected"), [
-    ({"lora": {"lr": {"low": 1e-2, "high": 1e-4}}}, "tune.spaces.lora.lr: low 0.01 > high 0.0001"),
-    ({"lora": {"learning_rate": {"low": 1e-4, "high": 1e-2}}}, "tune.spaces.lora.learning_rate: unknown parameter"),
-    ({"full": {"r": {"choices": [4, 8]}}}, "tune.spaces.full.r: 'r' is not a hyperparameter of method full"),
-    ({"full": {"alpha": {"low": 8, "high": 32}}}, "tune.spaces.full.alpha: 'alpha' is not a hyperparameter"),
-    ({"lora": {"batch_size": {"choices": [8, 16]}}}, "tune.spaces.lora.batch_size cannot be searched"),
-    ({"lora": {"dropout": {"low": 0.0, "high": 1.5}}}, "tune.spaces.lora.dropout.high: 1.5 is not a valid dropout"),
-    ({"lora": {"r": {"low": 2, "high": 8.5}}}, "tune.spaces.lora.r.high: 8.5 is not a valid r"),
-    ({"lora": {"lr": {"low": 0.0, "high": 1e-3, "log": True}}}, "a log range needs low > 0"),
-    ({"lora": {"lr": {"low": 1e-4}}}, "a range needs both `low` and `high`"),
-    ({"lora": {"alpha": {"choices": []}}}, "`choices` must not be empty"),
-    ({"lora": {"scheduler": {"choices": ["linear", "cosin"]}}}, "'cosin' is not a valid scheduler"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("space", "expected"),
+    [
+        ({"lora": {"lr": {"low": 1e-2, "high": 1e-4}}}, "tune.spaces.lora.lr: low 0.01 > high 0.0001"),
+        ({"lora": {"learning_rate": {"low": 1e-4, "high": 1e-2}}}, "tune.spaces.lora.learning_rate: unknown parameter"),
+        ({"full": {"r": {"choices": [4, 8]}}}, "tune.spaces.full.r: 'r' is not a hyperparameter of method full"),
+        ({"full": {"alpha": {"low": 8, "high": 32}}}, "tune.spaces.full.alpha: 'alpha' is not a hyperparameter"),
+        ({"lora": {"batch_size": {"choices": [8, 16]}}}, "tune.spaces.lora.batch_size cannot be searched"),
+        ({"lora": {"dropout": {"low": 0.0, "high": 1.5}}}, "tune.spaces.lora.dropout.high: 1.5 is not a valid dropout"),
+        ({"lora": {"r": {"low": 2, "high": 8.5}}}, "tune.spaces.lora.r.high: 8.5 is not a valid r"),
+        ({"lora": {"lr": {"low": 0.0, "high": 1e-3, "log": True}}}, "a log range needs low > 0"),
+        ({"lora": {"lr": {"low": 1e-4}}}, "a range needs both `low` and `high`"),
+        ({"lora": {"alpha": {"choices": []}}}, "`choices` must not be empty"),
+        ({"lora": {"scheduler": {"choices": ["linear", "cosin"]}}}, "'cosin' is not a valid scheduler"),
+    ],
+)
 def test_invalid_spaces_are_rejected_with_the_dotted_key(space, expected):
-    with pytest.raises(InputError, match="^config: ") as err:
+    with pytest.raises(InputError, match=r"^config: ") as err:
         validate({"tune": {"spaces": space}})
     assert expected in str(err.value)
 
@@ -126,7 +142,7 @@ def test_a_bad_search_stops_before_any_trial(tiny_bert_dir, tmp_path, monkeypatc
     with pytest.raises(InputError, match="--trials must be at least 2"):
         tuning.tune_study(study, config, trials=1)
     bad = config.model_copy(update={"tune": config.tune.model_copy(update={"startup_trials": 9})})  # not validated
-    with pytest.raises(InputError, match="must be below tune.trials"):
+    with pytest.raises(InputError, match=r"must be below tune\.trials"):
         tuning.tune_study(study, bad)
     with pytest.raises(InputError, match="--task cola: not a task of this study"):
         tuning.tune_study(study, config, tasks=["cola"])
@@ -243,8 +259,15 @@ def test_a_poor_trial_is_pruned_at_a_dev_evaluation(tiny_bert_dir, tmp_path, mon
     monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)
     study = Study(tmp_path)
     record = tuning.tune_study(study, config, trials=3)["sst2", "lora"]
-    assert record["trials"] | {"requested": 0} == {"requested": 0, "complete": 0, "pruned": 3, "fail": 0,
-                                                   "running": 0, "waiting": 0, "surplus": 0}  # fmt: skip
+    assert record["trials"] | {"requested": 0} == {
+        "requested": 0,
+        "complete": 0,
+        "pruned": 3,
+        "fail": 0,
+        "running": 0,
+        "waiting": 0,
+        "surplus": 0,
+    }
     assert record["best_params"] is None
     table = pd.read_csv(study.tables / "trials.csv")
     assert table["state"].tolist() == ["PRUNED"] * 3 and table["last_step"].tolist() == [1, 1, 1]
@@ -337,12 +360,17 @@ def test_outputs_and_the_tuned_hyperparameters_for_train(searched, monkeypatch):
     assert {"lr", "alpha", "r", "warmup_ratio"} <= set(table.columns)
     assert len(table) == 6 and (table["duration_s"] > 0).all()
 
-    changed = config.model_copy(update={"training": config.training.model_copy(
-        update={"lora": config.training.lora.model_copy(update={"batch_size": 8})})})  # fmt: skip
+    changed = config.model_copy(
+        update={
+            "training": config.training.model_copy(
+                update={"lora": config.training.lora.model_copy(update={"batch_size": 8})}
+            )
+        }
+    )
     with pytest.raises(InputError, match="comes from another search"):
         tuning.tuned_hparams(study, changed, "sst2", "lora")
     more = config.model_copy(update={"tune": config.tune.model_copy(update={"trials": 6})})
-    with pytest.raises(InputError, match="3 of tune.trials=6 trials finished"):
+    with pytest.raises(InputError, match=r"3 of tune\.trials=6 trials finished"):
         tuning.tuned_hparams(study, more, "sst2", "lora")
 
 
@@ -360,10 +388,12 @@ def test_storage_arguments(tmp_path):
 def test_the_default_storage_serves_one_process(tmp_path):
     backend = optuna_storage.open_storage(tmp_path, load_config(None, "smoke"))
     assert backend.kind == "default" and backend.lock_path.parent == (tmp_path / "tune").resolve()
-    with filelock.FileLock(backend.lock_path):
-        with pytest.raises(InputError, match="several workers need a shared --storage"):
-            with backend.exclusive():
-                pass
+    with (
+        filelock.FileLock(backend.lock_path),
+        pytest.raises(InputError, match="several workers need a shared --storage"),
+        backend.exclusive(),
+    ):
+        pass
 
 
 # ---------------------------------------------------------------- parallel workers
@@ -406,11 +436,17 @@ def postgres_url():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     data = root / "data"
-    subprocess.run([*as_user, bindir / "initdb", "-D", data, "-U", "lorascope", "--auth=trust", "--no-sync"],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [*as_user, bindir / "initdb", "-D", data, "-U", "lorascope", "--auth=trust", "--no-sync"],
+        check=True,
+        capture_output=True,
+    )
     options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run([*as_user, bindir / "pg_ctl", "-D", data, "-o", options, "-l", root / "log", "-w", "start"],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [*as_user, bindir / "pg_ctl", "-D", data, "-o", options, "-l", root / "log", "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql://lorascope:not-a-secret@127.0.0.1:{port}/postgres"  # trust auth ignores the password
     finally:
@@ -450,9 +486,15 @@ def test_two_worker_processes_fill_one_search(tiny_bert_dir, tmp_path, request):
     workers = []
     for i in range(2):
         args = [tmp_path / "config.yaml", tmp_path / f"worker{i}", tmp_path / f"{i}.ready", 2, *storages.values()]
-        log = open(tmp_path / f"worker{i}.log", "w")
-        workers.append((subprocess.Popen([sys.executable, "-c", WORKER, *map(str, args)], env=env, stdout=log,
-                                         stderr=subprocess.STDOUT), log))  # fmt: skip
+        log = open(tmp_path / f"worker{i}.log", "w")  # noqa: SIM115 - open while the worker runs, closed below
+        workers.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, "-c", WORKER, *map(str, args)], env=env, stdout=log, stderr=subprocess.STDOUT
+                ),
+                log,
+            )
+        )
     for process, log in workers:
         process.wait(timeout=300)
         log.close()
@@ -470,13 +512,17 @@ def test_two_worker_processes_fill_one_search(tiny_bert_dir, tmp_path, request):
         assert all(t.state in tuning.FINISHED or t.user_attrs.get("surplus") for t in trials), kind
         # a worker may get no trial of one storage (the other was faster); over all storages both ran
         dirs = [{p.name for p in (root / "tune" / "sst2" / "lora").glob("trial*")} for root in roots]
-        assert not dirs[0] & dirs[1] and dirs[0] | dirs[1] == {f"trial{t.number:04d}" for t in trials
-                                                               if t.state in tuning.FINISHED}, kind  # fmt: skip
+        assert not dirs[0] & dirs[1] and dirs[0] | dirs[1] == {
+            f"trial{t.number:04d}" for t in trials if t.state in tuning.FINISHED
+        }, kind
         ran = [n + len(d) for n, d in zip(ran, dirs)]
         best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (t.value, -t.number))
         for root in roots:
             record = yaml.safe_load((root / "tuned" / "sst2_lora.yaml").read_text())
             assert (record["best_trial"], record["best_value"], record["best_params"]) == (
-                best.number, best.value, best.params), kind  # fmt: skip
+                best.number,
+                best.value,
+                best.params,
+            ), kind
             assert "not-a-secret" not in record["storage"]
     assert all(ran), ran  # both workers trained

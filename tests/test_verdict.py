@@ -19,13 +19,15 @@ MRPC_FULL = {42: 0.830, 1337: 0.888, 2024: 0.875}
 
 
 def test_flag_runs():
-    perf = pd.DataFrame({
-        "task": ["rte"] * 5 + ["sst2"],
-        "method": ["full"] * 6,
-        "seed": [1, 2, 3, 4, 5, 1],
-        "status": ["ok", "ok", "diverged", "failed", "ok", "ok"],
-        "primary_value": [0.80, 0.75, 0.6, None, 0.70, 0.60],
-    })  # fmt: skip
+    perf = pd.DataFrame(
+        {
+            "task": ["rte"] * 5 + ["sst2"],
+            "method": ["full"] * 6,
+            "seed": [1, 2, 3, 4, 5, 1],
+            "status": ["ok", "ok", "diverged", "failed", "ok", "ok"],
+            "primary_value": [0.80, 0.75, 0.6, None, 0.70, 0.60],
+        }
+    )
     out = verdict.flag_runs(perf, {"rte": 0.5, "sst2": 0.5}, margin=0.25)
     assert out["flagged"].tolist() == [False, True, True, True, True, True]
     assert out["reason"][0] == ""
@@ -92,21 +94,27 @@ def _gap(lora, full):
 
 def test_verdict_rows_columns_outcomes_and_seeds_needed():
     gap, spread = _gap(MRPC_LORA, MRPC_FULL)  # -1.7 points, t-interval about [-8.9, 5.5]
-    rows = verdict.verdict_rows("mrpc", [
-        verdict.Criterion("quality", gap, 3.0, False, "q", spread=spread),
-        verdict.Criterion("drift", stats.Estimate(0.25, 0.22, 0.28), 0.2, True, "d"),
-        verdict.Criterion("deployment", None, 0.3, False, "dep"),
-    ])  # fmt: skip
+    rows = verdict.verdict_rows(
+        "mrpc",
+        [
+            verdict.Criterion("quality", gap, 3.0, False, "q", spread=spread),
+            verdict.Criterion("drift", stats.Estimate(0.25, 0.22, 0.28), 0.2, True, "d"),
+            verdict.Criterion("deployment", None, 0.3, False, "dep"),
+        ],
+    )
     table = pd.DataFrame(rows, columns=verdict.VERDICT_COLUMNS)
     by = table.set_index("criterion")
     assert by.loc["quality", "value"] == pytest.approx(-1.7)
     assert by["outcome"].to_dict() == {
-        "quality": "inconclusive", "drift": "met", "deployment": "not run", "recommended": "inconclusive",
-    }  # fmt: skip
+        "quality": "inconclusive",
+        "drift": "met",
+        "deployment": "not run",
+        "recommended": "inconclusive",
+    }
     assert by["direction"].iloc[:3].tolist() == ["at most", "at least", "at most"]
     needed = by.loc["quality", "seeds_needed"]
     assert needed == stats.seeds_needed(*spread, 3.0, higher_is_better=False)
-    assert 3 < needed and by.loc["quality", "seeds_needed_low"] <= needed  # more seeds than ran
+    assert needed > 3 and by.loc["quality", "seeds_needed_low"] <= needed  # more seeds than ran
     assert pd.isna(by.loc["drift", "seeds_needed"])  # decided: nothing to plan
 
 
@@ -120,12 +128,15 @@ def test_the_drift_contrast_decides_and_the_ratio_is_shown():
 
 def test_recommended_uses_only_the_three_criteria():
     gap, _ = _gap(SST2_LORA, SST2_FULL)  # LoRA better on every seed: met (one-sided)
-    rows = verdict.verdict_rows("sst2", [
-        verdict.Criterion("quality", gap, 3.0, False, "q"),
-        verdict.Criterion("quality (f1)", stats.Estimate(9.0, 8.0, 10.0), 3.0, False, "q", counts=False),
-        verdict.Criterion("drift", stats.Estimate(0.05, 0.01, 0.09), 0.2, True, "d"),
-        verdict.Criterion("deployment", stats.Estimate(0.10, 0.08, 0.12), 0.3, False, "dep"),
-    ])  # fmt: skip
+    rows = verdict.verdict_rows(
+        "sst2",
+        [
+            verdict.Criterion("quality", gap, 3.0, False, "q"),
+            verdict.Criterion("quality (f1)", stats.Estimate(9.0, 8.0, 10.0), 3.0, False, "q", counts=False),
+            verdict.Criterion("drift", stats.Estimate(0.05, 0.01, 0.09), 0.2, True, "d"),
+            verdict.Criterion("deployment", stats.Estimate(0.10, 0.08, 0.12), 0.3, False, "dep"),
+        ],
+    )
     assert [r["outcome"] for r in rows] == ["met", "shown", "not met", "met", "met"]
 
 
@@ -137,16 +148,35 @@ def test_failure_rate_row_has_a_clopper_pearson_interval():
 
 def _flags(values: dict[tuple[str, int], tuple[float, float, bool]]) -> pd.DataFrame:
     """A flags.csv-shaped frame (the analyze stage's columns) from {(method, seed): (accuracy, f1, flagged)}."""
-    rows = [{"task": "mrpc", "method": m, "seed": s, "status": "ok", "primary_metric": "f1", "primary_value": f1,
-             "accuracy": acc, "f1": f1, "flagged": flagged, "reason": "x" if flagged else ""}
-            for (m, s), (acc, f1, flagged) in values.items()]  # fmt: skip
+    rows = [
+        {
+            "task": "mrpc",
+            "method": m,
+            "seed": s,
+            "status": "ok",
+            "primary_metric": "f1",
+            "primary_value": f1,
+            "accuracy": acc,
+            "f1": f1,
+            "flagged": flagged,
+            "reason": "x" if flagged else "",
+        }
+        for (m, s), (acc, f1, flagged) in values.items()
+    ]
     return analysis.FLAGS.frame(rows)
 
 
 def test_quality_is_judged_on_accuracy_by_default_and_shows_the_primary_metric():
-    flags = _flags({("lora", 1): (0.70, 0.80, False), ("full", 1): (0.72, 0.84, False),
-                    ("lora", 2): (0.71, 0.81, False), ("full", 2): (0.74, 0.85, False),
-                    ("lora", 3): (0.50, 0.60, True), ("full", 3): (0.73, 0.86, False)})  # fmt: skip
+    flags = _flags(
+        {
+            ("lora", 1): (0.70, 0.80, False),
+            ("full", 1): (0.72, 0.84, False),
+            ("lora", 2): (0.71, 0.81, False),
+            ("full", 2): (0.74, 0.85, False),
+            ("lora", 3): (0.50, 0.60, True),
+            ("full", 3): (0.73, 0.86, False),
+        }
+    )
     by = {c.name: c for c in analysis.quality_criteria(flags, "mrpc", AnalysisConfig())}
     assert set(by) == {"quality", "quality (f1)"} and by["quality"].counts and not by["quality (f1)"].counts
     assert by["quality"].estimate.value == pytest.approx(2.5)  # accuracy, seeds 1 and 2 only (3 is flagged)
@@ -159,11 +189,30 @@ def test_quality_is_judged_on_accuracy_by_default_and_shows_the_primary_metric()
 def test_drift_criterion_uses_the_ratio_of_means_over_unflagged_pairs(tmp_path):
     from lorascope.drift import DRIFT_SUMMARY
 
-    drift = {("lora", 1): 0.10, ("full", 1): 0.20, ("lora", 2): 0.05, ("full", 2): 0.20, ("lora", 3): 0.01,
-             ("full", 3): 0.10}  # fmt: skip
-    DRIFT_SUMMARY.write(tmp_path, [{"task": "mrpc", "method": m, "seed": s, "pooling": "mean", "measure": "linear_cka",
-                                    "mean_over_layers": 1 - d, "mean_last_third": 1 - d, "comparison": "run_vs_base"}
-                                   for (m, s), d in drift.items()])  # fmt: skip
+    drift = {
+        ("lora", 1): 0.10,
+        ("full", 1): 0.20,
+        ("lora", 2): 0.05,
+        ("full", 2): 0.20,
+        ("lora", 3): 0.01,
+        ("full", 3): 0.10,
+    }
+    DRIFT_SUMMARY.write(
+        tmp_path,
+        [
+            {
+                "task": "mrpc",
+                "method": m,
+                "seed": s,
+                "pooling": "mean",
+                "measure": "linear_cka",
+                "mean_over_layers": 1 - d,
+                "mean_last_third": 1 - d,
+                "comparison": "run_vs_base",
+            }
+            for (m, s), d in drift.items()
+        ],
+    )
     summary = DRIFT_SUMMARY.read(tmp_path)
     flags = _flags({(m, s): (0.8, 0.8, s == 3 and m == "lora") for m, s in drift})
     c = analysis.drift_criterion(summary, flags, "mrpc", AnalysisConfig())
@@ -172,7 +221,8 @@ def test_drift_criterion_uses_the_ratio_of_means_over_unflagged_pairs(tmp_path):
     assert (c.estimate.low, c.estimate.high) == pytest.approx((expected.low, expected.high))
     contrast = stats.reduction_contrast({1: 0.10, 2: 0.05}, {1: 0.20, 2: 0.20}, 0.2)
     assert tuple(c.decider) == pytest.approx(tuple(contrast)) and c.decide_at == 0.0
-    alone = analysis.drift_criterion(summary, _flags({(m, s): (0.8, 0.8, s > 1) for m, s in drift}), "mrpc",
-                                     AnalysisConfig())  # fmt: skip
+    alone = analysis.drift_criterion(
+        summary, _flags({(m, s): (0.8, 0.8, s > 1) for m, s in drift}), "mrpc", AnalysisConfig()
+    )
     assert alone.estimate.value == pytest.approx(1 - 0.16 / 0.50) and math.isnan(alone.decider.low)
     assert "no interval" in alone.rule and verdict.row("mrpc", alone)["outcome"] == "inconclusive"

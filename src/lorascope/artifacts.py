@@ -57,31 +57,49 @@ def loading_lines(method: str, task: Task, pad_token_id: int) -> str:
     """Python that loads the folder `run_dir` with the task's label names and the run's pad token
     (the base's config may have none, and a decoder's classifier finds its last token by it)."""
     if method == "full":
-        return ("from transformers import pipeline\n"
-                'classifier = pipeline("text-classification", model=run_dir)\n'
-                'classifier(["an example text"], truncation=True)')  # fmt: skip
+        return (
+            "from transformers import pipeline\n"
+            'classifier = pipeline("text-classification", model=run_dir)\n'
+            'classifier(["an example text"], truncation=True)'
+        )
     id2label = dict(enumerate(task.label_names))
     label2id = {name: i for i, name in id2label.items()}
-    return ("from peft import AutoPeftModelForSequenceClassification\nfrom transformers import AutoTokenizer\n"
-            f"model = AutoPeftModelForSequenceClassification.from_pretrained(run_dir, id2label={id2label}, "
-            f"label2id={label2id}, pad_token_id={pad_token_id})\n"
-            "tokenizer = AutoTokenizer.from_pretrained(run_dir)")  # fmt: skip
+    return (
+        "from peft import AutoPeftModelForSequenceClassification\nfrom transformers import AutoTokenizer\n"
+        f"model = AutoPeftModelForSequenceClassification.from_pretrained(run_dir, id2label={id2label}, "
+        f"label2id={label2id}, pad_token_id={pad_token_id})\n"
+        "tokenizer = AutoTokenizer.from_pretrained(run_dir)"
+    )
 
 
-def write_card(out_dir: Path, model_name: str, task: Task, method: str, seed: int, metrics: dict,
-               pad_token_id: int) -> None:  # fmt: skip
+def write_card(
+    out_dir: Path, model_name: str, task: Task, method: str, seed: int, metrics: dict, pad_token_id: int
+) -> None:
     """README.md: task, method, seed, base model, eval metrics and the loading lines."""
     base = card_base_model(model_name)
-    data = ModelCardData(base_model=base, library_name="peft" if method == "lora" else "transformers",
-                         pipeline_tag="text-classification", tags=["lorascope", method, task.name])  # fmt: skip
-    where = (f" (lorascope's bundled alias: `lorascope.modeling.resolve_model_path({base!r})` gives its folder "
-             "wherever its package is installed)" if is_bundled(base) else "")  # fmt: skip
-    scores = "\n".join(f"| {key[5:]} | {value:.4f} |" for key, value in metrics.items()
-                       if key.startswith("eval_") and isinstance(value, float))  # fmt: skip
-    body = (f"# {task.name}: {METHOD_NAMES[method]} of {base}, seed {seed}\n\n"
-            f"Trained by lorascope on task `{task.name}` (labels: {', '.join(task.label_names)}) with "
-            f"{METHOD_NAMES[method]}, seed {seed}, from the base model `{base}`{where}.\n\n"
-            f"Scores on the eval split (the task's `{task.eval_split}` split; never used for selection):\n\n"
-            f"| metric | value |\n|---|---|\n{scores}\n\n"
-            f"## Loading\n\nWith `run_dir` the path of this folder:\n\n```python\n{loading_lines(method, task, pad_token_id)}\n```\n")  # fmt: skip
+    data = ModelCardData(
+        base_model=base,
+        library_name="peft" if method == "lora" else "transformers",
+        pipeline_tag="text-classification",
+        tags=["lorascope", method, task.name],
+    )
+    where = (
+        f" (lorascope's bundled alias: `lorascope.modeling.resolve_model_path({base!r})` gives its folder "
+        "wherever its package is installed)"
+        if is_bundled(base)
+        else ""
+    )
+    scores = "\n".join(
+        f"| {key[5:]} | {value:.4f} |"
+        for key, value in metrics.items()
+        if key.startswith("eval_") and isinstance(value, float)
+    )
+    body = (
+        f"# {task.name}: {METHOD_NAMES[method]} of {base}, seed {seed}\n\n"
+        f"Trained by lorascope on task `{task.name}` (labels: {', '.join(task.label_names)}) with "
+        f"{METHOD_NAMES[method]}, seed {seed}, from the base model `{base}`{where}.\n\n"
+        f"Scores on the eval split (the task's `{task.eval_split}` split; never used for selection):\n\n"
+        f"| metric | value |\n|---|---|\n{scores}\n\n"
+        f"## Loading\n\nWith `run_dir` the path of this folder:\n\n```python\n{loading_lines(method, task, pad_token_id)}\n```\n"
+    )
     ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(out_dir / CARD)

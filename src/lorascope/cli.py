@@ -21,27 +21,38 @@ from lorascope.study import Study, atomic_write, run_stages
 SPECIAL = ("tune", "drift", "train")  # stage subcommands with options of their own, defined below
 
 
-def _add_config_args(parser: argparse.ArgumentParser, config_positional: bool,
-                     out_help: str = "study directory (default studies/<name>)") -> None:  # fmt: skip
+def _add_config_args(
+    parser: argparse.ArgumentParser, config_positional: bool, out_help: str = "study directory (default studies/<name>)"
+) -> None:
     if config_positional:
         parser.add_argument("config", nargs="?", help="study YAML (default: the profile alone)")
     else:
         parser.add_argument("--config", help="study YAML (default: the profile alone)")
     parser.add_argument("--profile", help="smoke | quick | paper (default quick when no config is given)")
     parser.add_argument("--out", help=out_help)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set training.lora.lr=3e-4 (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set training.lora.lr=3e-4 (repeatable)",
+    )
 
 
 def _add_executor_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="parallel workers (runtime.workers; 1 = in this process)")
-    parser.add_argument("--ray", metavar="ADDRESS", help="run units on Ray: local, auto or host:port (runtime.ray_address)")
+    parser.add_argument(
+        "--ray", metavar="ADDRESS", help="run units on Ray: local, auto or host:port (runtime.ray_address)"
+    )
 
 
 def _executor_overrides(args) -> list[str]:
     """--workers / --ray as the --set overrides they stand for, validated with the rest of the config."""
     workers, ray = getattr(args, "workers", None), getattr(args, "ray", None)
-    return ([f"runtime.workers={workers}"] if workers is not None else []) + ([f"runtime.ray_address={ray}"] if ray else [])
+    return ([f"runtime.workers={workers}"] if workers is not None else []) + (
+        [f"runtime.ray_address={ray}"] if ray else []
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,16 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     for stage in STAGES:
         if stage.name not in SPECIAL:
-            sub = commands.add_parser(stage.name, help=stage.help, description=f"{stage.help} (on an existing study "
-                                      "directory, after the stages it needs)")  # fmt: skip
+            sub = commands.add_parser(
+                stage.name,
+                help=stage.help,
+                description=f"{stage.help} (on an existing study directory, after the stages it needs)",
+            )
             sub.add_argument("study", help="study directory")
             _add_executor_args(sub)
 
     drift = commands.add_parser(
-        "drift", help="layer-wise CKA / cosine of every run against the base, with references",
+        "drift",
+        help="layer-wise CKA / cosine of every run against the base, with references",
         description="Layer-wise CKA / cosine of every run of STUDY against the base, with references; or of "
-                    "one model trained anywhere (--model, or --adapter on --base) against --base on --task.",
-    )  # fmt: skip
+        "one model trained anywhere (--model, or --adapter on --base) against --base on --task.",
+    )
     drift.add_argument("study", nargs="?", help="study directory (or give --base and --model / --adapter)")
     drift.add_argument("--base", help="base model: bundled alias, Hub id or folder")
     drift.add_argument("--model", help="fully fine-tuned model folder or Hub id (not with --adapter)")
@@ -74,37 +89,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(drift, config_positional=False, out_help="folder for the tables (default studies/drift-<task>)")
 
     tune = commands.add_parser(
-        "tune", help="Optuna search per task x method on the dev split",
+        "tune",
+        help="Optuna search per task x method on the dev split",
         description="Search hyperparameters per task x method on dev. Several workers: --workers N or "
-                    "--ray (one shared journal in the study unless --storage), or separate processes with one "
-                    "study directory each (--out) and one shared --storage.",
-    )  # fmt: skip
+        "--ray (one shared journal in the study unless --storage), or separate processes with one "
+        "study directory each (--out) and one shared --storage.",
+    )
     tune.add_argument("study", help="study directory or config YAML")
     tune.add_argument("--task", action="append", help="only this task (repeatable)")
     tune.add_argument("--method", action="append", choices=("lora", "full"), help="only this method (repeatable)")
     tune.add_argument("--trials", type=int, help="finished trials per task x method (default tune.trials)")
     tune.add_argument("--storage", help="Optuna storage URL (postgresql://, mysql://, sqlite:///) or a journal file")
     tune.add_argument("--out", help="study directory when STUDY is a config file")
-    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config key (repeatable)")  # fmt: skip
+    tune.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable)",
+    )
     _add_executor_args(tune)
 
     bench = commands.add_parser(
-        "bench", help="serving benchmark of any base model with adapters (and a full model)",
+        "bench",
+        help="serving benchmark of any base model with adapters (and a full model)",
         description="Correctness checks, latency grid and memory of full / merged / separate / switch / mixed.",
-    )  # fmt: skip
+    )
     bench.add_argument("--base", required=True, help="base model: bundled alias, Hub id or folder")
-    bench.add_argument("--adapter", action="append", required=True, metavar="[NAME=]PATH",
-                       help="PEFT adapter folder (repeatable; the first is merged / served separately)")  # fmt: skip
+    bench.add_argument(
+        "--adapter",
+        action="append",
+        required=True,
+        metavar="[NAME=]PATH",
+        help="PEFT adapter folder (repeatable; the first is merged / served separately)",
+    )
     bench.add_argument("--full", help="fully fine-tuned model folder to compare with")
     bench.add_argument("--task", default="sst2", help="task whose eval examples are served (default sst2)")
-    bench.add_argument("--engine", action="append", choices=("peft", "vllm"),
-                       help="serving engine (repeatable; default deploy.engines): peft = the in-process benchmark; "
-                            "vllm adds the load grid on vLLM servers beside PEFT's (`make vllm` first)")  # fmt: skip
+    bench.add_argument(
+        "--engine",
+        action="append",
+        choices=("peft", "vllm"),
+        help="serving engine (repeatable; default deploy.engines): peft = the in-process benchmark; "
+        "vllm adds the load grid on vLLM servers beside PEFT's (`make vllm` first)",
+    )
     _add_config_args(bench, config_positional=False)
 
     train = commands.add_parser(
-        "train", help="train the study's grid, or one run with --task/--method/--seed",
+        "train",
+        help="train the study's grid, or one run with --task/--method/--seed",
         description="Train every run of STUDY, or a single run given --task, --method and --seed.",
     )
     train.add_argument("study", nargs="?", help="study directory (its config.yaml is used)")
@@ -124,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished results are kept, rerun to resume", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - the CLI's single exit point
+    except Exception as err:
         if args.debug:
             traceback.print_exc()
         print(f"lorascope: error: {err}", file=sys.stderr)
@@ -154,7 +187,9 @@ def _dispatch(args) -> int:
     study = Study(args.study)
     config = study.load_config()
     if _executor_overrides(args):
-        config = validate(apply_overrides(config.model_dump(mode="json"), _executor_overrides(args)), source="--workers")
+        config = validate(
+            apply_overrides(config.model_dump(mode="json"), _executor_overrides(args)), source="--workers"
+        )
     with runtime.threads(config.runtime.threads):
         run_stages(config, study.root, with_inputs(args.command), write_config=False)
     print(f"{args.command} done in {study.root}")
@@ -186,8 +221,15 @@ def _single_run(args) -> int:
 def _check_drift_args(args) -> None:
     if (args.study is None) == (args.base is None):
         raise InputError("drift needs exactly one of STUDY or --base (with --model or --adapter, and --task)")
-    single = {"--model": args.model, "--adapter": args.adapter, "--task": args.task, "--config": args.config,
-              "--profile": args.profile, "--out": args.out, "--set": args.overrides}  # fmt: skip
+    single = {
+        "--model": args.model,
+        "--adapter": args.adapter,
+        "--task": args.task,
+        "--config": args.config,
+        "--profile": args.profile,
+        "--out": args.out,
+        "--set": args.overrides,
+    }
     if args.study is not None:
         given = [flag for flag, value in single.items() if value]
         if given:
@@ -215,8 +257,13 @@ def _single_drift(args) -> int:
         layers, summary = single_drift(config, args.base, task, model=args.model, adapter=args.adapter)
     DRIFT_LAYERS.write(out, layers)
     DRIFT_SUMMARY.write(out, summary)
-    inputs = {"base": args.base, "model": args.model, "adapter": args.adapter, "task": task,
-              "config": config.model_dump(mode="json", include={"data", "model", "represent", "drift"})}  # fmt: skip
+    inputs = {
+        "base": args.base,
+        "model": args.model,
+        "adapter": args.adapter,
+        "task": task,
+        "config": config.model_dump(mode="json", include={"data", "model", "represent", "drift"}),
+    }
     atomic_write(out / "drift_inputs.json", json.dumps(inputs, indent=2) + "\n")
     table = summary.pivot_table(index=["pooling", "measure"], columns="comparison", values="mean_over_layers")
     order = [c for c in ("run_vs_base", "base_vs_base", "shuffled_base") if c in table.columns]
@@ -279,7 +326,7 @@ def _bench(args) -> int:
         adapters[name if sep else f"adapter{i}"] = path
     if args.full and not (Path(args.full) / "config.json").is_file():
         raise InputError(f"--full: no model found at {args.full} (expected a folder with config.json)")
-    task, _, evaluation = load_raw(resolve_task(args.task, config.tasks.get(args.task, TaskConfig()), config.data))
+    _task, _, evaluation = load_raw(resolve_task(args.task, config.tasks.get(args.task, TaskConfig()), config.data))
     tokenizer = modeling.load_tokenizer(args.base)
     split = tokenize(datasets.DatasetDict(train=evaluation), tokenizer, config.model.max_length)["train"]
     examples = examples_from_dataset(split)
@@ -289,14 +336,36 @@ def _bench(args) -> int:
     engines = config.deploy.engines
     with runtime.threads(config.runtime.threads):
         if "peft" in engines:
-            result = benchmark(base, adapters, args.full, served, tokenizer, config.deploy, out, device=device,
-                               bf16=runtime.uses_bf16(config.runtime, device), check_examples=config.deploy.check_examples)  # fmt: skip
-            atomic_write(out / "deployment_latency.png", png_bytes(latency_figure(result.timings[result.timings["status"] == "ok"])))
+            result = benchmark(
+                base,
+                adapters,
+                args.full,
+                served,
+                tokenizer,
+                config.deploy,
+                out,
+                device=device,
+                bf16=runtime.uses_bf16(config.runtime, device),
+                check_examples=config.deploy.check_examples,
+            )
+            atomic_write(
+                out / "deployment_latency.png",
+                png_bytes(latency_figure(result.timings[result.timings["status"] == "ok"])),
+            )
             if not result.memory.empty:
                 atomic_write(out / "deployment_memory.png", png_bytes(memory_figure(result.memory)))
         if "vllm" in engines:
-            grid = run_engines(base, adapters, args.full, served, tokenizer, config.deploy, out, device=device,
-                               check_examples=config.deploy.check_examples).rows  # fmt: skip
+            grid = run_engines(
+                base,
+                adapters,
+                args.full,
+                served,
+                tokenizer,
+                config.deploy,
+                out,
+                device=device,
+                check_examples=config.deploy.check_examples,
+            ).rows
             if (grid["status"] == "ok").any():
                 atomic_write(out / "deployment_engines.png", png_bytes(engines_figure(grid)))
     print(f"deployment tables and figures written to {out}")

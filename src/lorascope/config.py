@@ -112,9 +112,10 @@ class RepresentConfig(Strict):
     poolings: list[Literal["mean", "head"]] = ["mean", "head"]
     skip_special_tokens: bool = Field(False, description="leave [CLS]/[SEP]/BOS/EOS out of mean pooling")
     skip_first_position: bool | None = Field(
-        None, description="leave the first position (and BOS) out of mean pooling; None = decoders yes, encoders no "
+        None,
+        description="leave the first position (and BOS) out of mean pooling; None = decoders yes, encoders no "
         "(a decoder's first position is a massive activation that dominates the mean)",
-    )  # fmt: skip
+    )
     batch_size: int = Field(64, gt=0)
 
 
@@ -147,8 +148,9 @@ class ForgetConfig(Strict):
     bootstrap: int = Field(1000, ge=0, description="resamples over eval examples / documents; 0 = no intervals")
     confidence: float = Field(0.95, gt=0, lt=1)
     lm: bool = Field(True, description="LM-loss change (decoders: causal; encoders with an MLM head: masked)")
-    lm_text: str | None = Field(None, description="text file, one document per line; None = eval sentences of the "
-                                "tasks a run did not train on")  # fmt: skip
+    lm_text: str | None = Field(
+        None, description="text file, one document per line; None = eval sentences of the tasks a run did not train on"
+    )
     lm_documents: int = Field(200, gt=0, description="documents per task (or from lm_text)")
     seed: int = 0
 
@@ -165,22 +167,43 @@ class DeployConfig(Strict):
     threads: int | None = Field(None, gt=0, description="torch threads while timing; None = all cores")
     seed: int | None = Field(None, description="which run seed to serve; None = the first seed")
     bootstrap: int = Field(1000, ge=0)
-    check_examples: int | None = Field(None, gt=0, description="eval examples per task for the correctness checks; None = all")
+    check_examples: int | None = Field(
+        None, gt=0, description="eval examples per task for the correctness checks; None = all"
+    )
     compile: bool = Field(False, description="also time torch.compile variants of merged and separate")
-    engines: list[Literal[ENGINES]] = Field(["peft"], min_length=1, description="serving engines; vllm adds the "
-                                            "load grid (concurrency, batched requests) on a vLLM server, beside PEFT")
-    concurrency: list[Annotated[int, Field(gt=0)]] = Field([1, 2, 4, 8, 16], min_length=1,
-                                                           description="closed-loop clients of the engine load grid")
-    engine_requests: int = Field(200, gt=1, description="timed requests per engine load-grid cell (200: p99 is "
-                                 "interpolated below the two slowest, not the maximum)")
-    engine_rounds: int | None = Field(None, gt=0, description="rounds each engine cell's requests go in, every "
-                                      "strategy of the engine in turn, so a slow spell hits all strategies alike; "
-                                      "None = turns as short as the engine allows (serving.engines.TURNS)")
-    vllm_python: str | None = Field(None, description="vLLM virtualenv (folder or its python); None = "
-                                    "$LORASCOPE_VLLM_PYTHON, else .venv-vllm (`make vllm`)")
+    engines: list[Literal[ENGINES]] = Field(
+        ["peft"],
+        min_length=1,
+        description="serving engines; vllm adds the "
+        "load grid (concurrency, batched requests) on a vLLM server, beside PEFT",
+    )
+    concurrency: list[Annotated[int, Field(gt=0)]] = Field(
+        [1, 2, 4, 8, 16], min_length=1, description="closed-loop clients of the engine load grid"
+    )
+    engine_requests: int = Field(
+        200,
+        gt=1,
+        description="timed requests per engine load-grid cell (200: p99 is "
+        "interpolated below the two slowest, not the maximum)",
+    )
+    engine_rounds: int | None = Field(
+        None,
+        gt=0,
+        description="rounds each engine cell's requests go in, every "
+        "strategy of the engine in turn, so a slow spell hits all strategies alike; "
+        "None = turns as short as the engine allows (serving.engines.TURNS)",
+    )
+    vllm_python: str | None = Field(
+        None,
+        description="vLLM virtualenv (folder or its python); None = "
+        "$LORASCOPE_VLLM_PYTHON, else .venv-vllm (`make vllm`)",
+    )
     vllm_startup_timeout: float = Field(600.0, gt=0, description="seconds a vLLM server may take to become ready")
-    vllm_args: list[str] = Field([], description="extra arguments of every vLLM server, e.g. [--enforce-eager] "
-                                 "(skips torch.compile at start-up: faster to start, slower to serve)")
+    vllm_args: list[str] = Field(
+        [],
+        description="extra arguments of every vLLM server, e.g. [--enforce-eager] "
+        "(skips torch.compile at start-up: faster to start, slower to serve)",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> DeployConfig:
@@ -189,8 +212,10 @@ class DeployConfig(Strict):
             if len(set(values)) != len(values):
                 raise ValueError(f"`{key}` has duplicates: {values}")
         if self.engine_rounds is not None and self.engine_rounds > self.engine_requests:
-            raise ValueError(f"`engine_rounds` ({self.engine_rounds}) is more than `engine_requests` "
-                             f"({self.engine_requests}): every round needs a request")
+            raise ValueError(
+                f"`engine_rounds` ({self.engine_rounds}) is more than `engine_requests` "
+                f"({self.engine_requests}): every round needs a request"
+            )
         return self
 
     def check_environment(self) -> None:
@@ -206,9 +231,10 @@ class AnalysisConfig(Strict):
 
     quality_max_gap_pp: float = Field(3.0, ge=0, description="LoRA within this many points of full FT")
     quality_metric: Literal["accuracy", "primary"] = Field(
-        "accuracy", description="the quality criterion's metric: accuracy, as the proposal states it, or each "
+        "accuracy",
+        description="the quality criterion's metric: accuracy, as the proposal states it, or each "
         "task's primary metric (MRPC: F1); the report shows both",
-    )  # fmt: skip
+    )
     drift_min_reduction: float = Field(0.20, description="LoRA drift at least this fraction lower")
     deploy_max_overhead: float = Field(0.30, description="separate-adapter overhead at batch 1")
     majority_margin: float = Field(0.01, ge=0, description="a run must beat the majority baseline by this")
@@ -278,8 +304,10 @@ class SearchSpace(Strict):
             if key in UNSEARCHABLE:
                 raise ValueError(f"{where} cannot be searched: {UNSEARCHABLE[key]}")
             if key in LoraMethodConfig.model_fields:
-                raise ValueError(f"{where}: '{key}' is not a hyperparameter of method {cls.method}, so it would "
-                                 f"never reach the trainer (searchable: {', '.join(cls.model_fields)})")  # fmt: skip
+                raise ValueError(
+                    f"{where}: '{key}' is not a hyperparameter of method {cls.method}, so it would "
+                    f"never reach the trainer (searchable: {', '.join(cls.model_fields)})"
+                )
             raise ValueError(f"{where}: unknown parameter{_suggest(key, cls.model_fields)}")
         return data
 
@@ -292,8 +320,10 @@ class SearchSpace(Strict):
             if param.choices is not None:
                 update = {"choices": [_check_hparam(self.hparams, name, v, f"{where}.choices") for v in param.choices]}
             else:
-                update = {end: _check_hparam(self.hparams, name, getattr(param, end), f"{where}.{end}")
-                          for end in ("low", "high")}  # fmt: skip
+                update = {
+                    end: _check_hparam(self.hparams, name, getattr(param, end), f"{where}.{end}")
+                    for end in ("low", "high")
+                }
             object.__setattr__(self, name, param.model_copy(update=update))  # no re-validation loop
         return self
 
@@ -322,16 +352,26 @@ _SHARED_DEFAULTS = {
     "weight_decay": SearchParam(low=0.0, high=0.1),
     "epochs": SearchParam(choices=[1, 2, 3]),
 }
-LoraSearchSpace = _search_space("LoraSearchSpace", "lora", LoraMethodConfig, {
-    "lr": SearchParam(low=1e-5, high=5e-3, log=True),  # contains the quick profile's 2e-3
-    "alpha": SearchParam(choices=[8, 16, 32]),
-    "dropout": SearchParam(low=0.0, high=0.2),
-    **_SHARED_DEFAULTS,
-})  # fmt: skip
-FullSearchSpace = _search_space("FullSearchSpace", "full", MethodConfig, {
-    "lr": SearchParam(low=1e-6, high=3e-4, log=True),  # contains the quick profile's 1e-4
-    **_SHARED_DEFAULTS,
-})  # fmt: skip
+LoraSearchSpace = _search_space(
+    "LoraSearchSpace",
+    "lora",
+    LoraMethodConfig,
+    {
+        "lr": SearchParam(low=1e-5, high=5e-3, log=True),  # contains the quick profile's 2e-3
+        "alpha": SearchParam(choices=[8, 16, 32]),
+        "dropout": SearchParam(low=0.0, high=0.2),
+        **_SHARED_DEFAULTS,
+    },
+)
+FullSearchSpace = _search_space(
+    "FullSearchSpace",
+    "full",
+    MethodConfig,
+    {
+        "lr": SearchParam(low=1e-6, high=3e-4, log=True),  # contains the quick profile's 1e-4
+        **_SHARED_DEFAULTS,
+    },
+)
 
 
 class TuneSpaces(Strict):
@@ -347,9 +387,10 @@ class TuneConfig(Strict):
     startup_trials: int = Field(8, gt=0, description="random trials before TPE takes over; < trials")
     seed: int = Field(0, description="TPE sampler seed")
     storage: str | None = Field(
-        None, description="Optuna storage URL (sqlite:///, postgresql://, mysql://) or a journal file path; "
+        None,
+        description="Optuna storage URL (sqlite:///, postgresql://, mysql://) or a journal file path; "
         "None = sqlite file tune/optuna.db in the study directory (one process)",
-    )  # fmt: skip
+    )
     prune: bool = Field(True, description="median pruner on the dev metric of each evaluation")
     prune_startup_trials: int = Field(4, ge=0, description="trials that finish before any trial is pruned")
     prune_warmup_steps: int = Field(0, ge=0, description="optimizer steps before a trial can be pruned")
@@ -372,11 +413,21 @@ class RuntimeConfig(Strict):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool | None = Field(None, description="bf16 autocast over fp32 weights; unset: on CUDA only")
-    threads: int | None = Field(None, gt=0, description="torch threads per worker; None: the cores split between workers")
-    workers: int | None = Field(None, gt=0, description="parallel worker processes for independent units (runs, "
-                                "baselines, features); 1 = in this process; None: one per GPU, else per core (at most 4)")
-    ray_address: str | None = Field(None, min_length=1, description="run units as Ray tasks: local (a Ray instance "
-                                    "for this study), auto (this machine's cluster) or host:port / ray://host:port")
+    threads: int | None = Field(
+        None, gt=0, description="torch threads per worker; None: the cores split between workers"
+    )
+    workers: int | None = Field(
+        None,
+        gt=0,
+        description="parallel worker processes for independent units (runs, "
+        "baselines, features); 1 = in this process; None: one per GPU, else per core (at most 4)",
+    )
+    ray_address: str | None = Field(
+        None,
+        min_length=1,
+        description="run units as Ray tasks: local (a Ray instance "
+        "for this study), auto (this machine's cluster) or host:port / ray://host:port",
+    )
     report_to: list[Literal["none", "wandb", "mlflow", "tensorboard"]] = ["none"]
     progress: bool = True
 
@@ -406,13 +457,21 @@ class StudyConfig(Strict):
                 raise ValueError(f"`{key}` must not be empty")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"`seeds` has duplicates: {self.seeds}")
-        missing = [f"{key} lacks {value!r}" for key, value, have in (
-            ("batch_sizes", 1, self.deploy.batch_sizes), ("seq_lens", "natural", self.deploy.seq_lens),
-            ("strategies", "separate", self.deploy.strategies), ("strategies", "full", self.deploy.strategies),
-        ) if value not in have]  # fmt: skip
+        missing = [
+            f"{key} lacks {value!r}"
+            for key, value, have in (
+                ("batch_sizes", 1, self.deploy.batch_sizes),
+                ("seq_lens", "natural", self.deploy.seq_lens),
+                ("strategies", "separate", self.deploy.strategies),
+                ("strategies", "full", self.deploy.strategies),
+            )
+            if value not in have
+        ]
         if self.deploy.enabled and missing:
-            raise ValueError("the deployment criterion reads batch size 1, natural length, strategies separate and "
-                             f"full; deploy.{', deploy.'.join(missing)} (add it, or set deploy.enabled=false)")
+            raise ValueError(
+                "the deployment criterion reads batch size 1, natural length, strategies separate and "
+                f"full; deploy.{', deploy.'.join(missing)} (add it, or set deploy.enabled=false)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -437,7 +496,9 @@ def load_config(
         raw = _read_profile(profile or DEFAULT_PROFILE)
     if path is not None:
         _deep_merge(raw, _read_yaml(Path(path)))
-    config = validate(apply_overrides(raw, overrides), source=str(path) if path else f"profile {profile or DEFAULT_PROFILE}")
+    config = validate(
+        apply_overrides(raw, overrides), source=str(path) if path else f"profile {profile or DEFAULT_PROFILE}"
+    )
     config.deploy.check_environment()
     return config
 

@@ -21,10 +21,14 @@ from lorascope.study import Table
 # head 7e-3. The bf16 bound is three times the worst; a broken measure (the reference study's
 # formula: 0.23-0.40) or another model's features are off by far more.
 BASE_VS_BASE_TOLERANCE = {False: 1e-6, True: 2e-2}  # keyed by "computed under bf16 autocast"
-DRIFT_LAYERS = Table("drift_layers", ("task", "comparison", "method", "seed", "layer", "pooling", "measure", "value",
-                                      "ci_low", "ci_high"))  # fmt: skip
-DRIFT_SUMMARY = Table("drift_summary", ("task", "method", "seed", "pooling", "measure", "mean_over_layers",
-                                        "mean_last_third", "comparison"))  # fmt: skip
+DRIFT_LAYERS = Table(
+    "drift_layers",
+    ("task", "comparison", "method", "seed", "layer", "pooling", "measure", "value", "ci_low", "ci_high"),
+)
+DRIFT_SUMMARY = Table(
+    "drift_summary",
+    ("task", "method", "seed", "pooling", "measure", "mean_over_layers", "mean_last_third", "comparison"),
+)
 # Measures from one centring and one Gram pair (similarity.compare), by their names there.
 SHARED = {"linear_cka": "linear", "debiased_cka": "debiased", "rbf_cka": "rbf", "cosine": "cosine"}
 POINT = {"legacy_index": sim.legacy_index}  # opt-in, no interval; not a similarity index (similarity.legacy_index)
@@ -38,8 +42,15 @@ class DriftCheckFailed(RuntimeError):
     can be trusted (the reference study's CKA scored its base model 0.23-0.40 against itself)."""
 
 
-def layer_measures(x: torch.Tensor, y: torch.Tensor, measures, bootstrap: int, seed: int, confidence: float,
-                   dtype: torch.dtype = torch.float32) -> list[dict]:  # fmt: skip
+def layer_measures(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    measures,
+    bootstrap: int,
+    seed: int,
+    confidence: float,
+    dtype: torch.dtype = torch.float32,
+) -> list[dict]:
     """Every measure between two [examples × hidden] matrices, with bootstrap intervals over
     examples (none for RBF CKA, whose resampled kernels are not worth the time, nor for the
     legacy index). All but the legacy index share one centring and one pair of Gram matrices;
@@ -53,8 +64,18 @@ def layer_measures(x: torch.Tensor, y: torch.Tensor, measures, bootstrap: int, s
     return rows
 
 
-def layer_rows(x: torch.Tensor, y: torch.Tensor, layers: list[int], measures, *, bootstrap=0, bootstrap_seed=0,
-               confidence=0.95, dtype=torch.float32, **fields) -> list[dict]:
+def layer_rows(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    layers: list[int],
+    measures,
+    *,
+    bootstrap=0,
+    bootstrap_seed=0,
+    confidence=0.95,
+    dtype=torch.float32,
+    **fields,
+) -> list[dict]:
     """Rows for every layer and measure of two [layers × examples × hidden] stacks."""
     return [
         {**fields, "layer": layer, **row}
@@ -63,9 +84,20 @@ def layer_rows(x: torch.Tensor, y: torch.Tensor, layers: list[int], measures, *,
     ]
 
 
-def task_drift_rows(task: str, pooling: str, base: torch.Tensor, base_again: torch.Tensor,
-                    runs: dict[tuple[str, int], torch.Tensor], layers: list[int], measures, *,
-                    bootstrap: int, confidence: float, seed: int, bf16: bool = False) -> list[dict]:
+def task_drift_rows(
+    task: str,
+    pooling: str,
+    base: torch.Tensor,
+    base_again: torch.Tensor,
+    runs: dict[tuple[str, int], torch.Tensor],
+    layers: list[int],
+    measures,
+    *,
+    bootstrap: int,
+    confidence: float,
+    seed: int,
+    bf16: bool = False,
+) -> list[dict]:
     """All drift_layers.csv rows of one task and pooling. `base_again` is the base model's
     features computed a second time with different batches (so different padding); `bf16`:
     the features were computed under bf16 autocast (sets the base-vs-base tolerance)."""
@@ -78,20 +110,40 @@ def task_drift_rows(task: str, pooling: str, base: torch.Tensor, base_again: tor
     rows = layer_rows(base, base_again, layers, measures, comparison="base_vs_base", method="", seed="", **common)
     for row in rows:
         if row["measure"] in SELF_IS_ONE and abs(row["value"] - 1) > BASE_VS_BASE_TOLERANCE[bf16]:
-            raise DriftCheckFailed(f"{task} {pooling} layer {row['layer']}: {row['measure']} of the base model "
-                                   f"with itself is {row['value']:.8f}, not 1 within "
-                                   f"{BASE_VS_BASE_TOLERANCE[bf16]:g} ({'bf16' if bf16 else 'fp32'})")  # fmt: skip
+            raise DriftCheckFailed(
+                f"{task} {pooling} layer {row['layer']}: {row['measure']} of the base model "
+                f"with itself is {row['value']:.8f}, not 1 within "
+                f"{BASE_VS_BASE_TOLERANCE[bf16]:g} ({'bf16' if bf16 else 'fp32'})"
+            )
     shuffled = base[:, torch.randperm(base.shape[1], generator=torch.Generator().manual_seed(seed))]
     rows += layer_rows(base, shuffled, layers, measures, comparison="shuffled_base", method="", seed="", **common)
     options = {"bootstrap": bootstrap, "bootstrap_seed": seed, "confidence": confidence}
     for (method, run_seed), features in sorted(runs.items()):
-        rows += layer_rows(base, features, layers, measures, comparison="run_vs_base", method=method,
-                           seed=str(run_seed), **options, **common)  # fmt: skip
+        rows += layer_rows(
+            base,
+            features,
+            layers,
+            measures,
+            comparison="run_vs_base",
+            method=method,
+            seed=str(run_seed),
+            **options,
+            **common,
+        )
     for method in sorted({m for m, _ in runs}):
         seeds = sorted(s for m, s in runs if m == method)
         for a, b in itertools.combinations(seeds, 2):
-            rows += layer_rows(runs[(method, a)], runs[(method, b)], layers, measures, comparison="seed_vs_seed",
-                               method=method, seed=f"{a}-{b}", **options, **common)  # fmt: skip
+            rows += layer_rows(
+                runs[(method, a)],
+                runs[(method, b)],
+                layers,
+                measures,
+                comparison="seed_vs_seed",
+                method=method,
+                seed=f"{a}-{b}",
+                **options,
+                **common,
+            )
     return rows
 
 
@@ -103,8 +155,9 @@ def summary_rows(layer_table) -> list[dict]:
     for key, group in layer_table.groupby(keys, sort=True, dropna=False):
         group = group.sort_values("layer")
         last = group.tail(max(1, math.ceil(len(group) / 3)))
-        rows.append({**dict(zip(keys, key)), "mean_over_layers": group["value"].mean(),
-                     "mean_last_third": last["value"].mean()})  # fmt: skip
+        rows.append(
+            {**dict(zip(keys, key)), "mean_over_layers": group["value"].mean(), "mean_last_third": last["value"].mean()}
+        )
     return rows
 
 

@@ -119,9 +119,11 @@ class LocalPool:
     def _started(self) -> concurrent.futures.ProcessPoolExecutor:
         if self._pool is None:
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
                 initargs=(self.threads,),
-            )  # fmt: skip
+            )
         return self._pool
 
     def map(self, units: list[Unit]) -> Iterator[tuple[int, tuple]]:
@@ -142,7 +144,9 @@ class LocalPool:
                 for i in todo:
                     attempts[i] += 1
                     if attempts[i] > self.retries:
-                        raise RuntimeError(f"a worker died {attempts[i]} times while running {units[i].label}") from None
+                        raise RuntimeError(
+                            f"a worker died {attempts[i]} times while running {units[i].label}"
+                        ) from None
                 tqdm.write(f"a worker died; restarting the pool and resubmitting {len(todo)} unfinished unit(s)")
 
     def close(self) -> None:
@@ -164,15 +168,22 @@ class RayTasks:
         try:
             import ray
         except ImportError:
-            raise InputError("runtime.ray_address is set but Ray is not installed; pip install 'lorascope[ray]'") from None
+            raise InputError(
+                "runtime.ray_address is set but Ray is not installed; pip install 'lorascope[ray]'"
+            ) from None
         self._ray, self.address, self.threads, self.gpus = ray, address, threads, gpus
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if address not in ("local", "auto"):
             _check_answers(address)
         try:
             if address == "local":  # "local", not None: None would join $RAY_ADDRESS or a `ray start` cluster
-                ray.init(address="local", num_cpus=(workers or 1) * threads, num_gpus=torch.cuda.device_count(),
-                         include_dashboard=False, log_to_driver=False)  # fmt: skip
+                ray.init(
+                    address="local",
+                    num_cpus=(workers or 1) * threads,
+                    num_gpus=torch.cuda.device_count(),
+                    include_dashboard=False,
+                    log_to_driver=False,
+                )
             else:
                 ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as err:
@@ -234,8 +245,10 @@ def for_runtime(rc: RuntimeConfig):
         return Serial(rc.threads)
     threads = rc.threads or max(1, available // workers)
     if workers * threads > available:
-        raise InputError(f"runtime.workers: {workers} workers x {threads} threads need {workers * threads} cores; "
-                         f"this machine gives {available}")  # fmt: skip
+        raise InputError(
+            f"runtime.workers: {workers} workers x {threads} threads need {workers * threads} cores; "
+            f"this machine gives {available}"
+        )
     if cuda and workers > torch.cuda.device_count():
         raise InputError(f"runtime.workers: {workers} workers but {torch.cuda.device_count()} GPU(s); one GPU each")
     return LocalPool(workers, threads)
@@ -262,8 +275,9 @@ def current():
     return _CURRENT.get() or Serial()
 
 
-def run_units(units: list[Unit], desc: str, progress: bool = True,
-              describe: Callable[[Any], str] | None = None) -> list[Any]:  # fmt: skip
+def run_units(
+    units: list[Unit], desc: str, progress: bool = True, describe: Callable[[Any], str] | None = None
+) -> list[Any]:
     """Every unit on the current executor; one bar with ETA for all of them and a line per
     finished unit (its label, `describe(result)`, seconds, where it ran). Results in unit order."""
     executor, results = current(), [None] * len(units)

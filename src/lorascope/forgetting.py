@@ -31,17 +31,53 @@ from lorascope.stats import Estimate
 from lorascope.study import Table
 
 # One row per model (the base, method "base", and every run) x probed task x probed layer.
-FORGETTING = Table("forgetting", ("task", "method", "seed", "probe_task", "layer", "metric", "score", "base_score",
-                                  "forgetting", "ci_low", "ci_high", "own_task", "n_train", "n_eval", "probe_c"))  # fmt: skip
+FORGETTING = Table(
+    "forgetting",
+    (
+        "task",
+        "method",
+        "seed",
+        "probe_task",
+        "layer",
+        "metric",
+        "score",
+        "base_score",
+        "forgetting",
+        "ci_low",
+        "ci_high",
+        "own_task",
+        "n_train",
+        "n_eval",
+        "probe_c",
+    ),
+)
 # One row per run: its LM loss on held-out documents against the base's ("skipped" with a note).
-LM_FORGETTING = Table("lm_forgetting", ("task", "method", "seed", "objective", "documents", "tokens", "base_loss",
-                                        "run_loss", "difference", "ci_low", "ci_high", "status", "note"))  # fmt: skip
+LM_FORGETTING = Table(
+    "lm_forgetting",
+    (
+        "task",
+        "method",
+        "seed",
+        "objective",
+        "documents",
+        "tokens",
+        "base_loss",
+        "run_loss",
+        "difference",
+        "ci_low",
+        "ci_high",
+        "status",
+        "note",
+    ),
+)
 # analyze: each run's drift beside its forgetting, and their rank correlations.
 FORGET_DRIFT = Table("forget_drift", ("task", "method", "seed", "probe_task", "layer", "drift", "forgetting"))
-FORGET_CORRELATION = Table("forget_correlation", ("probe_task", "method", "layer", "n", "spearman", "ci_low",
-                                                  "ci_high", "p_value"))  # fmt: skip
-FORGET_STATISTICS = Table("forget_statistics", ("task", "method", "probe_task", "layer", "n", "mean", "sd", "ci_low",
-                                                "ci_high"))  # fmt: skip
+FORGET_CORRELATION = Table(
+    "forget_correlation", ("probe_task", "method", "layer", "n", "spearman", "ci_low", "ci_high", "p_value")
+)
+FORGET_STATISTICS = Table(
+    "forget_statistics", ("task", "method", "probe_task", "layer", "n", "mean", "sd", "ci_low", "ci_high")
+)
 OTHER_TASKS = "other tasks (mean)"  # probe_task of a run's mean forgetting over the tasks it did not train on
 C_GRID = np.logspace(-4, 2, 7)  # inverse regularisation strengths the cross-validation chooses from
 MASK_SHARE = 0.15  # masked-LM: share of each document's tokens masked (at least one)
@@ -81,8 +117,14 @@ def probe(train_x, train_y, eval_x, eval_y, *, folds: int = 5, seed: int = 0) ->
     folds = min(folds, int(np.bincount(train_y)[np.unique(train_y)].min()))
     if folds < 2:
         raise ValueError("a probe needs at least two training examples of every class")
-    model = LogisticRegressionCV(Cs=C_GRID, l1_ratios=(0.0,), cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-                                 scoring="neg_log_loss", max_iter=5000, use_legacy_attributes=False)  # fmt: skip
+    model = LogisticRegressionCV(
+        Cs=C_GRID,
+        l1_ratios=(0.0,),
+        cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+        scoring="neg_log_loss",
+        max_iter=5000,
+        use_legacy_attributes=False,
+    )
     fitted = make_pipeline(StandardScaler(), model).fit(np.asarray(train_x, dtype=np.float64), train_y)
     return Probe(fitted.predict(np.asarray(eval_x, dtype=np.float64)) == eval_y, float(model.C_))
 
@@ -91,8 +133,11 @@ def forgetting(base_correct, run_correct, *, bootstrap: int, confidence: float, 
     """Base accuracy − run accuracy on the same eval examples, with the percentile interval of a
     paired bootstrap over examples (none when bootstrap is 0)."""
     base, run = np.asarray(base_correct, dtype=float), np.asarray(run_correct, dtype=float)
-    low, high = (stats.bootstrap_paired_interval(base, run, confidence=confidence, n_resamples=bootstrap, seed=seed)
-                 if bootstrap else (math.nan, math.nan))  # fmt: skip
+    low, high = (
+        stats.bootstrap_paired_interval(base, run, confidence=confidence, n_resamples=bootstrap, seed=seed)
+        if bootstrap
+        else (math.nan, math.nan)
+    )
     return Estimate(float(base.mean() - run.mean()), low, high)
 
 
@@ -136,8 +181,17 @@ def _masked(ids: torch.Tensor, keep: torch.Tensor, draws: torch.Tensor, mask_id:
 
 
 @torch.no_grad()
-def document_losses(lm: torch.nn.Module, documents, tokenizer, *, decoder: bool, batch_size: int,
-                    device: torch.device, bf16: bool, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def document_losses(
+    lm: torch.nn.Module,
+    documents,
+    tokenizer,
+    *,
+    decoder: bool,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Per document: summed token cross-entropy (nats) and the number of scored tokens. Decoders
     score every next token; encoders the masked tokens, masked the same way for every model
     (draws fixed by `seed` and the document's row)."""
@@ -150,8 +204,9 @@ def document_losses(lm: torch.nn.Module, documents, tokenizer, *, decoder: bool,
         if decoder:
             inputs, labels = batch, ids[:, 1:].masked_fill(~attention[:, 1:], -100)
         else:
-            masked, labels = _masked(ids, attention & ~torch.isin(ids, special), draws[rows].to(device),
-                                     tokenizer.mask_token_id)  # fmt: skip
+            masked, labels = _masked(
+                ids, attention & ~torch.isin(ids, special), draws[rows].to(device), tokenizer.mask_token_id
+            )
             inputs = {**batch, "input_ids": masked}
         with autocast(device, bf16):
             logits = lm(**inputs).logits
@@ -162,8 +217,9 @@ def document_losses(lm: torch.nn.Module, documents, tokenizer, *, decoder: bool,
     return sums, counts
 
 
-def loss_change(base_sums, base_counts, run_sums, run_counts, *, bootstrap: int, confidence: float,
-                seed: int) -> Estimate:  # fmt: skip
+def loss_change(
+    base_sums, base_counts, run_sums, run_counts, *, bootstrap: int, confidence: float, seed: int
+) -> Estimate:
     """Mean token cross-entropy of the run − the base's on the same documents (each the total
     over tokens / the tokens), with a percentile bootstrap over documents."""
 
@@ -176,8 +232,16 @@ def loss_change(base_sums, base_counts, run_sums, run_counts, *, bootstrap: int,
         return Estimate(value, math.nan, math.nan)
     if np.allclose(data[0], data[2]):  # the base against itself: every resample is 0
         return Estimate(value, value, value)
-    result = sp.bootstrap(data, change, paired=True, vectorized=True, n_resamples=bootstrap, method="percentile",
-                          confidence_level=confidence, rng=np.random.default_rng(seed))  # fmt: skip
+    result = sp.bootstrap(
+        data,
+        change,
+        paired=True,
+        vectorized=True,
+        n_resamples=bootstrap,
+        method="percentile",
+        confidence_level=confidence,
+        rng=np.random.default_rng(seed),
+    )
     return Estimate(value, float(result.confidence_interval.low), float(result.confidence_interval.high))
 
 
@@ -224,14 +288,26 @@ def seed_statistics(table: pd.DataFrame, confidence: float) -> pd.DataFrame:
     """FORGET_STATISTICS rows: forgetting over seeds (n, mean, sd, t-interval) per training task,
     method, probed task and layer."""
     runs = table[table["method"] != "base"]
-    rows = [{"task": task, "method": method, "probe_task": probe_task, "layer": layer,
-             **stats.describe(group["forgetting"], confidence)}
-            for (task, method, probe_task, layer), group in runs.groupby(["task", "method", "probe_task", "layer"])]
+    rows = [
+        {
+            "task": task,
+            "method": method,
+            "probe_task": probe_task,
+            "layer": layer,
+            **stats.describe(group["forgetting"], confidence),
+        }
+        for (task, method, probe_task, layer), group in runs.groupby(["task", "method", "probe_task", "layer"])
+    ]
     return FORGET_STATISTICS.frame(pd.DataFrame(rows, columns=FORGET_STATISTICS.columns))
 
 
-def drift_points(table: pd.DataFrame, drift_summary: pd.DataFrame | None, drift_layers: pd.DataFrame | None,
-                 pooling: str, measure: str) -> pd.DataFrame:  # fmt: skip
+def drift_points(
+    table: pd.DataFrame,
+    drift_summary: pd.DataFrame | None,
+    drift_layers: pd.DataFrame | None,
+    pooling: str,
+    measure: str,
+) -> pd.DataFrame:
     """FORGET_DRIFT rows: each run's drift (1 − similarity; mean over layers with layer NaN, and
     per layer) beside its forgetting on each task it did not train on (last probed layer) and
     their mean (probe_task OTHER_TASKS)."""
@@ -243,10 +319,12 @@ def drift_points(table: pd.DataFrame, drift_summary: pd.DataFrame | None, drift_
         drifts.append(drift_layers)
     frames = []
     for drift in drifts:
-        drift = drift[(drift["comparison"] == "run_vs_base") & (drift["pooling"] == pooling)
-                      & (drift["measure"] == measure)]  # fmt: skip
+        drift = drift[
+            (drift["comparison"] == "run_vs_base") & (drift["pooling"] == pooling) & (drift["measure"] == measure)
+        ]
         drift = drift.assign(seed=drift["seed"].astype(int), drift=1 - drift["value"])[
-            ["task", "method", "seed", "layer", "drift"]]
+            ["task", "method", "seed", "layer", "drift"]
+        ]
         frames.append(cost.merge(drift, on=["task", "method", "seed"]))
     return FORGET_DRIFT.frame(pd.concat(frames, ignore_index=True))
 
@@ -259,8 +337,19 @@ def correlation_rows(points: pd.DataFrame, *, n_resamples: int, confidence: floa
     for (probe_task, layer), cell in points.groupby(["probe_task", "layer"], dropna=False, sort=False):
         for method in ["all", *sorted(cell["method"].unique())]:
             sel = cell if method == "all" else cell[cell["method"] == method]
-            rho, p = spearman_interval(sel["drift"], sel["forgetting"], n_resamples=n_resamples,
-                                       confidence=confidence, seed=seed)  # fmt: skip
-            rows.append({"probe_task": probe_task, "method": method, "layer": layer, "n": len(sel),
-                         "spearman": rho.value, "ci_low": rho.low, "ci_high": rho.high, "p_value": p})  # fmt: skip
+            rho, p = spearman_interval(
+                sel["drift"], sel["forgetting"], n_resamples=n_resamples, confidence=confidence, seed=seed
+            )
+            rows.append(
+                {
+                    "probe_task": probe_task,
+                    "method": method,
+                    "layer": layer,
+                    "n": len(sel),
+                    "spearman": rho.value,
+                    "ci_low": rho.low,
+                    "ci_high": rho.high,
+                    "p_value": p,
+                }
+            )
     return FORGET_CORRELATION.frame(pd.DataFrame(rows, columns=FORGET_CORRELATION.columns))

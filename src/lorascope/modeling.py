@@ -33,8 +33,15 @@ DEFAULT_LORA_TARGETS = {
 # reads its CLS token through the (NSP-trained) pooler, which RoBERTa-style models keep inside
 # `classifier`. Trained with the head by LoRA and by the head-only probe, like RoBERTa's.
 EXTRA_HEAD_MODULES = {"bert": ["pooler"]}
-DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "hidden_dropout",
-                "dropout", "attention_probs_dropout", "classifier_dropout")  # fmt: skip
+DROPOUT_KEYS = (
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "attention_dropout",
+    "hidden_dropout",
+    "dropout",
+    "attention_probs_dropout",
+    "classifier_dropout",
+)
 
 
 def resolve_model_path(name: str) -> str:
@@ -80,8 +87,9 @@ def _folder_digest(folder: str) -> str:
     return "sha256:" + hashlib.sha256("".join(f"{p.name}:{file_sha256(p)};" for p in files).encode()).hexdigest()[:16]
 
 
-def load_model(name: str, label_names: Sequence[str], seed: int, pad_token_id: int,
-               dropout: float | None = None) -> torch.nn.Module:  # fmt: skip
+def load_model(
+    name: str, label_names: Sequence[str], seed: int, pad_token_id: int, dropout: float | None = None
+) -> torch.nn.Module:
     """fp32 classifier whose head is initialised from `seed` alone, so a LoRA run and a full
     fine-tuning run with the same seed start from the identical head. `dropout` replaces every
     hidden / attention dropout rate the architecture's config has."""
@@ -117,8 +125,9 @@ def load_adapter(base: torch.nn.Module, path: str, **kwargs) -> PeftModel:
     return PeftModel.from_pretrained(base, str(path), **kwargs).eval()
 
 
-def load_run_model(run_dir: Path, method: str, name: str, label_names: Sequence[str],
-                   pad_token_id: int) -> torch.nn.Module:  # fmt: skip
+def load_run_model(
+    run_dir: Path, method: str, name: str, label_names: Sequence[str], pad_token_id: int
+) -> torch.nn.Module:
     """A trained run in eval mode: the saved full model, or the base with the run's adapter
     merged into its weights (`merge_and_unload` returns the model to use)."""
     if method == "full":
@@ -176,9 +185,14 @@ def lora_targets(model: torch.nn.Module, configured: list[str] | None) -> list[s
 def lora_config(hp: LoraMethodConfig, targets: list[str], modules_to_save: list[str]) -> LoraConfig:
     """Every LoRA hyperparameter goes through here (tests/test_config_reaches_trainer.py)."""
     return LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=hp.r, lora_alpha=hp.alpha, lora_dropout=hp.dropout,
-        target_modules=targets, modules_to_save=modules_to_save, bias="none",
-    )  # fmt: skip
+        task_type=TaskType.SEQ_CLS,
+        r=hp.r,
+        lora_alpha=hp.alpha,
+        lora_dropout=hp.dropout,
+        target_modules=targets,
+        modules_to_save=modules_to_save,
+        bias="none",
+    )
 
 
 def prepare_for_method(model: torch.nn.Module, method: str, hp, seed: int = 0) -> torch.nn.Module:

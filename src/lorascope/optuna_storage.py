@@ -24,8 +24,6 @@ from lorascope.errors import InputError, first_line
 SQLITE_SUFFIXES = {".db", ".sqlite", ".sqlite3"}
 
 
-
-
 @dataclasses.dataclass
 class Backend:
     storage: optuna.storages.BaseStorage
@@ -44,8 +42,10 @@ class Backend:
         try:
             lock.acquire()
         except filelock.Timeout:
-            raise InputError(f"another process is tuning with {self.url}; several workers need a shared "
-                             "--storage (PostgreSQL/MySQL URL or a journal file)") from None  # fmt: skip
+            raise InputError(
+                f"another process is tuning with {self.url}; several workers need a shared "
+                "--storage (PostgreSQL/MySQL URL or a journal file)"
+            ) from None
         try:
             yield
         finally:
@@ -63,8 +63,13 @@ def open_storage(study_root, config: StudyConfig, storage: str | None = None, sh
     if url is None:
         path = (Path(study_root) / "tune" / "optuna.db").resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
-        return Backend(RDBStorage(f"sqlite:///{path}"), f"sqlite:///{path}", "default", f"sqlite:///{path}",
-                       path.with_suffix(".lock"))  # fmt: skip
+        return Backend(
+            RDBStorage(f"sqlite:///{path}"),
+            f"sqlite:///{path}",
+            "default",
+            f"sqlite:///{path}",
+            path.with_suffix(".lock"),
+        )
     if "://" in url:
         return Backend(_rdb(url, tune), redact(url), "rdb", url)
     path = Path(url).expanduser()
@@ -83,10 +88,12 @@ def _rdb(url: str, tune, attempts: int = 3) -> RDBStorage:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return RDBStorage(
-                    url, heartbeat_interval=tune.heartbeat_s, grace_period=4 * tune.heartbeat_s,
+                    url,
+                    heartbeat_interval=tune.heartbeat_s,
+                    grace_period=4 * tune.heartbeat_s,
                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=tune.max_retries),
-                )  # fmt: skip
-        except Exception as err:  # noqa: BLE001 - driver errors vary; one clear line
+                )
+        except Exception as err:
             if attempt + 1 < attempts and isinstance(err, DBAPIError):  # not a bad scheme or a missing driver
                 time.sleep(0.5 * (attempt + 1))
                 continue
@@ -102,7 +109,7 @@ def redact(url: str) -> str:
         from sqlalchemy.engine import make_url
 
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL: keep only scheme and host
+    except Exception:
         scheme, _, rest = url.partition("://")
         return f"{scheme}://***@{rest.rpartition('@')[2]}" if "@" in rest else url
 
@@ -148,5 +155,3 @@ def heartbeat(trial: optuna.Trial, seconds: float):
     finally:
         stop.set()
         thread.join()
-
-

@@ -20,6 +20,7 @@ from lorascope.evaluation import length_batches
 from lorascope.runtime import autocast
 from lorascope.study import Table
 
+CPU = torch.device("cpu")
 POOLINGS = ("mean", "head")
 # Beside the poolings in every features file when the mean leaves positions out: per layer and
 # example, the share of the token-norm mass (sum of hidden-state norms over attended tokens)
@@ -40,8 +41,9 @@ def head_reads_last_token(model: torch.nn.Module) -> bool:
     return hasattr(model, "score") and not hasattr(model, "classifier")
 
 
-def head_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None,
-                   last_token: bool) -> torch.Tensor:  # fmt: skip
+def head_positions(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None, last_token: bool
+) -> torch.Tensor:
     """The position the classifier head reads in each row. Decoders: as transformers' sequence
     classifiers find it, the rightmost token that is not the pad token. That is not the last
     attended one when pad = eos and the tokenizer appends an eos (the head then reads the token
@@ -75,7 +77,7 @@ def pooled_features(
     skip_special_tokens: bool = False,
     skip_first_position: bool | None = None,
     batch_size: int = 64,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
     bf16: bool = False,
 ) -> tuple[dict[str, torch.Tensor], list[int]]:
     """{pooling: float32 [layers × examples × hidden]} in the split's order, and the layer
@@ -112,8 +114,9 @@ def pooled_features(
                 if tokenizer.bos_token_id is not None:
                     keep &= batch["input_ids"] != tokenizer.bos_token_id
             if not keep.any(dim=1).all():
-                raise InputError("represent: a probe example has no token left to pool (skip_special_tokens / "
-                                 "skip_first_position)")  # fmt: skip
+                raise InputError(
+                    "represent: a probe example has no token left to pool (skip_special_tokens / skip_first_position)"
+                )
             weights = (keep.float() / keep.sum(dim=1, keepdim=True)).unsqueeze(-1)
         position = head_positions(batch["input_ids"], batch["attention_mask"], pad_token_id, last_token)
         for slot, layer in enumerate(chosen):
@@ -141,21 +144,41 @@ def position_rows(task: str, path: Path) -> list[dict]:
     EXCLUDED_SHARE per layer (NaN when nothing was left out)."""
     with safe_open(str(path), "pt") as f:  # the metadata and one tensor, not every pooling's features
         metadata = f.metadata()
-        share = f.get_tensor(EXCLUDED_SHARE) if EXCLUDED_SHARE in f.keys() else None
+        share = f.get_tensor(EXCLUDED_SHARE) if EXCLUDED_SHARE in f.keys() else None  # noqa: SIM118 - safe_open has no __contains__
     layers, positions = json.loads(metadata["layers"]), metadata.get("positions", "")
-    return [{"task": task, "layer": layer, "positions": positions,
-             "excluded_norm_share": float("nan") if share is None else share[i].mean().item()}
-            for i, layer in enumerate(layers)]  # fmt: skip
+    return [
+        {
+            "task": task,
+            "layer": layer,
+            "positions": positions,
+            "excluded_norm_share": float("nan") if share is None else share[i].mean().item(),
+        }
+        for i, layer in enumerate(layers)
+    ]
 
 
-def study_features(model: torch.nn.Module, probe: datasets.Dataset, settings: RepresentConfig, tokenizer,
-                   batch_size: int, device: torch.device, bf16: bool):  # fmt: skip
+def study_features(
+    model: torch.nn.Module,
+    probe: datasets.Dataset,
+    settings: RepresentConfig,
+    tokenizer,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool,
+):
     """`pooled_features` with a study's represent settings (the stage and the single comparison)."""
     return pooled_features(
-        model.to(device), probe, tokenizer=tokenizer, layers=settings.layers, poolings=tuple(settings.poolings),
-        skip_special_tokens=settings.skip_special_tokens, skip_first_position=settings.skip_first_position,
-        batch_size=batch_size, device=device, bf16=bf16,
-    )  # fmt: skip
+        model.to(device),
+        probe,
+        tokenizer=tokenizer,
+        layers=settings.layers,
+        poolings=tuple(settings.poolings),
+        skip_special_tokens=settings.skip_special_tokens,
+        skip_first_position=settings.skip_first_position,
+        batch_size=batch_size,
+        device=device,
+        bf16=bf16,
+    )
 
 
 def features_bytes(features: dict[str, torch.Tensor], example_ids, layers: list[int], positions: str = "") -> bytes:
@@ -169,5 +192,5 @@ def features_bytes(features: dict[str, torch.Tensor], example_ids, layers: list[
 def load_features(path: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[int]]:
     with safe_open(str(path), "pt") as f:
         layers = json.loads(f.metadata()["layers"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     return {k: v for k, v in tensors.items() if k != "example_ids"}, tensors["example_ids"], layers

@@ -26,13 +26,31 @@ from lorascope.training import RunSetup, train_run
 RESULTS_VERSION = 3  # bump when a code change alters results, so old outputs are redone (3: fused AdamW on CPU)
 # One row per run (its metrics.json, written by write_performance_table), and the baselines
 # stage's rows: read by the analyze stage and the report through these records.
-PERFORMANCE = Table("performance", (
-    "task", "method", "seed", "status", "primary_metric", "primary_value", "accuracy", "f1",
-    "train_seconds", "trainable_params", "train_tokens_per_second", "peak_rss_bytes", "peak_rss_added_bytes",
-    "cuda_max_allocated_bytes", "cuda_max_reserved_bytes", "optimizer_state_bytes", "artifact_bytes",
-))  # fmt: skip
-BASELINES = Table("baselines", ("task", "baseline", "method", "status", "primary_metric", "primary_value", "accuracy",
-                                "f1", "passed"))  # fmt: skip
+PERFORMANCE = Table(
+    "performance",
+    (
+        "task",
+        "method",
+        "seed",
+        "status",
+        "primary_metric",
+        "primary_value",
+        "accuracy",
+        "f1",
+        "train_seconds",
+        "trainable_params",
+        "train_tokens_per_second",
+        "peak_rss_bytes",
+        "peak_rss_added_bytes",
+        "cuda_max_allocated_bytes",
+        "cuda_max_reserved_bytes",
+        "optimizer_state_bytes",
+        "artifact_bytes",
+    ),
+)
+BASELINES = Table(
+    "baselines", ("task", "baseline", "method", "status", "primary_metric", "primary_value", "accuracy", "f1", "passed")
+)
 PATH_KEYS = {"data": {"glue"}, "task": {"source", "eval_source"}}  # identified by their content instead
 
 
@@ -74,9 +92,14 @@ def prepare_tasks(study: Study, config: StudyConfig, tasks: list[str] | None = N
     for name in tasks or list(config.tasks):
         task_cfg = config.tasks[name]
         task, train, evaluation = load_raw(resolve_task(name, task_cfg, config.data))
-        fp = fingerprint(RESULTS_VERSION, model_key(config)["name"], config.model.max_length, data,
-                         task_key(task_cfg),
-                         content_digest(train, evaluation))  # fmt: skip
+        fp = fingerprint(
+            RESULTS_VERSION,
+            model_key(config)["name"],
+            config.model.max_length,
+            data,
+            task_key(task_cfg),
+            content_digest(train, evaluation),
+        )
         target = study.prepared_dir(name)
         if is_current(target, fp):
             continue
@@ -108,20 +131,34 @@ def load_prepared(study: Study, name: str) -> tuple[Task, datasets.DatasetDict]:
 def run_setup(config: StudyConfig, task: Task, method: str, seed: int, hp=None, **changes) -> RunSetup:
     """One run of the study's model on `task`: training.<method> (or `hp`) and the runtime."""
     return RunSetup(
-        model_name=config.model.name, task=task, method=method, seed=seed,
-        hp=hp or getattr(config.training, method), runtime=config.runtime,
+        model_name=config.model.name,
+        task=task,
+        method=method,
+        seed=seed,
+        hp=hp or getattr(config.training, method),
+        runtime=config.runtime,
         eval_batch_size=config.training.eval_batch_size,
-        gradient_checkpointing=config.model.gradient_checkpointing, dropout=config.model.dropout,
-        max_length=config.model.max_length, **changes,
-    )  # fmt: skip
+        gradient_checkpointing=config.model.gradient_checkpointing,
+        dropout=config.model.dropout,
+        max_length=config.model.max_length,
+        **changes,
+    )
 
 
 def run_fingerprint(config: StudyConfig, setup: RunSetup, splits_fp: str) -> str:
     device = runtime.pick_device(config.runtime)
     return fingerprint(
-        RESULTS_VERSION, splits_fp, model_key(config), setup.method, setup.seed, setup.hp, setup.max_steps,
-        config.training.eval_batch_size, device.type, runtime.uses_bf16(config.runtime, device),
-    )  # fmt: skip
+        RESULTS_VERSION,
+        splits_fp,
+        model_key(config),
+        setup.method,
+        setup.seed,
+        setup.hp,
+        setup.max_steps,
+        config.training.eval_batch_size,
+        device.type,
+        runtime.uses_bf16(config.runtime, device),
+    )
 
 
 def reusable_result(config: StudyConfig, setup: RunSetup, target, splits_fp: str) -> dict | None:
@@ -145,9 +182,15 @@ def train_or_reuse(config: StudyConfig, setup: RunSetup, splits: dict, target, s
             result = train_run(setup, splits, tokenizer, scratch)
         except InputError:
             raise
-        except Exception as err:  # noqa: BLE001 - recorded as a failed run; the study goes on
-            result = {"task": setup.task.name, "method": setup.method, "seed": setup.seed, "status": "failed",
-                      "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}  # fmt: skip
+        except Exception as err:
+            result = {
+                "task": setup.task.name,
+                "method": setup.method,
+                "seed": setup.seed,
+                "status": "failed",
+                "error": f"{type(err).__name__}: {err}",
+                "traceback": traceback.format_exc(),
+            }
             (scratch / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result
 
@@ -172,8 +215,10 @@ def finished_runs(study: Study, config: StudyConfig, task: str) -> list[tuple[st
 
 
 def _run_metrics(study: Study) -> list[tuple[str, dict]]:
-    return [(str(p.parent.relative_to(study.root)), json.loads(p.read_text()))
-            for p in sorted(study.root.glob("runs/*/*/seed*/metrics.json"))]  # fmt: skip
+    return [
+        (str(p.parent.relative_to(study.root)), json.loads(p.read_text()))
+        for p in sorted(study.root.glob("runs/*/*/seed*/metrics.json"))
+    ]
 
 
 def write_performance_table(study: Study) -> pd.DataFrame:

@@ -61,11 +61,19 @@ def hardware(device: torch.device | None = None) -> dict:
     """What the numbers were measured on, including the load average (other processes)."""
     cpu = platform.processor()
     with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))  # fmt: skip
-    info = {"machine": platform.machine(), "processor": cpu, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
-            "load_average": list(os.getloadavg())}  # fmt: skip
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    info = {
+        "machine": platform.machine(),
+        "processor": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "load_average": list(os.getloadavg()),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(device if device is not None and device.type == "cuda" else 0)
     return info

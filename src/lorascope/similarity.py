@@ -230,8 +230,9 @@ def cosine(x: torch.Tensor, y: torch.Tensor, centered: bool = True) -> float:
     return cosine_per_example(x, y, centered).mean().item()
 
 
-def _resampled_hsic(w: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, measures,
-                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:  # fmt: skip
+def _resampled_hsic(
+    w: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, measures, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """{measure: [3, c] HSIC of (x, y), (x, x), (y, y)} for resamples given as draw counts w
     [c, n], "linear" (biased) and/or "debiased" (unbiased), leaving out every pair of two draws
     of the same example. Such a pair is identical in x and in y, so it reads as shared
@@ -275,8 +276,11 @@ def _resampled_hsic(w: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, measure
     if "debiased" in measures:  # sums over distinct i, j, q, r by inclusion-exclusion
         squared = counts * counts
         triples = pair_sums(products[:2], counts) - row_sums(products[2:], squared)  # Σ w_i w_j w_q A_ij B_iq
-        quads = (totals[left] * totals[right] + 2 * row_sums(squared @ grams[2:], squared)
-                 - 4 * pair_sums(products[:2], squared))  # fmt: skip
+        quads = (
+            totals[left] * totals[right]
+            + 2 * row_sums(squared @ grams[2:], squared)
+            - 4 * pair_sums(products[:2], squared)
+        )
         w2 = w * w
         p1, p2, p3, p4 = w.sum(dim=-1), w2.sum(dim=-1), row_sums(w2, w), row_sums(w2, w2)  # Σ w^e
         n2 = p1**2 - p2  # weights of the distinct pairs, triples and quadruples
@@ -286,8 +290,9 @@ def _resampled_hsic(w: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, measure
     return out
 
 
-def _resampled_cka(w: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, measures,
-                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:  # fmt: skip
+def _resampled_cka(
+    w: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, measures, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """{measure: CKA of every resample} for "linear" and/or "debiased" (see _resampled_hsic)."""
     hsic = _resampled_hsic(w, kx, ky, measures, dtype)
     return {measure: xy / torch.sqrt(xx * yy) for measure, (xy, xx, yy) in hsic.items()}
@@ -321,8 +326,9 @@ def bootstrap_cka(
         raise ValueError(f"need n_resamples >= 1 and 0 < confidence < 1, got {n_resamples}, {confidence}")
     _same_n(x, y)
     x, y = _centred(x, "x"), _centred(y, "y")
-    return _bootstrap_from_grams(_gram(x, dtype), _gram(y, dtype), [measure], n_resamples, seed, confidence,
-                                 dtype)[measure]  # fmt: skip
+    return _bootstrap_from_grams(_gram(x, dtype), _gram(y, dtype), [measure], n_resamples, seed, confidence, dtype)[
+        measure
+    ]
 
 
 @functools.lru_cache(maxsize=4)
@@ -343,8 +349,9 @@ def _percentiles(values: torch.Tensor, confidence: float) -> tuple[float, float]
     return low.item(), high.item()
 
 
-def _bootstrap_from_grams(kx: torch.Tensor, ky: torch.Tensor, measures, n_resamples: int, seed: int,
-                          confidence: float, dtype: torch.dtype) -> dict[str, tuple[float, float]]:  # fmt: skip
+def _bootstrap_from_grams(
+    kx: torch.Tensor, ky: torch.Tensor, measures, n_resamples: int, seed: int, confidence: float, dtype: torch.dtype
+) -> dict[str, tuple[float, float]]:
     """{measure: (low, high)}; every measure sees the same resamples (same seed, same draws)."""
     n = kx.shape[0]
     if "debiased" in measures and n < 4:
@@ -356,8 +363,15 @@ def _bootstrap_from_grams(kx: torch.Tensor, ky: torch.Tensor, measures, n_resamp
 _COMPARED = ("linear", "debiased", "rbf", "cosine")
 
 
-def compare(x: torch.Tensor, y: torch.Tensor, measures=("linear", "debiased"), n_resamples: int = 0, seed: int = 0,
-            confidence: float = 0.95, dtype: torch.dtype = torch.float32) -> dict[str, tuple[float, float, float]]:
+def compare(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    measures=("linear", "debiased"),
+    n_resamples: int = 0,
+    seed: int = 0,
+    confidence: float = 0.95,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, tuple[float, float, float]]:
     """{measure: (value, ci_low, ci_high)} for "linear", "debiased" and "rbf" CKA and "cosine"
     (centred, the mean over examples) from one centring and one pair of Gram matrices, every
     interval over the same resamples. Equal to linear_cka / debiased_cka / rbf_cka / cosine /
@@ -371,10 +385,12 @@ def compare(x: torch.Tensor, y: torch.Tensor, measures=("linear", "debiased"), n
     x, y = _centred(x, "x"), _centred(y, "y")
     kx, ky = (_gram(x, dtype), _gram(y, dtype)) if set(measures) - {"cosine"} else (None, None)
     cosines = _row_cosines(x, y, " after centring") if "cosine" in measures else None
-    point = {"linear": lambda: _alignment(kx, ky).item(),  # centred inputs give centred Grams
-             "debiased": lambda: _debiased_from_grams(kx, ky),
-             "rbf": lambda: _gram_cka(_rbf_gram(kx, 1.0, "x"), _rbf_gram(ky, 1.0, "y")).item(),
-             "cosine": lambda: cosines.mean().item()}  # fmt: skip
+    point = {
+        "linear": lambda: _alignment(kx, ky).item(),  # centred inputs give centred Grams
+        "debiased": lambda: _debiased_from_grams(kx, ky),
+        "rbf": lambda: _gram_cka(_rbf_gram(kx, 1.0, "x"), _rbf_gram(ky, 1.0, "y")).item(),
+        "cosine": lambda: cosines.mean().item(),
+    }
     intervals = {}
     resampled = [m for m in measures if m in ("linear", "debiased")]
     if n_resamples and resampled:

@@ -163,9 +163,13 @@ def _monte_carlo(draw, n_values: int, n_permutations: int, seed: int, observed: 
 
 
 def permutation_paired_test(
-    a: Iterable[float], b: Iterable[float], *, n_permutations: int = 100_000, seed: int = 0,
+    a: Iterable[float],
+    b: Iterable[float],
+    *,
+    n_permutations: int = 100_000,
+    seed: int = 0,
     max_exact: int = MAX_EXACT,
-) -> Permutation:  # fmt: skip
+) -> Permutation:
     """Two-sided sign-flip test of the differences a - b; p is the share of sign patterns with
     |mean| ≥ the observed |mean|. Exact over all 2^n patterns while 2^n ≤ max_exact: the
     smallest possible p is then 2/2^n (0.25 at n=3), so three seeds can never reach p < 0.05.
@@ -197,9 +201,13 @@ def permutation_paired_p(
 
 
 def permutation_unpaired_test(
-    a: Iterable[float], b: Iterable[float], *, n_permutations: int = 100_000, seed: int = 0,
+    a: Iterable[float],
+    b: Iterable[float],
+    *,
+    n_permutations: int = 100_000,
+    seed: int = 0,
     max_exact: int = MAX_EXACT,
-) -> Permutation:  # fmt: skip
+) -> Permutation:
     """Two-sided permutation test of mean(a) - mean(b) over splits of the pooled values into
     groups of the original sizes; p is the share with |difference| ≥ the observed one. Exact
     over all C(n_a+n_b, n_a) splits while that is ≤ max_exact; beyond, Monte Carlo over
@@ -246,14 +254,24 @@ def bootstrap_paired_interval(
     if _constant(d):
         return float(d[0]), float(d[0])
     result = stats.bootstrap(
-        (d,), np.mean, confidence_level=confidence, n_resamples=n_resamples, method="percentile",
+        (d,),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=n_resamples,
+        method="percentile",
         rng=np.random.default_rng(seed),
-    )  # fmt: skip
+    )
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
-def median_paired_ratio(a: np.ndarray, b: np.ndarray, n_boot: int, confidence: float = 0.95, seed: int = 0,
-                        blocks: Sequence[range] | None = None) -> tuple[float, float, float]:  # fmt: skip
+def median_paired_ratio(
+    a: np.ndarray,
+    b: np.ndarray,
+    n_boot: int,
+    confidence: float = 0.95,
+    seed: int = 0,
+    blocks: Sequence[range] | None = None,
+) -> tuple[float, float, float]:
     """Median over repetitions of a[r] / b[r], with a percentile-bootstrap interval. Call r of
     both strategies processed the same batch in the same round, so the per-round ratio cancels
     the batch's content (natural lengths vary several-fold) and slow machine drift.
@@ -273,8 +291,9 @@ def median_paired_ratio(a: np.ndarray, b: np.ndarray, n_boot: int, confidence: f
     return float(np.median(ratios)), float(low), float(high)
 
 
-def ratio_of_medians(a: np.ndarray, b: np.ndarray, n_boot: int, confidence: float = 0.95,
-                     seed: int = 0) -> tuple[float, float, float]:  # fmt: skip
+def ratio_of_medians(
+    a: np.ndarray, b: np.ndarray, n_boot: int, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """median(a) / median(b) with a percentile-bootstrap interval, repetitions resampled
     jointly. Kept for comparison: with natural lengths each median mixes batches of very
     different sizes, and on a busy machine this estimate moved 3-4 points between identical runs
@@ -439,9 +458,11 @@ def drift_reduction(
 
 
 def reduction_contrast(
-    a_by_seed: Mapping[int, float], b_by_seed: Mapping[int, float], threshold: float = 0.20,
+    a_by_seed: Mapping[int, float],
+    b_by_seed: Mapping[int, float],
+    threshold: float = 0.20,
     confidence: float = 0.95,
-) -> Estimate:  # fmt: skip
+) -> Estimate:
     """Mean of the paired contrast c_s = a_s - (1 - threshold)·b_s with the two-sided t-interval
     mean ± t(1-α/2, n-1)·sd/√n of the rest of the verdict. "LoRA drifts at least `threshold`
     less", mean(a) ≤ (1 - threshold)·mean(b), is mean(c) ≤ 0: read it with
@@ -482,9 +503,15 @@ def _t_quantiles(confidence: float, max_n: int) -> np.ndarray:
 
 
 def seeds_needed(
-    mean: float, sd: float, n: int, threshold: float, *, higher_is_better: bool, confidence: float = 0.95,
+    mean: float,
+    sd: float,
+    n: int,
+    threshold: float,
+    *,
+    higher_is_better: bool,
+    confidence: float = 0.95,
     max_n: int = 1000,
-) -> int | None:  # fmt: skip
+) -> int | None:
     """Smallest number of seeds (pairs) N, the n already run included, at which the t-interval
     mean ± t(1-α/2, N-1)·sd/√N would lie on one side of `threshold` (as `criterion` reads it),
     were mean and sd to stay as observed from n seeds: met or not met, whichever side the mean
@@ -506,9 +533,15 @@ def seeds_needed(
 
 
 def seeds_needed_range(
-    mean: float, sd: float, n: int, threshold: float, *, higher_is_better: bool, confidence: float = 0.95,
+    mean: float,
+    sd: float,
+    n: int,
+    threshold: float,
+    *,
+    higher_is_better: bool,
+    confidence: float = 0.95,
     max_n: int = 1000,
-) -> tuple[int | None, int | None]:  # fmt: skip
+) -> tuple[int | None, int | None]:
     """`seeds_needed` at the two ends of the chi-square interval of the sd from n seeds,
     sd·sqrt((n-1) / χ²(1-α/2, n-1)) and sd·sqrt((n-1) / χ²(α/2, n-1)): (fewest, most) seeds.
     From three seeds the sd is known to within a factor of about 0.5 to 6.3 at 95 %, and N
@@ -519,6 +552,8 @@ def seeds_needed_range(
         return None, None
     alpha = 1 - confidence
     scale = [math.sqrt((n - 1) / stats.chi2.ppf(q, n - 1)) for q in (1 - alpha / 2, alpha / 2)]
-    fewest, most = (seeds_needed(mean, sd * s, n, threshold, higher_is_better=higher_is_better,
-                                 confidence=confidence, max_n=max_n) for s in scale)  # fmt: skip
+    fewest, most = (
+        seeds_needed(mean, sd * s, n, threshold, higher_is_better=higher_is_better, confidence=confidence, max_n=max_n)
+        for s in scale
+    )
     return fewest, most

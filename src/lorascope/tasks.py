@@ -42,9 +42,7 @@ class Task:
 
 GLUE_TASKS = {
     "sst2": dict(text="sentence", text_pair=None, label_names=("negative", "positive"), metric="accuracy"),
-    "mrpc": dict(
-        text="sentence1", text_pair="sentence2", label_names=("not_equivalent", "equivalent"), metric="f1"
-    ),
+    "mrpc": dict(text="sentence1", text_pair="sentence2", label_names=("not_equivalent", "equivalent"), metric="f1"),
     "rte": dict(
         text="sentence1", text_pair="sentence2", label_names=("entailment", "not_entailment"), metric="accuracy"
     ),
@@ -69,11 +67,19 @@ def resolve_task(name: str, cfg: TaskConfig, data: DataConfig) -> Task:
     if cfg.text is None:
         raise InputError(f"tasks.{name}: a custom task needs `text` (the text column)")
     return Task(
-        name=name, source=cfg.source, subset=cfg.subset, text=cfg.text, text_pair=cfg.text_pair,
-        label=cfg.label, label_names=tuple(cfg.label_names) if cfg.label_names else None,
-        metric=cfg.metric or "accuracy", train_split=cfg.train_split, eval_split=cfg.eval_split,
-        eval_source=cfg.eval_source, **sizes,
-    )  # fmt: skip
+        name=name,
+        source=cfg.source,
+        subset=cfg.subset,
+        text=cfg.text,
+        text_pair=cfg.text_pair,
+        label=cfg.label,
+        label_names=tuple(cfg.label_names) if cfg.label_names else None,
+        metric=cfg.metric or "accuracy",
+        train_split=cfg.train_split,
+        eval_split=cfg.eval_split,
+        eval_source=cfg.eval_source,
+        **sizes,
+    )
 
 
 # ---------------------------------------------------------------- loading
@@ -112,7 +118,7 @@ def _load_files(task: Task, fmt: str) -> tuple[datasets.Dataset, datasets.Datase
     for split, path in files.items():  # one file at a time: their columns may differ, checked after
         try:
             loaded.append(datasets.load_dataset(fmt, data_files=path, split="train", **kwargs))
-        except Exception as err:  # noqa: BLE001 - datasets raises many types for unreadable files
+        except Exception as err:
             if "corresponds to no data" in str(err):  # how datasets says a file has no rows
                 raise InputError(f"{_where(task, split)}: the split is empty (no rows in {path})") from None
             raise InputError(f"tasks.{task.name}: cannot read {path}: {first_line(err)}") from None
@@ -125,7 +131,7 @@ def _load_dataset(task: Task) -> tuple[datasets.Dataset, datasets.Dataset]:
         raise InputError(f"tasks.{task.name}: dataset folder not found: {task.source}")
     try:
         loaded = datasets.load_dataset(str(Path(task.source).expanduser()) if looks_local else task.source, task.subset)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         where = f"{task.source}" + (f" ({task.subset})" if task.subset else "")
         raise InputError(f"tasks.{task.name}: cannot load dataset {where}: {first_line(err)}") from None
     for split in (task.train_split, task.eval_split):

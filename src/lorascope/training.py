@@ -43,8 +43,13 @@ TRAINER_KEYS = {
     "adam_beta2": "adam_beta2",
 }
 CALLBACK_KEYS = {"eval_every", "patience", "head_lr"}
-PEFT_KEYS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules",
-             "modules_to_save": "modules_to_save"}  # fmt: skip
+PEFT_KEYS = {
+    "r": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "target_modules": "target_modules",
+    "modules_to_save": "modules_to_save",
+}
 
 
 @dataclasses.dataclass
@@ -183,7 +188,9 @@ class DevSelection(TrainerCallback):
     def _evaluate(self, state, control, model):
         self.last_eval_step = state.global_step
         metrics = self.score_dev(model)
-        state.log_history.append({"step": state.global_step, "epoch": state.epoch, **{f"dev_{k}": v for k, v in metrics.items()}})
+        state.log_history.append(
+            {"step": state.global_step, "epoch": state.epoch, **{f"dev_{k}": v for k, v in metrics.items()}}
+        )
         if metrics[self.metric] > self.best_value:
             self.best_value, self.best_step, self.bad_evals = metrics[self.metric], state.global_step, 0
             self.best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -206,9 +213,14 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
 
     def score(split):
         return evaluate(
-            model, split, tokenizer=tokenizer, num_labels=task.num_labels,
-            batch_size=setup.eval_batch_size, device=device, bf16=runtime.uses_bf16(setup.runtime, device),
-        )  # fmt: skip
+            model,
+            split,
+            tokenizer=tokenizer,
+            num_labels=task.num_labels,
+            batch_size=setup.eval_batch_size,
+            device=device,
+            bf16=runtime.uses_bf16(setup.runtime, device),
+        )
 
     selection = None
     callbacks = []
@@ -218,10 +230,15 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
     with tempfile.TemporaryDirectory() as scratch:
         args = training_arguments(setup, device, scratch)
         trainer = LorascopeTrainer(
-            model=model, args=args, train_dataset=splits["train"], data_collator=make_collator(tokenizer, device),
-            callbacks=callbacks + list(setup.callbacks), order_seed=setup.seed, head_lr=hp.head_lr,
+            model=model,
+            args=args,
+            train_dataset=splits["train"],
+            data_collator=make_collator(tokenizer, device),
+            callbacks=callbacks + list(setup.callbacks),
+            order_seed=setup.seed,
+            head_lr=hp.head_lr,
             head_names=modeling.head_modules(model, getattr(hp, "modules_to_save", None)),
-        )  # fmt: skip
+        )
         if setup.runtime.progress:
             trainer.remove_callback(ProgressCallback)
             trainer.add_callback(RunProgress())
@@ -238,17 +255,26 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
         seconds = time.perf_counter() - started
 
     result = {
-        "task": task.name, "method": setup.method, "seed": setup.seed,
+        "task": task.name,
+        "method": setup.method,
+        "seed": setup.seed,
         "status": "diverged" if diverged else "ok",
-        "primary_metric": task.metric, "primary_value": None,
-        "train_seconds": round(seconds, 3), "steps": trainer.state.global_step,
-        "trainable_params": trainable, "total_params": total,
-        "train_examples": len(splits["train"]), "tokens_seen": trainer.tokens_seen,
+        "primary_metric": task.metric,
+        "primary_value": None,
+        "train_seconds": round(seconds, 3),
+        "steps": trainer.state.global_step,
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_examples": len(splits["train"]),
+        "tokens_seen": trainer.tokens_seen,
         "padding_fraction": 1 - trainer.tokens_seen / max(trainer.padded_tokens_seen, 1),
-        "head_init_digest": head_digest, "data_order_digest": trainer.order_digest.hexdigest()[:16],
-        "device": device.type, "train_tokens_per_second": trainer.tokens_seen / seconds, **memory,
+        "head_init_digest": head_digest,
+        "data_order_digest": trainer.order_digest.hexdigest()[:16],
+        "device": device.type,
+        "train_tokens_per_second": trainer.tokens_seen / seconds,
+        **memory,
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer) if trainer.optimizer is not None else None,
-    }  # fmt: skip
+    }
     if selection is not None:
         result |= {"best_step": selection.best_step, f"dev_{task.metric}": selection.best_value}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -293,8 +319,9 @@ def save_weights(model: torch.nn.Module, setup: RunSetup, tokenizer, metrics: di
         model.peft_config["default"].base_model_name_or_path = artifacts.base_model_location(setup.model_name)
     model.save_pretrained(out_dir, safe_serialization=True)
     artifacts.save_tokenizer(tokenizer, setup.max_length, out_dir)
-    artifacts.write_card(out_dir, setup.model_name, setup.task, setup.method, setup.seed, metrics,
-                         tokenizer.pad_token_id)  # fmt: skip
+    artifacts.write_card(
+        out_dir, setup.model_name, setup.task, setup.method, setup.seed, metrics, tokenizer.pad_token_id
+    )
 
 
 @contextlib.contextmanager
@@ -310,17 +337,19 @@ def training_memory(device: torch.device):
     with PeakRss() as peak:
         yield memory
     memory |= {
-        "peak_rss_bytes": peak.peak, "peak_rss_added_bytes": peak.peak - start,
+        "peak_rss_bytes": peak.peak,
+        "peak_rss_added_bytes": peak.peak - start,
         "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
         "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None,
-    }  # fmt: skip
+    }
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor the optimizer keeps between steps (AdamW: two moments per trained
     weight and a step counter per tensor)."""
-    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
-               if torch.is_tensor(v))  # fmt: skip
+    return sum(
+        v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)
+    )
 
 
 def _resolved_hparams(setup: RunSetup, trainer: LorascopeTrainer, model) -> dict:
@@ -328,14 +357,23 @@ def _resolved_hparams(setup: RunSetup, trainer: LorascopeTrainer, model) -> dict
     PEFT hold."""
     args = trainer.args
     resolved = {
-        "model": setup.model_name, "method": setup.method, "seed": setup.seed,
+        "model": setup.model_name,
+        "method": setup.method,
+        "seed": setup.seed,
         "configured": setup.hp.model_dump(mode="json"),
-        "trainer": {arg: getattr(args, arg) for arg in TRAINER_KEYS.values()} | {"max_steps": args.max_steps, "optim": getattr(args.optim, "value", args.optim), "bf16": args.bf16},
-    }  # fmt: skip
+        "trainer": {arg: getattr(args, arg) for arg in TRAINER_KEYS.values()}
+        | {"max_steps": args.max_steps, "optim": getattr(args.optim, "value", args.optim), "bf16": args.bf16},
+    }
     if trainer.optimizer is not None:
         groups = trainer.optimizer.param_groups
-        resolved["optimizer_groups"] = [{"lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"],
-                                         "params": sum(p.numel() for p in g["params"])} for g in groups]  # fmt: skip
+        resolved["optimizer_groups"] = [
+            {
+                "lr": g.get("initial_lr", g["lr"]),
+                "weight_decay": g["weight_decay"],
+                "params": sum(p.numel() for p in g["params"]),
+            }
+            for g in groups
+        ]
     if setup.method == "lora":
         peft = model.peft_config["default"]
         resolved["peft"] = {arg: _plain(getattr(peft, arg)) for arg in PEFT_KEYS.values()}

@@ -36,8 +36,23 @@ from lorascope.training import train_run
 
 METHODS = ("lora", "full")
 # one row per trial; each trial's parameters follow the declared columns
-TRIALS = Table("trials", ("task", "method", "trial", "state", "value", "duration_s", "last_step", "last_dev_value",
-                          "best_step", "retry_of", "worker", "note"))  # fmt: skip
+TRIALS = Table(
+    "trials",
+    (
+        "task",
+        "method",
+        "trial",
+        "state",
+        "value",
+        "duration_s",
+        "last_step",
+        "last_dev_value",
+        "best_step",
+        "retry_of",
+        "worker",
+        "note",
+    ),
+)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 WAIT_S = 1.0  # poll interval while other workers finish the last trials
 MAX_FAILURES_IN_A_ROW = 3  # trials that raise; then the search stops with the last error
@@ -79,9 +94,16 @@ def tune_study(
     backend = open_storage(study.root, config, storage, shared=workers > 1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if workers > 1:
-        units = [executors.Unit(search_worker, (str(study.root), config, t, m, target, backend.address),
-                                f"tune {t} {m} worker {k + 1}/{workers}")
-                 for t in tasks for m in methods for k in range(workers)]  # fmt: skip
+        units = [
+            executors.Unit(
+                search_worker,
+                (str(study.root), config, t, m, target, backend.address),
+                f"tune {t} {m} worker {k + 1}/{workers}",
+            )
+            for t in tasks
+            for m in methods
+            for k in range(workers)
+        ]
         executors.run_units(units, "tune", config.runtime.progress, lambda ran: f"{ran} trial(s) run here")
     tokenizer = modeling.load_tokenizer(config.model.name) if workers == 1 else None
     records = {}
@@ -93,8 +115,9 @@ def tune_study(
                 if workers == 1:
                     objective = _Objective(study, config, task, method, splits, tokenizer, backend, target)
                     _fill(ostudy, objective, target, backend, config, f"tune {task_name} {method}")
-                records[task_name, method] = write_tuned(study, config, task_name, method, task.metric, ostudy,
-                                                         backend, target)  # fmt: skip
+                records[task_name, method] = write_tuned(
+                    study, config, task_name, method, task.metric, ostudy, backend, target
+                )
         write_trials_table(study, config, backend)
     return records
 
@@ -106,17 +129,22 @@ def search_worker(root: str, config: StudyConfig, task: str, method: str, target
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ostudy = _open_search(study, config, task, method, backend)
     prepared, splits = runs.load_prepared(study, task)
-    objective = _Objective(study, config, prepared, method, splits, modeling.load_tokenizer(config.model.name), backend,
-                           target)  # fmt: skip
+    objective = _Objective(
+        study, config, prepared, method, splits, modeling.load_tokenizer(config.model.name), backend, target
+    )
     _fill(ostudy, objective, target, backend, config, f"tune {task} {method}")
     return sum(t.user_attrs.get("worker") == _worker() for t in ostudy.get_trials(deepcopy=False, states=FINISHED))
 
 
 def _open_search(study: Study, config: StudyConfig, task: str, method: str, backend: Backend) -> optuna.Study:
     return optuna.create_study(
-        storage=backend.storage, study_name=study_name(study, config, task, method), direction="maximize",
-        load_if_exists=True, pruner=_pruner(config), sampler=TrialSeededTPE(config.tune.seed, config.tune.startup_trials),
-    )  # fmt: skip
+        storage=backend.storage,
+        study_name=study_name(study, config, task, method),
+        direction="maximize",
+        load_if_exists=True,
+        pruner=_pruner(config),
+        sampler=TrialSeededTPE(config.tune.seed, config.tune.startup_trials),
+    )
 
 
 def _worker() -> str:
@@ -137,8 +165,10 @@ def tuned_hparams(study: Study, config: StudyConfig, task: str, method: str) -> 
     data = yaml.safe_load(path.read_text())
     finished = data["trials"]["complete"] + data["trials"]["pruned"]
     if finished < config.tune.trials:
-        raise InputError(f"{path}: {finished} of tune.trials={config.tune.trials} trials finished; "
-                         "rerun `lorascope tune` to finish the search")  # fmt: skip
+        raise InputError(
+            f"{path}: {finished} of tune.trials={config.tune.trials} trials finished; "
+            "rerun `lorascope tune` to finish the search"
+        )
     if data.get("best_params") is None:
         raise InputError(f"{path}: no trial of the search completed; nothing to train with")
     hp = hparams_with(getattr(config.training, method), data["best_params"], f"{path}: best_params")
@@ -159,8 +189,11 @@ def startup_below(config: StudyConfig, trials: int) -> StudyConfig:
     startup = config.tune.startup_trials
     if trials < 2 or startup < trials:
         return config
-    print(f"tune: {trials} trials are not more than tune.startup_trials ({startup}): using {trials - 1} random "
-          "start-up trial(s) before TPE (set tune.startup_trials to choose)", file=sys.stderr)  # fmt: skip
+    print(
+        f"tune: {trials} trials are not more than tune.startup_trials ({startup}): using {trials - 1} random "
+        "start-up trial(s) before TPE (set tune.startup_trials to choose)",
+        file=sys.stderr,
+    )
     return config.model_copy(update={"tune": config.tune.model_copy(update={"startup_trials": trials - 1})})
 
 
@@ -181,11 +214,22 @@ def study_name(study: Study, config: StudyConfig, task: str, method: str) -> str
     tune, space = config.tune, getattr(config.tune.spaces, method)
     base = getattr(config.training, method).model_dump(mode="json", exclude=set(space.params()))
     fp = fingerprint(
-        runs.RESULTS_VERSION, runs.prepared_fingerprint(study, task), runs.model_key(config), method, base,
-        config.training.eval_batch_size, _train_seed(config), space, tune.seed, tune.startup_trials,
-        tune.prune, tune.prune_startup_trials, tune.prune_warmup_steps, config.runtime.device,
+        runs.RESULTS_VERSION,
+        runs.prepared_fingerprint(study, task),
+        runs.model_key(config),
+        method,
+        base,
+        config.training.eval_batch_size,
+        _train_seed(config),
+        space,
+        tune.seed,
+        tune.startup_trials,
+        tune.prune,
+        tune.prune_startup_trials,
+        tune.prune_warmup_steps,
+        config.runtime.device,
         runtime.uses_bf16(config.runtime, runtime.pick_device(config.runtime)),
-    )  # fmt: skip
+    )
     return f"lorascope/{config.name}/{task}/{method}/{fp}"
 
 
@@ -193,7 +237,7 @@ def hparams_with(base: MethodConfig, params: dict, where: str = "trial") -> Meth
     """training.<method> with some values replaced, validated (model_copy would not check)."""
     try:
         return type(base).model_validate({**base.model_dump(), **params})
-    except Exception as err:  # noqa: BLE001 - pydantic's message, on one line
+    except Exception as err:
         raise InputError(f"{where}: {' '.join(str(err).split())}") from None
 
 
@@ -220,8 +264,9 @@ def _fill(ostudy: optuna.Study, objective, target: int, backend: Backend, config
                 continue
             ostudy.optimize(objective, n_trials=1, catch=(SurplusTrial, TrialError))
             if objective.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
-                raise RuntimeError(f"{desc}: {objective.failures_in_a_row} trials in a row failed; "
-                                   f"the last: {objective.last_error}")  # fmt: skip
+                raise RuntimeError(
+                    f"{desc}: {objective.failures_in_a_row} trials in a row failed; the last: {objective.last_error}"
+                )
     finally:
         bar.close()
 
@@ -278,8 +323,9 @@ def _pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
     tune = config.tune
     if not tune.prune:
         return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=tune.prune_startup_trials,
-                                       n_warmup_steps=tune.prune_warmup_steps)  # fmt: skip
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=tune.prune_startup_trials, n_warmup_steps=tune.prune_warmup_steps
+    )
 
 
 class DevReporter(TrainerCallback):
@@ -326,8 +372,15 @@ class _Objective:
         trial.set_user_attr("worker", _worker())
         hp = trial_hparams(self.config, self.method, trial)
         reporter = DevReporter(trial, self.task.metric, self.config.tune.prune)
-        setup = runs.run_setup(self.config, self.task, self.method, _train_seed(self.config), hp=hp,
-                               save_weights=False, callbacks=[reporter])  # fmt: skip
+        setup = runs.run_setup(
+            self.config,
+            self.task,
+            self.method,
+            _train_seed(self.config),
+            hp=hp,
+            save_weights=False,
+            callbacks=[reporter],
+        )
         target = self.study.root / "tune" / self.task.name / self.method / f"trial{trial.number:04d}"
         alive = heartbeat(trial, self.config.tune.heartbeat_s) if self.backend.kind == "journal" else None
         try:
@@ -339,7 +392,7 @@ class _Objective:
             again = {"retry_of": trial.number, "attempt": trial.user_attrs.get("attempt", 0)}
             trial.study.enqueue_trial(trial.params, user_attrs=again)
             raise
-        except Exception as err:  # noqa: BLE001 - recorded on the trial, the search goes on
+        except Exception as err:
             self.failures_in_a_row, self.last_error = self.failures_in_a_row + 1, f"{type(err).__name__}: {err}"
             trial.set_user_attr("status", "failed")
             trial.set_user_attr("error", self.last_error)
@@ -404,8 +457,9 @@ def _state_counts(trials) -> dict[str, int]:
     return {s: counts.get(s, 0) for s in states} | {"surplus": sum(map(_surplus, trials))}
 
 
-def write_tuned(study: Study, config: StudyConfig, task: str, method: str, metric: str, ostudy, backend: Backend,
-                target: int) -> dict:
+def write_tuned(
+    study: Study, config: StudyConfig, task: str, method: str, metric: str, ostudy, backend: Backend, target: int
+) -> dict:
     """tuned/<task>_<method>.yaml: the best trial, its values merged into training.<method>, trial
     counts by state, and the search's name, storage, sampler, pruner and space."""
     trials = ostudy.get_trials(deepcopy=False)
@@ -425,8 +479,13 @@ def write_tuned(study: Study, config: StudyConfig, task: str, method: str, metri
         "storage": backend.url,
         "train_seed": _train_seed(config),
         "sampler": {"name": "TPESampler", "seed": tune.seed, "startup_trials": tune.startup_trials},
-        "pruner": {"name": "MedianPruner", "startup_trials": tune.prune_startup_trials,
-                   "warmup_steps": tune.prune_warmup_steps} if tune.prune else {"name": "NopPruner"},  # fmt: skip
+        "pruner": {
+            "name": "MedianPruner",
+            "startup_trials": tune.prune_startup_trials,
+            "warmup_steps": tune.prune_warmup_steps,
+        }
+        if tune.prune
+        else {"name": "NopPruner"},
         "space": {k: v.model_dump(exclude_defaults=True) for k, v in getattr(tune.spaces, method).params().items()},
     }
     if best is not None:
@@ -443,17 +502,23 @@ def trial_rows(task: str, method: str, ostudy: optuna.Study) -> list[dict]:
     for t in ostudy.get_trials(deepcopy=False):
         duration = t.duration.total_seconds() if t.duration is not None else None
         steps = sorted(t.intermediate_values)
-        rows.append({
-            "task": task, "method": method, "trial": t.number, "state": t.state.name, "value": t.value,
-            "duration_s": None if duration is None else round(duration, 3),
-            "last_step": steps[-1] if steps else None,
-            "last_dev_value": t.intermediate_values[steps[-1]] if steps else None,
-            "best_step": t.user_attrs.get("best_step"),
-            "retry_of": t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial")),
-            "worker": t.user_attrs.get("worker"),
-            "note": "surplus" if _surplus(t) else t.user_attrs.get("error", t.user_attrs.get("status", "")),
-            **t.params,
-        })  # fmt: skip
+        rows.append(
+            {
+                "task": task,
+                "method": method,
+                "trial": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                "duration_s": None if duration is None else round(duration, 3),
+                "last_step": steps[-1] if steps else None,
+                "last_dev_value": t.intermediate_values[steps[-1]] if steps else None,
+                "best_step": t.user_attrs.get("best_step"),
+                "retry_of": t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial")),
+                "worker": t.user_attrs.get("worker"),
+                "note": "surplus" if _surplus(t) else t.user_attrs.get("error", t.user_attrs.get("status", "")),
+                **t.params,
+            }
+        )
     return rows
 
 
@@ -472,5 +537,8 @@ def write_trials_table(study: Study, config: StudyConfig, backend: Backend) -> p
 
 def tuned_records(study: Study) -> list[dict]:
     """Every tuned/<task>_<method>.yaml of the study (as `write_tuned` writes them), in name order."""
-    return [yaml.safe_load(path.read_text()) for path in sorted((study.root / "tuned").glob("*_*.yaml"))
-            if stamp_of(path) is not None]  # fmt: skip
+    return [
+        yaml.safe_load(path.read_text())
+        for path in sorted((study.root / "tuned").glob("*_*.yaml"))
+        if stamp_of(path) is not None
+    ]

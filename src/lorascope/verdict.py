@@ -15,8 +15,21 @@ from lorascope import stats
 from lorascope.stats import Estimate
 
 MET, NOT_MET, INCONCLUSIVE, NOT_RUN, SHOWN = "met", "not met", "inconclusive", "not run", "shown"
-VERDICT_COLUMNS = ("task", "criterion", "value", "ci_low", "ci_high", "threshold", "direction", "outcome", "rule",
-                   "n", "seeds_needed", "seeds_needed_low", "seeds_needed_high")  # fmt: skip
+VERDICT_COLUMNS = (
+    "task",
+    "criterion",
+    "value",
+    "ci_low",
+    "ci_high",
+    "threshold",
+    "direction",
+    "outcome",
+    "rule",
+    "n",
+    "seeds_needed",
+    "seeds_needed_low",
+    "seeds_needed_high",
+)
 CRITERIA = ("quality", "drift", "deployment")  # combined into "recommended"; other rows inform
 
 
@@ -88,8 +101,6 @@ def recommended(quality: str, drift: str, deployment: str, *required: str) -> st
     return INCONCLUSIVE if INCONCLUSIVE in (quality, drift, deployment, *required) else NOT_RUN
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class Criterion:
     """One verdict row. `estimate`: value with its interval (None: not run); `decider`: when
@@ -120,11 +131,21 @@ def row(task: str, c: Criterion, confidence: float = 0.95) -> dict:
         mean, sd, n = c.spread
         args = {"higher_is_better": better, "confidence": confidence}
         needed = (stats.seeds_needed(mean, sd, n, at, **args), *stats.seeds_needed_range(mean, sd, n, at, **args))
-    return {"task": task, "criterion": c.name, "value": value, "ci_low": low, "ci_high": high,
-            "threshold": c.threshold, "direction": "at least" if c.higher_is_better else "at most",
-            "outcome": outcome if c.counts else SHOWN, "rule": c.rule,
-            "n": c.spread[2] if c.spread is not None else None, "seeds_needed": needed[0],
-            "seeds_needed_low": needed[1], "seeds_needed_high": needed[2]}  # fmt: skip
+    return {
+        "task": task,
+        "criterion": c.name,
+        "value": value,
+        "ci_low": low,
+        "ci_high": high,
+        "threshold": c.threshold,
+        "direction": "at least" if c.higher_is_better else "at most",
+        "outcome": outcome if c.counts else SHOWN,
+        "rule": c.rule,
+        "n": c.spread[2] if c.spread is not None else None,
+        "seeds_needed": needed[0],
+        "seeds_needed_low": needed[1],
+        "seeds_needed_high": needed[2],
+    }
 
 
 def verdict_rows(task: str, criteria: list[Criterion], confidence: float = 0.95) -> list[dict]:
@@ -133,11 +154,21 @@ def verdict_rows(task: str, criteria: list[Criterion], confidence: float = 0.95)
     rows = [row(task, c, confidence) for c in criteria]
     outcome = {r["criterion"]: r["outcome"] for r in rows}
     required = [c.name for c in criteria if c.counts and c.name not in CRITERIA]  # e.g. forgetting, when it counts
-    rows.append({"task": task, "criterion": "recommended", "value": math.nan, "ci_low": math.nan,
-                 "ci_high": math.nan, "threshold": math.nan, "direction": "",
-                 "outcome": recommended(*(outcome.get(name, NOT_RUN) for name in CRITERIA),
-                                        *(outcome[name] for name in required)),
-                 "rule": " and ".join(["quality and (drift or deployment)", *required])})  # fmt: skip
+    rows.append(
+        {
+            "task": task,
+            "criterion": "recommended",
+            "value": math.nan,
+            "ci_low": math.nan,
+            "ci_high": math.nan,
+            "threshold": math.nan,
+            "direction": "",
+            "outcome": recommended(
+                *(outcome.get(name, NOT_RUN) for name in CRITERIA), *(outcome[name] for name in required)
+            ),
+            "rule": " and ".join(["quality and (drift or deployment)", *required]),
+        }
+    )
     return rows
 
 
@@ -145,6 +176,8 @@ def failure_rate(task: str, method: str, flagged: int, runs: int, confidence: fl
     """An informing row: the share of a method's runs that are flagged, with its Clopper–Pearson
     interval, so instability shows beside quality (which is judged on unflagged pairs)."""
     estimate = stats.clopper_pearson(flagged, runs, confidence) if runs else None
-    rule = (f"{flagged} of {runs} runs flagged (failed, diverged or not above the majority baseline); "
-            "Clopper–Pearson interval")  # fmt: skip
+    rule = (
+        f"{flagged} of {runs} runs flagged (failed, diverged or not above the majority baseline); "
+        "Clopper–Pearson interval"
+    )
     return row(task, Criterion(f"failure rate {method}", estimate, math.nan, False, rule, counts=False), confidence)

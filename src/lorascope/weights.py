@@ -105,8 +105,9 @@ def lora_deltas(
         match = _LORA_KEY.match(key)
         if match is None:
             if "lora_" in key:
-                raise ValueError(f"{key}: not a plain LoRA weight (DoRA, LoRA on embeddings and LoRA biases "
-                                 "are not supported)")  # fmt: skip
+                raise ValueError(
+                    f"{key}: not a plain LoRA weight (DoRA, LoRA on embeddings and LoRA biases are not supported)"
+                )
             continue  # modules_to_save (classifier, pooler) are not low-rank deltas
         module, matrix = match.groups()
         if matrix in modules.setdefault(module, {}):
@@ -117,8 +118,10 @@ def lora_deltas(
         if set(pair) != {"A", "B"}:
             raise ValueError(f"{module}: lora_A or lora_B is missing from the adapter")
         if pair["A"].shape[0] != r:
-            raise ValueError(f"{module}: lora_A has rank {pair['A'].shape[0]}, expected r={r} "
-                             "(per-module rank_pattern is not supported)")  # fmt: skip
+            raise ValueError(
+                f"{module}: lora_A has rank {pair['A'].shape[0]}, expected r={r} "
+                "(per-module rank_pattern is not supported)"
+            )
         key = _base_key(module + ".weight", base_state)
         if key is None:
             raise ValueError(f"{module}: no matching weight in the base model")
@@ -165,14 +168,16 @@ def weight_change_rows(
     for module, base, delta in deltas:
         if module not in base_vectors:
             base_vectors[module] = left_singular_vectors(base)
-        rows.append({
-            "module": module,
-            "layer": layer_index(module),
-            "kind": module.rsplit(".", 1)[-1],
-            "rows": delta.shape[0],
-            "cols": delta.shape[1],
-            "relative_update": relative_update(delta, base),
-            "effective_rank": effective_rank(delta),
-            "intruder_dimensions": _intruders(base + delta, base_vectors[module], k, epsilon),
-        })  # fmt: skip
+        rows.append(
+            {
+                "module": module,
+                "layer": layer_index(module),
+                "kind": module.rsplit(".", 1)[-1],
+                "rows": delta.shape[0],
+                "cols": delta.shape[1],
+                "relative_update": relative_update(delta, base),
+                "effective_rank": effective_rank(delta),
+                "intruder_dimensions": _intruders(base + delta, base_vectors[module], k, epsilon),
+            }
+        )
     return rows

@@ -38,14 +38,23 @@ def cost_medians(performance: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
         for column, cost, unit in COSTS:
             if column not in runs:
                 continue
-            values = {m: pd.to_numeric(runs.loc[runs["method"] == m, column], errors="coerce").dropna()
-                      for m in METHODS}  # fmt: skip
+            values = {
+                m: pd.to_numeric(runs.loc[runs["method"] == m, column], errors="coerce").dropna() for m in METHODS
+            }
             if all(v.empty for v in values.values()):
                 continue
             lora, full = (values[m].median() / unit if len(values[m]) else math.nan for m in METHODS)
-            rows.append({"task": task, "cost": cost, "lora": lora, "full": full,
-                         "ratio": lora / full if finite(lora) and finite(full) and full else math.nan,
-                         "n_lora": len(values["lora"]), "n_full": len(values["full"])})  # fmt: skip
+            rows.append(
+                {
+                    "task": task,
+                    "cost": cost,
+                    "lora": lora,
+                    "full": full,
+                    "ratio": lora / full if finite(lora) and finite(full) and full else math.nan,
+                    "n_lora": len(values["lora"]),
+                    "n_full": len(values["full"]),
+                }
+            )
     return pd.DataFrame(rows, columns=["task", "cost", "lora", "full", "ratio", "n_lora", "n_full"])
 
 
@@ -59,14 +68,23 @@ def cost_section(doc: Document, view: StudyView) -> None:
     if medians.empty:
         doc.not_run("tables/performance.csv has no finished run of LoRA or full FT")
         return
-    doc.figure(view.save(cost_figure(medians), "training_cost"),
-               "Median over seeds of what training one run cost, LoRA beside full FT, per task (log scale); "
-               "above each pair LoRA's median over full FT's.")  # fmt: skip
-    doc.table(["task", "cost (median over runs)", "LoRA", "full FT", "LoRA / full FT", "runs LoRA / full FT"],
-              [[r.task, r.cost, fmt.cell(r.lora), fmt.cell(r.full), fmt.cell(r.ratio), f"{r.n_lora} / {r.n_full}"]
-               for r in medians.itertuples()])  # fmt: skip
-    doc.para("Per run (tables/performance.csv): wall-clock training time with its dev evaluations; non-padding "
-             "tokens trained on per second of it; the process's peak resident set during training and what "
-             "training added to the set it started with; on CUDA the allocator's peaks; the bytes of every "
-             "tensor the optimizer keeps (AdamW: two moments per trained weight); the size of the saved "
-             "weight files. Finished runs only.", css="note")  # fmt: skip
+    doc.figure(
+        view.save(cost_figure(medians), "training_cost"),
+        "Median over seeds of what training one run cost, LoRA beside full FT, per task (log scale); "
+        "above each pair LoRA's median over full FT's.",
+    )
+    doc.table(
+        ["task", "cost (median over runs)", "LoRA", "full FT", "LoRA / full FT", "runs LoRA / full FT"],
+        [
+            [r.task, r.cost, fmt.cell(r.lora), fmt.cell(r.full), fmt.cell(r.ratio), f"{r.n_lora} / {r.n_full}"]
+            for r in medians.itertuples()
+        ],
+    )
+    doc.para(
+        "Per run (tables/performance.csv): wall-clock training time with its dev evaluations; non-padding "
+        "tokens trained on per second of it; the process's peak resident set during training and what "
+        "training added to the set it started with; on CUDA the allocator's peaks; the bytes of every "
+        "tensor the optimizer keeps (AdamW: two moments per trained weight); the size of the saved "
+        "weight files. Finished runs only.",
+        css="note",
+    )

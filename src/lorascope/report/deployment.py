@@ -33,13 +33,20 @@ def _grid(doc: Document, dep: pd.DataFrame) -> None:
         for strategy in strategies:
             cells = [part[(part["strategy"] == strategy) & (part["batch_size"] == b)] for b in batches]
             first = [c.iloc[0] if not c.empty else None for c in cells]
-            latency.append([strategy] + [fmt.num(r["p50_ms"], 2) if r is not None else "—" for r in first]
-                           + [fmt.num(first[-1]["examples_per_s"], 1) if first[-1] is not None else "—"])  # fmt: skip
+            latency.append(
+                [strategy]
+                + [fmt.num(r["p50_ms"], 2) if r is not None else "—" for r in first]
+                + [fmt.num(first[-1]["examples_per_s"], 1) if first[-1] is not None else "—"]
+            )
             if not strategy.startswith("full"):
                 overhead.append([strategy] + [_overhead(r) for r in first])
         doc.heading(3, f"Sequence length {seq_len}")
-        doc.table(["median latency per batch (ms)"] + [f"batch {b}" for b in batches]
-                  + [f"examples/s at batch {batches[-1]}"], latency)  # fmt: skip
+        doc.table(
+            ["median latency per batch (ms)"]
+            + [f"batch {b}" for b in batches]
+            + [f"examples/s at batch {batches[-1]}"],
+            latency,
+        )
         if overhead:
             doc.table(["overhead vs full FT (%, interval)"] + [f"batch {b}" for b in batches], overhead)
 
@@ -58,20 +65,27 @@ def deployment_section(doc: Document, view: StudyView) -> None:
         doc.not_run(view.why["deployment"])
     else:
         dep = dep.assign(seq_len=dep["seq_len"].astype(str))
-        doc.figure(view.save(latency_figure(dep), "deployment_latency"),
-                   "Median latency per batch against batch size, one panel per sequence "
-                   "length (band: median to p95; log–log). LoRA strategies in LoRA's colour (hollow markers: "
-                   "torch.compile variants), full FT in full FT's; the merged adapter should sit on the full-FT "
-                   "line.")  # fmt: skip
+        doc.figure(
+            view.save(latency_figure(dep), "deployment_latency"),
+            "Median latency per batch against batch size, one panel per sequence "
+            "length (band: median to p95; log–log). LoRA strategies in LoRA's colour (hollow markers: "
+            "torch.compile variants), full FT in full FT's; the merged adapter should sit on the full-FT "
+            "line.",
+        )
         _grid(doc, dep)
-        doc.para("Overhead: latency relative to full fine-tuning at the same batch size and length, minus 1, with "
-                 "its bootstrap interval in brackets. Strategies: full = fully fine-tuned model; merged = LoRA merged "
-                 "into the base weights; separate = LoRA kept as an adapter; switch = switching adapters between "
-                 "batches; mixed = several adapters served in one batch from one base; base = the untouched base "
-                 "model.", css="note")  # fmt: skip
+        doc.para(
+            "Overhead: latency relative to full fine-tuning at the same batch size and length, minus 1, with "
+            "its bootstrap interval in brackets. Strategies: full = fully fine-tuned model; merged = LoRA merged "
+            "into the base weights; separate = LoRA kept as an adapter; switch = switching adapters between "
+            "batches; mixed = several adapters served in one batch from one base; base = the untouched base "
+            "model.",
+            css="note",
+        )
         cols = list(dep.columns)
-        doc.details(f"all {len(dep)} rows of tables/deployment.csv",
-                    _plain_table(cols, [[fmt.cell(r[c]) for c in cols] for _, r in dep.iterrows()]))  # fmt: skip
+        doc.details(
+            f"all {len(dep)} rows of tables/deployment.csv",
+            _plain_table(cols, [[fmt.cell(r[c]) for c in cols] for _, r in dep.iterrows()]),
+        )
     doc.heading(3, "Correctness checks (before timing)")
     if checks is None:
         doc.not_run(view.why["deployment_checks"])
@@ -81,9 +95,11 @@ def deployment_section(doc: Document, view: StudyView) -> None:
     if memory is None:
         doc.not_run(view.why["deployment_memory"])
     else:
-        doc.figure(view.save(memory_figure(memory), "deployment_memory"),
-                   "Per strategy: memory after loading with the extra peak during inference stacked on it (a fresh "
-                   "process per strategy), size on disk of the weights it reads, and load time.")  # fmt: skip
+        doc.figure(
+            view.save(memory_figure(memory), "deployment_memory"),
+            "Per strategy: memory after loading with the extra peak during inference stacked on it (a fresh "
+            "process per strategy), size on disk of the weights it reads, and load time.",
+        )
         doc.table(list(memory.columns), [[fmt.cell(v) for v in r] for r in memory.itertuples(index=False)])
     engines_section(doc, view)
 
@@ -109,8 +125,9 @@ def _engine_cells(doc: Document, ok: pd.DataFrame, key: str, title: str, cell) -
         for strategy in ordered(part.loc[part["engine"] == engine, "strategy"].astype(str), ENGINE_STRATEGIES):
             mine = part[(part["engine"] == engine) & (part["strategy"] == strategy)]
             found = [mine[mine[key] == v] for v in values]
-            rows.append([ENGINE_LABELS.get(engine, engine), strategy] + [cell(f.iloc[0]) if not f.empty else "—"
-                                                                           for f in found])  # fmt: skip
+            rows.append(
+                [ENGINE_LABELS.get(engine, engine), strategy] + [cell(f.iloc[0]) if not f.empty else "—" for f in found]
+            )
     doc.table([title, "strategy"] + [f"{key.replace('_', ' ')} {v}" for v in values], rows)
 
 
@@ -119,48 +136,78 @@ def engines_section(doc: Document, view: StudyView) -> None:
     doc.heading(3, "Engines: PEFT in-process and vLLM")
     grid, checks, versions = (t.read(view.study.tables) for t in (DEPLOYMENT_ENGINES, ENGINE_CHECKS, ENGINE_VERSIONS))
     if grid is None:
-        doc.not_run("only PEFT in-process was measured; add vllm to deploy.engines (after `make vllm`) for the "
-                    "engine comparison")  # fmt: skip
+        doc.not_run(
+            "only PEFT in-process was measured; add vllm to deploy.engines (after `make vllm`) for the "
+            "engine comparison"
+        )
         return
     ok = grid[grid["status"] == "ok"]
     if ok["batch_size"].eq(1).any():
-        doc.figure(view.save(engines_figure(grid), "deployment_engines"),
-                   "Per engine: latency of one-example requests against concurrent clients (line = p50, thick "
-                   "whisker to p95, thin to p99) and throughput; same strategies, requests and load generator.")  # fmt: skip
-    _engine_cells(doc, ok, "concurrency", "p50 / p95 / p99 ms, one example per request",
-                  lambda r: f"{r['p50_ms']:.1f} / {r['p95_ms']:.1f} / {r['p99_ms']:.1f} ({r['examples_per_s']:.0f}/s)")
-    _engine_cells(doc, ok, "batch_size", "p50 ms (examples/s), batched requests at concurrency 1",
-                  lambda r: f"{r['p50_ms']:.1f} ({r['examples_per_s']:.0f}/s)")
+        doc.figure(
+            view.save(engines_figure(grid), "deployment_engines"),
+            "Per engine: latency of one-example requests against concurrent clients (line = p50, thick "
+            "whisker to p95, thin to p99) and throughput; same strategies, requests and load generator.",
+        )
+    _engine_cells(
+        doc,
+        ok,
+        "concurrency",
+        "p50 / p95 / p99 ms, one example per request",
+        lambda r: f"{r['p50_ms']:.1f} / {r['p95_ms']:.1f} / {r['p99_ms']:.1f} ({r['examples_per_s']:.0f}/s)",
+    )
+    _engine_cells(
+        doc,
+        ok,
+        "batch_size",
+        "p50 ms (examples/s), batched requests at concurrency 1",
+        lambda r: f"{r['p50_ms']:.1f} ({r['examples_per_s']:.0f}/s)",
+    )
     separate = ok[ok["strategy"] == "separate"]
     if separate["overhead_vs_merged"].notna().any():
-        _engine_cells(doc, separate, "concurrency", "separate over merged (%, interval)",
-                      lambda r: _overhead(r, "overhead_vs_merged", "overhead_vs_merged_ci_low",
-                                          "overhead_vs_merged_ci_high"))  # fmt: skip
+        _engine_cells(
+            doc,
+            separate,
+            "concurrency",
+            "separate over merged (%, interval)",
+            lambda r: _overhead(r, "overhead_vs_merged", "overhead_vs_merged_ci_low", "overhead_vs_merged_ci_high"),
+        )
     lora_on_cpu = ok[(ok["engine"] == "vllm") & ok["strategy"].isin(["separate", "multi"]) & (ok["device"] == "cpu")]
     if not lora_on_cpu.empty:
-        doc.para("vLLM on CPU serves a server with LoRA enabled without torch.compile (its CPU platform turns "
-                 "compilation off), while full and merged folders are compiled: vLLM's separate over merged "
-                 "includes that gain (benchmarks/vllm_lora_cost.py measures it apart). The LoRA server wraps only "
-                 "the modules the adapters train (--lora-target-modules).", css="note")  # fmt: skip
+        doc.para(
+            "vLLM on CPU serves a server with LoRA enabled without torch.compile (its CPU platform turns "
+            "compilation off), while full and merged folders are compiled: vLLM's separate over merged "
+            "includes that gain (benchmarks/vllm_lora_cost.py measures it apart). The LoRA server wraps only "
+            "the modules the adapters train (--lora-target-modules).",
+            css="note",
+        )
     gpu = "server_gpu_mb" in ok and ok["server_gpu_mb"].notna().any()
     memory = ok.groupby(["engine", "strategy"], sort=False)[["server_rss_mb", *(["server_gpu_mb"] if gpu else [])]]
-    doc.table(["engine", "strategy", "peak RSS of the serving process tree (MiB)", *(["GPU memory (MiB)"] if gpu else [])],
-              [[ENGINE_LABELS.get(engine, engine), strategy, *(fmt.num(v, 0) for v in row)]
-               for (engine, strategy), row in memory.max().iterrows()])  # fmt: skip
+    doc.table(
+        ["engine", "strategy", "peak RSS of the serving process tree (MiB)", *(["GPU memory (MiB)"] if gpu else [])],
+        [
+            [ENGINE_LABELS.get(engine, engine), strategy, *(fmt.num(v, 0) for v in row)]
+            for (engine, strategy), row in memory.max().iterrows()
+        ],
+    )
     missing = grid[grid["status"] != "ok"].drop_duplicates(["engine", "strategy"])
     for r in missing.itertuples():
         doc.para(f"{ENGINE_LABELS.get(r.engine, r.engine)} {r.strategy}: {r.status} — {r.note}", css="note")
     requests = sorted(ok["requests"].dropna().astype(int).unique())
-    doc.para(f"Each cell: {', '.join(map(str, requests)) or '—'} timed requests after warm-up, so p99 is "
-             "interpolated below the slowest requests. Closed loop: each client sends its next eval example when "
-             "its previous answer arrived. PEFT at concurrency C: C clients share one in-process model that serves "
-             "one request at a time (a single-worker server without batching; latency includes the queue); vLLM "
-             "batches concurrent requests itself. Both in fp32; vLLM over HTTP with the token ids PEFT uses. "
-             "Separate over merged: median of per-request latency ratios (request i carries the same inputs on "
-             "both), bootstrap interval. RSS of PEFT is lorascope's whole process; of vLLM its server's process "
-             "tree (pages shared between processes counted in each).", css="note")  # fmt: skip
+    doc.para(
+        f"Each cell: {', '.join(map(str, requests)) or '—'} timed requests after warm-up, so p99 is "
+        "interpolated below the slowest requests. Closed loop: each client sends its next eval example when "
+        "its previous answer arrived. PEFT at concurrency C: C clients share one in-process model that serves "
+        "one request at a time (a single-worker server without batching; latency includes the queue); vLLM "
+        "batches concurrent requests itself. Both in fp32; vLLM over HTTP with the token ids PEFT uses. "
+        "Separate over merged: median of per-request latency ratios (request i carries the same inputs on "
+        "both), bootstrap interval. RSS of PEFT is lorascope's whole process; of vLLM its server's process "
+        "tree (pages shared between processes counted in each).",
+        css="note",
+    )
     if versions is not None:
-        doc.table(["engine", "package", "version"], [[fmt.cell(v) for v in r] for r in versions.itertuples(index=False)])
+        doc.table(
+            ["engine", "package", "version"], [[fmt.cell(v) for v in r] for r in versions.itertuples(index=False)]
+        )
     doc.heading(4, "Engine correctness (vLLM probabilities vs PEFT, before timing)")
     if checks is None:
         doc.not_run("no vLLM strategy was served")

@@ -129,15 +129,19 @@ def to_html(doc: Document, title: str) -> str:
                     cells.append(f"<td{attr}>{_inline(text)}</td>")
                 lines.append("<tr>" + "".join(cells) + "</tr>")
             attr = f' class="{css}"' if css else ""
-            body.append(f'<div class="tablewrap"><table{attr}><thead><tr>{head}</tr></thead>'
-                        f'<tbody>{"".join(lines)}</tbody></table></div>')  # fmt: skip
+            body.append(
+                f'<div class="tablewrap"><table{attr}><thead><tr>{head}</tr></thead>'
+                f"<tbody>{''.join(lines)}</tbody></table></div>"
+            )
         elif kind == "fig":
             data = block[1].read_bytes()
             width, height = _png_size(data)
             uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
             cap = _inline(block[2])
-            body.append(f'<figure><img src="{uri}" width="{width}" height="{height}" alt="{html.escape(block[2])}">'
-                        f"<figcaption>{cap}</figcaption></figure>")  # fmt: skip
+            body.append(
+                f'<figure><img src="{uri}" width="{width}" height="{height}" alt="{html.escape(block[2])}">'
+                f"<figcaption>{cap}</figcaption></figure>"
+            )
         elif kind == "details":
             body.append(f"<details><summary>{_inline(block[1])}</summary><pre>{html.escape(block[2])}</pre></details>")
     return (

@@ -26,8 +26,12 @@ REFERENCE_STYLES = {
     "majority": {"color": "black", "linestyle": "--", "label": "majority-class baseline"},
     "head_only": {"color": METHOD_COLORS["head"], "linestyle": ":", "label": "head-only probe"},
 }
-MEASURE_LABELS = {"linear_cka": "linear CKA", "debiased_cka": "debiased CKA", "rbf_cka": "RBF CKA",
-                  "cosine": "centred cosine"}  # fmt: skip
+MEASURE_LABELS = {
+    "linear_cka": "linear CKA",
+    "debiased_cka": "debiased CKA",
+    "rbf_cka": "RBF CKA",
+    "cosine": "centred cosine",
+}
 POOLING_LABELS = {"mean": "masked-mean pooling", "head": "head-token pooling"}
 DPI = 110
 
@@ -129,8 +133,16 @@ def performance_figure(
                     continue
                 px = x + offsets[int(r.seed)]
                 points[int(r.seed)].append((px, r.primary_value))
-                ax.scatter(px, r.primary_value, s=38, zorder=3, linewidths=1.6, edgecolors=color,
-                           facecolors="white" if r.flagged else color, marker="o")  # fmt: skip
+                ax.scatter(
+                    px,
+                    r.primary_value,
+                    s=38,
+                    zorder=3,
+                    linewidths=1.6,
+                    edgecolors=color,
+                    facecolors="white" if r.flagged else color,
+                    marker="o",
+                )
             d = describe_finite(rows[(rows["method"] == method) & ~rows["flagged"]]["primary_value"], confidence)
             if finite(d["mean"]):
                 err = [[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]] if finite(d["ci_low"]) else None
@@ -151,13 +163,20 @@ def performance_figure(
                 sel = baselines[(baselines["task"] == task) & (baselines["baseline"] == name)]
                 if not sel.empty and finite(sel["primary_value"].iloc[0]):
                     style, value = REFERENCE_STYLES[name], float(sel["primary_value"].iloc[0])
-                    ax.axhline(value, color=style["color"], ls=style["linestyle"], lw=1.3, label=style["label"],
-                               zorder=2)  # fmt: skip
+                    ax.axhline(
+                        value, color=style["color"], ls=style["linestyle"], lw=1.3, label=style["label"], zorder=2
+                    )
                     bottom, top = ax.get_ylim()
                     if not bottom <= value <= top:
                         side = "below" if value < bottom else "above"
-                        ax.text(0.03, edge[side], f"{'▼' if side == 'below' else '▲'} {style['label']} {value:.3f}",
-                                transform=ax.transAxes, fontsize=8, color=style["color"])  # fmt: skip
+                        ax.text(
+                            0.03,
+                            edge[side],
+                            f"{'▼' if side == 'below' else '▲'} {style['label']} {value:.3f}",
+                            transform=ax.transAxes,
+                            fontsize=8,
+                            color=style["color"],
+                        )
                         edge[side] += 0.07 if side == "below" else -0.07
         ax.set_xticks(range(len(methods)), [method_label(m) for m in methods])
         ax.set_xlim(-0.55, len(methods) - 0.45)
@@ -169,14 +188,19 @@ def performance_figure(
         ax.set_visible(False)
     grey = "#555555"
     handles = [
-        *(Line2D([], [], marker="o", ls="", color=method_color(m), label=f"{method_label(m)} run (one seed)")
-          for m in method_order(flagged["method"])),
+        *(
+            Line2D([], [], marker="o", ls="", color=method_color(m), label=f"{method_label(m)} run (one seed)")
+            for m in method_order(flagged["method"])
+        ),
         Line2D([], [], marker="o", ls="", markerfacecolor="white", markeredgecolor=grey, label="flagged run (hollow)"),
         Line2D([], [], color="#b5b5b5", label="same seed (a pair)"),
         Line2D([], [], marker="D", color=grey, label=f"mean ± {confidence:.0%} CI, unflagged"),
-        *(h for h in handles if h.get_label() in (REFERENCE_STYLES["majority"]["label"],
-                                                  REFERENCE_STYLES["head_only"]["label"])),
-    ]  # fmt: skip
+        *(
+            h
+            for h in handles
+            if h.get_label() in (REFERENCE_STYLES["majority"]["label"], REFERENCE_STYLES["head_only"]["label"])
+        ),
+    ]
     _legend(fig, handles, ncol=4)
     return fig
 
@@ -212,19 +236,41 @@ def drift_figure(layers: pd.DataFrame, task: str, confidence: float) -> Figure:
                 style = REFERENCE_STYLES[comparison]
                 curve = _curve(cell[cell["comparison"] == comparison], confidence)
                 if not curve.empty:
-                    handles += ax.plot(curve["layer"], curve["mean"], color=style["color"], ls=style["linestyle"],
-                                       lw=1.4, label=style["label"], zorder=2)  # fmt: skip
+                    handles += ax.plot(
+                        curve["layer"],
+                        curve["mean"],
+                        color=style["color"],
+                        ls=style["linestyle"],
+                        lw=1.4,
+                        label=style["label"],
+                        zorder=2,
+                    )
                     ax.fill_between(curve["layer"], curve["low"], curve["high"], color="#9a9a9a", alpha=0.15, lw=0)
             for method in method_order(cell["method"]):
                 color = method_color(method)
                 curve = _curve(cell[(cell["comparison"] == "seed_vs_seed") & (cell["method"] == method)], confidence)
                 if not curve.empty:
-                    handles += ax.plot(curve["layer"], curve["mean"], color=color, ls=":", lw=1.6,
-                                       label=f"{method_label(method)} seed vs seed (noise)", zorder=2)  # fmt: skip
+                    handles += ax.plot(
+                        curve["layer"],
+                        curve["mean"],
+                        color=color,
+                        ls=":",
+                        lw=1.6,
+                        label=f"{method_label(method)} seed vs seed (noise)",
+                        zorder=2,
+                    )
                 curve = _curve(cell[(cell["comparison"] == "run_vs_base") & (cell["method"] == method)], confidence)
                 if not curve.empty:
-                    handles += ax.plot(curve["layer"], curve["mean"], color=color, lw=2.2, marker="o", ms=3.5,
-                                       label=f"{method_label(method)} vs base", zorder=3)  # fmt: skip
+                    handles += ax.plot(
+                        curve["layer"],
+                        curve["mean"],
+                        color=color,
+                        lw=2.2,
+                        marker="o",
+                        ms=3.5,
+                        label=f"{method_label(method)} vs base",
+                        zorder=3,
+                    )
                     ax.fill_between(curve["layer"], curve["low"], curve["high"], color=color, alpha=0.2, lw=0)
             ax.set_title(f"{MEASURE_LABELS.get(measure, measure)}, {POOLING_LABELS.get(pooling, pooling)}", fontsize=10)
             ax.grid(alpha=0.3)
@@ -234,7 +280,10 @@ def drift_figure(layers: pd.DataFrame, task: str, confidence: float) -> Figure:
             if j == 0:
                 ax.set_ylabel("similarity (1 = identical)")
     fig.suptitle(f"{task}: hidden-state similarity per layer", fontweight="bold")
-    rank = lambda h: (" vs base" not in h.get_label(), "seed vs seed" not in h.get_label())
+
+    def rank(h):
+        return (" vs base" not in h.get_label(), "seed vs seed" not in h.get_label())
+
     _legend(fig, sorted(handles, key=rank), ncol=3)
     return fig
 
@@ -282,8 +331,15 @@ def weights_figure(weights: pd.DataFrame, task: str) -> Figure:
             continue
         for ax, col in ((axes[0], "relative_update"), (axes[1], "effective_rank")):
             per_seed = sel.groupby(["seed", "layer"])[col].mean().unstack("seed")
-            line = ax.plot(per_seed.index, per_seed.mean(axis=1), color=color, lw=2.2, marker="o", ms=3.5,
-                           label=f"{method_label(method)} ({', '.join(kinds)})")  # fmt: skip
+            line = ax.plot(
+                per_seed.index,
+                per_seed.mean(axis=1),
+                color=color,
+                lw=2.2,
+                marker="o",
+                ms=3.5,
+                label=f"{method_label(method)} ({', '.join(kinds)})",
+            )
             if col == "relative_update":
                 handles += line
             if per_seed.shape[1] > 1:
@@ -295,8 +351,13 @@ def weights_figure(weights: pd.DataFrame, task: str) -> Figure:
                 label = f"{method_label(method)} (all {len(changed[method])} matrix kinds)"
                 handles += ax.plot(every.index, every, color=color, lw=1.3, ls="--", label=label)
         intr = sel.groupby(["seed", "layer"])["intruders"].sum().unstack("seed").mean(axis=1)
-        axes[2].bar(intr.index + (k - (len(methods) - 1) / 2) * width, intr, width=width, color=color,
-                    label=method_label(method) + (" (0 in every layer)" if not (intr > 0).any() else ""))  # fmt: skip
+        axes[2].bar(
+            intr.index + (k - (len(methods) - 1) / 2) * width,
+            intr,
+            width=width,
+            color=color,
+            label=method_label(method) + (" (0 in every layer)" if not (intr > 0).any() else ""),
+        )
     axes[0].set_ylabel("relative update ‖ΔW‖F / ‖W‖F (ratio)")
     axes[0].set_title("size of the update", fontsize=10)
     axes[1].set_ylabel("effective rank of ΔW (dimensions)")
@@ -320,13 +381,15 @@ def weights_figure(weights: pd.DataFrame, task: str) -> Figure:
 def _strategy_style(name: str) -> dict:
     n = name.lower()
     lora = METHOD_COLORS["lora"]
-    for key, style in (("full", {"color": METHOD_COLORS["full"], "ls": "-", "marker": "s"}),
-                       ("base", {"color": "black", "ls": "--", "marker": "x"}),
-                       ("merged", {"color": lora, "ls": "-", "marker": "o"}),
-                       ("separate", {"color": lora, "ls": "--", "marker": "^"}),
-                       ("switch", {"color": lora, "ls": "-.", "marker": "v"}),
-                       ("mixed", {"color": lora, "ls": ":", "marker": "D"}),
-                       ("multi", {"color": lora, "ls": ":", "marker": "D"})):  # fmt: skip
+    for key, style in (
+        ("full", {"color": METHOD_COLORS["full"], "ls": "-", "marker": "s"}),
+        ("base", {"color": "black", "ls": "--", "marker": "x"}),
+        ("merged", {"color": lora, "ls": "-", "marker": "o"}),
+        ("separate", {"color": lora, "ls": "--", "marker": "^"}),
+        ("switch", {"color": lora, "ls": "-.", "marker": "v"}),
+        ("mixed", {"color": lora, "ls": ":", "marker": "D"}),
+        ("multi", {"color": lora, "ls": ":", "marker": "D"}),
+    ):
         if n.startswith(key) or key in n:
             return style
     return {"color": "#7f7f7f", "ls": "-", "marker": "."}
@@ -348,8 +411,15 @@ def latency_figure(dep: pd.DataFrame) -> Figure:
             halo = {"lw": 5, "alpha": 0.5, "zorder": 1} if strategy == "full" else {"lw": 1.8, "zorder": 2}
             if "compiled" in strategy:
                 halo = {"lw": 1.2, "zorder": 2, "markerfacecolor": "white"}
-            handles += ax.plot(rows["batch_size"], rows["p50_ms"], color=style["color"], ls=style["ls"],
-                               marker=style["marker"], label=strategy, **halo)  # fmt: skip
+            handles += ax.plot(
+                rows["batch_size"],
+                rows["p50_ms"],
+                color=style["color"],
+                ls=style["ls"],
+                marker=style["marker"],
+                label=strategy,
+                **halo,
+            )
             if "p95_ms" in rows:
                 ax.fill_between(rows["batch_size"], rows["p50_ms"], rows["p95_ms"], color=style["color"], alpha=0.1)
         ax.set_xscale("log", base=2)
@@ -380,9 +450,14 @@ def memory_figure(memory: pd.DataFrame) -> Figure:
     axes[0].bar(names, memory["loaded_mb"], color=colors)
     top = axes[0].bar(names, extra, bottom=memory["loaded_mb"], color=colors, alpha=0.45, hatch="//")
     axes[0].bar_label(top, labels=[f"{v:.0f}" for v in memory["loaded_mb"] + extra], fontsize=8)
-    axes[0].legend(handles=[Patch(facecolor="0.5", label="after loading"),
-                            Patch(facecolor="0.85", hatch="//", label="extra peak during inference")],
-                   fontsize=8, loc="lower right")  # fmt: skip
+    axes[0].legend(
+        handles=[
+            Patch(facecolor="0.5", label="after loading"),
+            Patch(facecolor="0.85", hatch="//", label="extra peak during inference"),
+        ],
+        fontsize=8,
+        loc="lower right",
+    )
     axes[0].set(ylabel=f"memory (MB, {unit})", title="peak memory")
     axes[1].bar_label(axes[1].bar(names, memory["disk_mb"], color=colors), fmt="%.1f", fontsize=8)
     axes[1].set(ylabel="size on disk (MB)", title="weights read at load (base + adapters)")
@@ -412,8 +487,9 @@ def engines_figure(grid: pd.DataFrame) -> Figure:
             rows = part[part["strategy"] == strategy].sort_values("concurrency")
             style = _strategy_style(strategy)
             x, p50 = rows["concurrency"], rows["p50_ms"]
-            handles += axes[0, col].plot(x, p50, color=style["color"], ls=style["ls"], marker=style["marker"],
-                                         label=strategy)  # fmt: skip
+            handles += axes[0, col].plot(
+                x, p50, color=style["color"], ls=style["ls"], marker=style["marker"], label=strategy
+            )
             axes[0, col].vlines(x, p50, rows["p95_ms"], color=style["color"], lw=3, alpha=0.5)
             axes[0, col].vlines(x, rows["p95_ms"], rows["p99_ms"], color=style["color"], lw=1, alpha=0.6)
             axes[1, col].plot(x, rows["examples_per_s"], color=style["color"], ls=style["ls"], marker=style["marker"])
@@ -436,7 +512,10 @@ def engines_figure(grid: pd.DataFrame) -> Figure:
 def tune_figure(trials: pd.DataFrame, task: str, method: str, metric: str) -> Figure:
     """Dev metric of every finished trial of one search by trial number, and the best so far."""
     rows = trials[(trials["task"] == task) & (trials["method"] == method)].sort_values("trial")
-    complete, pruned = rows[rows["state"] == "COMPLETE"], rows[(rows["state"] == "PRUNED") & rows["last_dev_value"].notna()]
+    complete, pruned = (
+        rows[rows["state"] == "COMPLETE"],
+        rows[(rows["state"] == "PRUNED") & rows["last_dev_value"].notna()],
+    )
     fig = _new_figure(6, 3.6)
     ax = fig.subplots()
     ax.plot(complete["trial"], complete["value"], "o", label="complete trial")
@@ -444,8 +523,11 @@ def tune_figure(trials: pd.DataFrame, task: str, method: str, metric: str) -> Fi
         ax.plot(pruned["trial"], pruned["last_dev_value"], "x", color="grey", label="pruned (last dev value)")
     if len(complete):
         ax.step(complete["trial"], complete["value"].cummax(), where="post", color="C3", label="best so far")
-    ax.set(xlabel="trial", ylabel=f"dev {metric}",
-           title=f"{task} {method}: TPE search ({len(complete)} complete, {len(pruned)} pruned)")
+    ax.set(
+        xlabel="trial",
+        ylabel=f"dev {metric}",
+        title=f"{task} {method}: TPE search ({len(complete)} complete, {len(pruned)} pruned)",
+    )
     ax.legend(loc="lower right", fontsize="small")
     return fig
 
@@ -461,12 +543,19 @@ def cost_figure(medians: pd.DataFrame) -> Figure:
         rows = medians[medians["cost"] == cost]
         x = np.arange(len(rows))
         for offset, method in ((-0.2, "lora"), (0.2, "full")):
-            handles.append(ax.bar(x + offset, rows[method], width=0.4, color=method_color(method),
-                                  label=method_label(method)))  # fmt: skip
+            handles.append(
+                ax.bar(x + offset, rows[method], width=0.4, color=method_color(method), label=method_label(method))
+            )
         for xi, r in zip(x, rows.itertuples()):
             if finite(r.ratio):
-                ax.annotate(f"×{r.ratio:.3g}", (xi, max(r.lora, r.full)), xytext=(0, 3), textcoords="offset points",
-                            ha="center", fontsize=8)  # fmt: skip
+                ax.annotate(
+                    f"×{r.ratio:.3g}",
+                    (xi, max(r.lora, r.full)),
+                    xytext=(0, 3),
+                    textcoords="offset points",
+                    ha="center",
+                    fontsize=8,
+                )
         ax.set_yscale("log")
         shown = [v for v in (*rows["lora"], *rows["full"]) if finite(v) and v > 0]
         if shown:  # a decade of room below the smallest bar, so bar heights compare
@@ -493,8 +582,15 @@ def forgetting_figure(points: pd.DataFrame) -> Figure:
         for task, marker in markers.items():
             rows = points[(points["method"] == method) & (points["task"] == task)]
             if not rows.empty:
-                handles.append(ax.scatter(rows["drift"], 100 * rows["forgetting"], color=method_color(method),
-                                          marker=marker, label=f"{method_label(method)}, trained on {task}"))  # fmt: skip
+                handles.append(
+                    ax.scatter(
+                        rows["drift"],
+                        100 * rows["forgetting"],
+                        color=method_color(method),
+                        marker=marker,
+                        label=f"{method_label(method)}, trained on {task}",
+                    )
+                )
     ax.axhline(0, color="black", linestyle="--", linewidth=0.8)
     ax.set(xlabel="drift, 1 − linear CKA (mean over layers)", ylabel="forgetting on other tasks (points)")
     ax.grid(alpha=0.3)

@@ -31,27 +31,52 @@ def forgetting_section(doc: Document, view: StudyView) -> None:
     last = table[table["layer"] == table["layer"].max()]
     probed = ordered(last["probe_task"].astype(str), list(view.config.get("tasks") or {}))
     sizes = ", ".join(f"{t} {int(n)}" for t, n in last.groupby("probe_task")["n_train"].first().items())
-    doc.para(f"Transfer retention: a linear probe (logistic regression on standardised pooled features of layer "
-             f"{int(last['layer'].iloc[0])}, regularisation chosen by cross-validation on the probe's training "
-             f"examples: {sizes}, from each task's dev split, which no run trains on) is trained on each model's "
-             "features and scored on the task's eval examples. **Forgetting = probe accuracy of the base − "
-             "that of the run**, in points, with the bootstrap interval over eval examples: positive on another task "
-             "is what fine-tuning cost there; on the run's own task (*own*) it is negative, the gain.")  # fmt: skip
+    doc.para(
+        f"Transfer retention: a linear probe (logistic regression on standardised pooled features of layer "
+        f"{int(last['layer'].iloc[0])}, regularisation chosen by cross-validation on the probe's training "
+        f"examples: {sizes}, from each task's dev split, which no run trains on) is trained on each model's "
+        "features and scored on the task's eval examples. **Forgetting = probe accuracy of the base − "
+        "that of the run**, in points, with the bootstrap interval over eval examples: positive on another task "
+        "is what fine-tuning cost there; on the run's own task (*own*) it is negative, the gain."
+    )
     base = last[last["method"] == "base"].set_index("probe_task")
-    rows = [["base model", "", "", *(f"accuracy {fmt.num(base.loc[t, 'score'], 3)} (n={int(base.loc[t, 'n_eval'])})"
-                                     for t in probed)]]  # fmt: skip
+    rows = [
+        [
+            "base model",
+            "",
+            "",
+            *(f"accuracy {fmt.num(base.loc[t, 'score'], 3)} (n={int(base.loc[t, 'n_eval'])})" for t in probed),
+        ]
+    ]
     runs = last[last["method"] != "base"]
     for task in view.tasks(runs):
         for method in method_order(runs.loc[runs["task"] == task, "method"]):
             sel = runs[(runs["task"] == task) & (runs["method"] == method)]
             for seed in sorted(sel["seed"].dropna().astype(int).unique()):
                 cells = sel[sel["seed"] == seed].set_index("probe_task")
-                rows.append([task, method_label(method), str(seed),
-                             *(_points(*cells.loc[t, ["forgetting", "ci_low", "ci_high"]])
-                               + (" *own*" if cells.loc[t, "own_task"] else "") if t in cells.index else "—"
-                               for t in probed)])  # fmt: skip
-    doc.table(["trained on", "method", "seed", *(f"forgetting on {t}, points [{view.confidence:.0%} bootstrap]"
-                                                 for t in probed)], rows)  # fmt: skip
+                rows.append(
+                    [
+                        task,
+                        method_label(method),
+                        str(seed),
+                        *(
+                            _points(*cells.loc[t, ["forgetting", "ci_low", "ci_high"]])
+                            + (" *own*" if cells.loc[t, "own_task"] else "")
+                            if t in cells.index
+                            else "—"
+                            for t in probed
+                        ),
+                    ]
+                )
+    doc.table(
+        [
+            "trained on",
+            "method",
+            "seed",
+            *(f"forgetting on {t}, points [{view.confidence:.0%} bootstrap]" for t in probed),
+        ],
+        rows,
+    )
     _seed_table(doc, view, probed)
     _lm(doc, view)
     _drift(doc, view)
@@ -67,12 +92,24 @@ def _seed_table(doc: Document, view: StudyView, probed: list[str]) -> None:
     for task in view.tasks(last):
         for method in method_order(last.loc[last["task"] == task, "method"]):
             cells = last[(last["task"] == task) & (last["method"] == method)].set_index("probe_task")
-            rows.append([task, method_label(method),
-                         *(f"{_points(*cells.loc[t, ['mean', 'ci_low', 'ci_high']])} (n={int(cells.loc[t, 'n'])})"
-                           if t in cells.index else "—" for t in probed)])  # fmt: skip
+            rows.append(
+                [
+                    task,
+                    method_label(method),
+                    *(
+                        f"{_points(*cells.loc[t, ['mean', 'ci_low', 'ci_high']])} (n={int(cells.loc[t, 'n'])})"
+                        if t in cells.index
+                        else "—"
+                        for t in probed
+                    ),
+                ]
+            )
     doc.table(["trained on", "method", *(f"forgetting on {t}: mean over seeds [t-interval]" for t in probed)], rows)
-    doc.para("The verdict's forgetting row compares the two methods on the tasks a run did not train on (the mean "
-             "over them), paired by seed. Every probed layer: tables/forgetting.csv.", css="note")  # fmt: skip
+    doc.para(
+        "The verdict's forgetting row compares the two methods on the tasks a run did not train on (the mean "
+        "over them), paired by seed. Every probed layer: tables/forgetting.csv.",
+        css="note",
+    )
 
 
 def _lm(doc: Document, view: StudyView) -> None:
@@ -85,14 +122,37 @@ def _lm(doc: Document, view: StudyView) -> None:
     if not skipped.empty:
         doc.not_run(f"{skipped['objective'].iloc[0]}-LM loss: {skipped['note'].iloc[0]}")
         return
-    rows = [[r.task, method_label(r.method), str(int(r.seed)), f"{int(r.documents)} ({int(r.tokens)} tokens)",
-             fmt.num(r.base_loss), fmt.num(r.run_loss), fmt.num(r.difference),
-             fmt.interval(r.ci_low, r.ci_high)] for r in lm.itertuples()]  # fmt: skip
-    doc.para(f"The run's backbone under the base model's {lm['objective'].iloc[0]}-LM head (a tied head stays the "
-             "base's embeddings) on held-out documents it did not train on: mean token cross-entropy in nats, run − "
-             "base, with a bootstrap interval over documents. Positive = the run lost language modelling.")  # fmt: skip
-    doc.table(["trained on", "method", "seed", "documents", "base loss", "run loss", "run − base",
-               f"{view.confidence:.0%} bootstrap"], rows)  # fmt: skip
+    rows = [
+        [
+            r.task,
+            method_label(r.method),
+            str(int(r.seed)),
+            f"{int(r.documents)} ({int(r.tokens)} tokens)",
+            fmt.num(r.base_loss),
+            fmt.num(r.run_loss),
+            fmt.num(r.difference),
+            fmt.interval(r.ci_low, r.ci_high),
+        ]
+        for r in lm.itertuples()
+    ]
+    doc.para(
+        f"The run's backbone under the base model's {lm['objective'].iloc[0]}-LM head (a tied head stays the "
+        "base's embeddings) on held-out documents it did not train on: mean token cross-entropy in nats, run − "
+        "base, with a bootstrap interval over documents. Positive = the run lost language modelling."
+    )
+    doc.table(
+        [
+            "trained on",
+            "method",
+            "seed",
+            "documents",
+            "base loss",
+            "run loss",
+            "run − base",
+            f"{view.confidence:.0%} bootstrap",
+        ],
+        rows,
+    )
 
 
 def _drift(doc: Document, view: StudyView) -> None:
@@ -102,22 +162,42 @@ def _drift(doc: Document, view: StudyView) -> None:
         doc.not_run(f"{view.why['forget_drift']} (needs the drift tables and other probed tasks); {ANALYZE}")
         return
     mean = points[(points["probe_task"] == OTHER_TASKS) & points["layer"].isna()]
-    doc.figure(view.save(forgetting_figure(mean), "forgetting_vs_drift"),
-               "One point per run: drift (1 − linear CKA to the base, mean over layers, on its own task's probe "
-               "examples) against its forgetting on the tasks it did not train on (mean, points).")  # fmt: skip
+    doc.figure(
+        view.save(forgetting_figure(mean), "forgetting_vs_drift"),
+        "One point per run: drift (1 − linear CKA to the base, mean over layers, on its own task's probe "
+        "examples) against its forgetting on the tasks it did not train on (mean, points).",
+    )
     overall = correlation[(correlation["probe_task"] == OTHER_TASKS) & correlation["layer"].isna()]
-    rows = [[method_label(r.method) if r.method != "all" else "all runs", str(int(r.n)), fmt.num(r.spearman, 3),
-             fmt.interval(r.ci_low, r.ci_high, 3), fmt.p_value(r.p_value)] for r in overall.itertuples()]  # fmt: skip
-    for r in correlation[(correlation["probe_task"] != OTHER_TASKS) & correlation["layer"].isna()
-                         & (correlation["method"] == "all")].itertuples():  # fmt: skip
-        rows.append([f"all runs, forgetting on {r.probe_task}", str(int(r.n)), fmt.num(r.spearman, 3),
-                     fmt.interval(r.ci_low, r.ci_high, 3), fmt.p_value(r.p_value)])  # fmt: skip
-    doc.table(["runs", "n", "Spearman ρ (drift, forgetting)", f"{view.confidence:.0%} bootstrap over runs", "p"],
-              rows)  # fmt: skip
+    rows = [
+        [
+            method_label(r.method) if r.method != "all" else "all runs",
+            str(int(r.n)),
+            fmt.num(r.spearman, 3),
+            fmt.interval(r.ci_low, r.ci_high, 3),
+            fmt.p_value(r.p_value),
+        ]
+        for r in overall.itertuples()
+    ]
+    for r in correlation[
+        (correlation["probe_task"] != OTHER_TASKS) & correlation["layer"].isna() & (correlation["method"] == "all")
+    ].itertuples():
+        rows.append(
+            [
+                f"all runs, forgetting on {r.probe_task}",
+                str(int(r.n)),
+                fmt.num(r.spearman, 3),
+                fmt.interval(r.ci_low, r.ci_high, 3),
+                fmt.p_value(r.p_value),
+            ]
+        )
+    doc.table(["runs", "n", "Spearman ρ (drift, forgetting)", f"{view.confidence:.0%} bootstrap over runs", "p"], rows)
     doc.para(drift_answer(overall))
-    doc.para("Per layer (the drift of one layer instead of the mean) and per probed task within each method: "
-             "tables/forget_correlation.csv. The interval resamples runs; with a handful of runs per method it is "
-             "wide, and runs of different tasks and methods are pooled in the first row.", css="note")  # fmt: skip
+    doc.para(
+        "Per layer (the drift of one layer instead of the mean) and per probed task within each method: "
+        "tables/forget_correlation.csv. The interval resamples runs; with a handful of runs per method it is "
+        "wide, and runs of different tasks and methods are pooled in the first row.",
+        css="note",
+    )
 
 
 def drift_answer(overall: pd.DataFrame) -> str:
@@ -131,5 +211,7 @@ def drift_answer(overall: pd.DataFrame) -> str:
         return f"**In this study, less drift went with less forgetting** ({where}, interval above 0)."
     if finite(r["ci_high"]) and r["ci_high"] < 0:
         return f"**In this study, less drift went with more forgetting** ({where}, interval below 0)."
-    return (f"**In this study, drift did not clearly predict forgetting** ({where}; the interval includes 0, so the "
-            "runs cannot tell a relation from none).")
+    return (
+        f"**In this study, drift did not clearly predict forgetting** ({where}; the interval includes 0, so the "
+        "runs cannot tell a relation from none)."
+    )

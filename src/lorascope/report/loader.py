@@ -24,9 +24,27 @@ from lorascope.study import Study, Table, atomic_write
 from lorascope.tuning import TRIALS
 from lorascope.weights import WEIGHTS
 
-TABLES: tuple[Table, ...] = (PERFORMANCE, BASELINES, FLAGS, STATISTICS, VERDICT, DRIFT_LAYERS, DRIFT_SUMMARY,
-                             DRIFT_STATISTICS, POOLED_POSITIONS, WEIGHTS, FORGETTING, LM_FORGETTING,
-                             FORGET_STATISTICS, FORGET_DRIFT, FORGET_CORRELATION, DEPLOYMENT, DEPLOYMENT_MEMORY, DEPLOYMENT_CHECKS, TRIALS)  # fmt: skip
+TABLES: tuple[Table, ...] = (
+    PERFORMANCE,
+    BASELINES,
+    FLAGS,
+    STATISTICS,
+    VERDICT,
+    DRIFT_LAYERS,
+    DRIFT_SUMMARY,
+    DRIFT_STATISTICS,
+    POOLED_POSITIONS,
+    WEIGHTS,
+    FORGETTING,
+    LM_FORGETTING,
+    FORGET_STATISTICS,
+    FORGET_DRIFT,
+    FORGET_CORRELATION,
+    DEPLOYMENT,
+    DEPLOYMENT_MEMORY,
+    DEPLOYMENT_CHECKS,
+    TRIALS,
+)
 FIGURE_PREFIX = "report_"  # figures this package owns; others' figures are never touched
 ANALYZE = "run `lorascope analyze STUDY`"
 
@@ -72,7 +90,9 @@ class StudyView:
     def other_figures(self, pattern: str) -> list[Path]:
         """Figures drawn by other stages (tune_*.png, ...), embedded as they are."""
         folder = self.study.figures
-        return [p for p in sorted(folder.glob(pattern)) if not p.name.startswith(FIGURE_PREFIX)] if folder.is_dir() else []
+        return (
+            [p for p in sorted(folder.glob(pattern)) if not p.name.startswith(FIGURE_PREFIX)] if folder.is_dir() else []
+        )
 
 
 def load(root: Path) -> StudyView:

@@ -19,7 +19,9 @@ def _used_hparams(view: StudyView) -> dict[tuple[str, str], list[tuple[int | Non
     """(task, method) -> [(seed, configured hyperparameters)] from each run's hparams.json."""
     found: dict[tuple[str, str], list[tuple[int | None, dict]]] = {}
     root = view.root
-    for path in sorted(root.glob("runs/*/*/seed*/hparams.json")) + sorted(root.glob("baselines/*/head_only/hparams.json")):
+    for path in sorted(root.glob("runs/*/*/seed*/hparams.json")) + sorted(
+        root.glob("baselines/*/head_only/hparams.json")
+    ):
         data = json.loads(path.read_text())
         rel = path.relative_to(root).parts
         if rel[0] == "runs":
@@ -55,12 +57,17 @@ def _used_section(doc: Document, view: StudyView, used: dict) -> None:
     for (method, text), tasks in sorted(groups.items(), key=lambda kv: order.index(kv[0][0])):
         configured = json.loads(text)
         keys += [k for k in configured if k not in keys]
-        columns.append((f"{method_label(method)} ({', '.join(ordered(tasks, list(view.config.get('tasks') or {})))})",
-                        configured))  # fmt: skip
-    doc.table(["hyperparameter"] + [c[0] for c in columns],
-              [[k] + [fmt.value(c[1][k]) if k in c[1] else "—" for c in columns] for k in keys])  # fmt: skip
-    note = ("As configured and saved by each run (runs/<task>/<method>/seed<k>/hparams.json; head only: "
-            "baselines/<task>/head_only/hparams.json); columns group the tasks that used identical values.")  # fmt: skip
+        columns.append(
+            (f"{method_label(method)} ({', '.join(ordered(tasks, list(view.config.get('tasks') or {})))})", configured)
+        )
+    doc.table(
+        ["hyperparameter"] + [c[0] for c in columns],
+        [[k] + [fmt.value(c[1][k]) if k in c[1] else "—" for c in columns] for k in keys],
+    )
+    note = (
+        "As configured and saved by each run (runs/<task>/<method>/seed<k>/hparams.json; head only: "
+        "baselines/<task>/head_only/hparams.json); columns group the tasks that used identical values."
+    )
     if varies:
         note += " Values differ between seeds for: " + ", ".join(f"{t} {m}" for t, m in sorted(varies)) + "."
     doc.para(note, css="note")
@@ -91,18 +98,28 @@ def _tuned_section(doc: Document, view: StudyView, used: dict) -> None:
         summary = []
         for (task, method), group in trials.groupby(["task", "method"], sort=False):
             states = group["state"].value_counts().to_dict()
-            summary.append([str(task), method_label(str(method)), str(len(group)),
-                            ", ".join(f"{k} {v}" for k, v in states.items()) or "—",
-                            fmt.num(group["value"].max())])  # fmt: skip
+            summary.append(
+                [
+                    str(task),
+                    method_label(str(method)),
+                    str(len(group)),
+                    ", ".join(f"{k} {v}" for k, v in states.items()) or "—",
+                    fmt.num(group["value"].max()),
+                ]
+            )
         doc.table(["task", "method", "trials", "states", "best dev value"], summary)
-        doc.para("Tuning scores the dev split, held out of train; the reported eval split is never used for "
-                 "selection.", css="note")  # fmt: skip
+        doc.para(
+            "Tuning scores the dev split, held out of train; the reported eval split is never used for selection.",
+            css="note",
+        )
     for record in tuned if trials is not None else []:
         task, method = record["task"], record["method"]
         figure = tune_figure(trials, task, method, record["metric"])
-        doc.figure(view.save(figure, f"tune_{task}_{method}"),
-                   f"{task}, {method_label(method)}: dev {record['metric']} of every finished trial and the best "
-                   "so far (tables/trials.csv).")  # fmt: skip
+        doc.figure(
+            view.save(figure, f"tune_{task}_{method}"),
+            f"{task}, {method_label(method)}: dev {record['metric']} of every finished trial and the best "
+            "so far (tables/trials.csv).",
+        )
 
 
 def hparams_section(doc: Document, view: StudyView) -> None:
@@ -118,12 +135,16 @@ def provenance_section(doc: Document, view: StudyView) -> None:
     if not manifest:
         doc.not_run("manifest.json missing")
     else:
-        doc.table(["item", "value"], css="kv", rows=[
-            ["config fingerprint", f"`{manifest.get('config_fingerprint', '—')}`"],
-            ["lorascope", str(manifest.get("lorascope", "—"))],
-            ["python", str(manifest.get("python", "—"))],
-            ["report written", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")],
-        ])  # fmt: skip
+        doc.table(
+            ["item", "value"],
+            css="kv",
+            rows=[
+                ["config fingerprint", f"`{manifest.get('config_fingerprint', '—')}`"],
+                ["lorascope", str(manifest.get("lorascope", "—"))],
+                ["python", str(manifest.get("python", "—"))],
+                ["report written", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")],
+            ],
+        )
         versions, hardware = manifest.get("versions") or {}, manifest.get("hardware") or {}
         if versions:
             doc.heading(3, "Versions")
@@ -134,8 +155,16 @@ def provenance_section(doc: Document, view: StudyView) -> None:
         stages = manifest.get("stages") or {}
         doc.heading(3, "Stages")
         if stages:
-            rows = [[name, str(s.get("status", "—")), fmt.seconds(s.get("seconds")), str(s.get("finished", "—")),
-                     f"`{s.get('fingerprint', '—')}`"] for name, s in stages.items()]  # fmt: skip
+            rows = [
+                [
+                    name,
+                    str(s.get("status", "—")),
+                    fmt.seconds(s.get("seconds")),
+                    str(s.get("finished", "—")),
+                    f"`{s.get('fingerprint', '—')}`",
+                ]
+                for name, s in stages.items()
+            ]
             total = sum(float(s["seconds"]) for s in stages.values() if finite(s.get("seconds")))
             rows.append(["**total**", "", fmt.seconds(total), "", ""])
             doc.table(["stage", "status", "wall time", "finished (UTC)", "fingerprint"], rows)

@@ -28,13 +28,17 @@ DIRECTION = {"at most": "≤", "at least": "≥"}
 def _outcome_cell(r) -> tuple[str, str]:
     text = str(r.outcome) if isinstance(r.outcome, str) else NOT_RUN
     if text == "inconclusive" and finite(r.seeds_needed):
-        span = (f"{int(r.seeds_needed_low)}–{int(r.seeds_needed_high)}" if finite(r.seeds_needed_high)
-                else f"{int(r.seeds_needed_low) if finite(r.seeds_needed_low) else '?'}–>1000")  # fmt: skip
+        span = (
+            f"{int(r.seeds_needed_low)}–{int(r.seeds_needed_high)}"
+            if finite(r.seeds_needed_high)
+            else f"{int(r.seeds_needed_low) if finite(r.seeds_needed_low) else '?'}–>1000"
+        )
         text = f"inconclusive; at this spread ~{int(r.seeds_needed)} seed pairs would decide it ({span})"
     elif text == "inconclusive" and finite(r.n) and not finite(r.seeds_needed):
         text = "inconclusive; at this spread more than 1000 seed pairs, or none, would decide it"
     return text, {"met": "met", "not met": "notmet", "inconclusive": "inconclusive", "shown": "shown"}.get(
-        str(r.outcome), "notrun")
+        str(r.outcome), "notrun"
+    )
 
 
 def _label(criterion: str) -> tuple[str, str]:
@@ -73,34 +77,58 @@ def verdict_section(doc: Document, view: StudyView) -> None:
             if r.criterion == "recommended":
                 rows.append([f"**{task}**", label, "", "", "", _outcome_cell(r)])
                 continue
-            threshold = (f"{DIRECTION.get(r.direction, str(r.direction))} {_criterion_number(r.threshold, unit)}"
-                         if finite(r.threshold) else "")  # fmt: skip
-            low_high = (f"[{_criterion_number(r.ci_low, unit)}, {_criterion_number(r.ci_high, unit)}]"
-                        if finite(r.ci_low) and finite(r.ci_high) else "—")  # fmt: skip
+            threshold = (
+                f"{DIRECTION.get(r.direction, str(r.direction))} {_criterion_number(r.threshold, unit)}"
+                if finite(r.threshold)
+                else ""
+            )
+            low_high = (
+                f"[{_criterion_number(r.ci_low, unit)}, {_criterion_number(r.ci_high, unit)}]"
+                if finite(r.ci_low) and finite(r.ci_high)
+                else "—"
+            )
             rows.append([task, label, _criterion_number(r.value, unit), low_high, threshold, _outcome_cell(r)])
-    doc.table(["task", "criterion", "value", f"{view.confidence:.0%} interval", "threshold", "outcome"], rows,
-              css="verdict")  # fmt: skip
-    doc.para("**met** — the whole interval is on the good side of the threshold; **not met** — the whole interval "
-             "is on the wrong side; **inconclusive** — the interval straddles the threshold (or one value gives "
-             "no interval); **not run** — the inputs for the criterion do not exist; **shown** — a row that "
-             "informs and is not part of the verdict. The threshold itself counts as met. The drift criterion is "
-             "decided by the paired contrast in its rule, which tests it without a ratio; its interval is "
-             "Fieller's for the ratio of mean drifts.", css="note")  # fmt: skip
-    doc.para("**Seeds needed**: for an inconclusive criterion, the number of seed pairs at which its t-interval "
-             "would clear the threshold if the mean and the spread stayed as observed (t-distribution, not the "
-             "normal); in brackets the same number at the ends of the 95 % confidence interval of the spread. "
-             "It is an estimate from few seeds: the spread of three values is uncertain by a factor of about 0.5 "
-             "to 6, and the number of seeds grows with its square.", css="note")  # fmt: skip
+    doc.table(
+        ["task", "criterion", "value", f"{view.confidence:.0%} interval", "threshold", "outcome"], rows, css="verdict"
+    )
+    doc.para(
+        "**met** — the whole interval is on the good side of the threshold; **not met** — the whole interval "
+        "is on the wrong side; **inconclusive** — the interval straddles the threshold (or one value gives "
+        "no interval); **not run** — the inputs for the criterion do not exist; **shown** — a row that "
+        "informs and is not part of the verdict. The threshold itself counts as met. The drift criterion is "
+        "decided by the paired contrast in its rule, which tests it without a ratio; its interval is "
+        "Fieller's for the ratio of mean drifts.",
+        css="note",
+    )
+    doc.para(
+        "**Seeds needed**: for an inconclusive criterion, the number of seed pairs at which its t-interval "
+        "would clear the threshold if the mean and the spread stayed as observed (t-distribution, not the "
+        "normal); in brackets the same number at the ends of the 95 % confidence interval of the spread. "
+        "It is an estimate from few seeds: the spread of three values is uncertain by a factor of about 0.5 "
+        "to 6, and the number of seeds grows with its square.",
+        css="note",
+    )
     shared = {criterion for (criterion, _), tasks in rules.items() if len(tasks) == len(view.tasks(verdict))}
-    doc.bullets(f"`{criterion}`" + ("" if criterion in shared else f" ({', '.join(tasks)})") + f": {rule}"
-                for (criterion, rule), tasks in rules.items())  # fmt: skip
+    doc.bullets(
+        f"`{criterion}`" + ("" if criterion in shared else f" ({', '.join(tasks)})") + f": {rule}"
+        for (criterion, rule), tasks in rules.items()
+    )
 
 
 def _describe(view: StudyView, task: str, method: str, metric: str, subset: str) -> dict:
     """The analyze stage's n / mean / sd / t-interval row, or the one of no values."""
     table = view.tables["statistics"]
-    rows = table[(table["kind"] == "describe") & (table["task"] == task) & (table["method"] == method)
-                 & (table["metric"] == metric) & (table["subset"] == subset)] if table is not None else []  # fmt: skip
+    rows = (
+        table[
+            (table["kind"] == "describe")
+            & (table["task"] == task)
+            & (table["method"] == method)
+            & (table["metric"] == metric)
+            & (table["subset"] == subset)
+        ]
+        if table is not None
+        else []
+    )
     return rows.iloc[0].to_dict() if len(rows) else describe([])
 
 
@@ -109,19 +137,27 @@ def summary(view: StudyView, missing_sections: list[str]) -> str:
     model = (cfg.get("model") or {}).get("name", "the configured model")
     tasks = list(cfg.get("tasks") or {})
     seeds = cfg.get("seeds") or []
-    parts = [f"LoRA against full fine-tuning of `{model}` on {len(tasks)} task(s) ({', '.join(tasks) or '—'}), "
-             f"seeds {', '.join(map(str, seeds)) or '—'}."]  # fmt: skip
+    parts = [
+        f"LoRA against full fine-tuning of `{model}` on {len(tasks)} task(s) ({', '.join(tasks) or '—'}), "
+        f"seeds {', '.join(map(str, seeds)) or '—'}."
+    ]
     verdict = view.tables["verdict"]
     if verdict is not None:
         groups: dict[str, list[str]] = {}
         for r in verdict[verdict["criterion"] == "recommended"].itertuples():
             groups.setdefault(str(r.outcome), []).append(str(r.task))
-        words = {"met": "LoRA is recommended for", "not met": "LoRA is not recommended for",
-                 "inconclusive": "the evidence is inconclusive for", NOT_RUN: "criteria were not run for"}  # fmt: skip
+        words = {
+            "met": "LoRA is recommended for",
+            "not met": "LoRA is not recommended for",
+            "inconclusive": "the evidence is inconclusive for",
+            NOT_RUN: "criteria were not run for",
+        }
         said = [f"{words.get(k, k)} {', '.join(v)}" for k, v in groups.items()]
         if said:
-            parts.append("Verdict (LoRA is recommended when its quality is within the threshold of full FT and it "
-                         "drifts less or deploys cheaply): " + "; ".join(said) + ".")  # fmt: skip
+            parts.append(
+                "Verdict (LoRA is recommended when its quality is within the threshold of full FT and it "
+                "drifts less or deploys cheaply): " + "; ".join(said) + "."
+            )
     else:
         parts.append("No verdict yet: the analyze stage has not run.")
     if flags is not None:
@@ -134,8 +170,10 @@ def summary(view: StudyView, missing_sections: list[str]) -> str:
         if means:
             parts.append("Mean primary metric of unflagged runs, LoRA vs full FT: " + "; ".join(means) + ".")
         n_flag = int(flags["flagged"].sum())
-        parts.append(f"{n_flag} of {len(flags)} runs {'is' if n_flag == 1 else 'are'} flagged as failed "
-                     f"(shown, and left out of the 'unflagged' statistics).")  # fmt: skip
+        parts.append(
+            f"{n_flag} of {len(flags)} runs {'is' if n_flag == 1 else 'are'} flagged as failed "
+            f"(shown, and left out of the 'unflagged' statistics)."
+        )
     if missing_sections:
         parts.append("Not run: " + ", ".join(missing_sections) + ".")
     return " ".join(parts)
@@ -155,8 +193,10 @@ def _pairing_check(flags: pd.DataFrame) -> str:
         return ""
     if mismatched == 0:
         return f"Checked: the head-initialisation and data-order digests agree for all {total} pairs."
-    return (f"**Warning:** the head-initialisation or data-order digests differ for {mismatched} of {total} pairs; "
-            f"those pairs are not real pairs.")  # fmt: skip
+    return (
+        f"**Warning:** the head-initialisation or data-order digests differ for {mismatched} of {total} pairs; "
+        f"those pairs are not real pairs."
+    )
 
 
 def _baseline_lines(baselines: pd.DataFrame | None, task: str, metric: str) -> list[str]:
@@ -170,12 +210,16 @@ def _baseline_lines(baselines: pd.DataFrame | None, task: str, metric: str) -> l
         if r.baseline == "majority":
             lines.append(f"majority-class baseline: {metric} {fmt.num(r.primary_value)}")
         elif r.baseline == "head_only":
-            lines.append(f"head-only probe (frozen backbone): {metric} {fmt.num(r.primary_value)}"
-                         + ("" if r.status == "ok" else f" — {r.status}"))  # fmt: skip
+            lines.append(
+                f"head-only probe (frozen backbone): {metric} {fmt.num(r.primary_value)}"
+                + ("" if r.status == "ok" else f" — {r.status}")
+            )
         elif str(r.baseline).startswith("overfit"):
             verdict = "passed" if fmt.truthy(r.passed) else "**FAILED**"
-            lines.append(f"overfit check, {method_label(str(r.method))}: {verdict} (training accuracy "
-                         f"{fmt.num(r.accuracy, 3)} on the few examples it was trained on)")  # fmt: skip
+            lines.append(
+                f"overfit check, {method_label(str(r.method))}: {verdict} (training accuracy "
+                f"{fmt.num(r.accuracy, 3)} on the few examples it was trained on)"
+            )
     return lines
 
 
@@ -187,13 +231,17 @@ def performance_section(doc: Document, view: StudyView) -> None:
         return
     ci = f"{view.confidence:.0%} CI"
     figure = performance_figure(flags, view.tasks(flags), view.tables["baselines"], view.confidence)
-    doc.figure(view.save(figure, "performance"),
-               f"Primary metric per run on the eval split (validation split, never used for selection). Filled "
-               f"dots: runs; hollow: flagged runs; grey lines join the two runs of one seed; diamonds: mean ± {ci} "
-               f"(t-interval over unflagged seeds); horizontal lines: baselines.")  # fmt: skip
-    doc.para("**Paired design.** A seed fixes the classifier-head initialisation and the order of the training "
-             "data identically for both methods, so the LoRA and full-FT runs of one seed are a real pair and "
-             "paired tests on their differences are valid. " + _pairing_check(flags))  # fmt: skip
+    doc.figure(
+        view.save(figure, "performance"),
+        f"Primary metric per run on the eval split (validation split, never used for selection). Filled "
+        f"dots: runs; hollow: flagged runs; grey lines join the two runs of one seed; diamonds: mean ± {ci} "
+        f"(t-interval over unflagged seeds); horizontal lines: baselines.",
+    )
+    doc.para(
+        "**Paired design.** A seed fixes the classifier-head initialisation and the order of the training "
+        "data identically for both methods, so the LoRA and full-FT runs of one seed are a real pair and "
+        "paired tests on their differences are valid. " + _pairing_check(flags)
+    )
     for task in view.tasks(flags):
         rows = flags[flags["task"] == task]
         metric = str(rows["primary_metric"].dropna().iloc[0]) if rows["primary_metric"].notna().any() else "metric"
@@ -225,17 +273,20 @@ def performance_section(doc: Document, view: StudyView) -> None:
             if pair and finite(described[-1]["mean"]):
                 texts[-1] = "+" * (described[-1]["mean"] >= 0) + texts[-1]
             table.append([(t, "sub") for t in [f"mean ± sd, {name}", *texts]])
-            table.append([(t, "sub") for t in [f"{ci}, {name}",
-                                                *(fmt.interval(d["ci_low"], d["ci_high"]) for d in described)]])  # fmt: skip
+            table.append(
+                [(t, "sub") for t in [f"{ci}, {name}", *(fmt.interval(d["ci_low"], d["ci_high"]) for d in described)]]
+            )
         doc.table(headers, table)
         doc.bullets(_baseline_lines(view.tables["baselines"], task, metric))
         bad = rows[rows["flagged"]]
         bad = bad.assign(_m=bad["method"].map(methods.index)).sort_values(["_m", "seed"])
         doc.bullets([f"⚑ {method_label(r.method)} seed {r.seed}: {r.reason}" for r in bad.itertuples()])
-    doc.para("Flags: tables/flags.csv (the analyze stage). A flagged run diverged, failed, or does not beat the "
-             "majority baseline by the margin; it is shown and kept out of the 'unflagged' statistics, never silently "
-             "averaged. Intervals: mean ± t(1−α/2, n−1)·sd/√n over seeds; the difference column pairs runs by seed.",
-             css="note")  # fmt: skip
+    doc.para(
+        "Flags: tables/flags.csv (the analyze stage). A flagged run diverged, failed, or does not beat the "
+        "majority baseline by the margin; it is shown and kept out of the 'unflagged' statistics, never silently "
+        "averaged. Intervals: mean ± t(1−α/2, n−1)·sd/√n over seeds; the difference column pairs runs by seed.",
+        css="note",
+    )
 
 
 def _drawn(method: str, n: Any) -> str:
@@ -271,40 +322,63 @@ def comparison_section(doc: Document, view: StudyView) -> None:
         rows = []
         for r in part.itertuples():
             n = f"{int(r.n_a)} / {int(r.n_b)} / {int(r.n_pairs)}" if finite(r.n_pairs) else "—"
-            rows.append([
-                r.task, r.metric, n, fmt.num(r.mean_diff_paired), fmt.interval(r.bootstrap_low, r.bootstrap_high),
-                f"{fmt.p_value(r.welch_p)} ({fmt.p_value(r.welch_p_holm)})",
-                f"{fmt.p_value(r.paired_t_p)} ({fmt.p_value(r.paired_t_p_holm)})",
-                f"{fmt.p_value(r.permutation_paired_p)} ({fmt.p_value(r.permutation_paired_p_holm)})"
-                + _drawn(r.permutation_paired_method, r.permutation_paired_n),
-                f"{fmt.p_value(r.permutation_unpaired_p)} ({fmt.p_value(r.permutation_unpaired_p_holm)})"
-                + _drawn(r.permutation_unpaired_method, r.permutation_unpaired_n),
-                fmt.num(r.hedges_g, 2), fmt.num(r.cohen_dz, 2),
-            ])  # fmt: skip
-        doc.table(["task", "metric", "n LoRA / full / pairs", "mean diff (LoRA − full, paired)",
-                   "bootstrap 95 % CI of diff", "Welch t p (Holm)", "paired t p (Holm)", "sign-flip p (Holm)",
-                   "permutation p (Holm)", "Hedges' g", "d_z"], rows)  # fmt: skip
+            rows.append(
+                [
+                    r.task,
+                    r.metric,
+                    n,
+                    fmt.num(r.mean_diff_paired),
+                    fmt.interval(r.bootstrap_low, r.bootstrap_high),
+                    f"{fmt.p_value(r.welch_p)} ({fmt.p_value(r.welch_p_holm)})",
+                    f"{fmt.p_value(r.paired_t_p)} ({fmt.p_value(r.paired_t_p_holm)})",
+                    f"{fmt.p_value(r.permutation_paired_p)} ({fmt.p_value(r.permutation_paired_p_holm)})"
+                    + _drawn(r.permutation_paired_method, r.permutation_paired_n),
+                    f"{fmt.p_value(r.permutation_unpaired_p)} ({fmt.p_value(r.permutation_unpaired_p_holm)})"
+                    + _drawn(r.permutation_unpaired_method, r.permutation_unpaired_n),
+                    fmt.num(r.hedges_g, 2),
+                    fmt.num(r.cohen_dz, 2),
+                ]
+            )
+        doc.table(
+            [
+                "task",
+                "metric",
+                "n LoRA / full / pairs",
+                "mean diff (LoRA − full, paired)",
+                "bootstrap 95 % CI of diff",
+                "Welch t p (Holm)",
+                "paired t p (Holm)",
+                "sign-flip p (Holm)",
+                "permutation p (Holm)",
+                "Hedges' g",
+                "d_z",
+            ],
+            rows,
+        )
         if subset == "unflagged":
-            doc.para("Compare with the table above: a difference between them is the effect of the flagged runs.",
-                     css="note")  # fmt: skip
+            doc.para(
+                "Compare with the table above: a difference between them is the effect of the flagged runs.", css="note"
+            )
     if not any_flagged:
         doc.para("No run is flagged, so the statistics without flagged runs equal these.", css="note")
-    doc.bullets([
-        "**Welch t-test**: two-sided, unequal variances, all runs of each method (n LoRA, n full).",
-        "**Paired t-test**: two-sided, on the per-seed differences d = LoRA − full FT, n = pairs, n − 1 degrees of "
-        "freedom; valid because a seed fixes head initialisation and data order for both methods.",
-        "**Sign-flip test** (paired permutation): all 2ⁿ sign patterns of d while there are at most 65,536; the "
-        "smallest possible p is 2/2ⁿ (0.25 at n = 3), so three seeds can never reach p < 0.05. Beyond that, "
-        "a seeded Monte Carlo test (marked MC with its number of random relabellings) with the valid "
-        "p = (1 + relabellings at least as extreme) / (1 + relabellings).",
-        "**Permutation test** (unpaired): all C(n_a + n_b, n_a) splits of the pooled runs while there are at most "
-        "65,536 (9 + 9 runs), else Monte Carlo as above.",
-        "**Bootstrap CI**: percentile interval of mean(d), resampling the pairs; with three seeds it cannot be wider "
-        "than the range of d and undercovers.",
-        "**Hedges' g** = J · (mean_LoRA − mean_full) / s_pooled, s_pooled = √(((n_a−1)s_a² + (n_b−1)s_b²) / "
-        "(n_a + n_b − 2)), J = 1 − 3 / (4(n_a + n_b) − 9).",
-        "**d_z** = mean(d) / sd(d) (sd with n − 1) of the paired differences — not d_av.",
-        "**Holm**: step-down correction across tasks within each family of tests (each test is one family); the "
-        "adjusted p is in brackets.",
-    ])  # fmt: skip
+    doc.bullets(
+        [
+            "**Welch t-test**: two-sided, unequal variances, all runs of each method (n LoRA, n full).",
+            "**Paired t-test**: two-sided, on the per-seed differences d = LoRA − full FT, n = pairs, n − 1 degrees of "
+            "freedom; valid because a seed fixes head initialisation and data order for both methods.",
+            "**Sign-flip test** (paired permutation): all 2ⁿ sign patterns of d while there are at most 65,536; the "
+            "smallest possible p is 2/2ⁿ (0.25 at n = 3), so three seeds can never reach p < 0.05. Beyond that, "
+            "a seeded Monte Carlo test (marked MC with its number of random relabellings) with the valid "
+            "p = (1 + relabellings at least as extreme) / (1 + relabellings).",
+            "**Permutation test** (unpaired): all C(n_a + n_b, n_a) splits of the pooled runs while there are at most "
+            "65,536 (9 + 9 runs), else Monte Carlo as above.",
+            "**Bootstrap CI**: percentile interval of mean(d), resampling the pairs; with three seeds it cannot be wider "
+            "than the range of d and undercovers.",
+            "**Hedges' g** = J · (mean_LoRA − mean_full) / s_pooled, s_pooled = √(((n_a−1)s_a² + (n_b−1)s_b²) / "
+            "(n_a + n_b − 2)), J = 1 − 3 / (4(n_a + n_b) − 9).",
+            "**d_z** = mean(d) / sd(d) (sd with n − 1) of the paired differences — not d_av.",
+            "**Holm**: step-down correction across tasks within each family of tests (each test is one family); the "
+            "adjusted p is in brackets.",
+        ]
+    )
     doc.para("Source: tables/statistics.csv.", css="note")

@@ -27,8 +27,13 @@ def _ours_quality(view: StudyView, task: str, method: str, metric: str) -> str:
     sel = flags[(flags["task"] == task) & (flags["method"] == method) & (flags["status"] == "ok")].sort_values("seed")
     if sel.empty:
         return "not run"
-    d = stats[(stats["kind"] == "describe") & (stats["task"] == task) & (stats["method"] == method)
-              & (stats["metric"] == metric) & (stats["subset"] == "all")].iloc[0]  # fmt: skip
+    d = stats[
+        (stats["kind"] == "describe")
+        & (stats["task"] == task)
+        & (stats["method"] == method)
+        & (stats["metric"] == metric)
+        & (stats["subset"] == "all")
+    ].iloc[0]
     each = " / ".join(f"{v:.3f}{' ⚑' if f else ''}" for v, f in zip(sel[metric], sel["flagged"]))
     return f"{each} (mean {fmt.pm(d['mean'], d['sd'], 3)}, all ok runs)"
 
@@ -40,12 +45,17 @@ def reference_section(doc: Document, view: StudyView) -> None:
     ref_tasks = {str(r["task"]) for fam in families.values() for r in fam["rows"]} - {"all"}
     matched = [t for t in list(view.config.get("tasks") or {}) if t in ref_tasks]
     if not matched:
-        doc.para(f"No task of this study is one of the reference study's ({', '.join(sorted(ref_tasks))}), so its "
-                 f"numbers are not shown.", css="notrun")  # fmt: skip
+        doc.para(
+            f"No task of this study is one of the reference study's ({', '.join(sorted(ref_tasks))}), so its "
+            f"numbers are not shown.",
+            css="notrun",
+        )
         return
-    doc.para(f"**{ref['study']}** ({ref['repository']}): {ref['setup']}. Its numbers come from a different model "
-             "and hardware and from the flawed pipeline noted under each table; they are shown for orientation, "
-             "not as a target.")  # fmt: skip
+    doc.para(
+        f"**{ref['study']}** ({ref['repository']}): {ref['setup']}. Its numbers come from a different model "
+        "and hardware and from the flawed pipeline noted under each table; they are shown for orientation, "
+        "not as a target."
+    )
 
     def rows_of(family: str, task: str) -> list[dict]:
         return [r for r in families[family]["rows"] if str(r["task"]) == task]
@@ -60,9 +70,15 @@ def reference_section(doc: Document, view: StudyView) -> None:
             rs = [r for r in rows_of("quality", task) if r["method"] == method]
             if rs:
                 values = [float(r["value"]) for r in rs]
-                table.append([task, rs[0]["metric"], method_label(method),
-                              f"{' / '.join(f'{v:.3f}' for v in values)} (mean {sum(values) / len(values):.3f})",
-                              _ours_quality(view, task, method, rs[0]["metric"])])  # fmt: skip
+                table.append(
+                    [
+                        task,
+                        rs[0]["metric"],
+                        method_label(method),
+                        f"{' / '.join(f'{v:.3f}' for v in values)} (mean {sum(values) / len(values):.3f})",
+                        _ours_quality(view, task, method, rs[0]["metric"]),
+                    ]
+                )
     doc.table(["task", "metric", "method", "reference (seeds 42 / 1337 / 2024)", "this study (its seeds)"], table)
     flaw("quality")
 
@@ -91,12 +107,29 @@ def reference_section(doc: Document, view: StudyView) -> None:
             sel = drift[(drift["task"] == task) & (drift["measure"] == "linear_cka") & (drift["pooling"] == "mean")]
             mine = {r.method: 1 - r.similarity_mean for r in sel.itertuples()}
             reduction = sel["drift_reduction"].iloc[0] if not sel.empty else reduction
-        table.append([task, fmt.num(ref_d.get("lora"), 3), fmt.num(ref_d.get("full"), 3), f"{100 * ref_red:+.1f} %",
-                      fmt.num(mine["lora"], 3) if finite(mine.get("lora")) else NOT_RUN,
-                      fmt.num(mine["full"], 3) if finite(mine.get("full")) else NOT_RUN,
-                      f"{100 * reduction:+.1f} %" if finite(reduction) else "—"])  # fmt: skip
-    doc.table(["task", "reference LoRA", "reference full FT", "reference reduction", "this study LoRA",
-               "this study full FT", "this study reduction"], table)  # fmt: skip
+        table.append(
+            [
+                task,
+                fmt.num(ref_d.get("lora"), 3),
+                fmt.num(ref_d.get("full"), 3),
+                f"{100 * ref_red:+.1f} %",
+                fmt.num(mine["lora"], 3) if finite(mine.get("lora")) else NOT_RUN,
+                fmt.num(mine["full"], 3) if finite(mine.get("full")) else NOT_RUN,
+                f"{100 * reduction:+.1f} %" if finite(reduction) else "—",
+            ]
+        )
+    doc.table(
+        [
+            "task",
+            "reference LoRA",
+            "reference full FT",
+            "reference reduction",
+            "this study LoRA",
+            "this study full FT",
+            "this study reduction",
+        ],
+        table,
+    )
     flaw("drift")
     bvb = families["cka_base_vs_base"]["rows"][0]
     layers = view.tables["drift_layers"]
@@ -104,8 +137,10 @@ def reference_section(doc: Document, view: StudyView) -> None:
     if layers is not None:
         values = layers.loc[(layers["comparison"] == "base_vs_base") & (layers["measure"] == "linear_cka"), "value"]
         mine = f"{values.min():.3f}–{values.max():.3f}" if len(values) else NOT_RUN
-    doc.table(["check", "reference", "this study (linear CKA, all layers)"],
-              [["CKA of the base model with itself (correct: 1)", f"{bvb['low']:.2f}–{bvb['high']:.2f}", mine]])
+    doc.table(
+        ["check", "reference", "this study (linear CKA, all layers)"],
+        [["CKA of the base model with itself (correct: 1)", f"{bvb['low']:.2f}–{bvb['high']:.2f}", mine]],
+    )
     flaw("cka_base_vs_base")
 
     doc.heading(3, "Latency at batch size 1")
@@ -120,11 +155,23 @@ def reference_section(doc: Document, view: StudyView) -> None:
     table = []
     for key, ours_key in {"full": "full", "merged": "merged", "separate": "separate", "multi_adapter": "mixed"}.items():
         ref_ms, row = ref_l.get(key), ours.get(ours_key)
-        table.append([f"{key} (ours: {ours_key})", fmt.num(ref_ms, 1),
-                      fmt.num(ref_ms / ref_l["full"] if ref_ms else None, 3),
-                      fmt.num(row.p50_ms, 2) if row is not None else NOT_RUN,
-                      fmt.num(row.overhead_vs_full, 3) if row is not None else "—"])  # fmt: skip
-    doc.table(["strategy", "reference p50 ms (L4)", "reference ratio to full",
-               f"this study p50 ms{f' (seq {seq})' if seq else ''}",
-               "this study ratio to full (median of paired ratios)"], table)  # fmt: skip
+        table.append(
+            [
+                f"{key} (ours: {ours_key})",
+                fmt.num(ref_ms, 1),
+                fmt.num(ref_ms / ref_l["full"] if ref_ms else None, 3),
+                fmt.num(row.p50_ms, 2) if row is not None else NOT_RUN,
+                fmt.num(row.overhead_vs_full, 3) if row is not None else "—",
+            ]
+        )
+    doc.table(
+        [
+            "strategy",
+            "reference p50 ms (L4)",
+            "reference ratio to full",
+            f"this study p50 ms{f' (seq {seq})' if seq else ''}",
+            "this study ratio to full (median of paired ratios)",
+        ],
+        table,
+    )
     flaw("latency")

@@ -26,18 +26,22 @@ def drift_section(doc: Document, view: StudyView) -> None:
     if layers is None:
         doc.not_run(view.why["drift_layers"])
         return
-    doc.para("Similarity of each fine-tuned model's hidden states to the base model's, layer by layer, on the fixed "
-             "probe examples (1 = unchanged; drift = 1 − similarity). The references show what the numbers can "
-             "mean: **base vs base** is the ceiling a correct measure reaches (1), **seed vs seed** is the "
-             "similarity of two runs of the same method (the noise between seeds), **shuffled rows** is the chance "
-             "level of unrelated examples.")  # fmt: skip
+    doc.para(
+        "Similarity of each fine-tuned model's hidden states to the base model's, layer by layer, on the fixed "
+        "probe examples (1 = unchanged; drift = 1 − similarity). The references show what the numbers can "
+        "mean: **base vs base** is the ceiling a correct measure reaches (1), **seed vs seed** is the "
+        "similarity of two runs of the same method (the noise between seeds), **shuffled rows** is the chance "
+        "level of unrelated examples."
+    )
     _pooled_positions(doc, view)
     layers = layers.assign(method=layers["method"].fillna(""))
     for task in view.tasks(layers):
-        doc.figure(view.save(drift_figure(layers, task, view.confidence), f"drift_{task}"),
-                   f"{task}: solid = run vs base (mean over seeds, band = {view.confidence:.0%} t-interval over "
-                   f"seeds; one seed: its bootstrap interval over probe examples); dotted = seed vs seed; "
-                   f"black dashed = base vs base; grey dash-dot = row-shuffled base.")  # fmt: skip
+        doc.figure(
+            view.save(drift_figure(layers, task, view.confidence), f"drift_{task}"),
+            f"{task}: solid = run vs base (mean over seeds, band = {view.confidence:.0%} t-interval over "
+            f"seeds; one seed: its bootstrap interval over probe examples); dotted = seed vs seed; "
+            f"black dashed = base vs base; grey dash-dot = row-shuffled base.",
+        )
     if statistics is None:
         doc.not_run(f"drift table: {view.why['drift_statistics']}; {ANALYZE}")
         return
@@ -49,27 +53,52 @@ def drift_section(doc: Document, view: StudyView) -> None:
                 cell = part[(part["pooling"] == pooling) & (part["measure"] == measure)].set_index("method")
                 lora, full = cell.loc["lora"], cell.loc["full"]
                 reduction = lora["drift_reduction"]
-                rows.append([
-                    task, pooling, measure,
-                    f"{fmt.pm(lora['similarity_mean'], lora['similarity_sd'])} (n={int(lora['n'])})",
-                    f"{fmt.pm(full['similarity_mean'], full['similarity_sd'])} (n={int(full['n'])})",
-                    fmt.num(lora["last_third_mean"]), fmt.num(full["last_third_mean"]),
-                    fmt.num(lora["seed_vs_seed_mean"]), fmt.num(full["seed_vs_seed_mean"]),
-                    (f"{100 * reduction:+.1f} %" if finite(reduction) else "—")
-                    + (f" [{100 * lora['reduction_low']:+.1f}, {100 * lora['reduction_high']:+.1f}]"
-                       if finite(lora["reduction_low"]) else f" (no interval; {int(lora['reduction_pairs'])} pairs)"),
-                    fmt.num(lora["base_vs_base"]), fmt.num(lora["shuffled_base"]),
-                ])  # fmt: skip
-    doc.table(["task", "pooling", "measure", "LoRA vs base, mean over layers", "full FT vs base, mean over layers",
-               "LoRA, last third of layers", "full FT, last third", "seed vs seed, LoRA", "seed vs seed, full FT",
-               f"drift reduction 1 − mean drift_LoRA / mean drift_full [Fieller {view.confidence:.0%}]", "base vs base",
-               "shuffled rows"], rows)  # fmt: skip
-    doc.para("Mean over layers: mean ± sd over seeds. Seed vs seed: two runs of one method compared with each "
-             "other, mean over layers and pairs (a run further from the base than this is not told apart from "
-             "seed noise by the measure alone). Drift reduction: the ratio of mean drifts over the seed pairs "
-             "without a flagged run, the number the verdict uses, with Fieller's interval (none when it is "
-             "unbounded: the full-FT drift is not clearly above 0). Source: tables/drift_statistics.csv.",
-             css="note")  # fmt: skip
+                rows.append(
+                    [
+                        task,
+                        pooling,
+                        measure,
+                        f"{fmt.pm(lora['similarity_mean'], lora['similarity_sd'])} (n={int(lora['n'])})",
+                        f"{fmt.pm(full['similarity_mean'], full['similarity_sd'])} (n={int(full['n'])})",
+                        fmt.num(lora["last_third_mean"]),
+                        fmt.num(full["last_third_mean"]),
+                        fmt.num(lora["seed_vs_seed_mean"]),
+                        fmt.num(full["seed_vs_seed_mean"]),
+                        (f"{100 * reduction:+.1f} %" if finite(reduction) else "—")
+                        + (
+                            f" [{100 * lora['reduction_low']:+.1f}, {100 * lora['reduction_high']:+.1f}]"
+                            if finite(lora["reduction_low"])
+                            else f" (no interval; {int(lora['reduction_pairs'])} pairs)"
+                        ),
+                        fmt.num(lora["base_vs_base"]),
+                        fmt.num(lora["shuffled_base"]),
+                    ]
+                )
+    doc.table(
+        [
+            "task",
+            "pooling",
+            "measure",
+            "LoRA vs base, mean over layers",
+            "full FT vs base, mean over layers",
+            "LoRA, last third of layers",
+            "full FT, last third",
+            "seed vs seed, LoRA",
+            "seed vs seed, full FT",
+            f"drift reduction 1 − mean drift_LoRA / mean drift_full [Fieller {view.confidence:.0%}]",
+            "base vs base",
+            "shuffled rows",
+        ],
+        rows,
+    )
+    doc.para(
+        "Mean over layers: mean ± sd over seeds. Seed vs seed: two runs of one method compared with each "
+        "other, mean over layers and pairs (a run further from the base than this is not told apart from "
+        "seed noise by the measure alone). Drift reduction: the ratio of mean drifts over the seed pairs "
+        "without a flagged run, the number the verdict uses, with Fieller's interval (none when it is "
+        "unbounded: the full-FT drift is not clearly above 0). Source: tables/drift_statistics.csv.",
+        css="note",
+    )
 
 
 def _pooled_positions(doc: Document, view: StudyView) -> None:
@@ -82,11 +111,20 @@ def _pooled_positions(doc: Document, view: StudyView) -> None:
     for task in view.tasks(positions):
         part = positions[positions["task"] == task].sort_values("layer")
         shares = part["excluded_norm_share"]
-        per_layer = ("—" if not shares.notna().any() else
-                     " ".join(f"{int(layer)}: {100 * share:.0f}" for layer, share in zip(part["layer"], shares)))
-        rows.append([task, str(part["positions"].iloc[0]), per_layer])  # fmt: skip
-    doc.table(["task", "mean pooling reads", "share of the base model's token-norm mass in the left-out positions, "
-               "% per layer (layer: %)"], rows)  # fmt: skip
+        per_layer = (
+            "—"
+            if not shares.notna().any()
+            else " ".join(f"{int(layer)}: {100 * share:.0f}" for layer, share in zip(part["layer"], shares))
+        )
+        rows.append([task, str(part["positions"].iloc[0]), per_layer])
+    doc.table(
+        [
+            "task",
+            "mean pooling reads",
+            "share of the base model's token-norm mass in the left-out positions, % per layer (layer: %)",
+        ],
+        rows,
+    )
 
 
 def weights_section(doc: Document, view: StudyView) -> None:
@@ -99,11 +137,13 @@ def weights_section(doc: Document, view: StudyView) -> None:
         if weights[(weights["task"] == task) & weights["layer"].notna()].empty:
             continue
         _, common = changed_kinds(weights[weights["task"] == task])
-        doc.figure(view.save(weights_figure(weights, task), f"weights_{task}"),
-                   f"{task}: per layer, relative update ‖W_ft − W_base‖F / ‖W_base‖F, effective rank of the "
-                   f"update (Roy & Vetterli) and intruder dimensions (top singular vectors of W_ft with |cos| below "
-                   f"the threshold against every base singular vector). Solid lines average the matrix kinds both "
-                   f"methods changed ({', '.join(common) or 'none in common: each its own'}).")  # fmt: skip
+        doc.figure(
+            view.save(weights_figure(weights, task), f"weights_{task}"),
+            f"{task}: per layer, relative update ‖W_ft − W_base‖F / ‖W_base‖F, effective rank of the "
+            f"update (Roy & Vetterli) and intruder dimensions (top singular vectors of W_ft with |cos| below "
+            f"the threshold against every base singular vector). Solid lines average the matrix kinds both "
+            f"methods changed ({', '.join(common) or 'none in common: each its own'}).",
+        )
     rows = []
     for task in view.tasks(weights):
         part = weights[weights["task"] == task]
@@ -112,8 +152,28 @@ def weights_section(doc: Document, view: StudyView) -> None:
             for kind in ordered(sel["kind"]):
                 k = sel[sel["kind"] == kind]
                 n_seeds = k["seed"].nunique()
-                rows.append([task, method_label(method), kind, str(n_seeds), str(int(len(k) / max(1, n_seeds))),
-                             f"{k['relative_update'].mean():.3e}", fmt.num(k["effective_rank"].mean(), 2),
-                             fmt.num(k.groupby("seed")["intruders"].sum().mean(), 1)])  # fmt: skip
-    doc.table(["task", "method", "matrix kind", "seeds", "matrices per seed", "mean relative update",
-               "mean effective rank of ΔW", "intruders per run (sum over matrices)"], rows)  # fmt: skip
+                rows.append(
+                    [
+                        task,
+                        method_label(method),
+                        kind,
+                        str(n_seeds),
+                        str(int(len(k) / max(1, n_seeds))),
+                        f"{k['relative_update'].mean():.3e}",
+                        fmt.num(k["effective_rank"].mean(), 2),
+                        fmt.num(k.groupby("seed")["intruders"].sum().mean(), 1),
+                    ]
+                )
+    doc.table(
+        [
+            "task",
+            "method",
+            "matrix kind",
+            "seeds",
+            "matrices per seed",
+            "mean relative update",
+            "mean effective rank of ΔW",
+            "intruders per run (sum over matrices)",
+        ],
+        rows,
+    )

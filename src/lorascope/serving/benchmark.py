@@ -21,8 +21,15 @@ from lorascope.serving.checks import ATOL, DEPLOYMENT_CHECKS, DeploymentCheckFai
 from lorascope.serving.inputs import Batch, Models, forward_inputs, interleave, make_batches, num_labels_of
 from lorascope.serving.memory import DEPLOYMENT_MEMORY, memory_table
 from lorascope.serving.strategies import REGISTRY, compile_model, variants
-from lorascope.serving.timing import (DEPLOYMENT, DEPLOYMENT_TIMES, others_busy_cores, say, time_grid, times_table,
-                                      timing_table)
+from lorascope.serving.timing import (
+    DEPLOYMENT,
+    DEPLOYMENT_TIMES,
+    others_busy_cores,
+    say,
+    time_grid,
+    times_table,
+    timing_table,
+)
 from lorascope.study import atomic_write
 
 
@@ -46,8 +53,16 @@ def _validate(models: Models, examples: dict[str, list[dict]]) -> None:
         raise InputError(f"full model: no config.json in {models.full}")
 
 
-def serve(strategies: list[str], skipped: dict[str, str], models: Models, num_labels: int, pad_token_id: int,
-          device: torch.device, bf16: bool, probe: Batch) -> dict[str, Callable]:  # fmt: skip
+def serve(
+    strategies: list[str],
+    skipped: dict[str, str],
+    models: Models,
+    num_labels: int,
+    pad_token_id: int,
+    device: torch.device,
+    bf16: bool,
+    probe: Batch,
+) -> dict[str, Callable]:
     """One request function per strategy that can run; a compiled variant that fails to
     compile is added to `skipped` with the first line of its error."""
     calls, loaded = {}, {}
@@ -58,7 +73,7 @@ def serve(strategies: list[str], skipped: dict[str, str], models: Models, num_la
         if strategy.compiled_from:
             try:
                 model = compile_model(loaded[strategy.compiled_from], probe, device, bf16)
-            except Exception as err:  # noqa: BLE001 - an optional engine: its failure is a skip reason
+            except Exception as err:
                 skipped[name] = f"torch.compile failed: {(str(err).strip() or type(err).__name__).splitlines()[0]}"
                 continue
         else:
@@ -69,8 +84,14 @@ def serve(strategies: list[str], skipped: dict[str, str], models: Models, num_la
 
 def _write_checks(out_dir: Path, checks: pd.DataFrame, skipped: dict[str, str], env: dict, meta: dict) -> None:
     DEPLOYMENT_CHECKS.write(out_dir, checks)
-    payload = {"passed": bool(checks["passed"].all()), "tolerance": ATOL, "checks": checks.to_dict("records"),
-               "skipped": skipped, "environment": env, "meta": meta}  # fmt: skip
+    payload = {
+        "passed": bool(checks["passed"].all()),
+        "tolerance": ATOL,
+        "checks": checks.to_dict("records"),
+        "skipped": skipped,
+        "environment": env,
+        "meta": meta,
+    }
     atomic_write(out_dir / "deployment_checks.json", json.dumps(payload, indent=2, default=str) + "\n")
 
 
@@ -125,8 +146,10 @@ def benchmark(
         env["load_average_before_timing"] = list(os.getloadavg())
         env["others_busy_cores_before_timing"] = others = others_busy_cores()
         if device.type == "cpu" and others > 0.5:
-            say(f"the machine is busy (other processes used {others:.1f} of {os.cpu_count()} cores in the last "
-                "second): timings include contention from them")  # fmt: skip
+            say(
+                f"the machine is busy (other processes used {others:.1f} of {os.cpu_count()} cores in the last "
+                "second): timings include contention from them"
+            )
         results = time_grid(calls, pool, cfg, pad_token_id, input_names, device, bf16)
         env["load_average_after_timing"] = list(os.getloadavg())
         del calls
@@ -137,11 +160,17 @@ def benchmark(
     memory_rows = pd.DataFrame(columns=DEPLOYMENT_MEMORY.columns)
     if memory:
         workload = [make_batches(pool, max(cfg.batch_sizes), s, 1, pad_token_id, input_names)[0] for s in cfg.seq_lens]
-        spec = {"models": dataclasses.asdict(models), "num_labels": num_labels, "pad_token_id": pad_token_id,
-                "device": str(device), "threads": threads, "bf16": bf16,
-                "batches": [{"inputs": {k: v.tolist() for k, v in b.inputs.items()}, "tasks": b.tasks}
-                            for b in workload]}  # fmt: skip
-        memory_rows = DEPLOYMENT_MEMORY.write(out_dir, memory_table([s for s in strategies if s not in skipped],
-                                                                    models, spec))  # fmt: skip
+        spec = {
+            "models": dataclasses.asdict(models),
+            "num_labels": num_labels,
+            "pad_token_id": pad_token_id,
+            "device": str(device),
+            "threads": threads,
+            "bf16": bf16,
+            "batches": [{"inputs": {k: v.tolist() for k, v in b.inputs.items()}, "tasks": b.tasks} for b in workload],
+        }
+        memory_rows = DEPLOYMENT_MEMORY.write(
+            out_dir, memory_table([s for s in strategies if s not in skipped], models, spec)
+        )
     _write_checks(out_dir, checks, skipped, env, meta or {})
     return DeploymentResult(timings, checks, memory_rows, skipped)

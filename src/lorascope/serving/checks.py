@@ -17,10 +17,20 @@ from lorascope.study import Table
 
 ATOL = 1e-4  # fp32 logits of merged vs unmerged LoRA differ by rounding (~1e-6), never by 1e-4
 CHECK_BATCH_SIZE = 32
-DEPLOYMENT_CHECKS = Table("deployment_checks", (
-    "check", "task", "n_examples", "max_abs_diff", "prediction_mismatches", "tolerance", "passed",
-    "accuracy", "reference_accuracy",
-))  # fmt: skip
+DEPLOYMENT_CHECKS = Table(
+    "deployment_checks",
+    (
+        "check",
+        "task",
+        "n_examples",
+        "max_abs_diff",
+        "prediction_mismatches",
+        "tolerance",
+        "passed",
+        "accuracy",
+        "reference_accuracy",
+    ),
+)
 
 
 class DeploymentCheckFailed(RuntimeError):
@@ -29,9 +39,11 @@ class DeploymentCheckFailed(RuntimeError):
     def __init__(self, checks: pd.DataFrame):
         self.checks = checks
         failed = checks[~checks["passed"].astype(bool)]
-        lines = [f"{r.check} {r.task}: max |Δlogit| {r.max_abs_diff:.3g} (tolerance {r.tolerance:g}), "
-                 f"{r.prediction_mismatches} of {r.n_examples} predictions differ"
-                 for r in failed.itertuples()]  # fmt: skip
+        lines = [
+            f"{r.check} {r.task}: max |Δlogit| {r.max_abs_diff:.3g} (tolerance {r.tolerance:g}), "
+            f"{r.prediction_mismatches} of {r.n_examples} predictions differ"
+            for r in failed.itertuples()
+        ]
         super().__init__("deployment correctness check failed: " + "; ".join(lines))
 
 
@@ -48,8 +60,10 @@ def logits(model, rows: list[dict], pad_token_id: int, input_names, device, mixe
 
 def _switched_logits(model: PeftModel, examples: dict[str, list[dict]], pad_token_id, input_names, device):
     """Each task's logits through the switch path, the active adapter changing every batch."""
-    chunks = {t: [rows[i : i + CHECK_BATCH_SIZE] for i in range(0, len(rows), CHECK_BATCH_SIZE)]
-              for t, rows in examples.items()}  # fmt: skip
+    chunks = {
+        t: [rows[i : i + CHECK_BATCH_SIZE] for i in range(0, len(rows), CHECK_BATCH_SIZE)]
+        for t, rows in examples.items()
+    }
     out: dict[str, list[torch.Tensor]] = {t: [] for t in examples}
     for i in range(max(len(c) for c in chunks.values())):
         for task in examples:
@@ -62,20 +76,30 @@ def _switched_logits(model: PeftModel, examples: dict[str, list[dict]], pad_toke
 def _mixed_logits(model: PeftModel, examples: dict[str, list[dict]], pad_token_id, input_names, device):
     """Each task's logits from batches that mix all tasks (t0, t1, ..., t0, ...)."""
     order = [(t, i) for i in range(max(map(len, examples.values()))) for t in examples if i < len(examples[t])]
-    mixed = logits(model, [{**examples[t][i], "task": t} for t, i in order], pad_token_id, input_names, device,
-                   mixed=True)  # fmt: skip
+    mixed = logits(
+        model, [{**examples[t][i], "task": t} for t, i in order], pad_token_id, input_names, device, mixed=True
+    )
     return {t: mixed[[k for k, (task, _) in enumerate(order) if task == t]] for t in examples}
 
 
-def compare_logits(check: str, task: str, candidate: torch.Tensor, reference: torch.Tensor, labels=None,
-                   atol: float = ATOL) -> dict:  # fmt: skip
+def compare_logits(
+    check: str, task: str, candidate: torch.Tensor, reference: torch.Tensor, labels=None, atol: float = ATOL
+) -> dict:
     """One check row: max |Δlogit|, how many predictions differ, accuracy of both if labelled."""
     predicted, expected = candidate.argmax(-1), reference.argmax(-1)
     diff = float((candidate - reference).abs().max())
     mismatches = int((predicted != expected).sum())
-    row = {"check": check, "task": task, "n_examples": len(candidate), "max_abs_diff": diff,
-           "prediction_mismatches": mismatches, "tolerance": atol, "passed": diff <= atol and mismatches == 0,
-           "accuracy": np.nan, "reference_accuracy": np.nan}  # fmt: skip
+    row = {
+        "check": check,
+        "task": task,
+        "n_examples": len(candidate),
+        "max_abs_diff": diff,
+        "prediction_mismatches": mismatches,
+        "tolerance": atol,
+        "passed": diff <= atol and mismatches == 0,
+        "accuracy": np.nan,
+        "reference_accuracy": np.nan,
+    }
     if labels is not None:
         labels = torch.as_tensor(labels)
         row["accuracy"] = float((predicted == labels).float().mean())
@@ -83,8 +107,14 @@ def compare_logits(check: str, task: str, candidate: torch.Tensor, reference: to
     return row
 
 
-def check_correctness(models: Models, examples: dict[str, list[dict]], num_labels: int, pad_token_id: int,
-                      input_names, device: torch.device) -> pd.DataFrame:  # fmt: skip
+def check_correctness(
+    models: Models,
+    examples: dict[str, list[dict]],
+    num_labels: int,
+    pad_token_id: int,
+    input_names,
+    device: torch.device,
+) -> pd.DataFrame:
     """fp32 logits of every serving path against its reference, on each task's examples:
     merged vs the same adapter unmerged; with 2+ adapters, the switch path and each example of
     a mixed batch vs a freshly loaded single adapter."""
@@ -97,8 +127,15 @@ def check_correctness(models: Models, examples: dict[str, list[dict]], num_label
         separate = REGISTRY["separate"].load(one, num_labels, pad_token_id).to(device)
         alone[task] = logits(separate, examples[task], pad_token_id, input_names, device)
         merged = separate.merge_and_unload()
-        rows.append(compare_logits("merged_vs_separate", task, logits(merged, examples[task], pad_token_id,
-                                   input_names, device), alone[task], labels[task]))  # fmt: skip
+        rows.append(
+            compare_logits(
+                "merged_vs_separate",
+                task,
+                logits(merged, examples[task], pad_token_id, input_names, device),
+                alone[task],
+                labels[task],
+            )
+        )
         del separate, merged
     if len(models.adapters) >= 2:
         multi = load_multi(models, num_labels, pad_token_id).to(device)

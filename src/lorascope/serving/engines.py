@@ -83,11 +83,32 @@ TURNS = {"peft": Turns(), "vllm": Turns(settle_s=2 * IDLE_SPIN_S, min_requests=2
 # vLLM's fused CPU kernels sum in another order than eager PyTorch: ~1e-7 on a tiny Llama. An adapter
 # that is not applied (the base served, or another task's adapter) moves probabilities by far more.
 PROB_ATOL = 1e-4
-DEPLOYMENT_ENGINES = Table("deployment_engines", (
-    "engine", "strategy", "concurrency", "batch_size", "requests", "p50_ms", "p95_ms", "p99_ms", "mean_ms",
-    "requests_per_s", "examples_per_s", "tokens_per_s", "server_rss_mb", "server_gpu_mb", "overhead_vs_merged",
-    "overhead_vs_merged_ci_low", "overhead_vs_merged_ci_high", "max_in_flight", "device", "status", "note",
-))  # fmt: skip
+DEPLOYMENT_ENGINES = Table(
+    "deployment_engines",
+    (
+        "engine",
+        "strategy",
+        "concurrency",
+        "batch_size",
+        "requests",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "mean_ms",
+        "requests_per_s",
+        "examples_per_s",
+        "tokens_per_s",
+        "server_rss_mb",
+        "server_gpu_mb",
+        "overhead_vs_merged",
+        "overhead_vs_merged_ci_low",
+        "overhead_vs_merged_ci_high",
+        "max_in_flight",
+        "device",
+        "status",
+        "note",
+    ),
+)
 ENGINE_CHECKS = Table("deployment_engine_checks", ("engine", "strategy", *DEPLOYMENT_CHECKS.columns))
 ENGINE_VERSIONS = Table("deployment_engine_versions", ("engine", "package", "version"))
 Send = Callable[[str, list[dict]], object]  # (task, rows) -> probabilities of one request
@@ -103,8 +124,11 @@ class EngineResult:
 def wanted(cfg: DeployConfig, models: Models) -> dict[str, str | None]:
     """Engine strategies the config asks for (multi: when switch or mixed is asked for), each with
     the reason it cannot run on these models (None: it can)."""
-    asked = [s for s in ENGINE_STRATEGIES if s in cfg.strategies or (s == "multi" and {"switch", "mixed"}
-                                                                       & set(cfg.strategies))]  # fmt: skip
+    asked = [
+        s
+        for s in ENGINE_STRATEGIES
+        if s in cfg.strategies or (s == "multi" and {"switch", "mixed"} & set(cfg.strategies))
+    ]
     return {s: REGISTRY[PEFT_STRATEGY[s]].unavailable(models) for s in asked}
 
 
@@ -143,8 +167,9 @@ def numbered(send: Send, items: list[tuple], start: int) -> Callable[[int], obje
     return lambda i: send(*items[(start + i) % len(items)])
 
 
-def measure(sends: dict[str, Send], items: dict[str, list[tuple]], concurrency: int, cfg: DeployConfig,
-            turns: Turns = Turns()) -> dict[str, tuple[dict, np.ndarray]]:  # fmt: skip
+def measure(
+    sends: dict[str, Send], items: dict[str, list[tuple]], concurrency: int, cfg: DeployConfig, turns: Turns = Turns()
+) -> dict[str, tuple[dict, np.ndarray]]:
     """One cell of every strategy through the closed loop, interleaved: in each round every
     strategy sends its share of the requests in turn (the order rotating by round), so a slow
     spell of the machine or of a server hits all strategies alike and request i of two strategies
@@ -162,8 +187,9 @@ def measure(sends: dict[str, Send], items: dict[str, list[tuple]], concurrency: 
         for strategy in order:
             time.sleep(turns.settle_s)
             warmup = concurrency * max(cfg.warmup, 1) if r == 0 else turns.warmup(concurrency)
-            result = closed_loop(numbered(sends[strategy], items[strategy], numbers.start), len(numbers),
-                                 concurrency, warmup)  # fmt: skip
+            result = closed_loop(
+                numbered(sends[strategy], items[strategy], numbers.start), len(numbers), concurrency, warmup
+            )
             latencies[strategy][numbers.start : numbers.stop] = result.latencies_ms
             steady[strategy] += result.steady_s
             answered[strategy] += result.answered
@@ -172,17 +198,32 @@ def measure(sends: dict[str, Send], items: dict[str, list[tuple]], concurrency: 
     for strategy, work in items.items():
         batch_size = len(work[0][1])
         tokens = np.array([sum(len(r["input_ids"]) for r in rows) for _, rows in work])
-        row = {k: v for k, v in summarize(latencies[strategy], batch_size, tokens, tokens).items()
-               if k in ("p50_ms", "p95_ms", "p99_ms", "mean_ms")}  # fmt: skip
+        row = {
+            k: v
+            for k, v in summarize(latencies[strategy], batch_size, tokens, tokens).items()
+            if k in ("p50_ms", "p95_ms", "p99_ms", "mean_ms")
+        }
         per_s = answered[strategy] / steady[strategy]
-        row |= {"requests": cfg.engine_requests, "requests_per_s": per_s, "examples_per_s": per_s * batch_size,
-                "tokens_per_s": per_s * tokens.mean(), "max_in_flight": peaks[strategy]}  # fmt: skip
+        row |= {
+            "requests": cfg.engine_requests,
+            "requests_per_s": per_s,
+            "examples_per_s": per_s * batch_size,
+            "tokens_per_s": per_s * tokens.mean(),
+            "max_in_flight": peaks[strategy],
+        }
         out[strategy] = row, latencies[strategy]
     return out
 
 
-def grid(engine: str, sends: dict[str, Send], examples, models: Models, cfg: DeployConfig, device: str,
-         memory: dict[str, Callable[[], dict]]) -> tuple[list[dict], dict]:  # fmt: skip
+def grid(
+    engine: str,
+    sends: dict[str, Send],
+    examples,
+    models: Models,
+    cfg: DeployConfig,
+    device: str,
+    memory: dict[str, Callable[[], dict]],
+) -> tuple[list[dict], dict]:
     """Every cell of one engine's strategies (measured together, interleaved in TURNS[engine]):
     rows, and the latencies by strategy and cell (for overheads)."""
     rows, latencies = [], {}
@@ -190,11 +231,23 @@ def grid(engine: str, sends: dict[str, Send], examples, models: Models, cfg: Dep
         items = {s: workload(examples, tasks_of(s, models), batch_size, cfg.engine_requests) for s in sends}
         for strategy, (row, times) in measure(sends, items, concurrency, cfg, TURNS[engine]).items():
             latencies[(strategy, concurrency, batch_size)] = times
-            rows.append({"engine": engine, "strategy": strategy, "concurrency": concurrency,
-                         "batch_size": batch_size, **memory[strategy](), "device": device, "status": "ok",
-                         "note": ""} | row)  # fmt: skip
-            say(f"{engine} {strategy} concurrency {concurrency} batch {batch_size}: p50 {row['p50_ms']:.1f} ms, "
-                f"p99 {row['p99_ms']:.1f} ms, {row['examples_per_s']:.0f} examples/s")  # fmt: skip
+            rows.append(
+                {
+                    "engine": engine,
+                    "strategy": strategy,
+                    "concurrency": concurrency,
+                    "batch_size": batch_size,
+                    **memory[strategy](),
+                    "device": device,
+                    "status": "ok",
+                    "note": "",
+                }
+                | row
+            )
+            say(
+                f"{engine} {strategy} concurrency {concurrency} batch {batch_size}: p50 {row['p50_ms']:.1f} ms, "
+                f"p99 {row['p99_ms']:.1f} ms, {row['examples_per_s']:.0f} examples/s"
+            )
     return rows, latencies
 
 
@@ -212,8 +265,19 @@ def overheads(rows: list[dict], latencies: dict, cfg: DeployConfig) -> None:
 
 
 def not_measured(engine: str, strategy: str, status: str, note: str, cfg: DeployConfig, device: str) -> list[dict]:
-    return [{"engine": engine, "strategy": strategy, "concurrency": c, "batch_size": b, "requests": 0,
-             "device": device, "status": status, "note": note} for c, b in cells(cfg)]  # fmt: skip
+    return [
+        {
+            "engine": engine,
+            "strategy": strategy,
+            "concurrency": c,
+            "batch_size": b,
+            "requests": 0,
+            "device": device,
+            "status": status,
+            "note": note,
+        }
+        for c, b in cells(cfg)
+    ]
 
 
 # -- PEFT in-process ---------------------------------------------------------------------------
@@ -251,8 +315,9 @@ def served_alone(baseline: dict, before: dict, after: dict) -> Callable[[], dict
     return lambda: alone
 
 
-def peft_send(model: torch.nn.Module, strategy: str, models: Models, pad_token_id: int, input_names,
-              device: torch.device) -> Send:  # fmt: skip
+def peft_send(
+    model: torch.nn.Module, strategy: str, models: Models, pad_token_id: int, input_names, device: torch.device
+) -> Send:
     """One request: pad the rows, one forward pass under the model's lock (first come, first
     served), softmax."""
     call, lock = REGISTRY[PEFT_STRATEGY[strategy]].call(model, list(models.adapters)), FifoLock()
@@ -267,16 +332,23 @@ def peft_send(model: torch.nn.Module, strategy: str, models: Models, pad_token_i
 
 def peft_references(model, strategy: str, checked: dict, models: Models, pad_token_id, input_names, device) -> dict:
     """PEFT's probabilities per task on the check examples (fp32, batches padded to their longest)."""
-    return {t: logits(model, [{**r, "task": t} for r in checked[t]], pad_token_id, input_names, device,
-                      mixed=strategy == "multi").softmax(-1) for t in tasks_of(strategy, models)}  # fmt: skip
+    return {
+        t: logits(
+            model, [{**r, "task": t} for r in checked[t]], pad_token_id, input_names, device, mixed=strategy == "multi"
+        ).softmax(-1)
+        for t in tasks_of(strategy, models)
+    }
 
 
-def peft_server(strategy: str, models: Models, num_labels: int, pad_token_id, input_names, device,
-                checked: dict) -> tuple[Send, dict]:  # fmt: skip
+def peft_server(
+    strategy: str, models: Models, num_labels: int, pad_token_id, input_names, device, checked: dict
+) -> tuple[Send, dict]:
     """One strategy's in-process model, loaded: its request function and its reference probabilities."""
     model = REGISTRY[PEFT_STRATEGY[strategy]].load(models, num_labels, pad_token_id).to(device)
-    return (peft_send(model, strategy, models, pad_token_id, input_names, device),
-            peft_references(model, strategy, checked, models, pad_token_id, input_names, device))  # fmt: skip
+    return (
+        peft_send(model, strategy, models, pad_token_id, input_names, device),
+        peft_references(model, strategy, checked, models, pad_token_id, input_names, device),
+    )
 
 
 # -- vLLM servers --------------------------------------------------------------------------------
@@ -313,18 +385,27 @@ def servers(strategies: list[str], models: Models, num_labels: int, merged: Call
         out.append(("merged", lambda: {"model_dir": merged()}, ["merged"]))
     adapter_strategies = [s for s in ("separate", "multi") if s in strategies]
     if adapter_strategies:
-        out.append(("adapters", lambda: {
-            "model_dir": models.base, "lora_modules": dict(models.adapters), "num_labels": num_labels,
-            "hf_overrides": {"architectures": [seq_cls_architecture(models.base)]},
-        }, adapter_strategies))  # fmt: skip
+        out.append(
+            (
+                "adapters",
+                lambda: {
+                    "model_dir": models.base,
+                    "lora_modules": dict(models.adapters),
+                    "num_labels": num_labels,
+                    "hf_overrides": {"architectures": [seq_cls_architecture(models.base)]},
+                },
+                adapter_strategies,
+            )
+        )
     return out
 
 
 def vllm_send(server: VllmServer, strategy: str) -> Send:
     """Token ids exactly as PEFT tokenized them; full and merged answer to the base's name, an
     adapter to its task's name."""
-    return lambda task, rows: classify(server, "base" if strategy in ("full", "merged") else task,
-                                       [list(r["input_ids"]) for r in rows])  # fmt: skip
+    return lambda task, rows: classify(
+        server, "base" if strategy in ("full", "merged") else task, [list(r["input_ids"]) for r in rows]
+    )
 
 
 def pair_reason(strategy: str, models: Models, checked: dict, input_names) -> str | None:
@@ -343,8 +424,12 @@ def vllm_check(send: Send, strategy: str, checked: dict, references: dict, model
     rows = []
     for task in tasks_of(strategy, models):
         examples = checked[task]
-        served = torch.cat([torch.tensor(send(task, examples[i : i + CHECK_BATCH_SIZE]), dtype=torch.float32)
-                            for i in range(0, len(examples), CHECK_BATCH_SIZE)])  # fmt: skip
+        served = torch.cat(
+            [
+                torch.tensor(send(task, examples[i : i + CHECK_BATCH_SIZE]), dtype=torch.float32)
+                for i in range(0, len(examples), CHECK_BATCH_SIZE)
+            ]
+        )
         labels = [r["label"] for r in examples] if all("label" in r for r in examples) else None
         row = compare_logits(f"vllm_{strategy}_vs_peft", task, served, references[strategy][task], labels, PROB_ATOL)
         rows.append({"engine": "vllm", "strategy": strategy} | row)
@@ -352,13 +437,27 @@ def vllm_check(send: Send, strategy: str, checked: dict, references: dict, model
 
 
 def check_summary(rows: list[dict]) -> str:
-    return "; ".join(f"{r['task']}: max |Δprob| {r['max_abs_diff']:.3g} (tolerance {r['tolerance']:g}), "
-                     f"{r['prediction_mismatches']} of {r['n_examples']} predictions differ"
-                     for r in rows if not r["passed"])  # fmt: skip
+    return "; ".join(
+        f"{r['task']}: max |Δprob| {r['max_abs_diff']:.3g} (tolerance {r['tolerance']:g}), "
+        f"{r['prediction_mismatches']} of {r['n_examples']} predictions differ"
+        for r in rows
+        if not r["passed"]
+    )
 
 
-def run_vllm(strategies: list[str], models: Models, examples, checked, references, num_labels, pad_token_id,
-             tokenizer, cfg: DeployConfig, out_dir: Path, python: str) -> tuple[list, list, dict]:  # fmt: skip
+def run_vllm(
+    strategies: list[str],
+    models: Models,
+    examples,
+    checked,
+    references,
+    num_labels,
+    pad_token_id,
+    tokenizer,
+    cfg: DeployConfig,
+    out_dir: Path,
+    python: str,
+) -> tuple[list, list, dict]:
     """Every server started (one after another) and kept up, so the grid can interleave their
     strategies; all always stopped. A server that cannot start (or dies) costs its strategies,
     with vLLM's reason in one line, never the other measurements. On CUDA the servers share the
@@ -371,16 +470,28 @@ def run_vllm(strategies: list[str], models: Models, examples, checked, reference
         rows.extend(r for s in served if s not in done for r in not_measured("vllm", s, status, reason, cfg, device))
 
     with tempfile.TemporaryDirectory(prefix="lorascope-vllm-") as scratch, contextlib.ExitStack() as running:
-        merged = lambda: write_merged(models, num_labels, pad_token_id, tokenizer, Path(scratch) / "merged")
+
+        def merged():
+            return write_merged(models, num_labels, pad_token_id, tokenizer, Path(scratch) / "merged")
+
         plan = servers(strategies, models, num_labels, merged)
-        gpu_share = (["--gpu-memory-utilization", f"{0.9 / len(plan):.2f}"]
-                     if device == "cuda" and "--gpu-memory-utilization" not in cfg.vllm_args else [])  # fmt: skip
+        gpu_share = (
+            ["--gpu-memory-utilization", f"{0.9 / len(plan):.2f}"]
+            if device == "cuda" and "--gpu-memory-utilization" not in cfg.vllm_args
+            else []
+        )
         for name, arguments, served in plan:
             try:
-                server = running.enter_context(VllmServer(
-                    **arguments(), python=python, log_path=out_dir / "logs" / f"vllm-{name}.log",
-                    startup_timeout=cfg.vllm_startup_timeout, extra_args=[*cfg.vllm_args, *gpu_share],
-                    max_num_seqs=max(*cfg.concurrency, *cfg.batch_sizes)))  # fmt: skip
+                server = running.enter_context(
+                    VllmServer(
+                        **arguments(),
+                        python=python,
+                        log_path=out_dir / "logs" / f"vllm-{name}.log",
+                        startup_timeout=cfg.vllm_startup_timeout,
+                        extra_args=[*cfg.vllm_args, *gpu_share],
+                        max_num_seqs=max(*cfg.concurrency, *cfg.batch_sizes),
+                    )
+                )
                 say(f"vLLM server for {', '.join(served)} ready in {server.startup_seconds:.0f} s")
                 for strategy in served:
                     send = vllm_send(server, strategy)
@@ -391,7 +502,7 @@ def run_vllm(strategies: list[str], models: Models, examples, checked, reference
                     else:
                         say(f"vLLM {strategy} failed the correctness check, not timed: {check_summary(checks)}")
                         skip([strategy], "failed check", check_summary(checks))
-            except Exception as err:  # noqa: BLE001 - an engine that cannot serve is a result, not a crash
+            except Exception as err:
                 reason = first_line(err)
                 say(f"vLLM cannot serve {', '.join(served)}: {reason}")
                 for strategy in served:
@@ -413,9 +524,18 @@ def run_vllm(strategies: list[str], models: Models, examples, checked, reference
 # -- the grid of both engines --------------------------------------------------------------------
 
 
-def run_engines(base: str, adapters: dict[str, str], full: str | None, examples: dict[str, list[dict]], tokenizer,
-                cfg: DeployConfig, out_dir: Path, *, device: torch.device | str = "cpu",
-                check_examples: int | None = None) -> EngineResult:  # fmt: skip
+def run_engines(
+    base: str,
+    adapters: dict[str, str],
+    full: str | None,
+    examples: dict[str, list[dict]],
+    tokenizer,
+    cfg: DeployConfig,
+    out_dir: Path,
+    *,
+    device: torch.device | str = "cpu",
+    check_examples: int | None = None,
+) -> EngineResult:
     """The load grid on every engine of cfg.engines; writes deployment_engines.csv,
     deployment_engine_checks.csv, deployment_engine_versions.csv and vLLM's logs (logs/) to
     `out_dir`. Runs in fp32 on both engines. PEFT strategies that cannot run on these models
@@ -426,19 +546,28 @@ def run_engines(base: str, adapters: dict[str, str], full: str | None, examples:
     checked = {t: examples[t][:check_examples] for t in models.adapters}
     strategies = wanted(cfg, models)
     runnable = [s for s, why in strategies.items() if why is None]
-    rows = [r for s, why in strategies.items() if why for e in cfg.engines
-            for r in not_measured(e, s, "skipped", why, cfg, device.type)]  # fmt: skip
+    rows = [
+        r
+        for s, why in strategies.items()
+        if why
+        for e in cfg.engines
+        for r in not_measured(e, s, "skipped", why, cfg, device.type)
+    ]
     check_rows, latencies, references = [], {}, {}
-    versions = [{"engine": "peft", "package": p, "version": v} for p, v in runtime.versions().items()
-                if p in ("torch", "transformers", "peft")]  # fmt: skip
+    versions = [
+        {"engine": "peft", "package": p, "version": v}
+        for p, v in runtime.versions().items()
+        if p in ("torch", "transformers", "peft")
+    ]
 
     with runtime.threads(cfg.threads or torch.get_num_threads()):
         # every strategy loaded at once, as the timing grid does, so the grid can interleave them
         sends, memory, baseline = {}, {}, peft_memory_mb(device)
         for strategy in runnable:  # PEFT first: its references gate vLLM, and no server competes with it
             before = peft_memory_mb(device)
-            sends[strategy], references[strategy] = peft_server(strategy, models, num_labels, pad_token_id,
-                                                                input_names, device, checked)  # fmt: skip
+            sends[strategy], references[strategy] = peft_server(
+                strategy, models, num_labels, pad_token_id, input_names, device, checked
+            )
             memory[strategy] = served_alone(baseline, before, peft_memory_mb(device))
         if "peft" in cfg.engines and sends:
             more_rows, more_latencies = grid("peft", sends, examples, models, cfg, device.type, memory)
@@ -460,16 +589,21 @@ def run_engines(base: str, adapters: dict[str, str], full: str | None, examples:
             rows += [r for s in served for r in not_measured("vllm", s, "skipped", str(err), cfg, device.type)]
         else:
             versions += [{"engine": "vllm", "package": p, "version": v} for p, v in venv_versions(python).items()]
-            more_rows, more_checks, more_latencies = run_vllm(served, models, examples, checked, references,
-                                                              num_labels, pad_token_id, tokenizer, cfg, out_dir,
-                                                              python)  # fmt: skip
+            more_rows, more_checks, more_latencies = run_vllm(
+                served, models, examples, checked, references, num_labels, pad_token_id, tokenizer, cfg, out_dir, python
+            )
             rows, check_rows, latencies = rows + more_rows, check_rows + more_checks, latencies | more_latencies
 
     overheads(rows, latencies, cfg)
     order = {s: i for i, s in enumerate(ENGINE_STRATEGIES)}
     table = pd.DataFrame(rows).reindex(columns=DEPLOYMENT_ENGINES.columns)
-    table = table.sort_values(["engine", "strategy", "batch_size", "concurrency"],
-                              key=lambda c: c.map(order) if c.name == "strategy" else c, kind="stable")  # fmt: skip
-    return EngineResult(DEPLOYMENT_ENGINES.write(out_dir, table.reset_index(drop=True)),
-                        ENGINE_CHECKS.write(out_dir, pd.DataFrame(check_rows, columns=ENGINE_CHECKS.columns)),
-                        ENGINE_VERSIONS.write(out_dir, pd.DataFrame(versions, columns=ENGINE_VERSIONS.columns)))
+    table = table.sort_values(
+        ["engine", "strategy", "batch_size", "concurrency"],
+        key=lambda c: c.map(order) if c.name == "strategy" else c,
+        kind="stable",
+    )
+    return EngineResult(
+        DEPLOYMENT_ENGINES.write(out_dir, table.reset_index(drop=True)),
+        ENGINE_CHECKS.write(out_dir, pd.DataFrame(check_rows, columns=ENGINE_CHECKS.columns)),
+        ENGINE_VERSIONS.write(out_dir, pd.DataFrame(versions, columns=ENGINE_VERSIONS.columns)),
+    )

@@ -93,8 +93,9 @@ def pad_batch(rows: list[dict], pad_token_id: int, input_names, length: int | No
     return Batch(inputs, [r.get("task", "") for r in rows])
 
 
-def make_batches(pool: list[dict], batch_size: int, seq_len, count: int, pad_token_id: int, input_names,
-                 offset: int = 0) -> list[Batch]:  # fmt: skip
+def make_batches(
+    pool: list[dict], batch_size: int, seq_len, count: int, pad_token_id: int, input_names, offset: int = 0
+) -> list[Batch]:
     """`count` consecutive batches of the request stream (wrapping around); seq_len is
     "natural" or a fixed number of tokens."""
     length = None if seq_len == "natural" else int(seq_len)
@@ -122,5 +123,6 @@ def num_labels_of(models: Models) -> int:
                 return int(f.get_slice(key).get_shape()[0])
     if models.full:
         return int(AutoConfig.from_pretrained(models.full).num_labels)
-    raise InputError(f"{models.adapters[models.first]}: the adapter holds no classifier head, "
-                     "so the number of labels is unknown")
+    raise InputError(
+        f"{models.adapters[models.first]}: the adapter holds no classifier head, so the number of labels is unknown"
+    )

@@ -70,7 +70,7 @@ def closed_loop(send: Callable[[int], object], requests: int, concurrency: int, 
             start = time.perf_counter()
             try:
                 send(i)
-            except BaseException as err:  # noqa: BLE001 - handed to the caller below
+            except BaseException as err:
                 with lock:
                     state["error"] = state["error"] or err
                 return

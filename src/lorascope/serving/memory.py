@@ -28,10 +28,21 @@ from lorascope.serving.strategies import REGISTRY
 from lorascope.serving.timing import say
 from lorascope.study import Table
 
-DEPLOYMENT_MEMORY = Table("deployment_memory", (
-    "strategy", "load_seconds", "peak_mb", "loaded_mb", "inference_mb", "disk_mb", "adapter_disk_mb",
-    "measure", "method", "device",
-))  # fmt: skip
+DEPLOYMENT_MEMORY = Table(
+    "deployment_memory",
+    (
+        "strategy",
+        "load_seconds",
+        "peak_mb",
+        "loaded_mb",
+        "inference_mb",
+        "disk_mb",
+        "adapter_disk_mb",
+        "measure",
+        "method",
+        "device",
+    ),
+)
 
 
 @torch.no_grad()
@@ -57,8 +68,9 @@ def measure_memory(spec: dict) -> dict:
     device = torch.device(spec["device"])
     models = Models(**spec["models"])
     strategy = REGISTRY[spec["strategy"]]
-    batches = [Batch({k: torch.tensor(v) for k, v in b["inputs"].items()}, b["tasks"]).to(device)
-               for b in spec["batches"]]  # fmt: skip
+    batches = [
+        Batch({k: torch.tensor(v) for k, v in b["inputs"].items()}, b["tasks"]).to(device) for b in spec["batches"]
+    ]
     gc.collect()
     before = rss()
     start = time.perf_counter()
@@ -85,9 +97,17 @@ def measure_memory(spec: dict) -> dict:
                 for i, batch in enumerate(batches):
                     call(batch, i)
             peak, measure, method = tracker.peak - before, "cpu rss", tracker.method
-    return {"strategy": spec["strategy"], "load_seconds": load_seconds, "loaded_mb": loaded / MB,
-            "peak_mb": peak / MB, "inference_mb": (peak - loaded) / MB, "runtime_mb": before / MB,
-            "measure": measure, "method": method, "device": device.type}  # fmt: skip
+    return {
+        "strategy": spec["strategy"],
+        "load_seconds": load_seconds,
+        "loaded_mb": loaded / MB,
+        "peak_mb": peak / MB,
+        "inference_mb": (peak - loaded) / MB,
+        "runtime_mb": before / MB,
+        "measure": measure,
+        "method": method,
+        "device": device.type,
+    }
 
 
 def _child(conn, spec: dict) -> None:
@@ -98,7 +118,7 @@ def _child(conn, spec: dict) -> None:
     try:
         with threads(spec["threads"]):
             conn.send(("ok", measure_memory(spec)))
-    except Exception as err:  # noqa: BLE001 - reported by the driver as one line
+    except Exception as err:
         conn.send(("error", f"{type(err).__name__}: {first_line(err)}"))
 
 
@@ -148,6 +168,8 @@ def memory_table(strategies: list[str], models: Models, spec: dict) -> pd.DataFr
     for strategy, row in zip(measured, results):
         row["disk_mb"], row["adapter_disk_mb"] = disk_sizes(strategy, models)
         rows.append(row)
-        say(f"memory {strategy}: {row['loaded_mb']:.0f} MB loaded, +{row['inference_mb']:.0f} MB inference, "
-            f"{row['load_seconds']:.2f} s load")  # fmt: skip
+        say(
+            f"memory {strategy}: {row['loaded_mb']:.0f} MB loaded, +{row['inference_mb']:.0f} MB inference, "
+            f"{row['load_seconds']:.2f} s load"
+        )
     return pd.DataFrame(rows).reindex(columns=[*DEPLOYMENT_MEMORY.columns, "runtime_mb"])

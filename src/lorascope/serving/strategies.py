@@ -66,8 +66,10 @@ def mixable_modules(model: torch.nn.Module, names: list[str] | None) -> list[str
             parts = {child: sub for child, sub in module.named_modules() if child and isinstance(sub, MIXABLE)}
             covered = sum(p.numel() for sub in parts.values() for p in sub.parameters())
             if covered != sum(p.numel() for p in module.parameters()):
-                raise InputError(f"modules_to_save '{name}' ({type(module).__name__}) has parameters PEFT cannot "
-                                 "route per example, so its adapters cannot be mixed in one batch")  # fmt: skip
+                raise InputError(
+                    f"modules_to_save '{name}' ({type(module).__name__}) has parameters PEFT cannot "
+                    "route per example, so its adapters cannot be mixed in one batch"
+                )
             out.extend(f"{name}.{child}" for child in parts)
     return list(dict.fromkeys(out))
 
@@ -134,17 +136,24 @@ def compile_model(model: torch.nn.Module, probe: Batch, device: torch.device, bf
     return compiled
 
 
-REGISTRY: dict[str, Strategy] = {s.name: s for s in (
-    Strategy("base", lambda models, n, pad: load_base(models.base, n, pad), _plain_call),
-    Strategy("full", lambda models, n, pad: modeling.load_full(models.full, pad), _plain_call, full=True),
-    Strategy("merged", lambda models, n, pad: _separate(models, n, pad).merge_and_unload().eval(), _plain_call,
-             adapters="first"),
-    Strategy("separate", _separate, _plain_call, adapters="first"),
-    Strategy("switch", load_multi, _switch_call, adapters="all"),
-    Strategy("mixed", load_multi, _mixed_call, adapters="all"),
-    Strategy("merged_compiled", None, _plain_call, adapters="first", compiled_from="merged"),
-    Strategy("separate_compiled", None, _plain_call, adapters="first", compiled_from="separate"),
-)}  # fmt: skip
+REGISTRY: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        Strategy("base", lambda models, n, pad: load_base(models.base, n, pad), _plain_call),
+        Strategy("full", lambda models, n, pad: modeling.load_full(models.full, pad), _plain_call, full=True),
+        Strategy(
+            "merged",
+            lambda models, n, pad: _separate(models, n, pad).merge_and_unload().eval(),
+            _plain_call,
+            adapters="first",
+        ),
+        Strategy("separate", _separate, _plain_call, adapters="first"),
+        Strategy("switch", load_multi, _switch_call, adapters="all"),
+        Strategy("mixed", load_multi, _mixed_call, adapters="all"),
+        Strategy("merged_compiled", None, _plain_call, adapters="first", compiled_from="merged"),
+        Strategy("separate_compiled", None, _plain_call, adapters="first", compiled_from="separate"),
+    )
+}
 assert set(CONFIG_NAMES) <= set(REGISTRY), "every strategy a config may name is registered"
 
 

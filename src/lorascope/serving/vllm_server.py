@@ -27,6 +27,7 @@ version of a distribution named "vllm"), so the server is started through the mo
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -104,8 +105,13 @@ def server_gpu_mb(pid: int) -> float | None:
     """GPU memory of a process tree in MiB as the driver reports it (vLLM's worker holds the
     weights and the KV cache it preallocated); None without an NVIDIA GPU."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout  # fmt: skip
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return gpu_mb_of(out, {proc.pid for proc in _tree(pid)})
@@ -117,10 +123,8 @@ def server_rss_mb(pid: int) -> float:
     them count once per process, so this is an upper bound."""
     total = 0
     for proc in _tree(pid):
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             total += proc.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
     return total / 2**20
 
 
@@ -156,8 +160,11 @@ def _model_len_limit(model_dir: Path, wanted: int) -> int:
     max_position_embeddings, a sentence-transformers max_seq_length (MiniLM's is 256) or the
     tokenizer's model_max_length (a study's run folder records the run's max length, e.g. 128)."""
     limits = [wanted]
-    for name, key in (("config.json", "max_position_embeddings"), ("sentence_bert_config.json", "max_seq_length"),
-                      ("tokenizer_config.json", "model_max_length")):  # fmt: skip
+    for name, key in (
+        ("config.json", "max_position_embeddings"),
+        ("sentence_bert_config.json", "max_seq_length"),
+        ("tokenizer_config.json", "model_max_length"),
+    ):
         try:
             value = json.loads((model_dir / name).read_text()).get(key)
         except (OSError, ValueError, AttributeError):
@@ -253,15 +260,40 @@ class VllmServer:
 
     def command(self) -> list[str]:
         """The server's command line, for the log and for a person to rerun by hand."""
-        cmd = [self.python, "-m", SERVER_MODULE, "--model", str(self.model_dir), "--served-model-name", self.model,
-               "--host", self.host, "--port", str(self.port), "--runner", self.runner, "--dtype", self.dtype,
-               "--max-model-len", str(self.max_model_len), "--max-num-seqs", str(self.max_num_seqs)]  # fmt: skip
+        cmd = [
+            self.python,
+            "-m",
+            SERVER_MODULE,
+            "--model",
+            str(self.model_dir),
+            "--served-model-name",
+            self.model,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--runner",
+            self.runner,
+            "--dtype",
+            self.dtype,
+            "--max-model-len",
+            str(self.max_model_len),
+            "--max-num-seqs",
+            str(self.max_num_seqs),
+        ]
         if self.hf_overrides:
             cmd += ["--hf-overrides", json.dumps(self.hf_overrides)]
         if self.lora_modules:
             rank = max(_lora_rank(path) for path in self.lora_modules.values())
-            cmd += ["--enable-lora", "--max-loras", str(len(self.lora_modules)), "--max-lora-rank", str(rank),
-                    "--lora-modules", *(f"{name}={path}" for name, path in self.lora_modules.items())]  # fmt: skip
+            cmd += [
+                "--enable-lora",
+                "--max-loras",
+                str(len(self.lora_modules)),
+                "--max-lora-rank",
+                str(rank),
+                "--lora-modules",
+                *(f"{name}={path}" for name, path in self.lora_modules.items()),
+            ]
             targets = _lora_targets(self.lora_modules.values())
             if targets and "--lora-target-modules" not in self.extra_args:
                 cmd += ["--lora-target-modules", *targets]
@@ -269,8 +301,14 @@ class VllmServer:
 
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(VLLM_CPU_KVCACHE_SPACE=str(self.kv_cache_gib), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")  # fmt: skip
+        env.update(
+            VLLM_CPU_KVCACHE_SPACE=str(self.kv_cache_gib),
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            VLLM_NO_USAGE_STATS="1",
+            DO_NOT_TRACK="1",
+            PYTHONUNBUFFERED="1",
+        )
         env.pop("VIRTUAL_ENV", None)  # lorascope's venv; the server runs from its own
         env.update(self.env)
         return env
@@ -283,11 +321,16 @@ class VllmServer:
         with open(self.log_path, "wb") as log:
             log.write(f"$ {shlex.join(self.command())}\n".encode())
             log.flush()
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=self._environment(),
-                                            start_new_session=True,
-                                            # SIGTERM (not KILL) if lorascope dies: vLLM then stops its own children
-                                            preexec_fn=lambda: die_with_parent(signal.SIGTERM))  # noqa: PLW1509 (only prctl)  # fmt: skip
+            self.process = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self._environment(),
+                start_new_session=True,
+                # SIGTERM (not KILL) if lorascope dies: vLLM then stops its own children
+                preexec_fn=lambda: die_with_parent(signal.SIGTERM),
+            )
         try:
             self._wait_ready(started)
         except BaseException:
@@ -301,16 +344,20 @@ class VllmServer:
         while True:
             code = self.process.poll()
             if code is not None:
-                raise VllmServerError(f"{ENGINE} server exited with code {code} before it was ready "
-                                      f"({self.model_dir.name}): {last_log_line(self.log_path)}")  # fmt: skip
+                raise VllmServerError(
+                    f"{ENGINE} server exited with code {code} before it was ready "
+                    f"({self.model_dir.name}): {last_log_line(self.log_path)}"
+                )
             try:
                 if self._request("GET", "/health", timeout=5)[0] == 200:
                     return
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise VllmServerError(f"{ENGINE} server not ready after {self.startup_timeout:.0f} s "
-                                      f"({self.model_dir.name}): {last_log_line(self.log_path)}")  # fmt: skip
+                raise VllmServerError(
+                    f"{ENGINE} server not ready after {self.startup_timeout:.0f} s "
+                    f"({self.model_dir.name}): {last_log_line(self.log_path)}"
+                )
             time.sleep(0.25)
 
     def stop(self) -> None:
@@ -322,15 +369,11 @@ class VllmServer:
         except psutil.NoSuchProcess:
             procs = []
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
             for proc in procs:  # a descendant that left the group still gets the signal
-                try:
+                with contextlib.suppress(psutil.NoSuchProcess):
                     proc.send_signal(sig)
-                except psutil.NoSuchProcess:
-                    pass
             try:
                 self.process.wait(timeout=self.stop_timeout if sig == signal.SIGTERM else 5)
             except subprocess.TimeoutExpired:
@@ -340,7 +383,7 @@ class VllmServer:
                 break
         self.process = None
 
-    def __enter__(self) -> VllmServer:  # noqa: PYI034
+    def __enter__(self) -> VllmServer:
         """Starts the server; entering one already started does not start a second (its exit stops it)."""
         return self if self.process is not None else self.start()
 
@@ -394,7 +437,9 @@ def classify(server: VllmServer, model: str, inputs: list[str] | list[list[int]]
     try:
         status, data = server._request("POST", "/classify", {"model": model, "input": list(inputs)})
     except OSError as err:
-        raise VllmServerError(f"{ENGINE} /classify for {model!r} failed: {err}; log: {last_log_line(server.log_path)}")
+        raise VllmServerError(
+            f"{ENGINE} /classify for {model!r} failed: {err}; log: {last_log_line(server.log_path)}"
+        ) from err
     if status != 200:
         try:
             message = json.loads(data)["error"]["message"]

@@ -6,8 +6,9 @@ from __future__ import annotations
 from lorascope.stages import analyze, baselines, deploy, drift, forget, prepare, report, represent, train, tune, weights
 from lorascope.study import Stage
 
-STAGES: tuple[Stage, ...] = tuple(m.STAGE for m in (prepare, baselines, tune, train, represent, drift, weights,
-                                                     forget, deploy, analyze, report))  # fmt: skip
+STAGES: tuple[Stage, ...] = tuple(
+    m.STAGE for m in (prepare, baselines, tune, train, represent, drift, weights, forget, deploy, analyze, report)
+)
 BY_NAME = {stage.name: stage for stage in STAGES}
 
 

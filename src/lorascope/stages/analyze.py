@@ -4,5 +4,6 @@ from whatever tables exist."""
 from lorascope.analysis import analyze
 from lorascope.study import Stage
 
-STAGE = Stage("analyze", "statistics across seeds, flagged runs, verdict", run=analyze, reads=("analysis",),
-              standalone=True)  # fmt: skip
+STAGE = Stage(
+    "analyze", "statistics across seeds, flagged runs, verdict", run=analyze, reads=("analysis",), standalone=True
+)

@@ -22,11 +22,18 @@ def _baseline(study: Study, config: StudyConfig, prepared: tuple, name: str, kin
     method = kind.removeprefix("overfit_")
     few = few_examples(splits["train"], config.baselines.overfit_examples, config.data.split_seed)
     hp = getattr(config.training, method).model_copy(
-        update={"epochs": 1.0, "warmup_ratio": 0.0, "scheduler": "constant_with_warmup",
-                "batch_size": len(few), "grad_accum": 1, "patience": 0}  # fmt: skip
+        update={
+            "epochs": 1.0,
+            "warmup_ratio": 0.0,
+            "scheduler": "constant_with_warmup",
+            "batch_size": len(few),
+            "grad_accum": 1,
+            "patience": 0,
+        }
     )
-    setup = runs.run_setup(config, task, method, config.seeds[0], hp=hp, max_steps=config.baselines.overfit_steps,
-                           save_weights=False)  # fmt: skip
+    setup = runs.run_setup(
+        config, task, method, config.seeds[0], hp=hp, max_steps=config.baselines.overfit_steps, save_weights=False
+    )
     return setup, {"train": few, "eval": few}, study.baseline_dir(name, kind)
 
 
@@ -41,8 +48,14 @@ def baseline_one(root: str, config: StudyConfig, name: str, kind: str) -> dict:
     """One trained baseline, trained or reused (a worker's unit)."""
     study = Study(root)
     setup, splits, target = _baseline(study, config, runs.load_prepared(study, name), name, kind)
-    result = runs.train_or_reuse(config, setup, splits, target, runs.prepared_fingerprint(study, name),
-                                 modeling.load_tokenizer(config.model.name))  # fmt: skip
+    result = runs.train_or_reuse(
+        config,
+        setup,
+        splits,
+        target,
+        runs.prepared_fingerprint(study, name),
+        modeling.load_tokenizer(config.model.name),
+    )
     return _row(config, kind, result)
 
 
@@ -59,23 +72,31 @@ def run(study: Study, config: StudyConfig) -> None:
                 rows[name, kind] = _row(config, kind, done)
             else:
                 units.append(executors.Unit(baseline_one, (str(study.root), config, name, kind), f"{name} {kind}"))
-    for unit, row in zip(units, executors.run_units(units, "baselines", config.runtime.progress,
-                                                    runs.describe)):  # fmt: skip
+    for unit, row in zip(units, executors.run_units(units, "baselines", config.runtime.progress, runs.describe)):
         rows[unit.args[2], unit.args[3]] = row
     ordered = [rows[name, kind] for name in config.tasks for kind in ("majority", *kinds)]
     table = runs.BASELINES.write(study.tables, [{c: row.get(c) for c in runs.BASELINES.columns} for row in ordered])
     failed = table[table["baseline"].str.startswith("overfit") & (table["passed"] != True)]  # noqa: E712
     for _, row in failed.iterrows():
-        tqdm.write(f"warning: {row.task} {row.method} did not fit {config.baselines.overfit_examples} examples "
-                   f"(train accuracy {row.accuracy}); check its learning rate")  # fmt: skip
+        tqdm.write(
+            f"warning: {row.task} {row.method} did not fit {config.baselines.overfit_examples} examples "
+            f"(train accuracy {row.accuracy}); check its learning rate"
+        )
 
 
 def majority(task: Task, splits: datasets.DatasetDict) -> dict:
     label = majority_label(splits["train"])
     labels = np.asarray(splits["eval"]["label"])
     metrics = compute_metrics(labels, np.full_like(labels, label), task.num_labels)
-    return {"task": task.name, "baseline": "majority", "method": "", "status": "ok",
-            "primary_metric": task.metric, "primary_value": metrics[task.metric], **metrics}  # fmt: skip
+    return {
+        "task": task.name,
+        "baseline": "majority",
+        "method": "",
+        "status": "ok",
+        "primary_metric": task.metric,
+        "primary_value": metrics[task.metric],
+        **metrics,
+    }
 
 
 def few_examples(train: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
@@ -83,5 +104,10 @@ def few_examples(train: datasets.Dataset, n: int, seed: int) -> datasets.Dataset
     return train.select(rows)
 
 
-STAGE = Stage("baselines", "majority class, head-only probe, overfit sanity check", run=run, needs=("prepare",),
-              reads=("model", "data", "tasks", "methods", "seeds", "training", "baselines", "runtime"))  # fmt: skip
+STAGE = Stage(
+    "baselines",
+    "majority class, head-only probe, overfit sanity check",
+    run=run,
+    needs=("prepare",),
+    reads=("model", "data", "tasks", "methods", "seeds", "training", "baselines", "runtime"),
+)

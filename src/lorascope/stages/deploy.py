@@ -36,12 +36,36 @@ def run(study: Study, config: StudyConfig) -> None:
     examples = {t: examples_from_dataset(runs.load_prepared(study, t)[1]["eval"]) for t in adapters}
     base, tokenizer = modeling.resolve_model_path(config.model.name), modeling.load_tokenizer(config.model.name)
     with fresh(target, fp):
-        benchmark(base, adapters, full, examples, tokenizer, config.deploy, study.tables, device=device, bf16=bf16,
-                  check_examples=config.deploy.check_examples)  # fmt: skip
+        benchmark(
+            base,
+            adapters,
+            full,
+            examples,
+            tokenizer,
+            config.deploy,
+            study.tables,
+            device=device,
+            bf16=bf16,
+            check_examples=config.deploy.check_examples,
+        )
         if "vllm" in config.deploy.engines:
-            run_engines(base, adapters, full, examples, tokenizer, config.deploy, study.tables, device=device,
-                        check_examples=config.deploy.check_examples)  # fmt: skip
+            run_engines(
+                base,
+                adapters,
+                full,
+                examples,
+                tokenizer,
+                config.deploy,
+                study.tables,
+                device=device,
+                check_examples=config.deploy.check_examples,
+            )
 
 
-STAGE = Stage("deploy", "serving latency / memory: full vs merged vs separate vs many adapters", run=run,
-              needs=("train",), reads=("deploy", "runtime"))  # fmt: skip
+STAGE = Stage(
+    "deploy",
+    "serving latency / memory: full vs merged vs separate vs many adapters",
+    run=run,
+    needs=("train",),
+    reads=("deploy", "runtime"),
+)

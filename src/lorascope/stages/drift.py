@@ -33,19 +33,30 @@ def run(study: Study, config: StudyConfig) -> None:
 
 def _rows(config: StudyConfig, task: str, pooling: str, base, again, tuned: dict, layers: list[int]) -> list[dict]:
     return drift.task_drift_rows(
-        task, pooling, base[pooling], again[pooling], {k: v[pooling] for k, v in tuned.items()}, layers,
-        config.drift.measures, bootstrap=config.drift.bootstrap, confidence=config.drift.confidence,
-        seed=config.drift.seed, bf16=runtime.uses_bf16(config.runtime, runtime.pick_device(config.runtime)),
-    )  # fmt: skip
+        task,
+        pooling,
+        base[pooling],
+        again[pooling],
+        {k: v[pooling] for k, v in tuned.items()},
+        layers,
+        config.drift.measures,
+        bootstrap=config.drift.bootstrap,
+        confidence=config.drift.confidence,
+        seed=config.drift.seed,
+        bf16=runtime.uses_bf16(config.runtime, runtime.pick_device(config.runtime)),
+    )
 
 
 def _task_rows(study: Study, config: StudyConfig, name: str) -> list[dict]:
     base, _, layers = rep.load_features(study.features_path(name, "base"))
     again, _, _ = rep.load_features(study.features_path(name, "base-again"))
-    tuned = {(m, s): rep.load_features(study.features_path(name, f"{m}-seed{s}"))[0]
-             for m, s, _ in runs.finished_runs(study, config, name)}  # fmt: skip
-    return [row for pooling in config.represent.poolings
-            for row in _rows(config, name, pooling, base, again, tuned, layers)]  # fmt: skip
+    tuned = {
+        (m, s): rep.load_features(study.features_path(name, f"{m}-seed{s}"))[0]
+        for m, s, _ in runs.finished_runs(study, config, name)
+    }
+    return [
+        row for pooling in config.represent.poolings for row in _rows(config, name, pooling, base, again, tuned, layers)
+    ]
 
 
 def single_drift(
@@ -84,11 +95,18 @@ def single_drift(
     if tuned_layers != layers:
         raise InputError(f"{flag}: '{source}' has layers {tuned_layers}, the base {layers}: not the same architecture")
     with runtime.threads(1):
-        rows = [row for pooling in rc.poolings
-                for row in _rows(config, task.name, pooling, base_features, again, {(method, ""): tuned_features},
-                                 layers)]  # fmt: skip
+        rows = [
+            row
+            for pooling in rc.poolings
+            for row in _rows(config, task.name, pooling, base_features, again, {(method, ""): tuned_features}, layers)
+        ]
     return drift.drift_tables(rows)
 
 
-STAGE = Stage("drift", "layer-wise CKA / cosine of every run against the base, with references", run=run,
-              needs=("represent",), reads=("drift", "represent"))  # fmt: skip
+STAGE = Stage(
+    "drift",
+    "layer-wise CKA / cosine of every run against the base, with references",
+    run=run,
+    needs=("represent",),
+    reads=("drift", "represent"),
+)

@@ -25,8 +25,11 @@ from lorascope.study import Stage, Study, is_current, stamp_of, write_current
 def run(study: Study, config: StudyConfig) -> None:
     tokenizer = modeling.load_tokenizer(config.model.name)
     prepared = {name: runs.load_prepared(study, name) for name in config.tasks}
-    models = [("base", "base", None)] + [(f"{task}-{m}-seed{s}", run_fp, (task, m, s)) for task in config.tasks
-                                         for m, s, run_fp in runs.finished_runs(study, config, task)]  # fmt: skip
+    models = [("base", "base", None)] + [
+        (f"{task}-{m}-seed{s}", run_fp, (task, m, s))
+        for task in config.tasks
+        for m, s, run_fp in runs.finished_runs(study, config, task)
+    ]
     probe_table(study, config, tokenizer, prepared, models)
     if config.forget.lm:
         lm_table(study, config, tokenizer, prepared, models)
@@ -37,8 +40,13 @@ def _load(study: Study, config: StudyConfig, prepared: dict, trained, tokenizer)
         labels = next(iter(prepared.values()))[0].label_names
         return modeling.load_model(config.model.name, labels, 0, tokenizer.pad_token_id)
     task, method, seed = trained
-    return modeling.load_run_model(study.run_dir(task, method, seed), method, config.model.name,
-                                   prepared[task][0].label_names, tokenizer.pad_token_id)  # fmt: skip
+    return modeling.load_run_model(
+        study.run_dir(task, method, seed),
+        method,
+        config.model.name,
+        prepared[task][0].label_names,
+        tokenizer.pad_token_id,
+    )
 
 
 def _device(config: StudyConfig) -> tuple[torch.device, bool]:
@@ -65,21 +73,38 @@ def probe_table(study: Study, config: StudyConfig, tokenizer, prepared: dict, mo
     fc, (device, bf16) = config.forget, _device(config)
     probed = fc.tasks or list(config.tasks)
     examples = {name: probe_examples(prepared[name][1], config) for name in probed}
-    settings = fingerprint(runs.RESULTS_VERSION, runs.model_key(config), device.type, bf16,
-                           config.represent.skip_special_tokens, config.represent.skip_first_position,
-                           fc.model_dump(include={"probe_train", "probe_eval", "pooling", "layer_every", "seed"}))  # fmt: skip
-    wanted = {(model_id, name): (features_path(study, name, model_id),
-                                 fingerprint(settings, runs.prepared_fingerprint(study, name), model_fp))
-              for model_id, model_fp, _ in models for name in probed}  # fmt: skip
+    settings = fingerprint(
+        runs.RESULTS_VERSION,
+        runs.model_key(config),
+        device.type,
+        bf16,
+        config.represent.skip_special_tokens,
+        config.represent.skip_first_position,
+        fc.model_dump(include={"probe_train", "probe_eval", "pooling", "layer_every", "seed"}),
+    )
+    wanted = {
+        (model_id, name): (
+            features_path(study, name, model_id),
+            fingerprint(settings, runs.prepared_fingerprint(study, name), model_fp),
+        )
+        for model_id, model_fp, _ in models
+        for name in probed
+    }
     units = []
     for model_id, _, trained in models:
         missing = [(name, *wanted[(model_id, name)]) for name in probed if not is_current(*wanted[(model_id, name)])]
         if missing:
-            units.append(executors.Unit(probe_features_one, (str(study.root), config, trained, missing),
-                                        f"forget features {model_id}"))  # fmt: skip
+            units.append(
+                executors.Unit(
+                    probe_features_one, (str(study.root), config, trained, missing), f"forget features {model_id}"
+                )
+            )
     executors.run_units(units, "forget features", config.runtime.progress)
-    table_fp = fingerprint(settings, fc.model_dump(include={"folds", "bootstrap", "confidence"}),
-                           [stamp_of(path) for path, _ in wanted.values()])  # fmt: skip
+    table_fp = fingerprint(
+        settings,
+        fc.model_dump(include={"folds", "bootstrap", "confidence"}),
+        [stamp_of(path) for path, _ in wanted.values()],
+    )
     if is_current(forgetting.FORGETTING.path(study.tables), table_fp):
         return
     rows = []
@@ -94,7 +119,12 @@ def probe_table(study: Study, config: StudyConfig, tokenizer, prepared: dict, mo
 
 def probe_features_one(root: str, config: StudyConfig, trained, missing: list[tuple[str, Path, str]]) -> None:
     """One model's probe features on each task in `missing` ((task, path, fingerprint)); a worker's unit."""
-    study, tokenizer, fc, (device, bf16) = Study(root), modeling.load_tokenizer(config.model.name), config.forget, _device(config)
+    study, tokenizer, fc, (device, bf16) = (
+        Study(root),
+        modeling.load_tokenizer(config.model.name),
+        config.forget,
+        _device(config),
+    )
     prepared = {name: runs.load_prepared(study, name) for name in config.tasks}
     model = _load(study, config, prepared, trained, tokenizer)
     layers = forgetting.probe_layers(model.config.num_hidden_layers, fc.layer_every)
@@ -105,18 +135,32 @@ def probe_features_one(root: str, config: StudyConfig, trained, missing: list[tu
         write_current(path, rep.features_bytes(features, split["example_id"], layers), fp)
 
 
-def _probe_rows(features: torch.Tensor, layers: list[int], labels, n_train: int, probe_task: str, trained,
-                fc) -> list[dict]:  # fmt: skip
+def _probe_rows(
+    features: torch.Tensor, layers: list[int], labels, n_train: int, probe_task: str, trained, fc
+) -> list[dict]:
     task, method, seed = trained if trained is not None else ("", "base", None)
     rows = []
     for slot, layer in enumerate(layers):
         x = features[slot].double().numpy()
-        fit = forgetting.probe(x[:n_train], labels[:n_train], x[n_train:], labels[n_train:], folds=fc.folds,
-                               seed=fc.seed)  # fmt: skip
-        rows.append({"task": task, "method": method, "seed": seed, "probe_task": probe_task, "layer": layer,
-                     "metric": "accuracy", "score": fit.correct.mean(), "correct": fit.correct,
-                     "own_task": task == probe_task, "n_train": n_train, "n_eval": len(fit.correct),
-                     "probe_c": fit.c})  # fmt: skip
+        fit = forgetting.probe(
+            x[:n_train], labels[:n_train], x[n_train:], labels[n_train:], folds=fc.folds, seed=fc.seed
+        )
+        rows.append(
+            {
+                "task": task,
+                "method": method,
+                "seed": seed,
+                "probe_task": probe_task,
+                "layer": layer,
+                "metric": "accuracy",
+                "score": fit.correct.mean(),
+                "correct": fit.correct,
+                "own_task": task == probe_task,
+                "n_train": n_train,
+                "n_eval": len(fit.correct),
+                "probe_c": fit.c,
+            }
+        )
     return rows
 
 
@@ -126,11 +170,19 @@ def _with_base(frame: pd.DataFrame, fc) -> pd.DataFrame:
     out = []
     for row in frame.to_dict("records"):
         reference = base.loc[(row["probe_task"], row["layer"])]
-        estimate = forgetting.forgetting(reference["correct"], row["correct"], bootstrap=fc.bootstrap,
-                                         confidence=fc.confidence, seed=fc.seed)  # fmt: skip
+        estimate = forgetting.forgetting(
+            reference["correct"], row["correct"], bootstrap=fc.bootstrap, confidence=fc.confidence, seed=fc.seed
+        )
         is_base = row["method"] == "base"
-        out.append({**row, "base_score": reference["score"], "forgetting": np.nan if is_base else estimate.value,
-                    "ci_low": np.nan if is_base else estimate.low, "ci_high": np.nan if is_base else estimate.high})
+        out.append(
+            {
+                **row,
+                "base_score": reference["score"],
+                "forgetting": np.nan if is_base else estimate.value,
+                "ci_low": np.nan if is_base else estimate.low,
+                "ci_high": np.nan if is_base else estimate.high,
+            }
+        )
     out = pd.DataFrame(out).drop(columns="correct")
     return forgetting.FORGETTING.frame(out.assign(seed=out["seed"].astype("Int64")))
 
@@ -143,8 +195,10 @@ def lm_documents(config: StudyConfig, prepared: dict, tokenizer) -> dict[str, da
     examples (a run is scored on the tasks it did not train on)."""
     fc = config.forget
     if fc.lm_text is None:
-        return {name: splits["eval"].select(range(min(fc.lm_documents, len(splits["eval"]))))
-                for name, (_, splits) in prepared.items()}  # fmt: skip
+        return {
+            name: splits["eval"].select(range(min(fc.lm_documents, len(splits["eval"]))))
+            for name, (_, splits) in prepared.items()
+        }
     try:
         lines = [line.strip() for line in Path(fc.lm_text).read_text(encoding="utf-8").splitlines()]
     except OSError as err:
@@ -163,10 +217,17 @@ def lm_path(study: Study, model_id: str):
 
 def lm_table(study: Study, config: StudyConfig, tokenizer, prepared: dict, models: list) -> None:
     fc, (device, bf16) = config.forget, _device(config)
-    sources = ([file_sha256(fc.lm_text)] if fc.lm_text else
-               [runs.prepared_fingerprint(study, name) for name in config.tasks])  # fmt: skip
-    settings = fingerprint(runs.RESULTS_VERSION, runs.model_key(config), device.type, bf16, sources,
-                           fc.model_dump(include={"lm_text", "lm_documents", "seed"}))  # fmt: skip
+    sources = (
+        [file_sha256(fc.lm_text)] if fc.lm_text else [runs.prepared_fingerprint(study, name) for name in config.tasks]
+    )
+    settings = fingerprint(
+        runs.RESULTS_VERSION,
+        runs.model_key(config),
+        device.type,
+        bf16,
+        sources,
+        fc.model_dump(include={"lm_text", "lm_documents", "seed"}),
+    )
     wanted = {model_id: fingerprint(settings, model_fp) for model_id, model_fp, _ in models}
     table_fp = fingerprint(settings, fc.bootstrap, fc.confidence, wanted)
     if is_current(forgetting.LM_FORGETTING.path(study.tables), table_fp):
@@ -176,10 +237,13 @@ def lm_table(study: Study, config: StudyConfig, tokenizer, prepared: dict, model
     lm, note = forgetting.lm_with_head(modeling.resolve_model_path(config.model.name), decoder)
     objective = "causal" if decoder else "masked"
     if lm is None:
-        rows = [{"task": task, "method": method, "seed": seed, "objective": objective, "status": "skipped",
-                 "note": note} for _, _, (task, method, seed) in models[1:]]  # fmt: skip
-        forgetting.LM_FORGETTING.write(study.tables, pd.DataFrame(rows, columns=forgetting.LM_FORGETTING.columns),
-                                       table_fp)  # fmt: skip
+        rows = [
+            {"task": task, "method": method, "seed": seed, "objective": objective, "status": "skipped", "note": note}
+            for _, _, (task, method, seed) in models[1:]
+        ]
+        forgetting.LM_FORGETTING.write(
+            study.tables, pd.DataFrame(rows, columns=forgetting.LM_FORGETTING.columns), table_fp
+        )
         return
     documents = lm_documents(config, prepared, tokenizer)
 
@@ -194,30 +258,55 @@ def lm_table(study: Study, config: StudyConfig, tokenizer, prepared: dict, model
         forgetting.with_backbone(lm, classifier)
         tensors = {}
         for name in sets_of(trained):
-            sums, counts = forgetting.document_losses(lm, documents[name], tokenizer, decoder=decoder,
-                                                      batch_size=config.training.eval_batch_size, device=device,
-                                                      bf16=bf16, seed=fc.seed)  # fmt: skip
+            sums, counts = forgetting.document_losses(
+                lm,
+                documents[name],
+                tokenizer,
+                decoder=decoder,
+                batch_size=config.training.eval_batch_size,
+                device=device,
+                bf16=bf16,
+                seed=fc.seed,
+            )
             tensors |= {f"sums.{name}": torch.from_numpy(sums), f"counts.{name}": torch.from_numpy(counts)}
         write_current(lm_path(study, model_id), save(tensors), wanted[model_id])
     losses = {model_id: load_file(str(lm_path(study, model_id))) for model_id in wanted}
     rows = []
     for model_id, _, trained in models[1:]:
         names = sets_of(trained)
-        base_part, run_part = ([np.concatenate([losses[m][f"{kind}.{n}"].numpy() for n in names])
-                                for kind in ("sums", "counts")] for m in ("base", model_id))  # fmt: skip
-        change = forgetting.loss_change(*base_part, *run_part, bootstrap=fc.bootstrap, confidence=fc.confidence,
-                                        seed=fc.seed)  # fmt: skip
+        base_part, run_part = (
+            [np.concatenate([losses[m][f"{kind}.{n}"].numpy() for n in names]) for kind in ("sums", "counts")]
+            for m in ("base", model_id)
+        )
+        change = forgetting.loss_change(
+            *base_part, *run_part, bootstrap=fc.bootstrap, confidence=fc.confidence, seed=fc.seed
+        )
         task, method, seed = trained
-        rows.append({"task": task, "method": method, "seed": seed, "objective": objective,
-                     "documents": len(base_part[0]), "tokens": int(base_part[1].sum()),
-                     "base_loss": base_part[0].sum() / base_part[1].sum(),
-                     "run_loss": run_part[0].sum() / run_part[1].sum(), "difference": change.value,
-                     "ci_low": change.low, "ci_high": change.high, "status": "ok",
-                     "note": f"documents: {', '.join(names)}" + (" (the run's own task: no other task in the study)"
-                                                                  if names == [task] else "")})  # fmt: skip
+        rows.append(
+            {
+                "task": task,
+                "method": method,
+                "seed": seed,
+                "objective": objective,
+                "documents": len(base_part[0]),
+                "tokens": int(base_part[1].sum()),
+                "base_loss": base_part[0].sum() / base_part[1].sum(),
+                "run_loss": run_part[0].sum() / run_part[1].sum(),
+                "difference": change.value,
+                "ci_low": change.low,
+                "ci_high": change.high,
+                "status": "ok",
+                "note": f"documents: {', '.join(names)}"
+                + (" (the run's own task: no other task in the study)" if names == [task] else ""),
+            }
+        )
     forgetting.LM_FORGETTING.write(study.tables, pd.DataFrame(rows, columns=forgetting.LM_FORGETTING.columns), table_fp)
 
 
-STAGE = Stage("forget", "transfer retention (linear probes) of every run on every task, and LM-loss change",
-              run=run, needs=("prepare", "train"),
-              reads=("model", "data", "tasks", "represent", "forget", "runtime"))  # fmt: skip
+STAGE = Stage(
+    "forget",
+    "transfer retention (linear probes) of every run on every task, and LM-loss change",
+    run=run,
+    needs=("prepare", "train"),
+    reads=("model", "data", "tasks", "represent", "forget", "runtime"),
+)

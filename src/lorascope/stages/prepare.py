@@ -3,5 +3,6 @@
 from lorascope.runs import prepare_tasks
 from lorascope.study import Stage
 
-STAGE = Stage("prepare", "load, check, split and tokenize the tasks", run=prepare_tasks,
-              reads=("model", "data", "tasks"))  # fmt: skip
+STAGE = Stage(
+    "prepare", "load, check, split and tokenize the tasks", run=prepare_tasks, reads=("model", "data", "tasks")
+)

@@ -13,8 +13,9 @@ from lorascope.config import StudyConfig, fingerprint
 from lorascope.study import Stage, Study, is_current, stamp_of, write_current
 
 
-def features_one(root: str, config: StudyConfig, name: str, model_id: str, fp: str, batch_size: int,
-                 trained: tuple[str, int] | None) -> None:  # fmt: skip
+def features_one(
+    root: str, config: StudyConfig, name: str, model_id: str, fp: str, batch_size: int, trained: tuple[str, int] | None
+) -> None:
     """One model's pooled features on one task's probe split (a worker's unit)."""
     study, tokenizer = Study(root), modeling.load_tokenizer(config.model.name)
     device = runtime.pick_device(config.runtime)
@@ -22,11 +23,13 @@ def features_one(root: str, config: StudyConfig, name: str, model_id: str, fp: s
     if trained is None:
         model = modeling.load_model(config.model.name, task.label_names, 0, tokenizer.pad_token_id)
     else:
-        model = modeling.load_run_model(study.run_dir(name, *trained), trained[0], config.model.name,
-                                        task.label_names, tokenizer.pad_token_id)  # fmt: skip
+        model = modeling.load_run_model(
+            study.run_dir(name, *trained), trained[0], config.model.name, task.label_names, tokenizer.pad_token_id
+        )
     rc = config.represent
-    features, layers = rep.study_features(model, splits["probe"], rc, tokenizer, batch_size, device,
-                                          runtime.uses_bf16(config.runtime, device))  # fmt: skip
+    features, layers = rep.study_features(
+        model, splits["probe"], rc, tokenizer, batch_size, device, runtime.uses_bf16(config.runtime, device)
+    )
     data = rep.features_bytes(features, splits["probe"]["example_id"], layers, rep.pooled_positions(rc, model))
     write_current(study.features_path(name, model_id), data, fp)
 
@@ -36,13 +39,19 @@ def run(study: Study, config: StudyConfig) -> None:
     bf16 = runtime.uses_bf16(config.runtime, device)
     rc, units = config.represent, []
     for name in config.tasks:
-        base_fp = fingerprint(runs.RESULTS_VERSION, runs.prepared_fingerprint(study, name), runs.model_key(config), rc,
-                              device.type, bf16)  # fmt: skip
+        base_fp = fingerprint(
+            runs.RESULTS_VERSION, runs.prepared_fingerprint(study, name), runs.model_key(config), rc, device.type, bf16
+        )
         items = [("base", base_fp, rc.batch_size, None), ("base-again", base_fp, max(1, rc.batch_size // 2), None)]
-        items += [(f"{m}-seed{s}", fingerprint(base_fp, run_fp), rc.batch_size, (m, s))
-                  for m, s, run_fp in runs.finished_runs(study, config, name)]  # fmt: skip
-        units += [executors.Unit(features_one, (str(study.root), config, name, *item), f"{name} {item[0]} features")
-                  for item in items if not is_current(study.features_path(name, item[0]), item[1])]  # fmt: skip
+        items += [
+            (f"{m}-seed{s}", fingerprint(base_fp, run_fp), rc.batch_size, (m, s))
+            for m, s, run_fp in runs.finished_runs(study, config, name)
+        ]
+        units += [
+            executors.Unit(features_one, (str(study.root), config, name, *item), f"{name} {item[0]} features")
+            for item in items
+            if not is_current(study.features_path(name, item[0]), item[1])
+        ]
     executors.run_units(units, "represent", config.runtime.progress)
     bases = [study.features_path(name, "base") for name in config.tasks]
     table_fp = fingerprint(runs.RESULTS_VERSION, [stamp_of(path) for path in bases])
@@ -51,5 +60,10 @@ def run(study: Study, config: StudyConfig) -> None:
         rep.POOLED_POSITIONS.write(study.tables, pd.DataFrame(rows, columns=rep.POOLED_POSITIONS.columns), table_fp)
 
 
-STAGE = Stage("represent", "pooled hidden states of every layer on the probe split", run=run,
-              needs=("prepare", "train"), reads=("model", "data", "tasks", "represent", "runtime"))  # fmt: skip
+STAGE = Stage(
+    "represent",
+    "pooled hidden states of every layer on the probe split",
+    run=run,
+    needs=("prepare", "train"),
+    reads=("model", "data", "tasks", "represent", "runtime"),
+)

@@ -29,9 +29,14 @@ def train_one(root: str, config: StudyConfig, name: str, method: str, seed: int)
     """One run of the grid, trained or reused (a worker's unit: everything from plain values)."""
     study = Study(root)
     task, splits = runs.load_prepared(study, name)
-    return runs.train_or_reuse(config, _setup(study, config, task, name, method, seed), splits,
-                               study.run_dir(name, method, seed), runs.prepared_fingerprint(study, name),
-                               modeling.load_tokenizer(config.model.name))  # fmt: skip
+    return runs.train_or_reuse(
+        config,
+        _setup(study, config, task, name, method, seed),
+        splits,
+        study.run_dir(name, method, seed),
+        runs.prepared_fingerprint(study, name),
+        modeling.load_tokenizer(config.model.name),
+    )
 
 
 def run(study: Study, config: StudyConfig) -> None:
@@ -43,8 +48,11 @@ def run(study: Study, config: StudyConfig) -> None:
             for seed in config.seeds:
                 setup = _setup(study, config, task, name, method, seed)
                 if runs.reusable_result(config, setup, study.run_dir(name, method, seed), splits_fp) is None:
-                    todo.append(executors.Unit(train_one, (str(study.root), config, name, method, seed),
-                                               f"{name} {method} seed{seed}"))  # fmt: skip
+                    todo.append(
+                        executors.Unit(
+                            train_one, (str(study.root), config, name, method, seed), f"{name} {method} seed{seed}"
+                        )
+                    )
     executors.run_units(todo, "study runs", config.runtime.progress, runs.describe)
     runs.write_performance_table(study)
     failed = runs.study_failures(study)
@@ -52,6 +60,10 @@ def run(study: Study, config: StudyConfig) -> None:
         raise RunsFailed(f"{len(failed)} run(s) failed: " + "; ".join(failed))
 
 
-STAGE = Stage("train", "train the study's grid, or one run with --task/--method/--seed", run=run,
-              needs=("prepare", "tune"), reads=("model", "data", "tasks", "methods", "seeds", "training", "tune",
-                                               "runtime"))  # fmt: skip
+STAGE = Stage(
+    "train",
+    "train the study's grid, or one run with --task/--method/--seed",
+    run=run,
+    needs=("prepare", "tune"),
+    reads=("model", "data", "tasks", "methods", "seeds", "training", "tune", "runtime"),
+)

@@ -11,5 +11,10 @@ def run(study: Study, config: StudyConfig) -> None:
         tune_study(study, config)
 
 
-STAGE = Stage("tune", "Optuna search per task x method on the dev split", run=run, needs=("prepare",),
-              reads=("model", "data", "tasks", "training", "tune", "seeds"))  # fmt: skip
+STAGE = Stage(
+    "tune",
+    "Optuna search per task x method on the dev split",
+    run=run,
+    needs=("prepare",),
+    reads=("model", "data", "tasks", "training", "tune", "seeds"),
+)

@@ -26,8 +26,13 @@ def weights_rows(root: str, config: StudyConfig, grid: list[tuple[str, str, int]
         folder = study.run_dir(task, method, seed)
         if method == "lora":
             adapter = json.loads((folder / "adapter_config.json").read_text())
-            deltas = change.lora_deltas(load_file(str(folder / "adapter_model.safetensors")), base_state,
-                                        adapter["lora_alpha"], adapter["r"], adapter.get("use_rslora", False))  # fmt: skip
+            deltas = change.lora_deltas(
+                load_file(str(folder / "adapter_model.safetensors")),
+                base_state,
+                adapter["lora_alpha"],
+                adapter["r"],
+                adapter.get("use_rslora", False),
+            )
         else:
             deltas = change.full_deltas(load_file(str(folder / "model.safetensors")), base_state)
         for row in change.weight_change_rows(deltas, k=k, epsilon=epsilon, base_vectors=base_vectors):
@@ -41,8 +46,14 @@ def run(study: Study, config: StudyConfig) -> None:
     if is_current(change.WEIGHTS.path(study.tables), fp):
         return
     shares = executors.current().workers  # one share of the runs per worker: the base is loaded once each
-    units = [executors.Unit(weights_rows, (str(study.root), config, [r[:3] for r in grid[i::shares]]),
-                            f"weights of {len(grid[i::shares])} runs") for i in range(min(shares, len(grid)))]  # fmt: skip
+    units = [
+        executors.Unit(
+            weights_rows,
+            (str(study.root), config, [r[:3] for r in grid[i::shares]]),
+            f"weights of {len(grid[i::shares])} runs",
+        )
+        for i in range(min(shares, len(grid)))
+    ]
     parts = executors.run_units(units, "weights", config.runtime.progress)
     rows = [row for part in parts for row in part]
     order = {r[:3]: i for i, r in enumerate(grid)}
@@ -51,5 +62,10 @@ def run(study: Study, config: StudyConfig) -> None:
     change.WEIGHTS.write(study.tables, table if rows else pd.DataFrame(columns=change.WEIGHTS.columns), fp)
 
 
-STAGE = Stage("weights", "weight-space change of every run: update norms, rank, intruders", run=run,
-              needs=("train",), reads=("weights",))  # fmt: skip
+STAGE = Stage(
+    "weights",
+    "weight-space change of every run: update norms, rank, intruders",
+    run=run,
+    needs=("train",),
+    reads=("weights",),
+)
