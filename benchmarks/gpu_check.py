@@ -27,6 +27,7 @@ from drift_speed import synthetic_pair, time_measures
 from lorascope import modeling, runs, runtime
 from lorascope import representations as rep
 from lorascope.config import DeployConfig, load_config
+from lorascope.prepared import load_prepared
 from lorascope.serving.benchmark import benchmark
 from lorascope.serving.inputs import examples_from_dataset
 from lorascope.stages import BY_NAME, STAGES
@@ -111,7 +112,7 @@ def main() -> None:
     paper = random_llama(work / "tinyllama-random", TOY if args.tiny else TINYLLAMA, tokenizer)
     config = load_config(None, "paper", [f"model.name={paper}", "tasks={sst2: {train_max: 2000}}", *common])
     study = run_stages(config, work / "paper", [BY_NAME["prepare"]])
-    task, splits = runs.load_prepared(study, "sst2")
+    task, splits = load_prepared(study, "sst2")
     for method in ("lora", "full"):
         setup = runs.run_setup(config, task, method, 42, max_steps=args.steps)
         if device.type == "cuda":

@@ -27,6 +27,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from lorascope import modeling, runs, runtime
 from lorascope.config import load_config
 from lorascope.evaluation import make_collator
+from lorascope.prepared import load_prepared
 from lorascope.stages import BY_NAME
 from lorascope.study import run_stages
 from lorascope.training import train_run
@@ -109,7 +110,7 @@ def main() -> None:
     print("| task | method | lorascope tokens/s | bare loop tokens/s | ratio |")
     print("|---|---|---|---|---|")
     for name in ("sst2", "rte"):
-        task, splits = runs.load_prepared(study, name)
+        task, splits = load_prepared(study, name)
         for method in ("lora", "full"):
             setup = runs.run_setup(config, task, method, 42, max_steps=args.steps, save_weights=False)
             ours, bare, ratios = [], [], []
@@ -129,7 +130,7 @@ def main() -> None:
     print("| task | length-grouped | random |")
     print("|---|---|---|")
     for name in ("sst2", "mrpc", "rte"):
-        _, splits = runs.load_prepared(study, name)
+        _, splits = load_prepared(study, name)
         lengths = np.asarray(splits["train"]["length"])
         grouped = list(LengthGroupedSampler(16, lengths=lengths.tolist(), generator=torch.Generator().manual_seed(42)))
         shuffled = np.random.default_rng(42).permutation(len(lengths))

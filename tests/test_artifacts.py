@@ -15,6 +15,7 @@ from lorascope import modeling, runs, tasks, training
 from lorascope.artifacts import CARD
 from lorascope.config import load_config
 from lorascope.evaluation import evaluate
+from lorascope.prepared import load_prepared
 from lorascope.stages import BY_NAME, with_inputs
 from lorascope.study import run_stages
 
@@ -119,7 +120,7 @@ def test_a_bundled_base_is_named_by_its_alias(tmp_path):
         ],
     )
     study = run_stages(config, tmp_path / "study", [BY_NAME["prepare"]])
-    task, splits = runs.load_prepared(study, "sst2")
+    task, splits = load_prepared(study, "sst2")
     tokenizer = modeling.load_tokenizer("minilm-l6")
     run = tmp_path / "run"
     training.train_run(runs.run_setup(config, task, "lora", 42, max_steps=2), splits, tokenizer, run)

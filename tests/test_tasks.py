@@ -5,7 +5,6 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import GLUE
-from lorascope import runs
 from lorascope.config import DataConfig, TaskConfig
 from lorascope.errors import InputError
 from lorascope.modeling import resolve_model_path
@@ -53,14 +52,11 @@ def test_dev_is_capped():
     assert len(splits["train"]) == 67349 - 1000
 
 
-def test_a_task_caps_its_own_dev_split_and_keeps_the_fingerprint_of_an_unset_cap():
+def test_a_task_caps_its_own_dev_split():
     task, train, evaluation = _glue("rte", train_max=200, dev_max=100)
     splits = make_splits(task, train, evaluation, DATA)
     assert len(splits["dev"]) == 100 and len(splits["train"]) == 200
     assert abs(np.mean(splits["dev"]["label"]) - np.mean(train["label"])) < 0.02  # still stratified
-    # studies prepared before tasks.<name>.dev_max existed stay current when it is unset
-    assert "dev_max" not in runs.task_key(TaskConfig(train_max=200))
-    assert runs.task_key(TaskConfig(dev_max=100))["dev_max"] == 100
 
 
 def test_pairs_use_the_tokenizers_pair_encoding():

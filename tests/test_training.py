@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from lorascope import modeling, runs
 from lorascope.evaluation import evaluate
+from lorascope.prepared import load_prepared
 from lorascope.stages import BY_NAME, with_inputs
 from lorascope.study import run_stages
 from lorascope.training import LorascopeTrainer
@@ -40,7 +41,7 @@ def test_same_seed_pairs_lora_and_full_runs(tiny_config, tmp_path):
 
 def test_batches_are_length_grouped_in_an_order_fixed_by_the_seed(tiny_config, tmp_path):
     study = run_stages(_one_task(tiny_config), tmp_path, [BY_NAME["prepare"]])
-    _, splits = runs.load_prepared(study, "sst2")
+    _, splits = load_prepared(study, "sst2")
     train = splits["train"]
 
     def order(seed):
@@ -87,7 +88,7 @@ def test_the_best_dev_checkpoint_is_what_gets_saved(tiny_config, tmp_path):
     assert metrics["dev_accuracy"] == history["dev_accuracy"].max()
     assert metrics["best_step"] == history.loc[history["dev_accuracy"].idxmax(), "step"]
 
-    task, splits = runs.load_prepared(study, "sst2")
+    task, splits = load_prepared(study, "sst2")
     tokenizer = modeling.load_tokenizer(config.model.name)
     base = modeling.load_model(
         config.model.name, task.label_names, seed=999, pad_token_id=tokenizer.pad_token_id
@@ -121,7 +122,7 @@ def test_full_runs_save_a_loadable_model(tiny_config, tmp_path):
     run = study.run_dir("sst2", "full", 42)
     assert (run / "model.safetensors").is_file()
     model = AutoModelForSequenceClassification.from_pretrained(run)
-    _task, splits = runs.load_prepared(study, "sst2")
+    _task, splits = load_prepared(study, "sst2")
     tokenizer = modeling.load_tokenizer(str(tiny_config.model.name))
     result = evaluate(
         model, splits["eval"], tokenizer=tokenizer, num_labels=2, batch_size=8, device=torch.device("cpu"), bf16=False

@@ -21,9 +21,10 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from lorascope import executors, optuna_storage, runs, tuning
+from lorascope import executors, optuna_storage, tuning
 from lorascope.config import load_config, to_yaml, validate
 from lorascope.errors import InputError
+from lorascope.prepared import prepare_tasks
 from lorascope.study import Study
 
 SPACES = [
@@ -478,7 +479,7 @@ def test_two_worker_processes_fill_one_search(tiny_bert_dir, tmp_path, request):
     config = _config(tiny_bert_dir, "methods=[lora]", "tune.prune=false")
     (tmp_path / "config.yaml").write_text(to_yaml(config))
     prepared = Study(tmp_path / "prepared")
-    runs.prepare_tasks(prepared, config)
+    prepare_tasks(prepared, config)
     for i in range(2):
         for s in range(len(storages)):  # spare each worker the tokenizing (their prepare finds it done)
             shutil.copytree(prepared.root / "prepared", tmp_path / f"worker{i}" / str(s) / "prepared")

@@ -20,6 +20,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import filelock
 import pandas as pd
@@ -28,6 +29,9 @@ import yaml
 from lorascope import executors, runtime
 from lorascope.config import StudyConfig, fingerprint, results_fingerprint, to_yaml, validate
 from lorascope.errors import InputError
+
+if TYPE_CHECKING:  # dependencies reads models, whose bundled copies are written with this module
+    from lorascope.dependencies import Declared
 
 PARTIAL = ".partial-"
 
@@ -184,6 +188,14 @@ class Study:
     def features_path(self, task: str, model_id: str) -> Path:
         return self.root / "features" / task / f"{model_id}.safetensors"
 
+    def probe_features_path(self, probe_task: str, model_id: str) -> Path:
+        """A model's features on a probed task's fixed examples (the forget stage's)."""
+        return self.root / "forget" / "features" / probe_task / f"{model_id}.safetensors"
+
+    def lm_losses_path(self, model_id: str) -> Path:
+        """A model's per-document LM losses (the forget stage's)."""
+        return self.root / "forget" / "lm" / f"{model_id}.safetensors"
+
     def tuned_path(self, task: str, method: str) -> Path:
         return self.root / "tuned" / f"{task}_{method}.yaml"
 
@@ -268,19 +280,22 @@ class Study:
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One step of a study. `needs`: the stages whose outputs it reads (run first by the
-    stage's subcommand); `reads`: the config sections its results depend on (its fingerprint
-    in the manifest); `standalone`: reads whatever exists instead of bringing inputs up to date.
-    `run(study, config)` skips every item whose outputs are current."""
+    stage's subcommand); `outputs`: the declarations (lorascope.dependencies) of what it writes,
+    whose fingerprints decide, output by output, what is current and what is redone;
+    `standalone`: reads whatever exists instead of bringing inputs up to date (and reuses
+    nothing). `run(study, config)` skips every output that is current."""
 
     name: str
     help: str
     run: Callable[[Study, StudyConfig], None]
     needs: tuple[str, ...] = ()
-    reads: tuple[str, ...] = ()
+    outputs: tuple[Declared, ...] = ()
     standalone: bool = False
 
     def fingerprint(self, config: StudyConfig) -> str:
-        return fingerprint(self.name, {key: getattr(config, key) for key in self.reads})
+        """The manifest's record of the config this stage ran with: the sections its outputs declare."""
+        sections = sorted(set().union(*(output.sections() for output in self.outputs)))
+        return fingerprint(self.name, {key: getattr(config, key) for key in sections})
 
 
 def run_stages(config: StudyConfig, root: Path, stages: list[Stage], write_config: bool = True) -> Study:

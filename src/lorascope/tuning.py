@@ -27,10 +27,11 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from lorascope import executors, modeling, runs, runtime
-from lorascope.config import MethodConfig, StudyConfig, fingerprint, validate
+from lorascope import dependencies, executors, modeling, runs
+from lorascope.config import MethodConfig, StudyConfig, validate
 from lorascope.errors import InputError
 from lorascope.optuna_storage import Backend, fail_stale, heartbeat, open_storage
+from lorascope.prepared import load_prepared, prepare_tasks, prepared_fingerprint
 from lorascope.study import Study, Table, atomic_dir, is_current, stamp_of, write_current
 from lorascope.training import train_run
 
@@ -86,7 +87,7 @@ def tune_study(
     config = startup_below(config, target) if trials is not None else config
     check_search(config, target)
     tasks, methods = _select(config, tasks, methods)
-    runs.prepare_tasks(study, config, tasks)  # the searches are named by the prepared data's content
+    prepare_tasks(study, config, tasks)  # the searches are named by the prepared data's content
     done = {(t, m): _finished_record(study, config, t, m, target) for t in tasks for m in methods}
     if all(done.values()):  # e.g. filled by workers on a shared storage; nothing left to search
         return done
@@ -109,7 +110,7 @@ def tune_study(
     records = {}
     with backend.exclusive():
         for task_name in tasks:
-            task, splits = runs.load_prepared(study, task_name)
+            task, splits = load_prepared(study, task_name)
             for method in methods:
                 ostudy = _open_search(study, config, task_name, method, backend)
                 if workers == 1:
@@ -128,7 +129,7 @@ def search_worker(root: str, config: StudyConfig, task: str, method: str, target
     study, backend = Study(root), open_storage(root, config, storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ostudy = _open_search(study, config, task, method, backend)
-    prepared, splits = runs.load_prepared(study, task)
+    prepared, splits = load_prepared(study, task)
     objective = _Objective(
         study, config, prepared, method, splits, modeling.load_tokenizer(config.model.name), backend, target
     )
@@ -211,24 +212,10 @@ def check_search(config: StudyConfig, trials: int | None = None) -> None:
 def study_name(study: Study, config: StudyConfig, task: str, method: str) -> str:
     """lorascope/<study>/<task>/<method>/<fingerprint of everything a trial's value depends on>.
     The number of trials is left out, so asking for more continues the same search."""
-    tune, space = config.tune, getattr(config.tune.spaces, method)
-    base = getattr(config.training, method).model_dump(mode="json", exclude=set(space.params()))
-    fp = fingerprint(
-        runs.RESULTS_VERSION,
-        runs.prepared_fingerprint(study, task),
-        runs.model_key(config),
-        method,
-        base,
-        config.training.eval_batch_size,
-        _train_seed(config),
-        space,
-        tune.seed,
-        tune.startup_trials,
-        tune.prune,
-        tune.prune_startup_trials,
-        tune.prune_warmup_steps,
-        config.runtime.device,
-        runtime.uses_bf16(config.runtime, runtime.pick_device(config.runtime)),
+    space = getattr(config.tune.spaces, method)
+    fixed = getattr(config.training, method).model_dump(mode="json", exclude=set(space.params()))
+    fp = dependencies.SEARCH.fingerprint(
+        config, prepared_fingerprint(study, task), method=method, fixed=fixed, train_seed=_train_seed(config)
     )
     return f"lorascope/{config.name}/{task}/{method}/{fp}"
 

@@ -4,6 +4,4 @@ from whatever tables exist."""
 from lorascope.analysis import analyze
 from lorascope.study import Stage
 
-STAGE = Stage(
-    "analyze", "statistics across seeds, flagged runs, verdict", run=analyze, reads=("analysis",), standalone=True
-)
+STAGE = Stage("analyze", "statistics across seeds, flagged runs, verdict", run=analyze, standalone=True)

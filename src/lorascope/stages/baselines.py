@@ -7,8 +7,9 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
-from lorascope import executors, modeling, runs
+from lorascope import dependencies, executors, modeling, runs
 from lorascope.config import StudyConfig
+from lorascope.prepared import load_prepared, prepared_fingerprint
 from lorascope.study import Stage, Study
 from lorascope.tasks import Task, compute_metrics, majority_label
 
@@ -47,13 +48,13 @@ def _row(config: StudyConfig, kind: str, result: dict) -> dict:
 def baseline_one(root: str, config: StudyConfig, name: str, kind: str) -> dict:
     """One trained baseline, trained or reused (a worker's unit)."""
     study = Study(root)
-    setup, splits, target = _baseline(study, config, runs.load_prepared(study, name), name, kind)
+    setup, splits, target = _baseline(study, config, load_prepared(study, name), name, kind)
     result = runs.train_or_reuse(
         config,
         setup,
         splits,
         target,
-        runs.prepared_fingerprint(study, name),
+        prepared_fingerprint(study, name),
         modeling.load_tokenizer(config.model.name),
     )
     return _row(config, kind, result)
@@ -63,7 +64,7 @@ def run(study: Study, config: StudyConfig) -> None:
     kinds = (["head_only"] if config.baselines.head_only else []) + [f"overfit_{m}" for m in config.methods]
     rows, units = {}, []
     for name in config.tasks:
-        prepared, splits_fp = runs.load_prepared(study, name), runs.prepared_fingerprint(study, name)
+        prepared, splits_fp = load_prepared(study, name), prepared_fingerprint(study, name)
         rows[name, "majority"] = majority(*prepared)
         for kind in kinds:
             setup, _, target = _baseline(study, config, prepared, name, kind)
@@ -109,5 +110,5 @@ STAGE = Stage(
     "majority class, head-only probe, overfit sanity check",
     run=run,
     needs=("prepare",),
-    reads=("model", "data", "tasks", "methods", "seeds", "training", "baselines", "runtime"),
+    outputs=(dependencies.RUN,),
 )

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from lorascope import modeling, runs, runtime
-from lorascope.config import StudyConfig, fingerprint
+from lorascope import dependencies, modeling, runs, runtime
+from lorascope.config import StudyConfig
+from lorascope.prepared import load_prepared
 from lorascope.serving.benchmark import benchmark
 from lorascope.serving.engines import run_engines
 from lorascope.serving.inputs import examples_from_dataset
@@ -29,11 +30,11 @@ def run(study: Study, config: StudyConfig) -> None:
     full = str(study.run_dir(first, "full", seed)) if (first, "full") in served else None
     device = runtime.pick_device(config.runtime)
     bf16 = runtime.uses_bf16(config.runtime, device)
-    fp = fingerprint(runs.RESULTS_VERSION, config.deploy, bf16, device.type, sorted(served.values()))
+    fp = dependencies.DEPLOYMENT.fingerprint(config, sorted(served.values()))
     target = DEPLOYMENT.path(study.tables)
     if is_current(target, fp):
         return
-    examples = {t: examples_from_dataset(runs.load_prepared(study, t)[1]["eval"]) for t in adapters}
+    examples = {t: examples_from_dataset(load_prepared(study, t)[1]["eval"]) for t in adapters}
     base, tokenizer = modeling.resolve_model_path(config.model.name), modeling.load_tokenizer(config.model.name)
     with fresh(target, fp):
         benchmark(
@@ -67,5 +68,5 @@ STAGE = Stage(
     "serving latency / memory: full vs merged vs separate vs many adapters",
     run=run,
     needs=("train",),
-    reads=("deploy", "runtime"),
+    outputs=(dependencies.DEPLOYMENT,),
 )

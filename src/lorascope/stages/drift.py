@@ -8,9 +8,9 @@ import datasets
 import pandas as pd
 import torch
 
-from lorascope import drift, modeling, runs, runtime
+from lorascope import dependencies, drift, modeling, runs, runtime
 from lorascope import representations as rep
-from lorascope.config import StudyConfig, TaskConfig, fingerprint
+from lorascope.config import StudyConfig, TaskConfig
 from lorascope.errors import InputError
 from lorascope.study import Stage, Study, is_current, stamp_of
 from lorascope.tasks import load_raw, make_splits, resolve_task, tokenize
@@ -18,7 +18,7 @@ from lorascope.tasks import load_raw, make_splits, resolve_task, tokenize
 
 def run(study: Study, config: StudyConfig) -> None:
     files = sorted(study.root.glob("features/*/*.safetensors"))
-    fp = fingerprint(runs.RESULTS_VERSION, config.drift, config.represent, [stamp_of(f) for f in files])
+    fp = dependencies.DRIFT.fingerprint(config, [stamp_of(f) for f in files])
     tables = study.tables
     if is_current(drift.DRIFT_LAYERS.path(tables), fp) and is_current(drift.DRIFT_SUMMARY.path(tables), fp):
         return
@@ -108,5 +108,5 @@ STAGE = Stage(
     "layer-wise CKA / cosine of every run against the base, with references",
     run=run,
     needs=("represent",),
-    reads=("drift", "represent"),
+    outputs=(dependencies.DRIFT,),
 )

@@ -14,17 +14,18 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from lorascope import executors, forgetting, modeling, runs, runtime
+from lorascope import dependencies, executors, forgetting, modeling, runs, runtime
 from lorascope import representations as rep
 from lorascope.bundled import file_sha256
-from lorascope.config import StudyConfig, fingerprint
+from lorascope.config import StudyConfig
 from lorascope.errors import InputError
+from lorascope.prepared import load_prepared, prepared_fingerprint
 from lorascope.study import Stage, Study, is_current, stamp_of, write_current
 
 
 def run(study: Study, config: StudyConfig) -> None:
     tokenizer = modeling.load_tokenizer(config.model.name)
-    prepared = {name: runs.load_prepared(study, name) for name in config.tasks}
+    prepared = {name: load_prepared(study, name) for name in config.tasks}
     models = [("base", "base", None)] + [
         (f"{task}-{m}-seed{s}", run_fp, (task, m, s))
         for task in config.tasks
@@ -65,27 +66,14 @@ def probe_examples(splits: datasets.DatasetDict, config: StudyConfig) -> tuple[d
     return datasets.concatenate_datasets([train, evaluation]), len(train)
 
 
-def features_path(study: Study, probe_task: str, model_id: str):
-    return study.root / "forget" / "features" / probe_task / f"{model_id}.safetensors"
-
-
 def probe_table(study: Study, config: StudyConfig, tokenizer, prepared: dict, models: list) -> None:
-    fc, (device, bf16) = config.forget, _device(config)
+    fc = config.forget
     probed = fc.tasks or list(config.tasks)
     examples = {name: probe_examples(prepared[name][1], config) for name in probed}
-    settings = fingerprint(
-        runs.RESULTS_VERSION,
-        runs.model_key(config),
-        device.type,
-        bf16,
-        config.represent.skip_special_tokens,
-        config.represent.skip_first_position,
-        fc.model_dump(include={"probe_train", "probe_eval", "pooling", "layer_every", "seed"}),
-    )
     wanted = {
         (model_id, name): (
-            features_path(study, name, model_id),
-            fingerprint(settings, runs.prepared_fingerprint(study, name), model_fp),
+            study.probe_features_path(name, model_id),
+            dependencies.PROBE_FEATURES.fingerprint(config, prepared_fingerprint(study, name), model_fp),
         )
         for model_id, model_fp, _ in models
         for name in probed
@@ -100,11 +88,7 @@ def probe_table(study: Study, config: StudyConfig, tokenizer, prepared: dict, mo
                 )
             )
     executors.run_units(units, "forget features", config.runtime.progress)
-    table_fp = fingerprint(
-        settings,
-        fc.model_dump(include={"folds", "bootstrap", "confidence"}),
-        [stamp_of(path) for path, _ in wanted.values()],
-    )
+    table_fp = dependencies.FORGETTING.fingerprint(config, [stamp_of(path) for path, _ in wanted.values()])
     if is_current(forgetting.FORGETTING.path(study.tables), table_fp):
         return
     rows = []
@@ -125,7 +109,7 @@ def probe_features_one(root: str, config: StudyConfig, trained, missing: list[tu
         config.forget,
         _device(config),
     )
-    prepared = {name: runs.load_prepared(study, name) for name in config.tasks}
+    prepared = {name: load_prepared(study, name) for name in config.tasks}
     model = _load(study, config, prepared, trained, tokenizer)
     layers = forgetting.probe_layers(model.config.num_hidden_layers, fc.layer_every)
     represent = config.represent.model_copy(update={"layers": layers, "poolings": [fc.pooling]})
@@ -211,25 +195,13 @@ def lm_documents(config: StudyConfig, prepared: dict, tokenizer) -> dict[str, da
     return {"text": datasets.Dataset.from_dict(dict(encoded))}
 
 
-def lm_path(study: Study, model_id: str):
-    return study.root / "forget" / "lm" / f"{model_id}.safetensors"
-
-
 def lm_table(study: Study, config: StudyConfig, tokenizer, prepared: dict, models: list) -> None:
     fc, (device, bf16) = config.forget, _device(config)
-    sources = (
-        [file_sha256(fc.lm_text)] if fc.lm_text else [runs.prepared_fingerprint(study, name) for name in config.tasks]
-    )
-    settings = fingerprint(
-        runs.RESULTS_VERSION,
-        runs.model_key(config),
-        device.type,
-        bf16,
-        sources,
-        fc.model_dump(include={"lm_text", "lm_documents", "seed"}),
-    )
-    wanted = {model_id: fingerprint(settings, model_fp) for model_id, model_fp, _ in models}
-    table_fp = fingerprint(settings, fc.bootstrap, fc.confidence, wanted)
+    sources = [file_sha256(fc.lm_text)] if fc.lm_text else [prepared_fingerprint(study, name) for name in config.tasks]
+    wanted = {
+        model_id: dependencies.LM_LOSSES.fingerprint(config, sources, model_fp) for model_id, model_fp, _ in models
+    }
+    table_fp = dependencies.LM_FORGETTING.fingerprint(config, sources, wanted)
     if is_current(forgetting.LM_FORGETTING.path(study.tables), table_fp):
         return
     base = _load(study, config, prepared, None, tokenizer)
@@ -252,7 +224,7 @@ def lm_table(study: Study, config: StudyConfig, tokenizer, prepared: dict, model
         (held out from training, but its domain: the note says so)."""
         return [name for name in documents if trained is None or name != trained[0]] or [trained[0]]
 
-    todo = [(m, t) for m, _, t in models if not is_current(lm_path(study, m), wanted[m])]
+    todo = [(m, t) for m, _, t in models if not is_current(study.lm_losses_path(m), wanted[m])]
     for model_id, trained in tqdm(todo, desc="forget LM loss", disable=not config.runtime.progress):
         classifier = base if trained is None else _load(study, config, prepared, trained, tokenizer)
         forgetting.with_backbone(lm, classifier)
@@ -269,8 +241,8 @@ def lm_table(study: Study, config: StudyConfig, tokenizer, prepared: dict, model
                 seed=fc.seed,
             )
             tensors |= {f"sums.{name}": torch.from_numpy(sums), f"counts.{name}": torch.from_numpy(counts)}
-        write_current(lm_path(study, model_id), save(tensors), wanted[model_id])
-    losses = {model_id: load_file(str(lm_path(study, model_id))) for model_id in wanted}
+        write_current(study.lm_losses_path(model_id), save(tensors), wanted[model_id])
+    losses = {model_id: load_file(str(study.lm_losses_path(model_id))) for model_id in wanted}
     rows = []
     for model_id, _, trained in models[1:]:
         names = sets_of(trained)
@@ -308,5 +280,5 @@ STAGE = Stage(
     "transfer retention (linear probes) of every run on every task, and LM-loss change",
     run=run,
     needs=("prepare", "train"),
-    reads=("model", "data", "tasks", "represent", "forget", "runtime"),
+    outputs=(dependencies.PROBE_FEATURES, dependencies.FORGETTING, dependencies.LM_LOSSES, dependencies.LM_FORGETTING),
 )

@@ -1,8 +1,9 @@
 """Stage `prepare`: tokenized train / dev / eval / probe splits of every task."""
 
-from lorascope.runs import prepare_tasks
+from lorascope import dependencies
+from lorascope.prepared import prepare_tasks
 from lorascope.study import Stage
 
 STAGE = Stage(
-    "prepare", "load, check, split and tokenize the tasks", run=prepare_tasks, reads=("model", "data", "tasks")
+    "prepare", "load, check, split and tokenize the tasks", run=prepare_tasks, outputs=(dependencies.PREPARED,)
 )

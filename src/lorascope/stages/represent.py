@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from lorascope import executors, modeling, runs, runtime
+from lorascope import dependencies, executors, modeling, runs, runtime
 from lorascope import representations as rep
-from lorascope.config import StudyConfig, fingerprint
+from lorascope.config import StudyConfig
+from lorascope.prepared import load_prepared, prepared_fingerprint
 from lorascope.study import Stage, Study, is_current, stamp_of, write_current
 
 
@@ -19,7 +20,7 @@ def features_one(
     """One model's pooled features on one task's probe split (a worker's unit)."""
     study, tokenizer = Study(root), modeling.load_tokenizer(config.model.name)
     device = runtime.pick_device(config.runtime)
-    task, splits = runs.load_prepared(study, name)
+    task, splits = load_prepared(study, name)
     if trained is None:
         model = modeling.load_model(config.model.name, task.label_names, 0, tokenizer.pad_token_id)
     else:
@@ -35,16 +36,13 @@ def features_one(
 
 
 def run(study: Study, config: StudyConfig) -> None:
-    device = runtime.pick_device(config.runtime)
-    bf16 = runtime.uses_bf16(config.runtime, device)
     rc, units = config.represent, []
     for name in config.tasks:
-        base_fp = fingerprint(
-            runs.RESULTS_VERSION, runs.prepared_fingerprint(study, name), runs.model_key(config), rc, device.type, bf16
-        )
+        splits_fp = prepared_fingerprint(study, name)
+        base_fp = dependencies.FEATURES.fingerprint(config, splits_fp)
         items = [("base", base_fp, rc.batch_size, None), ("base-again", base_fp, max(1, rc.batch_size // 2), None)]
         items += [
-            (f"{m}-seed{s}", fingerprint(base_fp, run_fp), rc.batch_size, (m, s))
+            (f"{m}-seed{s}", dependencies.FEATURES.fingerprint(config, splits_fp, run_fp), rc.batch_size, (m, s))
             for m, s, run_fp in runs.finished_runs(study, config, name)
         ]
         units += [
@@ -54,7 +52,7 @@ def run(study: Study, config: StudyConfig) -> None:
         ]
     executors.run_units(units, "represent", config.runtime.progress)
     bases = [study.features_path(name, "base") for name in config.tasks]
-    table_fp = fingerprint(runs.RESULTS_VERSION, [stamp_of(path) for path in bases])
+    table_fp = dependencies.POOLED_POSITIONS.fingerprint(config, [stamp_of(path) for path in bases])
     if not is_current(rep.POOLED_POSITIONS.path(study.tables), table_fp):
         rows = [row for name, path in zip(config.tasks, bases) for row in rep.position_rows(name, path)]
         rep.POOLED_POSITIONS.write(study.tables, pd.DataFrame(rows, columns=rep.POOLED_POSITIONS.columns), table_fp)
@@ -65,5 +63,5 @@ STAGE = Stage(
     "pooled hidden states of every layer on the probe split",
     run=run,
     needs=("prepare", "train"),
-    reads=("model", "data", "tasks", "represent", "runtime"),
+    outputs=(dependencies.FEATURES, dependencies.POOLED_POSITIONS),
 )

@@ -3,8 +3,9 @@ not current yet go to the study's executor (lorascope.executors), one unit each.
 
 from __future__ import annotations
 
-from lorascope import executors, modeling, runs
+from lorascope import dependencies, executors, modeling, runs
 from lorascope.config import StudyConfig
+from lorascope.prepared import load_prepared, prepared_fingerprint
 from lorascope.study import Stage, Study
 from lorascope.tuning import tuned_hparams
 
@@ -28,13 +29,13 @@ def _setup(study: Study, config: StudyConfig, task, name: str, method: str, seed
 def train_one(root: str, config: StudyConfig, name: str, method: str, seed: int) -> dict:
     """One run of the grid, trained or reused (a worker's unit: everything from plain values)."""
     study = Study(root)
-    task, splits = runs.load_prepared(study, name)
+    task, splits = load_prepared(study, name)
     return runs.train_or_reuse(
         config,
         _setup(study, config, task, name, method, seed),
         splits,
         study.run_dir(name, method, seed),
-        runs.prepared_fingerprint(study, name),
+        prepared_fingerprint(study, name),
         modeling.load_tokenizer(config.model.name),
     )
 
@@ -42,8 +43,8 @@ def train_one(root: str, config: StudyConfig, name: str, method: str, seed: int)
 def run(study: Study, config: StudyConfig) -> None:
     todo = []
     for name in config.tasks:
-        task = runs.load_prepared(study, name)[0]
-        splits_fp = runs.prepared_fingerprint(study, name)
+        task = load_prepared(study, name)[0]
+        splits_fp = prepared_fingerprint(study, name)
         for method in config.methods:
             for seed in config.seeds:
                 setup = _setup(study, config, task, name, method, seed)
@@ -55,7 +56,7 @@ def run(study: Study, config: StudyConfig) -> None:
                     )
     executors.run_units(todo, "study runs", config.runtime.progress, runs.describe)
     runs.write_performance_table(study)
-    failed = runs.study_failures(study)
+    failed = runs.failed_runs(study)
     if failed:
         raise RunsFailed(f"{len(failed)} run(s) failed: " + "; ".join(failed))
 
@@ -65,5 +66,5 @@ STAGE = Stage(
     "train the study's grid, or one run with --task/--method/--seed",
     run=run,
     needs=("prepare", "tune"),
-    reads=("model", "data", "tasks", "methods", "seeds", "training", "tune", "runtime"),
+    outputs=(dependencies.RUN,),
 )

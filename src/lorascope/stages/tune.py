@@ -1,6 +1,7 @@
 """Stage `tune` (optional, tune.enabled): the Optuna search per task x method on dev;
 `lorascope tune` runs it regardless."""
 
+from lorascope import dependencies
 from lorascope.config import StudyConfig
 from lorascope.study import Stage, Study
 from lorascope.tuning import tune_study
@@ -16,5 +17,5 @@ STAGE = Stage(
     "Optuna search per task x method on the dev split",
     run=run,
     needs=("prepare",),
-    reads=("model", "data", "tasks", "training", "tune", "seeds"),
+    outputs=(dependencies.SEARCH,),
 )

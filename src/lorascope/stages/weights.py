@@ -8,9 +8,9 @@ import json
 import pandas as pd
 from safetensors.torch import load_file
 
-from lorascope import executors, modeling, runs
+from lorascope import dependencies, executors, modeling, runs
 from lorascope import weights as change
-from lorascope.config import StudyConfig, fingerprint
+from lorascope.config import StudyConfig
 from lorascope.study import Stage, Study, is_current
 
 
@@ -42,7 +42,7 @@ def weights_rows(root: str, config: StudyConfig, grid: list[tuple[str, str, int]
 
 def run(study: Study, config: StudyConfig) -> None:
     grid = [(t, m, s, fp) for t in config.tasks for m, s, fp in runs.finished_runs(study, config, t)]
-    fp = fingerprint(runs.RESULTS_VERSION, config.weights, [r[3] for r in grid])
+    fp = dependencies.WEIGHTS.fingerprint(config, [r[3] for r in grid])
     if is_current(change.WEIGHTS.path(study.tables), fp):
         return
     shares = executors.current().workers  # one share of the runs per worker: the base is loaded once each
@@ -67,5 +67,5 @@ STAGE = Stage(
     "weight-space change of every run: update norms, rank, intruders",
     run=run,
     needs=("train",),
-    reads=("weights",),
+    outputs=(dependencies.WEIGHTS,),
 )
