@@ -41,6 +41,7 @@ SLOW_MODULES = (
     "test_decoder.py",
     "test_bundled.py",
     "test_analysis_stages.py",
+    "test_dependencies.py",
 )
 
 
