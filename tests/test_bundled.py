@@ -37,13 +37,13 @@ def smollm2(cache, smollm2_dir) -> Path:
 def builds(monkeypatch) -> list[Path]:
     """Every conversion that runs during the test."""
     calls: list[Path] = []
-    real = bundled._build
+    real = bundled.build_folder
 
     def counted(target, *args):
         calls.append(target)
         real(target, *args)
 
-    monkeypatch.setattr(bundled, "_build", counted)
+    monkeypatch.setattr(bundled, "build_folder", counted)
     return calls
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lorascope import analysis, drift, report, runs, stats, tuning, verdict, weights
+from lorascope import analysis, drift, planning, report, runs, stats, tuning, verdict, weights
 from lorascope.config import DeployConfig, to_yaml, validate
 from lorascope.footprint import MB
 from lorascope.optuna_storage import Backend
@@ -408,8 +408,8 @@ def test_verdict_table_comes_first_with_the_tables_outcomes(full_report):
     outcomes = [row[-1].split(";")[0] for row in first[1:]]
     assert outcomes == list(verdict["outcome"])
     assert outcomes == ["met", "met", "not met", "met", "inconclusive", "inconclusive", "not run", "inconclusive"]
-    needed = stats.seeds_needed(2.5, 4.0, 3, 3.0, higher_is_better=False)
-    low, high = stats.seeds_needed_range(2.5, 4.0, 3, 3.0, higher_is_better=False)
+    needed = planning.seeds_needed(2.5, 4.0, 3, 3.0, higher_is_better=False)
+    low, high = planning.seeds_needed_range(2.5, 4.0, 3, 3.0, higher_is_better=False)
     assert (
         first[5][-1] == f"inconclusive; at this spread ~{needed} seed pairs would decide it ({low}–{high or '>1000'})"
     )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from lorascope import stats, verdict
+from lorascope import planning, stats, verdict
 
 # The reference study's published numbers (PRIOR_ART.md), keyed by seed.
 SST2_LORA = {42: 0.951, 1337: 0.953, 2024: 0.945}
@@ -347,7 +347,7 @@ def test_fieller_covers_95_percent_at_five_seeds():
         bounded += r.bounded
         covered += r.bounded and r.low <= 0.5 <= r.high
     assert bounded >= 1990  # g = t² s_bb / (n b̄²) ~ 0.06 here
-    rate, low, high = stats.clopper_pearson(covered, 2000)
+    rate, low, high = planning.clopper_pearson(covered, 2000)
     assert 0.935 <= rate <= 0.965, (rate, low, high)  # exact under normality: 0.95 ± 2 SE (0.005)
 
 
@@ -414,16 +414,16 @@ def test_reduction_contrast_decides_as_the_fieller_interval_does():
 
 
 def test_clopper_pearson_known_values():
-    assert stats.clopper_pearson(1, 3) == pytest.approx((1 / 3, 0.0084, 0.9057), abs=1e-4)
+    assert planning.clopper_pearson(1, 3) == pytest.approx((1 / 3, 0.0084, 0.9057), abs=1e-4)
     # k = 0: [0, 1 - (α/2)^(1/n)]; k = n: [(α/2)^(1/n), 1]
-    assert stats.clopper_pearson(0, 10) == pytest.approx((0.0, 0.0, 1 - 0.025 ** (1 / 10)))
-    assert stats.clopper_pearson(10, 10) == pytest.approx((1.0, 0.025 ** (1 / 10), 1.0))
+    assert planning.clopper_pearson(0, 10) == pytest.approx((0.0, 0.0, 1 - 0.025 ** (1 / 10)))
+    assert planning.clopper_pearson(10, 10) == pytest.approx((1.0, 0.025 ** (1 / 10), 1.0))
     for k, n, confidence in ((951, 1000, 0.95), (7, 20, 0.9), (0, 5, 0.99)):
         ci = st.binomtest(k, n).proportion_ci(confidence, method="exact")
-        assert stats.clopper_pearson(k, n, confidence)[1:] == pytest.approx((ci.low, ci.high))
-    assert all(math.isnan(v) for v in stats.clopper_pearson(0, 0))
+        assert planning.clopper_pearson(k, n, confidence)[1:] == pytest.approx((ci.low, ci.high))
+    assert all(math.isnan(v) for v in planning.clopper_pearson(0, 0))
     with pytest.raises(ValueError):
-        stats.clopper_pearson(4, 3)
+        planning.clopper_pearson(4, 3)
 
 
 def _seeds_by_hand(gap, sd, strict=False):
@@ -436,21 +436,21 @@ def _seeds_by_hand(gap, sd, strict=False):
 
 def test_seeds_needed_by_hand():
     # mean 2, sd 1, threshold 0: half-widths 9.0, 2.48, 1.59 at N = 2, 3, 4
-    assert stats.seeds_needed(2.0, 1.0, 3, 0.0, higher_is_better=True) == 4 == _seeds_by_hand(2.0, 1.0)
+    assert planning.seeds_needed(2.0, 1.0, 3, 0.0, higher_is_better=True) == 4 == _seeds_by_hand(2.0, 1.0)
     # a drift reduction of 0.25 ± 0.1 against 0.2 (met side): 0.05 / 0.1 needs N = 18
-    assert stats.seeds_needed(0.25, 0.1, 3, 0.2, higher_is_better=True) == _seeds_by_hand(0.05, 0.1) == 18
+    assert planning.seeds_needed(0.25, 0.1, 3, 0.2, higher_is_better=True) == _seeds_by_hand(0.05, 0.1) == 18
     # quality gap 5 points ± 4 against 3 (lower is better: not-met side)
-    assert stats.seeds_needed(5.0, 4.0, 3, 3.0, higher_is_better=False) == _seeds_by_hand(2.0, 4.0, strict=True)
-    assert stats.seeds_needed(3.0, 1.0, 3, 3.0, higher_is_better=False) is None  # mean on the threshold
-    assert stats.seeds_needed(0.21, 1.0, 3, 0.2, higher_is_better=True) is None  # more than 1000 seeds
-    assert stats.seeds_needed(0.21, 1.0, 3, 0.2, higher_is_better=True, max_n=100_000) > 1000
-    assert stats.seeds_needed(0.3, 0.0, 3, 0.2, higher_is_better=True) == 2
-    assert stats.seeds_needed(0.3, math.nan, 1, 0.2, higher_is_better=True) is None  # one seed: no sd
+    assert planning.seeds_needed(5.0, 4.0, 3, 3.0, higher_is_better=False) == _seeds_by_hand(2.0, 4.0, strict=True)
+    assert planning.seeds_needed(3.0, 1.0, 3, 3.0, higher_is_better=False) is None  # mean on the threshold
+    assert planning.seeds_needed(0.21, 1.0, 3, 0.2, higher_is_better=True) is None  # more than 1000 seeds
+    assert planning.seeds_needed(0.21, 1.0, 3, 0.2, higher_is_better=True, max_n=100_000) > 1000
+    assert planning.seeds_needed(0.3, 0.0, 3, 0.2, higher_is_better=True) == 2
+    assert planning.seeds_needed(0.3, math.nan, 1, 0.2, higher_is_better=True) is None  # one seed: no sd
 
 
 def test_seeds_needed_is_where_the_interval_first_decides():
     for mean, sd, threshold, better in ((0.25, 0.06, 0.2, True), (0.1, 0.3, 0.2, True), (1.0, 2.5, 3.0, False)):
-        n = stats.seeds_needed(mean, sd, 3, threshold, higher_is_better=better)
+        n = planning.seeds_needed(mean, sd, 3, threshold, higher_is_better=better)
 
         def outcome(seeds, mean=mean, sd=sd, threshold=threshold, better=better):
             half = st.t.ppf(0.975, seeds - 1) * sd / math.sqrt(seeds)
@@ -461,15 +461,15 @@ def test_seeds_needed_is_where_the_interval_first_decides():
 
 def test_seeds_needed_range_from_the_chi_square_interval_of_the_sd():
     mean, sd, n = 0.25, 0.1, 3
-    fewest, most = stats.seeds_needed_range(mean, sd, n, 0.2, higher_is_better=True)
+    fewest, most = planning.seeds_needed_range(mean, sd, n, 0.2, higher_is_better=True)
     low_sd, high_sd = sd * math.sqrt(2 / st.chi2.ppf(0.975, 2)), sd * math.sqrt(2 / st.chi2.ppf(0.025, 2))
     assert (low_sd, high_sd) == pytest.approx((0.0521, 0.629), abs=1e-3)
     assert (fewest, most) == (_seeds_by_hand(0.05, low_sd), _seeds_by_hand(0.05, high_sd)) == (7, 610)
-    assert stats.seeds_needed_range(mean, sd, n, 0.2, higher_is_better=True, max_n=100) == (7, None)  # more than 100
-    assert fewest < stats.seeds_needed(mean, sd, n, 0.2, higher_is_better=True)
-    fewest, most = stats.seeds_needed_range(2.0, 1.0, 10, 0.0, higher_is_better=True)
+    assert planning.seeds_needed_range(mean, sd, n, 0.2, higher_is_better=True, max_n=100) == (7, None)  # more than 100
+    assert fewest < planning.seeds_needed(mean, sd, n, 0.2, higher_is_better=True)
+    fewest, most = planning.seeds_needed_range(2.0, 1.0, 10, 0.0, higher_is_better=True)
     assert fewest <= 4 <= most == _seeds_by_hand(2.0, math.sqrt(9 / st.chi2.ppf(0.025, 9)))
-    assert stats.seeds_needed_range(2.0, math.nan, 1, 0.0, higher_is_better=True) == (None, None)
+    assert planning.seeds_needed_range(2.0, math.nan, 1, 0.0, higher_is_better=True) == (None, None)
 
 
 def test_seeds_needed_from_five_seeds_recovers_the_true_number_in_median():
@@ -477,8 +477,8 @@ def test_seeds_needed_from_five_seeds_recovers_the_true_number_in_median():
     # 2,000 draws of 5 seeds plans with its sample sd and the TRUE mean (the issue's "if the
     # effect stayed as observed", with the effect known), so the test isolates the sd's noise.
     mu, sigma = 0.55, 1.0
-    true_n = stats.seeds_needed(mu, sigma, 5, 0.0, higher_is_better=True)
+    true_n = planning.seeds_needed(mu, sigma, 5, 0.0, higher_is_better=True)
     assert true_n == _seeds_by_hand(mu, sigma) == 16
     draws = np.random.default_rng(0).normal(mu, sigma, (2000, 5))
-    planned = [stats.seeds_needed(mu, s, 5, 0.0, higher_is_better=True) or math.inf for s in draws.std(1, ddof=1)]
+    planned = [planning.seeds_needed(mu, s, 5, 0.0, higher_is_better=True) or math.inf for s in draws.std(1, ddof=1)]
     assert abs(np.median(planned) - true_n) <= 0.25 * true_n  # median 14: the sample sd's median is 0.92 sigma

@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 from lorascope import executors, optuna_storage, tuning
 from lorascope.config import load_config, to_yaml, validate
 from lorascope.errors import InputError
+from lorascope.optuna_search import TrialSeededTPE
 from lorascope.prepared import prepare_tasks
 from lorascope.study import Study
 
@@ -218,7 +219,7 @@ def test_a_search_on_the_pool_runs_one_unit_per_worker_on_a_journal_in_the_study
 
 def test_the_sampler_is_seeded_per_trial_from_the_config_seed():
     def search(seed, n=6):
-        ostudy = optuna.create_study(direction="maximize", sampler=tuning.TrialSeededTPE(seed, startup_trials=2))
+        ostudy = optuna.create_study(direction="maximize", sampler=TrialSeededTPE(seed, startup_trials=2))
         ostudy.optimize(lambda t: -((t.suggest_float("x", 0, 1) - 0.3) ** 2), n_trials=n)
         return [t.params for t in ostudy.trials]
 
@@ -235,7 +236,7 @@ def test_a_trial_left_running_by_a_dead_worker_is_failed_and_retried(searched, t
     study = Study(tmp_path / "study")
     tuning.tune_study(study, config, trials=2, storage=url)
     backend = optuna_storage.open_storage(study.root, config, url)
-    sampler = tuning.TrialSeededTPE(config.tune.seed, config.tune.startup_trials)
+    sampler = TrialSeededTPE(config.tune.seed, config.tune.startup_trials)
     name = tuning.study_name(study, config, "sst2", "lora")
     ostudy = optuna.load_study(study_name=name, storage=backend.storage, sampler=sampler)
     dead = ostudy.ask()  # the worker sampled its parameters, then was killed

@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from lorascope import analysis, stats, verdict
+from lorascope import analysis, planning, stats, verdict
 from lorascope.config import AnalysisConfig
 
 SST2_LORA = {42: 0.951, 1337: 0.953, 2024: 0.945}  # the reference study's numbers
@@ -113,7 +113,7 @@ def test_verdict_rows_columns_outcomes_and_seeds_needed():
     }
     assert by["direction"].iloc[:3].tolist() == ["at most", "at least", "at most"]
     needed = by.loc["quality", "seeds_needed"]
-    assert needed == stats.seeds_needed(*spread, 3.0, higher_is_better=False)
+    assert needed == planning.seeds_needed(*spread, 3.0, higher_is_better=False)
     assert needed > 3 and by.loc["quality", "seeds_needed_low"] <= needed  # more seeds than ran
     assert pd.isna(by.loc["drift", "seeds_needed"])  # decided: nothing to plan
 

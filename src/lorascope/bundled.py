@@ -78,11 +78,11 @@ def _converted_from_gguf(name: str, dist: importlib.metadata.Distribution) -> Pa
     if not _intact(target, digest):
         with FileLock(f"{target}.lock"):
             if not _intact(target, digest):  # another process may have built it while we waited
-                _build(target, gguf, digest, f"{dist.name} {dist.version}")
+                build_folder(target, gguf, digest, f"{dist.name} {dist.version}")
     return target
 
 
-def _build(target: Path, gguf: Path, digest: str, source: str) -> None:
+def build_folder(target: Path, gguf: Path, digest: str, source: str) -> None:
     """Convert into a temporary sibling renamed into place (study.atomic_dir), so no reader ever
     sees a half-written folder. Runs under the target's lock, so leftovers of killed builds of
     this target can be removed."""

@@ -118,7 +118,7 @@ def _alignment(kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
     return xy / torch.sqrt(xx * yy)
 
 
-def _gram_cka(kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
+def gram_cka(kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
     """Centred kernel alignment of (batches of) Gram matrices: the biased HSIC estimator."""
     return _alignment(_centre_gram(kx), _centre_gram(ky))
 
@@ -137,12 +137,12 @@ def linear_cka_gram(kx: torch.Tensor, ky: torch.Tensor) -> float:
     An independent check of the feature-space form; any kernel works."""
     kx, ky = _check_gram(kx, "kx"), _check_gram(ky, "ky")
     _same_n(kx, ky)
-    return _gram_cka(kx, ky).item()
+    return gram_cka(kx, ky).item()
 
 
-def _unbiased_hsic(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+def unbiased_hsic(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     """Song et al. 2012 unbiased HSIC of (batches of) Gram matrices whose diagonals are zeroed
-    (_off_diagonal); needs n >= 4."""
+    (off_diagonal); needs n >= 4."""
     n = k.shape[-1]
     trace = torch.einsum("...ij,...ij->...", k, l)
     totals = k.sum(dim=(-2, -1)) * l.sum(dim=(-2, -1)) / ((n - 1) * (n - 2))
@@ -159,7 +159,7 @@ def debiased_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return _debiased_from_grams(x @ x.T, y @ y.T)
 
 
-def _off_diagonal(k: torch.Tensor) -> torch.Tensor:
+def off_diagonal(k: torch.Tensor) -> torch.Tensor:
     """A copy of (a batch of) Gram matrices with zero diagonals: the pairs of distinct examples."""
     k = k.clone()
     k.diagonal(dim1=-2, dim2=-1).zero_()
@@ -169,11 +169,11 @@ def _off_diagonal(k: torch.Tensor) -> torch.Tensor:
 def _debiased_from_grams(kx: torch.Tensor, ky: torch.Tensor) -> float:
     if kx.shape[0] < 4:
         raise ValueError(f"debiased CKA needs at least 4 examples, got {kx.shape[0]}")
-    a, b = _off_diagonal(kx), _off_diagonal(ky)
-    xx, yy = _unbiased_hsic(a, a), _unbiased_hsic(b, b)
+    a, b = off_diagonal(kx), off_diagonal(ky)
+    xx, yy = unbiased_hsic(a, a), unbiased_hsic(b, b)
     if xx <= 0 or yy <= 0:
         raise ValueError("debiased CKA: self-similarity estimate is not positive (too few examples)")
-    return (_unbiased_hsic(a, b) / torch.sqrt(xx * yy)).item()
+    return (unbiased_hsic(a, b) / torch.sqrt(xx * yy)).item()
 
 
 @functools.lru_cache(maxsize=4)
@@ -202,7 +202,7 @@ def rbf_cka(x: torch.Tensor, y: torch.Tensor, sigma_scale: float = 1.0) -> float
         raise ValueError(f"sigma_scale must be positive, got {sigma_scale}")
     _same_n(x, y)
     x, y = _centred(x, "x"), _centred(y, "y")
-    return _gram_cka(_rbf_gram(x @ x.T, sigma_scale, "x"), _rbf_gram(y @ y.T, sigma_scale, "y")).item()
+    return gram_cka(_rbf_gram(x @ x.T, sigma_scale, "x"), _rbf_gram(y @ y.T, sigma_scale, "y")).item()
 
 
 def cosine_per_example(x: torch.Tensor, y: torch.Tensor, centered: bool) -> torch.Tensor:
@@ -230,7 +230,7 @@ def cosine(x: torch.Tensor, y: torch.Tensor, centered: bool = True) -> float:
     return cosine_per_example(x, y, centered).mean().item()
 
 
-def _resampled_hsic(
+def resampled_hsic(
     w: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, measures, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
     """{measure: [3, c] HSIC of (x, y), (x, x), (y, y)} for resamples given as draw counts w
@@ -290,11 +290,11 @@ def _resampled_hsic(
     return out
 
 
-def _resampled_cka(
+def resampled_cka(
     w: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, measures, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
-    """{measure: CKA of every resample} for "linear" and/or "debiased" (see _resampled_hsic)."""
-    hsic = _resampled_hsic(w, kx, ky, measures, dtype)
+    """{measure: CKA of every resample} for "linear" and/or "debiased" (see resampled_hsic)."""
+    hsic = resampled_hsic(w, kx, ky, measures, dtype)
     return {measure: xy / torch.sqrt(xx * yy) for measure, (xy, xx, yy) in hsic.items()}
 
 
@@ -311,7 +311,7 @@ def bootstrap_cka(
 
     Gram matrices are computed once and a resample is its vector of draw counts, so the whole
     bootstrap is a few [resamples, n] × [n, n] products. Pairs of draws of the same example are
-    left out (see _resampled_hsic): in simulation the plain bootstrap covered the point
+    left out (see resampled_hsic): in simulation the plain bootstrap covered the point
     estimate 0 % of the time. Coverage of this one at the quick study's n = 192, d = 384, 300
     resamples, 95 % intervals, measured over 1,000 samples each of two populations y = x·W +
     noise, one with a decaying spectrum (Λ_i = 1/i) and one flat (benchmarks/bootstrap_coverage.py;
@@ -356,7 +356,7 @@ def _bootstrap_from_grams(
     n = kx.shape[0]
     if "debiased" in measures and n < 4:
         raise ValueError(f"debiased CKA needs at least 4 examples, got {n}")
-    resampled = _resampled_cka(_resample_counts(n, n_resamples, seed), kx, ky, measures, dtype)
+    resampled = resampled_cka(_resample_counts(n, n_resamples, seed), kx, ky, measures, dtype)
     return {measure: _percentiles(values, confidence) for measure, values in resampled.items()}
 
 
@@ -388,7 +388,7 @@ def compare(
     point = {
         "linear": lambda: _alignment(kx, ky).item(),  # centred inputs give centred Grams
         "debiased": lambda: _debiased_from_grams(kx, ky),
-        "rbf": lambda: _gram_cka(_rbf_gram(kx, 1.0, "x"), _rbf_gram(ky, 1.0, "y")).item(),
+        "rbf": lambda: gram_cka(_rbf_gram(kx, 1.0, "x"), _rbf_gram(ky, 1.0, "y")).item(),
         "cosine": lambda: cosines.mean().item(),
     }
     intervals = {}

@@ -13,7 +13,6 @@ with several workers (--workers, --ray) each search gets one unit per worker, al
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import socket
 import sys
@@ -25,11 +24,11 @@ import pandas as pd
 import yaml
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
-from transformers import TrainerCallback
 
 from lorascope import dependencies, executors, modeling, runs
 from lorascope.config import MethodConfig, StudyConfig, validate
 from lorascope.errors import InputError
+from lorascope.optuna_search import DevReporter, TrialSeededTPE, is_surplus, pruner
 from lorascope.optuna_storage import Backend, fail_stale, heartbeat, open_storage
 from lorascope.prepared import load_prepared, prepare_tasks, prepared_fingerprint
 from lorascope.study import Study, Table, atomic_dir, is_current, stamp_of, write_current
@@ -143,7 +142,7 @@ def _open_search(study: Study, config: StudyConfig, task: str, method: str, back
         study_name=study_name(study, config, task, method),
         direction="maximize",
         load_if_exists=True,
-        pruner=_pruner(config),
+        pruner=pruner(config),
         sampler=TrialSeededTPE(config.tune.seed, config.tune.startup_trials),
     )
 
@@ -258,92 +257,6 @@ def _fill(ostudy: optuna.Study, objective, target: int, backend: Backend, config
         bar.close()
 
 
-class TrialSeededTPE(optuna.samplers.BaseSampler):
-    """TPE with a random generator seeded for each trial from (seed, the number of earlier trials
-    that count: all but surplus trials and killed or interrupted trials that were queued again).
-    TPE keeps no other state (the history comes from the storage), so the k-th trial gets the
-    same parameters whether the search ran in one go or was killed and resumed (the rerun of the
-    killed trial takes its place); trials that workers create at the same moment have different
-    numbers, so different seeds, so different parameters."""
-
-    def __init__(self, seed: int, startup_trials: int):
-        self.seed, self.startup_trials = seed, startup_trials
-        self._tpe = self._seeded(0)
-
-    def _seeded(self, index: int) -> optuna.samplers.TPESampler:
-        digest = hashlib.sha256(f"{self.seed}/{index}".encode()).digest()
-        seed = int.from_bytes(digest[:4], "little")
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.startup_trials)
-
-    def before_trial(self, study, trial) -> None:
-        trials = study.get_trials(deepcopy=False)
-        rerun = _rerun(trials)
-        skipped = {t.number for t in trials if t.state == TrialState.FAIL and (t.number in rerun or _surplus(t))}
-        self._tpe = self._seeded(sum(t.number < trial.number and t.number not in skipped for t in trials))
-        self._tpe.before_trial(study, trial)
-
-    def infer_relative_search_space(self, study, trial):
-        return self._tpe.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study, trial, search_space):
-        return self._tpe.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
-
-    def after_trial(self, study, trial, state, values) -> None:
-        self._tpe.after_trial(study, trial, state, values)
-
-
-def _rerun(trials) -> set[int]:
-    """Numbers of the trials that were interrupted or failed as stale and queued again (by
-    lorascope, or by Optuna's RetryHeartbeatStaleTrialCallback on RDB storages)."""
-    numbers = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
-    return numbers | {n for t in trials for n in t.system_attrs.get("retry_history", ())}
-
-
-def _surplus(trial) -> bool:
-    return bool(trial.user_attrs.get("surplus"))
-
-
-def _pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
-    tune = config.tune
-    if not tune.prune:
-        return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(
-        n_startup_trials=tune.prune_startup_trials, n_warmup_steps=tune.prune_warmup_steps
-    )
-
-
-class DevReporter(TrainerCallback):
-    """Hands each dev evaluation of training.DevSelection (it logs `dev_<metric>` at the step it
-    evaluated) to the Optuna trial, and stops a trial the pruner finds poor. Must come after
-    DevSelection in the Trainer's callbacks."""
-
-    def __init__(self, trial: optuna.Trial, metric: str, prune: bool):
-        self.trial, self.key, self.prune = trial, f"dev_{metric}", prune
-        self.reported: set[int] = set()
-
-    def on_step_end(self, args, state, control, **_):
-        self._report(state, may_prune=True)
-
-    def on_epoch_end(self, args, state, control, **_):
-        self._report(state, may_prune=True)
-
-    def on_train_end(self, args, state, control, **_):
-        self._report(state, may_prune=False)  # the last evaluation; nothing left to save by stopping
-
-    def _report(self, state, may_prune: bool) -> None:
-        entry = state.log_history[-1] if state.log_history else {}
-        step = entry.get("step")
-        if self.key not in entry or step != state.global_step or step in self.reported:
-            return
-        self.reported.add(step)
-        self.trial.report(entry[self.key], step)
-        if may_prune and self.prune and self.trial.should_prune():
-            raise optuna.TrialPruned(f"{self.key} {entry[self.key]:.4f} at step {step} is below the median")
-
-
 class _Objective:
     """One trial: training.<method> with the trial's values, trained by train_run on train and
     selected on dev; the value is the dev metric of the selected checkpoint."""
@@ -439,9 +352,9 @@ def _best(trials) -> optuna.trial.FrozenTrial | None:
 
 
 def _state_counts(trials) -> dict[str, int]:
-    counts = Counter(t.state.name.lower() for t in trials if not _surplus(t))
+    counts = Counter(t.state.name.lower() for t in trials if not is_surplus(t))
     states = ("complete", "pruned", "fail", "running", "waiting")
-    return {s: counts.get(s, 0) for s in states} | {"surplus": sum(map(_surplus, trials))}
+    return {s: counts.get(s, 0) for s in states} | {"surplus": sum(map(is_surplus, trials))}
 
 
 def write_tuned(
@@ -502,7 +415,7 @@ def trial_rows(task: str, method: str, ostudy: optuna.Study) -> list[dict]:
                 "best_step": t.user_attrs.get("best_step"),
                 "retry_of": t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial")),
                 "worker": t.user_attrs.get("worker"),
-                "note": "surplus" if _surplus(t) else t.user_attrs.get("error", t.user_attrs.get("status", "")),
+                "note": "surplus" if is_surplus(t) else t.user_attrs.get("error", t.user_attrs.get("status", "")),
                 **t.params,
             }
         )

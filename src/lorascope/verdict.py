@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-from lorascope import stats
+from lorascope import planning
 from lorascope.stats import Estimate
 
 MET, NOT_MET, INCONCLUSIVE, NOT_RUN, SHOWN = "met", "not met", "inconclusive", "not run", "shown"
@@ -130,7 +130,7 @@ def row(task: str, c: Criterion, confidence: float = 0.95) -> dict:
     if outcome == INCONCLUSIVE and c.spread is not None and c.spread[2] >= 2:
         mean, sd, n = c.spread
         args = {"higher_is_better": better, "confidence": confidence}
-        needed = (stats.seeds_needed(mean, sd, n, at, **args), *stats.seeds_needed_range(mean, sd, n, at, **args))
+        needed = (planning.seeds_needed(mean, sd, n, at, **args), *planning.seeds_needed_range(mean, sd, n, at, **args))
     return {
         "task": task,
         "criterion": c.name,
@@ -175,7 +175,7 @@ def verdict_rows(task: str, criteria: list[Criterion], confidence: float = 0.95)
 def failure_rate(task: str, method: str, flagged: int, runs: int, confidence: float) -> dict:
     """An informing row: the share of a method's runs that are flagged, with its Clopper–Pearson
     interval, so instability shows beside quality (which is judged on unflagged pairs)."""
-    estimate = stats.clopper_pearson(flagged, runs, confidence) if runs else None
+    estimate = planning.clopper_pearson(flagged, runs, confidence) if runs else None
     rule = (
         f"{flagged} of {runs} runs flagged (failed, diverged or not above the majority baseline); "
         "Clopper–Pearson interval"
