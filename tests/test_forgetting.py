@@ -357,7 +357,7 @@ def test_a_second_pass_recomputes_nothing_and_a_lost_file_is_redone_alone(study)
 
 
 def test_a_named_text_file_gives_the_lm_documents(study, tmp_path):
-    from lorascope.stages.forget import lm_documents
+    from lorascope.stages.forgetting import lm_documents
 
     study, config = study
     text = tmp_path / "held_out.txt"

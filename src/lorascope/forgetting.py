@@ -144,6 +144,59 @@ def forgetting(base_correct, run_correct, *, bootstrap: int, confidence: float, 
 # ---------------------------------------------------------------- language modelling
 
 
+def probe_rows(
+    features: torch.Tensor, layers: list[int], labels, n_train: int, probe_task: str, trained, fc
+) -> list[dict]:
+    """forgetting.csv rows of one model on one probed task, one per layer: its probe fitted on
+    the first `n_train` examples and scored on the rest (`trained`: (task, method, seed), None
+    for the base; `fc`: the forget settings)."""
+    task, method, seed = trained if trained is not None else ("", "base", None)
+    rows = []
+    for slot, layer in enumerate(layers):
+        x = features[slot].double().numpy()
+        fit = probe(x[:n_train], labels[:n_train], x[n_train:], labels[n_train:], folds=fc.folds, seed=fc.seed)
+        rows.append(
+            {
+                "task": task,
+                "method": method,
+                "seed": seed,
+                "probe_task": probe_task,
+                "layer": layer,
+                "metric": "accuracy",
+                "score": fit.correct.mean(),
+                "correct": fit.correct,
+                "own_task": task == probe_task,
+                "n_train": n_train,
+                "n_eval": len(fit.correct),
+                "probe_c": fit.c,
+            }
+        )
+    return rows
+
+
+def with_base_reference(frame: pd.DataFrame, fc) -> pd.DataFrame:
+    """Each run's forgetting against the base's probe on the same task, layer and eval examples."""
+    base = frame[frame["method"] == "base"].set_index(["probe_task", "layer"])
+    out = []
+    for row in frame.to_dict("records"):
+        reference = base.loc[(row["probe_task"], row["layer"])]
+        estimate = forgetting(
+            reference["correct"], row["correct"], bootstrap=fc.bootstrap, confidence=fc.confidence, seed=fc.seed
+        )
+        is_base = row["method"] == "base"
+        out.append(
+            {
+                **row,
+                "base_score": reference["score"],
+                "forgetting": np.nan if is_base else estimate.value,
+                "ci_low": np.nan if is_base else estimate.low,
+                "ci_high": np.nan if is_base else estimate.high,
+            }
+        )
+    out = pd.DataFrame(out).drop(columns="correct")
+    return FORGETTING.frame(out.assign(seed=out["seed"].astype("Int64")))
+
+
 def lm_with_head(path: str, decoder: bool) -> tuple[torch.nn.Module | None, str]:
     """The checkpoint as a causal LM (decoders) or masked LM (encoders) with its pretrained head,
     or None and why not: a checkpoint saved without the head (the bundled MiniLM is a bare
@@ -246,6 +299,29 @@ def loss_change(
 
 
 # ---------------------------------------------------------------- does drift predict forgetting?
+
+
+def lm_change_row(trained, objective: str, names: list[str], base_part, run_part, fc) -> dict:
+    """lm_forgetting.csv's row of one run: its LM loss on the documents of `names` against the
+    base's (`base_part`, `run_part`: per-document loss sums and token counts)."""
+    change = loss_change(*base_part, *run_part, bootstrap=fc.bootstrap, confidence=fc.confidence, seed=fc.seed)
+    task, method, seed = trained
+    return {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "objective": objective,
+        "documents": len(base_part[0]),
+        "tokens": int(base_part[1].sum()),
+        "base_loss": base_part[0].sum() / base_part[1].sum(),
+        "run_loss": run_part[0].sum() / run_part[1].sum(),
+        "difference": change.value,
+        "ci_low": change.low,
+        "ci_high": change.high,
+        "status": "ok",
+        "note": f"documents: {', '.join(names)}"
+        + (" (the run's own task: no other task in the study)" if names == [task] else ""),
+    }
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from lorascope.report.forgetting import forgetting_section
 from lorascope.report.loader import FIGURE_PREFIX, load
 from lorascope.report.provenance import hparams_section, provenance_section
 from lorascope.report.reference import load_reference, reference_section
-from lorascope.report.representation import drift_section, weights_section
+from lorascope.report.representations import drift_section, weights_section
 from lorascope.study import atomic_write
 
 __all__ = ["load_reference", "write_report"]

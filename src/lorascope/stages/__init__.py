@@ -1,13 +1,27 @@
-"""The study's stages in run order, one module each; the CLI builds its subcommands and the
-run order from `STAGES`."""
+"""The study's stages in run order, one module each, named after its concern as the library
+module and the report section that go with it (stage `forget`: stages/forgetting.py); the
+CLI builds its subcommands and the run order from `STAGES`."""
 
 from __future__ import annotations
 
-from lorascope.stages import analyze, baselines, deploy, drift, forget, prepare, report, represent, train, tune, weights
+from lorascope.stages import (
+    analyze,
+    baselines,
+    deploy,
+    drift,
+    forgetting,
+    prepare,
+    report,
+    representations,
+    train,
+    tune,
+    weights,
+)
 from lorascope.study import Stage
 
 STAGES: tuple[Stage, ...] = tuple(
-    m.STAGE for m in (prepare, baselines, tune, train, represent, drift, weights, forget, deploy, analyze, report)
+    m.STAGE
+    for m in (prepare, baselines, tune, train, representations, drift, weights, forgetting, deploy, analyze, report)
 )
 BY_NAME = {stage.name: stage for stage in STAGES}
 

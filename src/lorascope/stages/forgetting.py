@@ -97,8 +97,8 @@ def probe_table(study: Study, config: StudyConfig, tokenizer, prepared: dict, mo
         labels = np.asarray(split["label"])
         for model_id, _, trained in models:
             features, _, layers = rep.load_features(wanted[(model_id, name)][0])
-            rows += _probe_rows(features[fc.pooling], layers, labels, n_train, name, trained, fc)
-    forgetting.FORGETTING.write(study.tables, _with_base(pd.DataFrame(rows), fc), table_fp)
+            rows += forgetting.probe_rows(features[fc.pooling], layers, labels, n_train, name, trained, fc)
+    forgetting.FORGETTING.write(study.tables, forgetting.with_base_reference(pd.DataFrame(rows), fc), table_fp)
 
 
 def probe_features_one(root: str, config: StudyConfig, trained, missing: list[tuple[str, Path, str]]) -> None:
@@ -117,58 +117,6 @@ def probe_features_one(root: str, config: StudyConfig, trained, missing: list[tu
         split = probe_examples(prepared[name][1], config)[0]
         features, layers = rep.study_features(model, split, represent, tokenizer, represent.batch_size, device, bf16)
         write_current(path, rep.features_bytes(features, split["example_id"], layers), fp)
-
-
-def _probe_rows(
-    features: torch.Tensor, layers: list[int], labels, n_train: int, probe_task: str, trained, fc
-) -> list[dict]:
-    task, method, seed = trained if trained is not None else ("", "base", None)
-    rows = []
-    for slot, layer in enumerate(layers):
-        x = features[slot].double().numpy()
-        fit = forgetting.probe(
-            x[:n_train], labels[:n_train], x[n_train:], labels[n_train:], folds=fc.folds, seed=fc.seed
-        )
-        rows.append(
-            {
-                "task": task,
-                "method": method,
-                "seed": seed,
-                "probe_task": probe_task,
-                "layer": layer,
-                "metric": "accuracy",
-                "score": fit.correct.mean(),
-                "correct": fit.correct,
-                "own_task": task == probe_task,
-                "n_train": n_train,
-                "n_eval": len(fit.correct),
-                "probe_c": fit.c,
-            }
-        )
-    return rows
-
-
-def _with_base(frame: pd.DataFrame, fc) -> pd.DataFrame:
-    """Each run's forgetting against the base's probe on the same task, layer and eval examples."""
-    base = frame[frame["method"] == "base"].set_index(["probe_task", "layer"])
-    out = []
-    for row in frame.to_dict("records"):
-        reference = base.loc[(row["probe_task"], row["layer"])]
-        estimate = forgetting.forgetting(
-            reference["correct"], row["correct"], bootstrap=fc.bootstrap, confidence=fc.confidence, seed=fc.seed
-        )
-        is_base = row["method"] == "base"
-        out.append(
-            {
-                **row,
-                "base_score": reference["score"],
-                "forgetting": np.nan if is_base else estimate.value,
-                "ci_low": np.nan if is_base else estimate.low,
-                "ci_high": np.nan if is_base else estimate.high,
-            }
-        )
-    out = pd.DataFrame(out).drop(columns="correct")
-    return forgetting.FORGETTING.frame(out.assign(seed=out["seed"].astype("Int64")))
 
 
 # ---------------------------------------------------------------- language modelling
@@ -250,28 +198,7 @@ def lm_table(study: Study, config: StudyConfig, tokenizer, prepared: dict, model
             [np.concatenate([losses[m][f"{kind}.{n}"].numpy() for n in names]) for kind in ("sums", "counts")]
             for m in ("base", model_id)
         )
-        change = forgetting.loss_change(
-            *base_part, *run_part, bootstrap=fc.bootstrap, confidence=fc.confidence, seed=fc.seed
-        )
-        task, method, seed = trained
-        rows.append(
-            {
-                "task": task,
-                "method": method,
-                "seed": seed,
-                "objective": objective,
-                "documents": len(base_part[0]),
-                "tokens": int(base_part[1].sum()),
-                "base_loss": base_part[0].sum() / base_part[1].sum(),
-                "run_loss": run_part[0].sum() / run_part[1].sum(),
-                "difference": change.value,
-                "ci_low": change.low,
-                "ci_high": change.high,
-                "status": "ok",
-                "note": f"documents: {', '.join(names)}"
-                + (" (the run's own task: no other task in the study)" if names == [task] else ""),
-            }
-        )
+        rows.append(forgetting.lm_change_row(trained, objective, names, base_part, run_part, fc))
     forgetting.LM_FORGETTING.write(study.tables, pd.DataFrame(rows, columns=forgetting.LM_FORGETTING.columns), table_fp)
 
 
