@@ -6,14 +6,19 @@ a busy machine gives the odd slow run."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 
 from lorascope.footprint import MB
 from lorascope.report import format as fmt
 from lorascope.report.document import Document
-from lorascope.report.figures import cost_figure, finite
+from lorascope.report.figures import finite, legend, method_color, method_label, panel_grid, plain_ticks
 from lorascope.report.loader import StudyView
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 COSTS = (  # performance.csv column, what the report calls it, divisor to its unit
     ("train_seconds", "training time (s)", 1),
@@ -88,3 +93,41 @@ def cost_section(doc: Document, view: StudyView) -> None:
         "weight files. Finished runs only.",
         css="note",
     )
+
+
+def cost_figure(medians: pd.DataFrame) -> Figure:
+    """One panel per training cost: the median of LoRA and of full FT per task, on a log scale
+    (they differ by orders of magnitude), with LoRA / full FT written above each pair."""
+    costs = list(dict.fromkeys(medians["cost"]))
+    ncols = min(4, len(costs))
+    fig, axes = panel_grid(len(costs), ncols, (3.5, 2.9), 0.6)
+    handles = []
+    for ax, cost in zip(axes.flat, costs):
+        rows = medians[medians["cost"] == cost]
+        x = np.arange(len(rows))
+        for offset, method in ((-0.2, "lora"), (0.2, "full")):
+            handles.append(
+                ax.bar(x + offset, rows[method], width=0.4, color=method_color(method), label=method_label(method))
+            )
+        for xi, r in zip(x, rows.itertuples()):
+            if finite(r.ratio):
+                ax.annotate(
+                    f"×{r.ratio:.3g}",
+                    (xi, max(r.lora, r.full)),
+                    xytext=(0, 3),
+                    textcoords="offset points",
+                    ha="center",
+                    fontsize=8,
+                )
+        ax.set_yscale("log")
+        shown = [v for v in (*rows["lora"], *rows["full"]) if finite(v) and v > 0]
+        if shown:  # a decade of room below the smallest bar, so bar heights compare
+            ax.set_ylim(min(shown) / 10, max(shown) * 3)
+        plain_ticks(ax.yaxis)
+        ax.set_xticks(x, list(rows["task"]))
+        ax.set_title(cost, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(costs) :]:
+        ax.set_visible(False)
+    legend(fig, handles, ncol=2)
+    return fig

@@ -73,16 +73,16 @@ def describe_finite(values: Iterable[float], confidence: float) -> dict:
 # ---------------------------------------------------------------- figures
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
-def _panel_grid(panels: int, ncols: int, panel_size: tuple[float, float], legend_height: float):
+def panel_grid(panels: int, ncols: int, panel_size: tuple[float, float], legend_height: float):
     """A figure of `panels` panels in rows of `ncols`, each `panel_size` inches, plus room for a legend."""
     nrows = math.ceil(panels / ncols)
-    fig = _new_figure(panel_size[0] * ncols, panel_size[1] * nrows + legend_height)
+    fig = new_figure(panel_size[0] * ncols, panel_size[1] * nrows + legend_height)
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
@@ -93,14 +93,14 @@ def png_bytes(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def _legend(fig, handles: list, ncol: int) -> None:
+def legend(fig, handles: list, ncol: int) -> None:
     seen: dict[str, Any] = {}
     for handle in handles:
         seen.setdefault(handle.get_label(), handle)
     fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncol=ncol, frameon=False, fontsize=9)
 
 
-def _plain_ticks(axis) -> None:
+def plain_ticks(axis) -> None:
     """Tick labels of a log axis as plain numbers (0.02, 64) rather than 2×10⁻², 2⁶."""
     from matplotlib.ticker import FuncFormatter
 
@@ -116,7 +116,7 @@ def performance_figure(
     from matplotlib.lines import Line2D
 
     ncols = min(3, len(tasks))
-    fig, axes = _panel_grid(len(tasks), ncols, (4.1, 3.3), 0.7)
+    fig, axes = panel_grid(len(tasks), ncols, (4.1, 3.3), 0.7)
     handles = []
     for ax, task in zip(axes.flat, tasks):
         rows = flagged[flagged["task"] == task]
@@ -201,7 +201,7 @@ def performance_figure(
             if h.get_label() in (REFERENCE_STYLES["majority"]["label"], REFERENCE_STYLES["head_only"]["label"])
         ),
     ]
-    _legend(fig, handles, ncol=4)
+    legend(fig, handles, ncol=4)
     return fig
 
 
@@ -225,7 +225,7 @@ def drift_figure(layers: pd.DataFrame, task: str, confidence: float) -> Figure:
     data = layers[layers["task"] == task]
     poolings = ordered(data["pooling"].astype(str), ("mean", "head"))
     measures = ordered(data["measure"].astype(str), tuple(MEASURE_LABELS))
-    fig = _new_figure(3.9 * len(measures) + 0.4, 2.9 * len(poolings) + 1.0)
+    fig = new_figure(3.9 * len(measures) + 0.4, 2.9 * len(poolings) + 1.0)
     axes = fig.subplots(len(poolings), len(measures), squeeze=False, sharex=True)
     handles = []
     for i, pooling in enumerate(poolings):
@@ -284,97 +284,7 @@ def drift_figure(layers: pd.DataFrame, task: str, confidence: float) -> Figure:
     def rank(h):
         return (" vs base" not in h.get_label(), "seed vs seed" not in h.get_label())
 
-    _legend(fig, sorted(handles, key=rank), ncol=3)
-    return fig
-
-
-def _kind(module: str) -> str:
-    return module.rsplit(".", 1)[-1]
-
-
-def weights_frame(weights: pd.DataFrame) -> pd.DataFrame:
-    """tables/weights.csv with numeric columns and each module's layer and matrix kind."""
-    w = weights.copy()
-    if "kind" not in w:
-        w["kind"] = w["module"].astype(str).map(_kind)
-    if "layer" not in w:
-        w["layer"] = w["module"].astype(str).str.extract(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)(?:\.|$)")[0]
-    w["layer"] = pd.to_numeric(w["layer"], errors="coerce")
-    for col in ("relative_update", "effective_rank", "intruders"):
-        w[col] = pd.to_numeric(w.get(col), errors="coerce")
-    w["kind"] = w["kind"].astype(str)
-    return w
-
-
-def changed_kinds(w: pd.DataFrame) -> tuple[dict[str, list[str]], list[str]]:
-    """Matrix kinds each method changed, and those every method changed (compared like for like)."""
-    moved = w[w["relative_update"] > 0]
-    changed = {m: sorted(set(moved[moved["method"] == m]["kind"])) for m in method_order(w["method"])}
-    common = sorted(set.intersection(*(set(k) for k in changed.values()))) if changed else []
-    return changed, common
-
-
-def weights_figure(weights: pd.DataFrame, task: str) -> Figure:
-    """Size, rank and intruder dimensions of each method's update per layer (a `weights_frame`)."""
-    w = weights[(weights["task"] == task) & weights["layer"].notna()]
-    changed, common = changed_kinds(w)
-    fig = _new_figure(13.0, 4.1)
-    axes = fig.subplots(1, 3)
-    handles = []
-    methods = method_order(w["method"])
-    width = 0.8 / max(1, len(methods))
-    for k, method in enumerate(methods):
-        color = method_color(method)
-        kinds = common or changed[method]
-        sel = w[(w["method"] == method) & w["kind"].isin(kinds)]
-        if sel.empty:
-            continue
-        for ax, col in ((axes[0], "relative_update"), (axes[1], "effective_rank")):
-            per_seed = sel.groupby(["seed", "layer"])[col].mean().unstack("seed")
-            line = ax.plot(
-                per_seed.index,
-                per_seed.mean(axis=1),
-                color=color,
-                lw=2.2,
-                marker="o",
-                ms=3.5,
-                label=f"{method_label(method)} ({', '.join(kinds)})",
-            )
-            if col == "relative_update":
-                handles += line
-            if per_seed.shape[1] > 1:
-                low, high = per_seed.min(axis=1), per_seed.max(axis=1)
-                ax.fill_between(per_seed.index, low, high, color=color, alpha=0.2, lw=0)
-            others = w[(w["method"] == method) & (w["relative_update"] > 0)]
-            if common and set(changed[method]) - set(common) and col == "relative_update":
-                every = others.groupby(["seed", "layer"])[col].mean().unstack("seed").mean(axis=1)
-                label = f"{method_label(method)} (all {len(changed[method])} matrix kinds)"
-                handles += ax.plot(every.index, every, color=color, lw=1.3, ls="--", label=label)
-        intr = sel.groupby(["seed", "layer"])["intruders"].sum().unstack("seed").mean(axis=1)
-        axes[2].bar(
-            intr.index + (k - (len(methods) - 1) / 2) * width,
-            intr,
-            width=width,
-            color=color,
-            label=method_label(method) + (" (0 in every layer)" if not (intr > 0).any() else ""),
-        )
-    axes[0].set_ylabel("relative update ‖ΔW‖F / ‖W‖F (ratio)")
-    axes[0].set_title("size of the update", fontsize=10)
-    axes[1].set_ylabel("effective rank of ΔW (dimensions)")
-    axes[1].set_title("rank of the update", fontsize=10)
-    axes[2].set_ylabel("intruder dimensions per layer (count)")
-    axes[2].set_title("intruder dimensions (summed over matrices)", fontsize=10)
-    for ax in axes:
-        ax.set_xlabel("layer")
-        ax.grid(alpha=0.3)
-    axes[2].set_ylim(0, max(1.0, axes[2].get_ylim()[1]) * 1.3)  # room for the legend above the bars
-    axes[2].legend(fontsize=8, frameon=False, loc="upper left", ncol=len(methods))
-    for ax in axes[:2]:
-        if any(line.get_ydata().size and np.nanmin(line.get_ydata()) > 0 for line in ax.get_lines()):
-            ax.set_yscale("log")
-            _plain_ticks(ax.yaxis)
-    fig.suptitle(f"{task}: weight-space change per layer (mean over seeds; band = min–max)", fontweight="bold")
-    _legend(fig, handles, ncol=3)
+    legend(fig, sorted(handles, key=rank), ncol=3)
     return fig
 
 
@@ -387,7 +297,6 @@ def _strategy_style(name: str) -> dict:
         ("merged", {"color": lora, "ls": "-", "marker": "o"}),
         ("separate", {"color": lora, "ls": "--", "marker": "^"}),
         ("switch", {"color": lora, "ls": "-.", "marker": "v"}),
-        ("mixed", {"color": lora, "ls": ":", "marker": "D"}),
         ("multi", {"color": lora, "ls": ":", "marker": "D"}),
     ):
         if n.startswith(key) or key in n:
@@ -400,7 +309,7 @@ def latency_figure(dep: pd.DataFrame) -> Figure:
     dep = dep.copy()
     dep["seq_len"] = dep["seq_len"].astype(str)
     seq_lens = ordered(dep["seq_len"], ("natural",))
-    fig = _new_figure(4.3 * len(seq_lens) + 0.4, 3.8)
+    fig = new_figure(4.3 * len(seq_lens) + 0.4, 3.8)
     axes = fig.subplots(1, len(seq_lens), squeeze=False)[0]
     handles = []
     for ax, seq_len in zip(axes, seq_lens):
@@ -425,14 +334,14 @@ def latency_figure(dep: pd.DataFrame) -> Figure:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(sorted(part["batch_size"].unique()))
-        _plain_ticks(ax.xaxis)
-        _plain_ticks(ax.yaxis)
+        plain_ticks(ax.xaxis)
+        plain_ticks(ax.yaxis)
         ax.set_xlabel("batch size (examples)")
         ax.set_ylabel("latency per batch, median (ms)")
         ax.set_title(f"sequence length {seq_len}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
     fig.suptitle("Latency vs batch size (line = median, band up to p95)", fontweight="bold")
-    _legend(fig, handles, ncol=6)
+    legend(fig, handles, ncol=6)
     return fig
 
 
@@ -445,7 +354,7 @@ def memory_figure(memory: pd.DataFrame) -> Figure:
     colors = [_strategy_style(s)["color"] for s in names]
     unit = "GPU allocated" if (memory["measure"] == "cuda allocated").all() else "resident set above runtime"
     extra = memory["inference_mb"].clip(lower=0)
-    fig = _new_figure(13, 3.8)
+    fig = new_figure(13, 3.8)
     axes = fig.subplots(1, 3)
     axes[0].bar(names, memory["loaded_mb"], color=colors)
     top = axes[0].bar(names, extra, bottom=memory["loaded_mb"], color=colors, alpha=0.45, hatch="//")
@@ -478,7 +387,7 @@ def engines_figure(grid: pd.DataFrame) -> Figure:
     of concurrent clients (p50 line, whiskers to p95 thick and p99 thin), and throughput below."""
     ok = grid[(grid["status"] == "ok") & (grid["batch_size"] == 1)]
     engines = ordered(ok["engine"].astype(str), tuple(ENGINE_LABELS))
-    fig = _new_figure(4.6 * len(engines) + 0.4, 6.4)
+    fig = new_figure(4.6 * len(engines) + 0.4, 6.4)
     axes = fig.subplots(2, len(engines), squeeze=False, sharex=True, sharey="row")
     handles = []
     for col, engine in enumerate(engines):
@@ -499,100 +408,11 @@ def engines_figure(grid: pd.DataFrame) -> Figure:
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xticks(sorted(part["concurrency"].unique()))
-            _plain_ticks(ax.xaxis)
-            _plain_ticks(ax.yaxis)
+            plain_ticks(ax.xaxis)
+            plain_ticks(ax.yaxis)
             ax.grid(alpha=0.3, which="both")
     axes[0, 0].set_ylabel("latency per request (ms)\np50, whiskers to p95 / p99")
     axes[1, 0].set_ylabel("throughput (examples/s)")
     fig.suptitle("Latency and throughput vs concurrency, per engine", fontweight="bold")
-    _legend(fig, handles, ncol=4)
-    return fig
-
-
-def tune_figure(trials: pd.DataFrame, task: str, method: str, metric: str) -> Figure:
-    """Dev metric of every finished trial of one search by trial number, and the best so far."""
-    rows = trials[(trials["task"] == task) & (trials["method"] == method)].sort_values("trial")
-    complete, pruned = (
-        rows[rows["state"] == "COMPLETE"],
-        rows[(rows["state"] == "PRUNED") & rows["last_dev_value"].notna()],
-    )
-    fig = _new_figure(6, 3.6)
-    ax = fig.subplots()
-    ax.plot(complete["trial"], complete["value"], "o", label="complete trial")
-    if len(pruned):
-        ax.plot(pruned["trial"], pruned["last_dev_value"], "x", color="grey", label="pruned (last dev value)")
-    if len(complete):
-        ax.step(complete["trial"], complete["value"].cummax(), where="post", color="C3", label="best so far")
-    ax.set(
-        xlabel="trial",
-        ylabel=f"dev {metric}",
-        title=f"{task} {method}: TPE search ({len(complete)} complete, {len(pruned)} pruned)",
-    )
-    ax.legend(loc="lower right", fontsize="small")
-    return fig
-
-
-def cost_figure(medians: pd.DataFrame) -> Figure:
-    """One panel per training cost: the median of LoRA and of full FT per task, on a log scale
-    (they differ by orders of magnitude), with LoRA / full FT written above each pair."""
-    costs = list(dict.fromkeys(medians["cost"]))
-    ncols = min(4, len(costs))
-    fig, axes = _panel_grid(len(costs), ncols, (3.5, 2.9), 0.6)
-    handles = []
-    for ax, cost in zip(axes.flat, costs):
-        rows = medians[medians["cost"] == cost]
-        x = np.arange(len(rows))
-        for offset, method in ((-0.2, "lora"), (0.2, "full")):
-            handles.append(
-                ax.bar(x + offset, rows[method], width=0.4, color=method_color(method), label=method_label(method))
-            )
-        for xi, r in zip(x, rows.itertuples()):
-            if finite(r.ratio):
-                ax.annotate(
-                    f"×{r.ratio:.3g}",
-                    (xi, max(r.lora, r.full)),
-                    xytext=(0, 3),
-                    textcoords="offset points",
-                    ha="center",
-                    fontsize=8,
-                )
-        ax.set_yscale("log")
-        shown = [v for v in (*rows["lora"], *rows["full"]) if finite(v) and v > 0]
-        if shown:  # a decade of room below the smallest bar, so bar heights compare
-            ax.set_ylim(min(shown) / 10, max(shown) * 3)
-        _plain_ticks(ax.yaxis)
-        ax.set_xticks(x, list(rows["task"]))
-        ax.set_title(cost, fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    for ax in list(axes.flat)[len(costs) :]:
-        ax.set_visible(False)
-    _legend(fig, handles, ncol=2)
-    return fig
-
-
-def forgetting_figure(points: pd.DataFrame) -> Figure:
-    """Does drift predict forgetting? One point per run: its drift (x) against its forgetting on
-    the tasks it did not train on (y, points of probe accuracy), coloured by method, one marker
-    per training task."""
-    fig = _new_figure(5.6, 4.2)
-    ax = fig.subplots()
-    markers = dict(zip(ordered(points["task"]), "osD^v<>"))
-    handles = []
-    for method in method_order(points["method"]):
-        for task, marker in markers.items():
-            rows = points[(points["method"] == method) & (points["task"] == task)]
-            if not rows.empty:
-                handles.append(
-                    ax.scatter(
-                        rows["drift"],
-                        100 * rows["forgetting"],
-                        color=method_color(method),
-                        marker=marker,
-                        label=f"{method_label(method)}, trained on {task}",
-                    )
-                )
-    ax.axhline(0, color="black", linestyle="--", linewidth=0.8)
-    ax.set(xlabel="drift, 1 − linear CKA (mean over layers)", ylabel="forgetting on other tasks (points)")
-    ax.grid(alpha=0.3)
-    _legend(fig, handles, ncol=2)
+    legend(fig, handles, ncol=4)
     return fig

@@ -5,13 +5,18 @@ forget_correlation.csv (the analyze stage)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pandas as pd
 
 from lorascope.forgetting import OTHER_TASKS
 from lorascope.report import format as fmt
 from lorascope.report.document import Document
-from lorascope.report.figures import finite, forgetting_figure, method_label, method_order, ordered
+from lorascope.report.figures import finite, legend, method_color, method_label, method_order, new_figure, ordered
 from lorascope.report.loader import ANALYZE, StudyView
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _points(value, low, high) -> str:
@@ -215,3 +220,31 @@ def drift_answer(overall: pd.DataFrame) -> str:
         f"**In this study, drift did not clearly predict forgetting** ({where}; the interval includes 0, so the "
         "runs cannot tell a relation from none)."
     )
+
+
+def forgetting_figure(points: pd.DataFrame) -> Figure:
+    """Does drift predict forgetting? One point per run: its drift (x) against its forgetting on
+    the tasks it did not train on (y, points of probe accuracy), coloured by method, one marker
+    per training task."""
+    fig = new_figure(5.6, 4.2)
+    ax = fig.subplots()
+    markers = dict(zip(ordered(points["task"]), "osD^v<>"))
+    handles = []
+    for method in method_order(points["method"]):
+        for task, marker in markers.items():
+            rows = points[(points["method"] == method) & (points["task"] == task)]
+            if not rows.empty:
+                handles.append(
+                    ax.scatter(
+                        rows["drift"],
+                        100 * rows["forgetting"],
+                        color=method_color(method),
+                        marker=marker,
+                        label=f"{method_label(method)}, trained on {task}",
+                    )
+                )
+    ax.axhline(0, color="black", linestyle="--", linewidth=0.8)
+    ax.set(xlabel="drift, 1 − linear CKA (mean over layers)", ylabel="forgetting on other tasks (points)")
+    ax.grid(alpha=0.3)
+    legend(fig, handles, ncol=2)
+    return fig

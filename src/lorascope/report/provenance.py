@@ -6,13 +6,18 @@ from __future__ import annotations
 import datetime
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
 
 from lorascope.report import format as fmt
 from lorascope.report.document import Document
-from lorascope.report.figures import finite, method_label, method_order, ordered, tune_figure
+from lorascope.report.figures import finite, method_label, method_order, new_figure, ordered
 from lorascope.report.loader import StudyView
 from lorascope.tuning import tuned_records
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _used_hparams(view: StudyView) -> dict[tuple[str, str], list[tuple[int | None, dict]]]:
@@ -175,3 +180,26 @@ def provenance_section(doc: Document, view: StudyView) -> None:
         doc.details("config.yaml (resolved, exactly what ran)", config_path.read_text(), "yaml")
     else:
         doc.not_run("config.yaml missing")
+
+
+def tune_figure(trials: pd.DataFrame, task: str, method: str, metric: str) -> Figure:
+    """Dev metric of every finished trial of one search by trial number, and the best so far."""
+    rows = trials[(trials["task"] == task) & (trials["method"] == method)].sort_values("trial")
+    complete, pruned = (
+        rows[rows["state"] == "COMPLETE"],
+        rows[(rows["state"] == "PRUNED") & rows["last_dev_value"].notna()],
+    )
+    fig = new_figure(6, 3.6)
+    ax = fig.subplots()
+    ax.plot(complete["trial"], complete["value"], "o", label="complete trial")
+    if len(pruned):
+        ax.plot(pruned["trial"], pruned["last_dev_value"], "x", color="grey", label="pruned (last dev value)")
+    if len(complete):
+        ax.step(complete["trial"], complete["value"].cummax(), where="post", color="C3", label="best so far")
+    ax.set(
+        xlabel="trial",
+        ylabel=f"dev {metric}",
+        title=f"{task} {method}: TPE search ({len(complete)} complete, {len(pruned)} pruned)",
+    )
+    ax.legend(loc="lower right", fontsize="small")
+    return fig

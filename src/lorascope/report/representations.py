@@ -4,20 +4,29 @@ drift_statistics.csv (the analyze stage) and weights.csv."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
 from lorascope.report import format as fmt
 from lorascope.report.document import Document
 from lorascope.report.figures import (
     MEASURE_LABELS,
-    changed_kinds,
     drift_figure,
     finite,
+    legend,
+    method_color,
     method_label,
     method_order,
+    new_figure,
     ordered,
-    weights_figure,
-    weights_frame,
+    plain_ticks,
 )
 from lorascope.report.loader import ANALYZE, StudyView
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def drift_section(doc: Document, view: StudyView) -> None:
@@ -177,3 +186,93 @@ def weights_section(doc: Document, view: StudyView) -> None:
         ],
         rows,
     )
+
+
+def _kind(module: str) -> str:
+    return module.rsplit(".", 1)[-1]
+
+
+def weights_frame(weights: pd.DataFrame) -> pd.DataFrame:
+    """tables/weights.csv with numeric columns and each module's layer and matrix kind."""
+    w = weights.copy()
+    if "kind" not in w:
+        w["kind"] = w["module"].astype(str).map(_kind)
+    if "layer" not in w:
+        w["layer"] = w["module"].astype(str).str.extract(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)(?:\.|$)")[0]
+    w["layer"] = pd.to_numeric(w["layer"], errors="coerce")
+    for col in ("relative_update", "effective_rank", "intruders"):
+        w[col] = pd.to_numeric(w.get(col), errors="coerce")
+    w["kind"] = w["kind"].astype(str)
+    return w
+
+
+def changed_kinds(w: pd.DataFrame) -> tuple[dict[str, list[str]], list[str]]:
+    """Matrix kinds each method changed, and those every method changed (compared like for like)."""
+    moved = w[w["relative_update"] > 0]
+    changed = {m: sorted(set(moved[moved["method"] == m]["kind"])) for m in method_order(w["method"])}
+    common = sorted(set.intersection(*(set(k) for k in changed.values()))) if changed else []
+    return changed, common
+
+
+def weights_figure(weights: pd.DataFrame, task: str) -> Figure:
+    """Size, rank and intruder dimensions of each method's update per layer (a `weights_frame`)."""
+    w = weights[(weights["task"] == task) & weights["layer"].notna()]
+    changed, common = changed_kinds(w)
+    fig = new_figure(13.0, 4.1)
+    axes = fig.subplots(1, 3)
+    handles = []
+    methods = method_order(w["method"])
+    width = 0.8 / max(1, len(methods))
+    for k, method in enumerate(methods):
+        color = method_color(method)
+        kinds = common or changed[method]
+        sel = w[(w["method"] == method) & w["kind"].isin(kinds)]
+        if sel.empty:
+            continue
+        for ax, col in ((axes[0], "relative_update"), (axes[1], "effective_rank")):
+            per_seed = sel.groupby(["seed", "layer"])[col].mean().unstack("seed")
+            line = ax.plot(
+                per_seed.index,
+                per_seed.mean(axis=1),
+                color=color,
+                lw=2.2,
+                marker="o",
+                ms=3.5,
+                label=f"{method_label(method)} ({', '.join(kinds)})",
+            )
+            if col == "relative_update":
+                handles += line
+            if per_seed.shape[1] > 1:
+                low, high = per_seed.min(axis=1), per_seed.max(axis=1)
+                ax.fill_between(per_seed.index, low, high, color=color, alpha=0.2, lw=0)
+            others = w[(w["method"] == method) & (w["relative_update"] > 0)]
+            if common and set(changed[method]) - set(common) and col == "relative_update":
+                every = others.groupby(["seed", "layer"])[col].mean().unstack("seed").mean(axis=1)
+                label = f"{method_label(method)} (all {len(changed[method])} matrix kinds)"
+                handles += ax.plot(every.index, every, color=color, lw=1.3, ls="--", label=label)
+        intr = sel.groupby(["seed", "layer"])["intruders"].sum().unstack("seed").mean(axis=1)
+        axes[2].bar(
+            intr.index + (k - (len(methods) - 1) / 2) * width,
+            intr,
+            width=width,
+            color=color,
+            label=method_label(method) + (" (0 in every layer)" if not (intr > 0).any() else ""),
+        )
+    axes[0].set_ylabel("relative update ‖ΔW‖F / ‖W‖F (ratio)")
+    axes[0].set_title("size of the update", fontsize=10)
+    axes[1].set_ylabel("effective rank of ΔW (dimensions)")
+    axes[1].set_title("rank of the update", fontsize=10)
+    axes[2].set_ylabel("intruder dimensions per layer (count)")
+    axes[2].set_title("intruder dimensions (summed over matrices)", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    axes[2].set_ylim(0, max(1.0, axes[2].get_ylim()[1]) * 1.3)  # room for the legend above the bars
+    axes[2].legend(fontsize=8, frameon=False, loc="upper left", ncol=len(methods))
+    for ax in axes[:2]:
+        if any(line.get_ydata().size and np.nanmin(line.get_ydata()) > 0 for line in ax.get_lines()):
+            ax.set_yscale("log")
+            plain_ticks(ax.yaxis)
+    fig.suptitle(f"{task}: weight-space change per layer (mean over seeds; band = min–max)", fontweight="bold")
+    legend(fig, handles, ncol=3)
+    return fig
