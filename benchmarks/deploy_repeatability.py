@@ -27,10 +27,11 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 def run_once(args, out: Path) -> None:
     """One benchmark of the study's runs, written to `out` (in this process)."""
-    import datasets
     import transformers
 
     from lorascope import modeling
+    from lorascope.config import DeployConfig
+    from lorascope.prepared import load_prepared
     from lorascope.serving.benchmark import benchmark
     from lorascope.serving.inputs import examples_from_dataset
     from lorascope.study import Study
@@ -42,17 +43,19 @@ def run_once(args, out: Path) -> None:
     seed = config.deploy.seed if config.deploy.seed is not None else config.seeds[0]
     tasks = list(config.tasks)
     adapters = {t: str(study.run_dir(t, "lora", seed)) for t in tasks}
-    splits = {t: datasets.load_from_disk(str(study.prepared_dir(t) / "splits")) for t in tasks}
+    splits = {t: load_prepared(study, t)[1] for t in tasks}
     examples = {t: examples_from_dataset(splits[t]["eval"]) for t in tasks}
-    cfg = config.deploy.model_copy(
-        update={
-            "batch_sizes": args.batch_sizes,
-            "seq_lens": [s if s == "natural" else int(s) for s in args.seq_lens],
-            "repeats": args.repeats,
-            "warmup": args.warmup,
-            "threads": args.threads,
-            "bootstrap": 1000,
-        }
+    cells = {
+        "batch_sizes": args.batch_sizes,
+        "seq_lens": [s if s == "natural" else int(s) for s in args.seq_lens],
+        "concurrency": [1],
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "threads": args.threads,
+    }
+    cfg = DeployConfig.model_validate(
+        config.deploy.model_dump()
+        | {"engines": ["peft"], "bootstrap": 1000, "grid": cells, "checks": {"examples": args.check_examples}}
     )
     benchmark(
         modeling.resolve_model_path(config.model.name),
@@ -63,7 +66,6 @@ def run_once(args, out: Path) -> None:
         cfg,
         out,
         memory=args.memory,
-        check_examples=args.check_examples,
     )
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,10 +20,11 @@ import torch
 from peft import LoraModel
 
 from lorascope import footprint, stats
-from lorascope.config import STRATEGIES, DeployConfig, LoraMethodConfig
+from lorascope.config import STRATEGIES, DeployConfig
+from lorascope.hparams import LoraMethodConfig
 from lorascope.modeling import load_model, load_tokenizer, prepare_for_method
 from lorascope.report.figures import memory_figure, png_bytes
-from lorascope.serving import benchmark, checks, inputs, memory, strategies, timing
+from lorascope.serving import benchmark, checks, grid, inputs, load, memory, strategies
 
 LABELS = ("negative", "positive")
 GLUE = Path(os.environ["LORASCOPE_GLUE"])  # set by conftest
@@ -68,9 +70,9 @@ def _checks(models, examples, tokenizer):
     )
 
 
-def _cfg(**changes):
-    grid = {"batch_sizes": [1, 2], "seq_lens": ["natural", 8], "warmup": 1, "repeats": 3, "bootstrap": 20, "threads": 1}
-    return DeployConfig(**(grid | changes))
+def _cfg(compile=False, **changes):
+    cells = {"batch_sizes": [1, 2], "seq_lens": ["natural", 8], "concurrency": [1], "warmup": 1, "repeats": 3}
+    return DeployConfig(grid=cells | {"threads": 1} | changes, bootstrap=20, compile=compile)
 
 
 def test_checks_pass_on_real_serving_paths(setup):
@@ -78,7 +80,7 @@ def test_checks_pass_on_real_serving_paths(setup):
     table = _checks(models, examples, tokenizer)
     assert sorted(table["check"].value_counts().items()) == [
         ("merged_vs_separate", 2),
-        ("mixed_vs_alone", 2),
+        ("multi_vs_alone", 2),
         ("switch_vs_fresh", 2),
     ]
     assert table["passed"].all(), table
@@ -122,7 +124,7 @@ def test_corrupted_merge_stops_the_benchmark_with_numbers(setup, tmp_path, monke
     assert not (tmp_path / "deployment.csv").exists()  # nothing timed after a failed check
 
 
-def test_corrupted_adapter_in_multi_model_fails_switch_and_mixed(setup, monkeypatch):
+def test_corrupted_adapter_in_multi_model_fails_switch_and_multi(setup, monkeypatch):
     models, examples, tokenizer = setup
     real_load_multi = strategies.load_multi
 
@@ -137,8 +139,8 @@ def test_corrupted_adapter_in_multi_model_fails_switch_and_mixed(setup, monkeypa
     monkeypatch.setattr(checks, "load_multi", corrupt)
     table = _checks(models, examples, tokenizer).set_index(["check", "task"])
     assert table.loc[("merged_vs_separate", "rte"), "passed"]
-    assert table.loc[("switch_vs_fresh", "sst2"), "passed"] and table.loc[("mixed_vs_alone", "sst2"), "passed"]
-    for check in ("switch_vs_fresh", "mixed_vs_alone"):
+    assert table.loc[("switch_vs_fresh", "sst2"), "passed"] and table.loc[("multi_vs_alone", "sst2"), "passed"]
+    for check in ("switch_vs_fresh", "multi_vs_alone"):
         assert not table.loc[(check, "rte"), "passed"]
         assert table.loc[(check, "rte"), "max_abs_diff"] > checks.ATOL
 
@@ -147,7 +149,7 @@ def test_percentiles_throughput_and_overhead_match_numpy():
     rng = np.random.default_rng(7)
     a, b = rng.lognormal(1.0, 0.3, 57), rng.lognormal(0.8, 0.3, 57)
     padded, real = np.full(57, 4 * 16), rng.integers(20, 64, 57)
-    row = timing.summarize(a, 4, padded, real)
+    row = grid.sequential("peft", grid.Cell(1, 4), {"a": a}, padded, real)[0].summary()
     assert [row["p50_ms"], row["p95_ms"], row["p99_ms"]] == pytest.approx(np.percentile(a, [50, 95, 99]))
     assert row["mean_ms"] == pytest.approx(a.mean())
     assert row["examples_per_s"] == pytest.approx(4 / (a.mean() / 1e3))
@@ -200,6 +202,7 @@ def test_table_has_required_columns_and_one_row_per_cell(setup, tmp_path):
     assert list(table.columns[9:14]) == ["tokens_per_s", "overhead_ci_low", "overhead_ci_high", "threads", "repeats"]
     cells = table.groupby(["strategy", "batch_size", "seq_len"]).size()
     assert len(table) == len(cells) == 6 * 2 * 2 and (cells == 1).all()
+    assert (table["repeats"] == 3).all() and (table["warmup"] == 1).all()
     assert set(table["strategy"]) == set(STRATEGIES) and (table["status"] == "ok").all()
     assert (table["p50_ms"] > 0).all() and (table["p95_ms"] >= table["p50_ms"]).all()
     assert (table["threads"] == 1).all()
@@ -213,25 +216,47 @@ def test_table_has_required_columns_and_one_row_per_cell(setup, tmp_path):
             assert rows.loc[strategy, "overhead_vs_full"] == pytest.approx(np.median(ms[strategy] / ms["full"]))
     assert (table[table["seq_len"] == "8"]["mean_padded_length"] == 8).all()
     assert result.checks["passed"].all() and (tmp_path / "deployment_checks.csv").is_file()
+    # the engines table holds the same measurements of PEFT's natural-length cells, with both overheads
+    engines = pd.read_csv(tmp_path / "deployment_engines.csv")
+    natural = table[table["seq_len"] == "natural"].set_index(["strategy", "batch_size"])
+    assert set(engines["engine"]) == {"peft"} and len(engines) == len(natural) and (engines["concurrency"] == 1).all()
+    for r in engines.itertuples():
+        assert r.p50_ms == pytest.approx(natural.loc[(r.strategy, r.batch_size), "p50_ms"])
+        assert r.overhead_vs_full == pytest.approx(natural.loc[(r.strategy, r.batch_size), "overhead_vs_full"])
+        assert r.overhead_vs_merged == pytest.approx(natural.loc[(r.strategy, r.batch_size), "overhead_vs_merged"])
+        assert r.max_in_flight == 1 and r.requests == 3
 
 
-def test_round_robin_interleaves_and_every_strategy_sees_the_same_batch():
-    order = timing.round_robin(["a", "b", "c"], 4)
-    assert order == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
-
-    log = []
+def test_one_client_cells_alternate_request_by_request_on_the_same_requests():
+    """PEFT at one client: each strategy's warm-up requests (numbered below 0, from the stream
+    before the timed ones) are never timed; then one request a turn, the first strategy rotating
+    (load.round_robin), every strategy sent request k in round k, sequentially in this thread."""
+    assert load.round_robin(["a", "b", "c"], 4) == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    log, me = [], threading.get_ident()
 
     def fake(name):
-        return lambda batch, request: log.append((name, batch.tasks[0], request))
+        def send(request):
+            assert threading.get_ident() == me
+            log.append((name, request.rows[0]["input_ids"][0], request.number))
 
-    batches = [inputs.Batch({"input_ids": torch.zeros(1, 2)}, [f"b{i}"]) for i in range(5)]
-    times = timing.time_cell({s: fake(s) for s in "abc"}, batches[:2], batches[2:], torch.device("cpu"), bf16=False)
-    warm, timed = log[:6], log[6:]
-    assert {batch for _, batch, _ in warm} == {"b0", "b1"}  # warm-up batches are never timed
-    assert [name for name, _, _ in timed] == [s for rep in timing.round_robin(list("abc"), 3) for s in rep]
+        return send
+
+    pool = [{"input_ids": [i], "task": "t"} for i in range(10)]
+    workload = grid.Workload(pool, 0, ("input_ids", "attention_mask"), warmup=2)
+    cfg = DeployConfig(grid={"concurrency": [1], "warmup": 2, "repeats": 3})
+    measured = grid.measure(
+        "peft", {s: fake(s) for s in "abc"}, workload, grid.Cell(1, 1), cfg.grid, load.TURNS["peft"]
+    )
+    warm = [entry for entry in log if entry[2] < 0]
+    assert [(n, k) for n, _, k in warm] == [("a", -2), ("a", -1), ("b", -2), ("b", -1), ("c", -2), ("c", -1)]
+    assert {ids for _, ids, _ in warm} == {0, 1}  # the stream before the timed requests
+    timed = [entry for entry in log if entry[2] >= 0]
+    assert [name for name, _, _ in timed] == [s for rep in load.round_robin(list("abc"), 3) for s in rep]
     for rep in range(3):
-        assert {(batch, request) for _, batch, request in timed[3 * rep : 3 * rep + 3]} == {(f"b{rep + 2}", rep)}
-    assert all(len(t) == 3 and (t >= 0).all() for t in times.values())
+        assert {(ids, k) for _, ids, k in timed[3 * rep : 3 * rep + 3]} == {(rep + 2, rep)}
+    assert [m.strategy for m in measured] == list("abc")
+    assert all(len(m.taken.latencies_ms) == 3 and (m.taken.latencies_ms >= 0).all() for m in measured)
+    assert all(m.turns == [range(0, 1), range(1, 2), range(2, 3)] for m in measured)
 
 
 def test_natural_batches_come_from_real_texts_and_fixed_lengths_are_exact(setup):
@@ -256,7 +281,7 @@ def test_memory_is_measured_in_a_fresh_process(setup):
     pool = inputs.interleave(examples)
     batch = inputs.make_batches(pool, 4, "natural", 1, tokenizer.pad_token_id, inputs.forward_inputs(models.base))[0]
     spec = {
-        "strategy": "mixed",
+        "strategy": "multi",
         "models": {"base": models.base, "adapters": models.adapters, "full": models.full},
         "num_labels": 2,
         "pad_token_id": tokenizer.pad_token_id,
@@ -269,12 +294,14 @@ def test_memory_is_measured_in_a_fresh_process(setup):
     row = memory.memory_in_subprocess(spec)
     assert row["loaded_mb"] > 1 and row["peak_mb"] > 0 and row["load_seconds"] > 0 and row["inference_mb"] >= 0
     assert row["measure"] == "cpu rss" and row["method"]
+    # the engines table's PEFT memory: the whole process's peak, runtime included
+    assert row["process_mb"] == pytest.approx(row["runtime_mb"] + row["peak_mb"]) and row["gpu_mb"] is None
     assert row["runtime_mb"] < footprint.rss() / footprint.MB - 200, "the measuring process inherited the driver's heap"
     del ballast
     broken = spec | {"models": spec["models"] | {"base": str(models.base) + "-missing"}}
-    with pytest.raises(RuntimeError, match=r"memory measurement of mixed failed: .*missing"):
+    with pytest.raises(RuntimeError, match=r"memory measurement of multi failed: .*missing"):
         memory.memory_in_subprocess(broken)
-    assert memory.disk_sizes("mixed", models)[1] == pytest.approx(
+    assert memory.disk_sizes("multi", models)[1] == pytest.approx(
         2 * memory.disk_sizes("separate", models)[1], rel=0.01
     )
 
@@ -294,10 +321,10 @@ def test_memory_of_strategies_measured_side_by_side_lands_in_strategy_order(setu
         "batches": [{"inputs": {k: v.tolist() for k, v in batch.inputs.items()}, "tasks": batch.tasks}],
     }
     monkeypatch.setattr(memory, "cores", lambda: 2)  # two processes at once, whatever this machine has
-    table = memory.memory_table(["mixed", "full", "separate"], models, spec)
-    assert table["strategy"].tolist() == ["mixed", "full", "separate"]
+    table = memory.memory_table(["multi", "full", "separate"], models, spec)
+    assert table["strategy"].tolist() == ["multi", "full", "separate"]
     assert table["adapter_disk_mb"].tolist() == pytest.approx(
-        [memory.disk_sizes(s, models)[1] for s in ("mixed", "full", "separate")]
+        [memory.disk_sizes(s, models)[1] for s in ("multi", "full", "separate")]
     )
     assert (table["loaded_mb"] > 1).all() and (table["inference_mb"] >= 0).all()
 
@@ -308,7 +335,7 @@ def test_a_process_spinning_beside_the_timing_counts_as_busy():
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)  # started and spinning
-        assert timing.others_busy_cores(0.5) > 0.5
+        assert load.others_busy_cores(0.5) > 0.5
     finally:
         spinner.kill()
         spinner.wait()
@@ -350,7 +377,7 @@ def test_skipped_strategies_are_reported_with_their_reason(setup, tmp_path, monk
     table = pd.read_csv(tmp_path / "deployment.csv").set_index("strategy")
     assert list(table.index) == [*STRATEGIES, "merged_compiled", "separate_compiled"]
     notes = table[table["status"] == "skipped"]["note"]
-    assert notes["switch"] == notes["mixed"] == "needs 2 or more adapters, 1 given"
+    assert notes["switch"] == notes["multi"] == "needs 2 or more adapters, 1 given"
     assert notes["full"] == "no fully fine-tuned model given"
     assert notes["merged_compiled"] == "torch.compile failed: no C++ compiler here"
     assert table.loc["separate", "status"] == "ok" and np.isnan(table.loc["separate", "overhead_vs_full"])

@@ -66,9 +66,9 @@ def test_smoke_study_end_to_end(tmp_path):
     assert set(positions["positions"]) == {"all attended tokens"}  # an encoder's mean keeps every token
     assert len(positions) == 3 * 7 and positions["excluded_norm_share"].isna().all()
     deployment = pd.read_csv(out / "tables" / "deployment.csv")
-    assert {"base", "full", "merged", "separate", "switch", "mixed"} <= set(deployment["strategy"])
+    assert {"base", "full", "merged", "separate", "switch", "multi"} <= set(deployment["strategy"])
     checks = pd.read_csv(out / "tables" / "deployment_checks.csv")
-    assert checks["passed"].all() and set(checks["n_examples"]) == {24}  # deploy.check_examples reached the checks
+    assert checks["passed"].all() and set(checks["n_examples"]) == {24}  # deploy.checks.examples reached the checks
     verdict = pd.read_csv(out / "tables" / "verdict.csv")
     rows = {
         "quality",

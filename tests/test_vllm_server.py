@@ -93,7 +93,7 @@ def test_missing_env_says_how_to_build_it(tmp_path):
 
 def test_ready_then_tree_stopped_on_normal_exit(fake_env, tmp_path):
     with _fake(fake_env, tmp_path) as server:
-        assert server._request("GET", "/health")[0] == 200
+        assert server.request("GET", "/health")[0] == 200
         procs = _tree(server.pid)
         assert len(procs) == 2 and server.memory_mb()["server_rss_mb"] > 1
     assert _gone(procs)
@@ -166,7 +166,7 @@ def test_engine_grid_with_a_dying_server_gives_one_line_and_keeps_peft_rows(
 
     from lorascope.config import DeployConfig
     from lorascope.modeling import load_tokenizer
-    from lorascope.serving import engines
+    from lorascope.serving import benchmark, grid
 
     monkeypatch.setenv("FAKE_MODE", "die")
     tokenizer = load_tokenizer(str(tiny_llama_dir))
@@ -179,18 +179,22 @@ def test_engine_grid_with_a_dying_server_gives_one_line_and_keeps_peft_rows(
     examples = {"sst2": [dict(tokenizer(text)) | {"label": 1} for text in ("good", "a fine film")]}
     cfg = DeployConfig(
         engines=["peft", "vllm"],
-        concurrency=[1, 2],
-        batch_sizes=[1],
-        engine_requests=4,
-        engine_rounds=2,
-        warmup=0,
+        strategies=["full", "merged", "separate", "multi"],
+        grid={"concurrency": [1, 2], "batch_sizes": [1], "seq_lens": ["natural"], "requests": 4, "repeats": 4},
         bootstrap=0,
-        vllm_python=str(fake_env),
-        vllm_startup_timeout=30,
+        vllm={"python": str(fake_env), "startup_timeout": 30},
     )
-    rows = engines.run_engines(
-        str(tiny_llama_dir), {"sst2": str(tmp_path / "adapter")}, None, examples, tokenizer, cfg, tmp_path / "out"
-    ).rows
+    cfg.grid.rounds, cfg.grid.warmup = 2, 0
+    rows = benchmark.benchmark(
+        str(tiny_llama_dir),
+        {"sst2": str(tmp_path / "adapter")},
+        None,
+        examples,
+        tokenizer,
+        cfg,
+        tmp_path / "out",
+        memory=False,
+    ).engines
     peft, vllm = rows[rows["engine"] == "peft"], rows[rows["engine"] == "vllm"]
     assert set(peft.loc[peft["status"] == "ok", "strategy"]) == {"merged", "separate"}
     assert set(peft.loc[peft["status"] == "skipped", "note"]) == {
@@ -209,7 +213,7 @@ def test_engine_grid_with_a_dying_server_gives_one_line_and_keeps_peft_rows(
     )
     assert "vLLM cannot serve merged: vLLM server exited with code 1" in capsys.readouterr().err
     assert (tmp_path / "out" / "logs" / "vllm-merged.log").is_file()
-    assert engines.DEPLOYMENT_ENGINES.read(tmp_path / "out") is not None
+    assert grid.DEPLOYMENT_ENGINES.read(tmp_path / "out") is not None
 
 
 def test_last_log_line_finds_the_root_cause(tmp_path):
@@ -318,7 +322,7 @@ def vllm_server(llama, tmp_path_factory):
 
 @needs_vllm
 def test_vllm_is_ready_with_base_and_adapter(vllm_server):
-    assert vllm_server._request("GET", "/health")[0] == 200  # ready means ready, no retry needed
+    assert vllm_server.request("GET", "/health")[0] == 200  # ready means ready, no retry needed
     assert vllm_server.models() == ["base", "adapter", "other"]
     assert 0 < vllm_server.startup_seconds < STARTUP_TIMEOUT
     assert vllm_server.memory_mb()["server_rss_mb"] > 200  # the tree: API server + engine core
@@ -346,10 +350,10 @@ def test_vllm_probabilities_equal_peft(vllm_server, peft_reference):
 def test_engine_check_fails_when_the_server_serves_another_adapter_or_the_base(
     vllm_server, peft_reference, served, passed
 ):
-    """The engine grid's check (serving.engines.vllm_check) on the real server: PEFT's probabilities
+    """The vLLM engine's check (serving.vllm_engine.check) on the real server: PEFT's probabilities
     of `adapter` against what the server answers for `served`."""
-    from lorascope.serving.engines import vllm_check
     from lorascope.serving.inputs import Models
+    from lorascope.serving.vllm_engine import check
 
     ids, reference = peft_reference
     models = Models("base", {"adapter": "adapter"})
@@ -358,7 +362,7 @@ def test_engine_check_fails_when_the_server_serves_another_adapter_or_the_base(
     def send(task, rows):
         return vllm_server.classify(served, [r["input_ids"] for r in rows])
 
-    [row] = vllm_check(send, "separate", checked, {"separate": {"adapter": reference["adapter"].float()}}, models)
+    [row] = check(send, "separate", checked, {"separate": {"adapter": reference["adapter"].float()}}, models)
     assert row["passed"] is passed and row["n_examples"] == len(TEXTS)
     assert (row["max_abs_diff"] < 1e-5) if passed else (row["max_abs_diff"] > 0.05)
 

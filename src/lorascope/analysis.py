@@ -14,7 +14,7 @@ from lorascope.config import AnalysisConfig, StudyConfig
 from lorascope.drift import DRIFT_LAYERS, DRIFT_SUMMARY
 from lorascope.forgetting import FORGET_CORRELATION, FORGET_DRIFT, FORGET_STATISTICS, FORGETTING
 from lorascope.runs import BASELINES, PERFORMANCE
-from lorascope.serving.timing import DEPLOYMENT
+from lorascope.serving.grid import DEPLOYMENT
 from lorascope.study import Study, Table
 
 METRICS = ("primary_value", "accuracy", "f1")

@@ -1,6 +1,7 @@
-"""Report section on serving cost: latency per strategy, batch size and length, overhead against
-full fine-tuning, the correctness checks run before timing, and memory (deployment*.csv); then
-the engines side by side, PEFT in-process and vLLM (deployment_engine*.csv)."""
+"""Report section on serving cost: PEFT's latency per strategy, batch size and length at one
+client, overhead against full fine-tuning, the correctness checks run before timing, and memory
+(deployment*.csv); then every engine's natural-length cells side by side, PEFT in-process and
+vLLM (deployment_engine*.csv). docs/serving.md says what each number means."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from lorascope.report import format as fmt
 from lorascope.report.document import Document
 from lorascope.report.figures import ENGINE_LABELS, engines_figure, finite, latency_figure, memory_figure, ordered
 from lorascope.report.loader import StudyView
-from lorascope.serving.engines import DEPLOYMENT_ENGINES, ENGINE_CHECKS, ENGINE_STRATEGIES, ENGINE_VERSIONS
+from lorascope.serving.grid import DEPLOYMENT_ENGINES, strategy_order
+from lorascope.serving.vllm_engine import ENGINE_CHECKS, ENGINE_VERSIONS
 
-STRATEGY_ORDER = ("full", "merged", "separate", "switch", "mixed", "base")
+STRATEGY_ORDER = ("full", "merged", "separate", "switch", "multi", "base")
 
 
 def _overhead(row, key: str = "overhead_vs_full", low: str = "overhead_ci_low", high: str = "overhead_ci_high") -> str:
@@ -76,9 +78,10 @@ def deployment_section(doc: Document, view: StudyView) -> None:
         doc.para(
             "Overhead: latency relative to full fine-tuning at the same batch size and length, minus 1, with "
             "its bootstrap interval in brackets. Strategies: full = fully fine-tuned model; merged = LoRA merged "
-            "into the base weights; separate = LoRA kept as an adapter; switch = switching adapters between "
-            "batches; mixed = several adapters served in one batch from one base; base = the untouched base "
-            "model.",
+            "into the base weights; separate = LoRA kept as an adapter; switch = every adapter loaded on one "
+            "base, set_adapter between requests; multi = one batch holding examples of several adapters on one "
+            "base; base = the untouched base model. PEFT in-process, one client, sequential requests; "
+            "strategies take turns request by request on the same requests.",
             css="note",
         )
         cols = list(dep.columns)
@@ -97,8 +100,9 @@ def deployment_section(doc: Document, view: StudyView) -> None:
     else:
         doc.figure(
             view.save(memory_figure(memory), "deployment_memory"),
-            "Per strategy: memory after loading with the extra peak during inference stacked on it (a fresh "
-            "process per strategy), size on disk of the weights it reads, and load time.",
+            "PEFT, per strategy: memory after loading with the extra peak during inference stacked on it, "
+            "measured in a fresh process per strategy serving its largest requests, size on disk of the "
+            "weights it reads, and load time.",
         )
         doc.table(list(memory.columns), [[fmt.cell(v) for v in r] for r in memory.itertuples(index=False)])
     engines_section(doc, view)
@@ -122,7 +126,7 @@ def _engine_cells(doc: Document, ok: pd.DataFrame, key: str, title: str, cell) -
     values = sorted(part[key].astype(int).unique())
     rows = []
     for engine in ordered(part["engine"].astype(str), tuple(ENGINE_LABELS)):
-        for strategy in ordered(part.loc[part["engine"] == engine, "strategy"].astype(str), ENGINE_STRATEGIES):
+        for strategy in strategy_order(part.loc[part["engine"] == engine, "strategy"].astype(str)):
             mine = part[(part["engine"] == engine) & (part["strategy"] == strategy)]
             found = [mine[mine[key] == v] for v in values]
             rows.append(
@@ -132,15 +136,18 @@ def _engine_cells(doc: Document, ok: pd.DataFrame, key: str, title: str, cell) -
 
 
 def engines_section(doc: Document, view: StudyView) -> None:
-    """PEFT and vLLM on the same strategies, requests and load generator (serving.engines)."""
+    """Every engine on the same cells, requests and load generator (serving.grid, serving.load)."""
     doc.heading(3, "Engines: PEFT in-process and vLLM")
     grid, checks, versions = (t.read(view.study.tables) for t in (DEPLOYMENT_ENGINES, ENGINE_CHECKS, ENGINE_VERSIONS))
     if grid is None:
-        doc.not_run(
-            "only PEFT in-process was measured; add vllm to deploy.engines (after `make vllm`) for the "
-            "engine comparison"
-        )
+        doc.not_run("no engine was measured at natural length")
         return
+    if set(grid["engine"]) == {"peft"}:
+        doc.para(
+            "Only PEFT in-process was measured; add vllm to deploy.engines (after `make vllm`) for the engine "
+            "comparison, and clients to deploy.grid.concurrency for the load cells.",
+            css="note",
+        )
     ok = grid[grid["status"] == "ok"]
     if ok["batch_size"].eq(1).any():
         doc.figure(
@@ -162,13 +169,13 @@ def engines_section(doc: Document, view: StudyView) -> None:
         "p50 ms (examples/s), batched requests at concurrency 1",
         lambda r: f"{r['p50_ms']:.1f} ({r['examples_per_s']:.0f}/s)",
     )
-    separate = ok[ok["strategy"] == "separate"]
-    if separate["overhead_vs_merged"].notna().any():
+    adapters = ok[~ok["strategy"].isin(["full", "merged"])]
+    if adapters["overhead_vs_merged"].notna().any():
         _engine_cells(
             doc,
-            separate,
+            adapters,
             "concurrency",
-            "separate over merged (%, interval)",
+            "over merged (%, interval)",
             lambda r: _overhead(r, "overhead_vs_merged", "overhead_vs_merged_ci_low", "overhead_vs_merged_ci_high"),
         )
     lora_on_cpu = ok[(ok["engine"] == "vllm") & ok["strategy"].isin(["separate", "multi"]) & (ok["device"] == "cpu")]
@@ -176,14 +183,14 @@ def engines_section(doc: Document, view: StudyView) -> None:
         doc.para(
             "vLLM on CPU serves a server with LoRA enabled without torch.compile (its CPU platform turns "
             "compilation off), while full and merged folders are compiled: vLLM's separate over merged "
-            "includes that gain (benchmarks/vllm_lora_cost.py measures it apart). The LoRA server wraps only "
+            "includes that gain (docs/benchmarks.md measures it apart). The LoRA server wraps only "
             "the modules the adapters train (--lora-target-modules).",
             css="note",
         )
     gpu = "server_gpu_mb" in ok and ok["server_gpu_mb"].notna().any()
     memory = ok.groupby(["engine", "strategy"], sort=False)[["server_rss_mb", *(["server_gpu_mb"] if gpu else [])]]
     doc.table(
-        ["engine", "strategy", "peak RSS of the serving process tree (MiB)", *(["GPU memory (MiB)"] if gpu else [])],
+        ["engine", "strategy", "resident memory of the serving process (MiB)", *(["GPU memory (MiB)"] if gpu else [])],
         [
             [ENGINE_LABELS.get(engine, engine), strategy, *(fmt.num(v, 0) for v in row)]
             for (engine, strategy), row in memory.max().iterrows()
@@ -195,13 +202,15 @@ def engines_section(doc: Document, view: StudyView) -> None:
     requests = sorted(ok["requests"].dropna().astype(int).unique())
     doc.para(
         f"Each cell: {', '.join(map(str, requests)) or '—'} timed requests after warm-up, so p99 is "
-        "interpolated below the slowest requests. Closed loop: each client sends its next eval example when "
-        "its previous answer arrived. PEFT at concurrency C: C clients share one in-process model that serves "
-        "one request at a time (a single-worker server without batching; latency includes the queue); vLLM "
-        "batches concurrent requests itself. Both in fp32; vLLM over HTTP with the token ids PEFT uses. "
-        "Separate over merged: median of per-request latency ratios (request i carries the same inputs on "
-        "both), bootstrap interval. RSS of PEFT is lorascope's whole process; of vLLM its server's process "
-        "tree (pages shared between processes counted in each).",
+        "interpolated below the slowest requests. Closed loop: each client sends its next request when its "
+        "previous answer arrived; every strategy of an engine takes turns on the same requests (the "
+        "interleaved eval examples of every task). PEFT at concurrency C: C clients share one in-process model "
+        "that serves one request at a time (a single-worker server without batching; latency includes the "
+        "queue); vLLM batches concurrent requests itself, over HTTP with the token ids PEFT uses, in float32. "
+        "Over merged: median of per-request latency ratios (request i carries the same inputs under both), "
+        "bootstrap interval over turns. Memory of PEFT: peak resident set of a fresh process serving only that "
+        "strategy (deployment_memory.csv); of vLLM: resident set of its server's process tree after each cell "
+        "(pages shared between processes counted in each), the largest shown.",
         css="note",
     )
     if versions is not None:

@@ -18,8 +18,8 @@ from lorascope.report.figures import ordered, png_bytes
 from lorascope.representations import POOLED_POSITIONS
 from lorascope.runs import BASELINES, PERFORMANCE
 from lorascope.serving.checks import DEPLOYMENT_CHECKS
+from lorascope.serving.grid import DEPLOYMENT
 from lorascope.serving.memory import DEPLOYMENT_MEMORY
-from lorascope.serving.timing import DEPLOYMENT
 from lorascope.study import Study, Table, atomic_write
 from lorascope.tuning import TRIALS
 from lorascope.weights import WEIGHTS

@@ -153,7 +153,7 @@ def reference_section(doc: Document, view: StudyView) -> None:
             seq = ordered(one["seq_len"], ("natural",))[0]
             ours = {str(r.strategy): r for r in one[(one["seq_len"] == seq) & (one["status"] == "ok")].itertuples()}
     table = []
-    for key, ours_key in {"full": "full", "merged": "merged", "separate": "separate", "multi_adapter": "mixed"}.items():
+    for key, ours_key in {"full": "full", "merged": "merged", "separate": "separate", "multi": "multi"}.items():
         ref_ms, row = ref_l.get(key), ours.get(ours_key)
         table.append(
             [

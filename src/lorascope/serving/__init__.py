@@ -1,6 +1,9 @@
 """Serving cost of fine-tuned classifiers: full fine-tuning vs LoRA merged vs LoRA kept
-separate vs several adapters on one base (switched per request, or mixed in one batch).
+separate vs several adapters on one base (switched per request, or multi: one batch holding
+examples of several adapters), on PEFT in-process and on vLLM servers (docs/serving.md).
 
-inputs (request streams and batches), strategies (one registered object per way of serving),
-checks (correctness before timing), timing (interleaved, synchronised timing and its tables),
-memory (one fresh process per strategy), benchmark (the entry point that runs them in order)."""
+inputs (examples, the request stream, padded batches), strategies (one registered object per
+way of serving), checks (correctness before timing), load (the closed-loop load generator and
+its turns), grid (the cells, their requests, overheads and tables), peft_engine and
+vllm_engine (+ vllm_server) (the engines), memory (PEFT's, one fresh process per strategy),
+benchmark (the entry point that runs them in order)."""

@@ -48,12 +48,12 @@ class DeploymentCheckFailed(RuntimeError):
 
 
 @torch.inference_mode()
-def logits(model, rows: list[dict], pad_token_id: int, input_names, device, mixed: bool = False) -> torch.Tensor:
+def logits(model, rows: list[dict], pad_token_id: int, input_names, device, multi: bool = False) -> torch.Tensor:
     """fp32 logits (no autocast) in the order of `rows`, batches padded to their longest."""
     out = []
     for start in range(0, len(rows), CHECK_BATCH_SIZE):
         batch = pad_batch(rows[start : start + CHECK_BATCH_SIZE], pad_token_id, input_names).to(device)
-        extra = {"adapter_names": batch.tasks} if mixed else {}
+        extra = {"adapter_names": batch.tasks} if multi else {}
         out.append(model(**batch.inputs, **extra).logits.float().cpu())
     return torch.cat(out)
 
@@ -73,13 +73,13 @@ def _switched_logits(model: PeftModel, examples: dict[str, list[dict]], pad_toke
     return {t: torch.cat(v) for t, v in out.items()}
 
 
-def _mixed_logits(model: PeftModel, examples: dict[str, list[dict]], pad_token_id, input_names, device):
+def _multi_logits(model: PeftModel, examples: dict[str, list[dict]], pad_token_id, input_names, device):
     """Each task's logits from batches that mix all tasks (t0, t1, ..., t0, ...)."""
     order = [(t, i) for i in range(max(map(len, examples.values()))) for t in examples if i < len(examples[t])]
-    mixed = logits(
-        model, [{**examples[t][i], "task": t} for t, i in order], pad_token_id, input_names, device, mixed=True
+    multi = logits(
+        model, [{**examples[t][i], "task": t} for t, i in order], pad_token_id, input_names, device, multi=True
     )
-    return {t: mixed[[k for k, (task, _) in enumerate(order) if task == t]] for t in examples}
+    return {t: multi[[k for k, (task, _) in enumerate(order) if task == t]] for t in examples}
 
 
 def compare_logits(
@@ -117,7 +117,7 @@ def check_correctness(
 ) -> pd.DataFrame:
     """fp32 logits of every serving path against its reference, on each task's examples:
     merged vs the same adapter unmerged; with 2+ adapters, the switch path and each example of
-    a mixed batch vs a freshly loaded single adapter."""
+    a batch holding every task (multi) vs a freshly loaded single adapter."""
     rows, alone = [], {}
     # shortest first: batches pad to their longest, and every check row is order-free
     examples = {t: sorted(ex, key=lambda r: len(r["input_ids"])) for t, ex in examples.items()}
@@ -141,10 +141,10 @@ def check_correctness(
         multi = load_multi(models, num_labels, pad_token_id).to(device)
         task_examples = {t: examples[t] for t in models.adapters}
         switched = _switched_logits(multi, task_examples, pad_token_id, input_names, device)
-        mixed = _mixed_logits(multi, task_examples, pad_token_id, input_names, device)
+        together = _multi_logits(multi, task_examples, pad_token_id, input_names, device)
         for task in models.adapters:
             rows.append(compare_logits("switch_vs_fresh", task, switched[task], alone[task], labels[task]))
-            rows.append(compare_logits("mixed_vs_alone", task, mixed[task], alone[task], labels[task]))
+            rows.append(compare_logits("multi_vs_alone", task, together[task], alone[task], labels[task]))
         del multi
     gc.collect()
     return DEPLOYMENT_CHECKS.frame(pd.DataFrame(rows, columns=DEPLOYMENT_CHECKS.columns))

@@ -35,7 +35,7 @@ class Models:
 @dataclasses.dataclass
 class Batch:
     inputs: dict[str, torch.Tensor]
-    tasks: list[str]  # the task each example comes from: its adapter in a mixed batch
+    tasks: list[str]  # the task each example comes from: its adapter under `multi`
 
     @property
     def real_tokens(self) -> int:
@@ -99,12 +99,16 @@ def make_batches(
     """`count` consecutive batches of the request stream (wrapping around); seq_len is
     "natural" or a fixed number of tokens."""
     length = None if seq_len == "natural" else int(seq_len)
-    batches = []
-    for b in range(count):
-        start = offset + b * batch_size
-        rows = [pool[(start + i) % len(pool)] for i in range(batch_size)]
-        batches.append(pad_batch(rows, pad_token_id, input_names, length))
-    return batches
+    return [
+        pad_batch(request_rows(pool, batch_size, offset + b * batch_size), pad_token_id, input_names, length)
+        for b in range(count)
+    ]
+
+
+def request_rows(pool: list[dict], size: int, start: int) -> list[dict]:
+    """`size` consecutive examples of the request stream from position `start` (wrapping around,
+    negative positions counting from its end)."""
+    return [pool[(start + i) % len(pool)] for i in range(size)]
 
 
 def forward_inputs(base: str) -> tuple[str, ...]:

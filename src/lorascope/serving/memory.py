@@ -1,5 +1,6 @@
-"""Memory and size of each strategy, measured in a fresh process per strategy after loading,
-so loading never counts as inference memory and no other strategy's allocator state does.
+"""The PEFT engine's memory: each strategy measured in a fresh process of its own after loading,
+so loading never counts as inference memory and no other strategy's allocator state does; its
+size on disk beside it. (vLLM's is the RSS of its server's process tree: serving.vllm_engine.)
 
 The processes are forked from a forkserver that imported this module (torch, transformers,
 peft) once: a fresh interpreter per strategy spent ~8 s of its 9 s importing them. A forked
@@ -24,8 +25,8 @@ from lorascope.executors import cores
 from lorascope.footprint import MB, PeakRss, rss, weights_mb
 from lorascope.runtime import autocast, quiet_libraries, threads
 from lorascope.serving.inputs import Batch, Models
+from lorascope.serving.load import say
 from lorascope.serving.strategies import REGISTRY
-from lorascope.serving.timing import say
 from lorascope.study import Table
 
 DEPLOYMENT_MEMORY = Table(
@@ -64,7 +65,9 @@ def measure_memory(spec: dict) -> dict:
     """Load one strategy and run its workload; meant for a fresh process (see `main`). CPU:
     RSS after loading (weights paged in) and peak RSS during inference, both above the RSS
     before loading; CUDA: allocated after loading and max allocated after a reset that follows
-    loading. load_seconds includes paging the weights in."""
+    loading. load_seconds includes paging the weights in. Also the whole process's peak RSS
+    (`process_mb`; on CUDA its RSS after inference) and, on CUDA, torch's peak reserved memory
+    (`gpu_mb`): PEFT's server_rss_mb / server_gpu_mb in the engines table."""
     device = torch.device(spec["device"])
     models = Models(**spec["models"])
     strategy = REGISTRY[spec["strategy"]]
@@ -91,12 +94,14 @@ def measure_memory(spec: dict) -> dict:
             torch.cuda.synchronize(device)
             peak, measure = torch.cuda.max_memory_allocated(device), "cuda allocated"
             method = "torch.cuda.max_memory_allocated after reset_peak_memory_stats following load"
+            process_mb, gpu_mb = rss() / MB, torch.cuda.max_memory_reserved(device) / MB
         else:
             loaded = rss() - before
             with PeakRss() as tracker:
                 for i, batch in enumerate(batches):
                     call(batch, i)
             peak, measure, method = tracker.peak - before, "cpu rss", tracker.method
+            process_mb, gpu_mb = tracker.peak / MB, None
     return {
         "strategy": spec["strategy"],
         "load_seconds": load_seconds,
@@ -104,6 +109,8 @@ def measure_memory(spec: dict) -> dict:
         "peak_mb": peak / MB,
         "inference_mb": (peak - loaded) / MB,
         "runtime_mb": before / MB,
+        "process_mb": process_mb,
+        "gpu_mb": gpu_mb,
         "measure": measure,
         "method": method,
         "device": device.type,
@@ -172,4 +179,4 @@ def memory_table(strategies: list[str], models: Models, spec: dict) -> pd.DataFr
             f"memory {strategy}: {row['loaded_mb']:.0f} MB loaded, +{row['inference_mb']:.0f} MB inference, "
             f"{row['load_seconds']:.2f} s load"
         )
-    return pd.DataFrame(rows).reindex(columns=[*DEPLOYMENT_MEMORY.columns, "runtime_mb"])
+    return pd.DataFrame(rows).reindex(columns=[*DEPLOYMENT_MEMORY.columns, "runtime_mb", "process_mb", "gpu_mb"])

@@ -17,7 +17,7 @@ from lorascope.errors import InputError
 from lorascope.runtime import autocast
 from lorascope.serving.inputs import Batch, Models
 
-# PEFT routes the examples of a mixed batch to their adapters only through these wrappers
+# PEFT routes each example of a `multi` batch to its adapter only through these wrappers
 MIXABLE = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 _SET_ADAPTER_HAS_MODE = "inference_mode" in inspect.signature(PeftModel.set_adapter).parameters
 Call = Callable[[Batch, int], torch.Tensor]
@@ -68,14 +68,14 @@ def mixable_modules(model: torch.nn.Module, names: list[str] | None) -> list[str
             if covered != sum(p.numel() for p in module.parameters()):
                 raise InputError(
                     f"modules_to_save '{name}' ({type(module).__name__}) has parameters PEFT cannot "
-                    "route per example, so its adapters cannot be mixed in one batch"
+                    "route per example, so its adapters cannot share one batch (multi)"
                 )
             out.extend(f"{name}.{child}" for child in parts)
     return list(dict.fromkeys(out))
 
 
 def load_multi(models: Models, num_labels: int, pad_token_id: int) -> PeftModel:
-    """All adapters on one base, each under its task's name (for `switch` and `mixed`). Their
+    """All adapters on one base, each under its task's name (for `switch` and `multi`). Their
     trained head blocks are wrapped where PEFT can mix them (see `mixable_modules`)."""
     base_model = load_base(models.base, num_labels, pad_token_id)
     configs = {}
@@ -113,7 +113,8 @@ def _plain_call(model: torch.nn.Module, tasks: list[str]) -> Call:
 
 
 def _switch_call(model: PeftModel, tasks: list[str]) -> Call:
-    """Requests alternate between tasks and each activates its adapter inside the call."""
+    """Request k is served by task k's adapter (tasks in turn), activated inside the call with
+    set_adapter: one adapter per request, switching timed."""
 
     def call(batch: Batch, request: int) -> torch.Tensor:
         activate(model, tasks[request % len(tasks)])
@@ -122,8 +123,9 @@ def _switch_call(model: PeftModel, tasks: list[str]) -> Call:
     return call
 
 
-def _mixed_call(model: PeftModel, tasks: list[str]) -> Call:
-    """Each example of the batch names its adapter."""
+def _multi_call(model: PeftModel, tasks: list[str]) -> Call:
+    """One batch holding examples of several adapters: each example names its own (PEFT's
+    adapter_names)."""
     return lambda batch, request: model(**batch.inputs, adapter_names=batch.tasks).logits
 
 
@@ -149,7 +151,7 @@ REGISTRY: dict[str, Strategy] = {
         ),
         Strategy("separate", _separate, _plain_call, adapters="first"),
         Strategy("switch", load_multi, _switch_call, adapters="all"),
-        Strategy("mixed", load_multi, _mixed_call, adapters="all"),
+        Strategy("multi", load_multi, _multi_call, adapters="all"),
         Strategy("merged_compiled", None, _plain_call, adapters="first", compiled_from="merged"),
         Strategy("separate_compiled", None, _plain_call, adapters="first", compiled_from="separate"),
     )

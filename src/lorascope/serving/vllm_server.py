@@ -190,7 +190,7 @@ def _lora_targets(adapters) -> list[str] | None:
     not at all. Without the flag vLLM wraps every module it supports (here o, gate/up and down as
     well as the packed q/k/v), and on CPU each wrapped module gathers a LoRA matrix per token:
     with q/v adapters on SmolLM2-135M, LoRA requests took 230 ms instead of 346 ms at one client
-    (benchmarks/vllm_lora_cost.py)."""
+    (docs/benchmarks.md)."""
     targets = set()
     for adapter in adapters:
         try:
@@ -349,7 +349,7 @@ class VllmServer:
                     f"({self.model_dir.name}): {last_log_line(self.log_path)}"
                 )
             try:
-                if self._request("GET", "/health", timeout=5)[0] == 200:
+                if self.request("GET", "/health", timeout=5)[0] == 200:
                     return
             except OSError:
                 pass
@@ -400,7 +400,7 @@ class VllmServer:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
-    def _request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None):
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None):
         connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout or self.request_timeout)
         try:
             payload = json.dumps(body).encode() if body is not None else None
@@ -412,7 +412,7 @@ class VllmServer:
 
     def models(self) -> list[str]:
         """The names requests may use: the base's and each LoRA module's."""
-        status, data = self._request("GET", "/v1/models")
+        status, data = self.request("GET", "/v1/models")
         if status != 200:
             raise VllmServerError(f"{ENGINE} /v1/models answered HTTP {status}: {data[:300]!r}")
         return [entry["id"] for entry in json.loads(data)["data"]]
@@ -435,7 +435,7 @@ def classify(server: VllmServer, model: str, inputs: list[str] | list[list[int]]
     if not inputs:
         return []
     try:
-        status, data = server._request("POST", "/classify", {"model": model, "input": list(inputs)})
+        status, data = server.request("POST", "/classify", {"model": model, "input": list(inputs)})
     except OSError as err:
         raise VllmServerError(
             f"{ENGINE} /classify for {model!r} failed: {err}; log: {last_log_line(server.log_path)}"

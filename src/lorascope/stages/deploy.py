@@ -1,7 +1,7 @@
 """Stage `deploy`: serving cost of one seed's runs: full FT and the first task's adapter
-merged / separate, and every task's adapter on one base (switch / mixed), on each task's eval
-examples (lorascope.serving). With vllm among deploy.engines, the engine load grid
-(serving.engines) follows the PEFT benchmark, whose tables land first whatever vLLM does."""
+merged / separate, and every task's adapter on one base (switch / multi), on each task's eval
+examples, on every engine of deploy.engines (lorascope.serving, docs/serving.md). PEFT's tables
+land before vLLM's servers start, whatever vLLM does."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from lorascope import dependencies, modeling, runs, runtime
 from lorascope.config import StudyConfig
 from lorascope.prepared import load_prepared
 from lorascope.serving.benchmark import benchmark
-from lorascope.serving.engines import run_engines
+from lorascope.serving.grid import DEPLOYMENT, DEPLOYMENT_ENGINES
 from lorascope.serving.inputs import examples_from_dataset
-from lorascope.serving.timing import DEPLOYMENT
 from lorascope.study import Stage, Study, fresh, is_current
 
 
@@ -31,41 +30,19 @@ def run(study: Study, config: StudyConfig) -> None:
     device = runtime.pick_device(config.runtime)
     bf16 = runtime.uses_bf16(config.runtime, device)
     fp = dependencies.DEPLOYMENT.fingerprint(config, sorted(served.values()))
-    target = DEPLOYMENT.path(study.tables)
+    # PEFT's one-client table carries the stamp; without PEFT (engines: [vllm]) the engines table
+    target = (DEPLOYMENT if "peft" in config.deploy.engines else DEPLOYMENT_ENGINES).path(study.tables)
     if is_current(target, fp):
         return
     examples = {t: examples_from_dataset(load_prepared(study, t)[1]["eval"]) for t in adapters}
     base, tokenizer = modeling.resolve_model_path(config.model.name), modeling.load_tokenizer(config.model.name)
     with fresh(target, fp):
-        benchmark(
-            base,
-            adapters,
-            full,
-            examples,
-            tokenizer,
-            config.deploy,
-            study.tables,
-            device=device,
-            bf16=bf16,
-            check_examples=config.deploy.check_examples,
-        )
-        if "vllm" in config.deploy.engines:
-            run_engines(
-                base,
-                adapters,
-                full,
-                examples,
-                tokenizer,
-                config.deploy,
-                study.tables,
-                device=device,
-                check_examples=config.deploy.check_examples,
-            )
+        benchmark(base, adapters, full, examples, tokenizer, config.deploy, study.tables, device=device, bf16=bf16)
 
 
 STAGE = Stage(
     "deploy",
-    "serving latency / memory: full vs merged vs separate vs many adapters",
+    "serving latency / memory: full vs merged vs separate vs many adapters, per engine",
     run=run,
     needs=("train",),
     outputs=(dependencies.DEPLOYMENT,),
