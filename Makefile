@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 
 VLLM_VENV := .venv-vllm
 
-.PHONY: setup system-packages study lint test test-fast bench vllm clean
+.PHONY: setup system-packages study lint test test-fast docs bench vllm clean
 
 $(BIN)/lorascope: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,10 @@ test: lint system-packages vllm
 # the edit-test loop: lint and the unit tests (modules conftest.py does not mark slow)
 test-fast: lint
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow" --durations=5
+
+# docs/configuration.md from the config models (tests/test_config.py fails when it is stale)
+docs: setup
+	$(BIN)/python -m lorascope.config_reference > docs/configuration.md
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py

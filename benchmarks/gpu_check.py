@@ -26,7 +26,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from drift_speed import synthetic_pair, time_measures
 from lorascope import modeling, runs, runtime
 from lorascope import representations as rep
-from lorascope.config import DeployConfig, load_config
+from lorascope.config import DeployConfig
+from lorascope.config_io import load_config
 from lorascope.prepared import load_prepared
 from lorascope.serving.benchmark import benchmark
 from lorascope.serving.inputs import examples_from_dataset
@@ -155,7 +156,9 @@ def main() -> None:
             rows.append((f"drift, one model pair, {config.drift.bootstrap} resamples", f"{seconds:.1f}", "s"))
 
     deploy = DeployConfig(
-        batch_sizes=[1, 16], seq_lens=["natural"], warmup=3, repeats=20, strategies=["merged", "separate"]
+        strategies=["merged", "separate"],
+        grid={"batch_sizes": [1, 16], "seq_lens": ["natural"], "concurrency": [1], "warmup": 3, "repeats": 20},
+        checks={"examples": 32},
     )
     result = benchmark(
         str(paper),
@@ -168,7 +171,6 @@ def main() -> None:
         device=device,
         bf16=True,
         memory=False,
-        check_examples=32,
     )
     for _, row in result.timings[result.timings["status"] == "ok"].iterrows():
         rows.append((f"deploy {row['strategy']}, batch {row['batch_size']}: p50 latency", f"{row['p50_ms']:.1f}", "ms"))

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from lorascope import executors, runtime
-from lorascope.config import load_config
+from lorascope.config_io import load_config
 from lorascope.stages import with_inputs
 from lorascope.study import run_stages
 

@@ -25,7 +25,7 @@ from transformers import get_linear_schedule_with_warmup
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from lorascope import modeling, runs, runtime
-from lorascope.config import load_config
+from lorascope.config_io import load_config
 from lorascope.evaluation import make_collator
 from lorascope.prepared import load_prepared
 from lorascope.stages import BY_NAME

@@ -165,7 +165,7 @@ def smollm2_dir(bundled_cache) -> Path:
 @pytest.fixture()
 def tiny_config(tiny_bert_dir):
     """A complete study on the tiny BERT and 48 real SST-2 / RTE examples: seconds per run."""
-    from lorascope.config import load_config
+    from lorascope.config_io import load_config
 
     return load_config(
         None,

@@ -17,7 +17,7 @@ def study(tiny_config_module, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_config_module(tiny_bert_dir):
-    from lorascope.config import load_config
+    from lorascope.config_io import load_config
 
     return load_config(
         None,

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoTokenizer, pipeline
 
 from lorascope import modeling, runs, tasks, training
 from lorascope.artifacts import CARD
-from lorascope.config import load_config
+from lorascope.config_io import load_config
 from lorascope.evaluation import evaluate
 from lorascope.prepared import load_prepared
 from lorascope.stages import BY_NAME, with_inputs

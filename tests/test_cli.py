@@ -38,7 +38,7 @@ def _fails_with(argv, message, capsys):
 @pytest.fixture()
 def tiny_args(tiny_config, tmp_path):
     """CLI args for the tiny config, written as a YAML file."""
-    from lorascope.config import to_yaml
+    from lorascope.config_io import to_yaml
 
     path = tmp_path / "tiny.yaml"
     path.write_text(to_yaml(tiny_config))
@@ -59,14 +59,14 @@ def test_wrong_type_and_missing_key_in_set(tiny_args, capsys):
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ("deploy.batch_sizes=[0]", "deploy.batch_sizes.0: Input should be greater than 0"),
-        ("deploy.batch_sizes=[]", "deploy.batch_sizes: List should have at least 1 item"),
-        ("deploy.seq_lens=[natural, 0]", "deploy.seq_lens.1"),
+        ("deploy.grid.batch_sizes=[0]", "deploy.grid.batch_sizes.0: Input should be greater than 0"),
+        ("deploy.grid.batch_sizes=[]", "deploy.grid.batch_sizes: List should have at least 1 item"),
+        ("deploy.grid.seq_lens=[natural, 0]", "deploy.grid.seq_lens.1"),
         ("deploy.strategies=[separate, vllm]", "deploy.strategies.1: Input should be 'base', 'full'"),
         (
-            "deploy.batch_sizes=[4, 8]",
+            "deploy.grid.batch_sizes=[4, 8]",
             "the deployment criterion reads batch size 1, natural length, strategies separate "
-            "and full; deploy.batch_sizes lacks 1",
+            "and full; deploy.grid.batch_sizes lacks 1",
         ),
     ],
 )

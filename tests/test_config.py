@@ -1,11 +1,12 @@
 import pytest
 import yaml
 
-from lorascope.config import PROFILES, StudyConfig, load_config, results_fingerprint, to_yaml
+from lorascope.config import StudyConfig
+from lorascope.config_io import load_config, profiles, results_fingerprint, to_yaml
 from lorascope.errors import InputError
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", profiles())
 def test_every_profile_validates_and_round_trips(profile):
     config = load_config(None, profile)
     again = StudyConfig.model_validate(yaml.safe_load(to_yaml(config)))
@@ -109,3 +110,15 @@ def test_glue_source_defaults_to_the_environment(monkeypatch):
     assert load_config(None, "smoke").data.glue == "/data/glue"
     monkeypatch.delenv("LORASCOPE_GLUE")
     assert load_config(None, "smoke").data.glue == "nyu-mll/glue"
+
+
+def test_the_configuration_reference_is_generated_from_the_models():
+    """docs/configuration.md is what `make docs` writes from the config models, key for key."""
+    from pathlib import Path
+
+    from lorascope.config_reference import render
+
+    reference = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert reference.read_text() == render(), "docs/configuration.md is stale: run `make docs`"
+    for key in ("model.max_length", "training.lora.r", "deploy.enabled", "runtime.workers", "tasks.<name>.train_max"):
+        assert f"| `{key}` |" in reference.read_text()

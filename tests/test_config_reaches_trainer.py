@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lorascope import modeling, runs
-from lorascope.config import LoraMethodConfig, MethodConfig, RuntimeConfig
+from lorascope.config import RuntimeConfig
+from lorascope.hparams import LoraMethodConfig, MethodConfig
 from lorascope.stages import with_inputs
 from lorascope.study import run_stages
 from lorascope.tasks import Task

@@ -13,7 +13,8 @@ from conftest import needs_decoder
 from lorascope import drift, modeling
 from lorascope import representations as rep
 from lorascope import similarity as sim
-from lorascope.config import LoraMethodConfig, load_config
+from lorascope.config_io import load_config
+from lorascope.hparams import LoraMethodConfig
 from lorascope.stages import with_inputs
 from lorascope.study import run_stages
 from lorascope.tasks import tokenize

@@ -21,7 +21,8 @@ import pool_units
 from conftest import installed
 from lorascope import executors
 from lorascope.cli import main
-from lorascope.config import RuntimeConfig, to_yaml
+from lorascope.config import RuntimeConfig
+from lorascope.config_io import to_yaml
 from lorascope.errors import InputError
 from lorascope.stages import with_inputs
 from lorascope.study import Study, run_stages
@@ -69,7 +70,7 @@ def serial_results(tiny_config, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_config(tiny_bert_dir):  # module scope: shared by the serial reference and both executors
-    from lorascope.config import load_config
+    from lorascope.config_io import load_config
 
     return load_config(
         None,

@@ -297,7 +297,7 @@ STAGES = [BY_NAME[s] for s in ("prepare", "train", "represent", "drift", "forget
 
 @pytest.fixture(scope="module")
 def study(tiny_bert_dir, tmp_path_factory):
-    from lorascope.config import load_config
+    from lorascope.config_io import load_config
 
     config = load_config(
         None,

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from lorascope import modeling
-from lorascope.config import LoraMethodConfig, MethodConfig, load_config
+from lorascope.config_io import load_config
 from lorascope.errors import InputError
+from lorascope.hparams import LoraMethodConfig, MethodConfig
 
 LABELS = ("negative", "positive")
 

@@ -19,10 +19,11 @@ import pytest
 import torch
 
 from lorascope import analysis, drift, planning, report, runs, stats, tuning, verdict, weights
-from lorascope.config import DeployConfig, to_yaml, validate
+from lorascope.config import DeployConfig
+from lorascope.config_io import to_yaml, validate
 from lorascope.footprint import MB
 from lorascope.optuna_storage import Backend
-from lorascope.serving import checks, memory, timing
+from lorascope.serving import checks, grid, memory
 from lorascope.study import Study
 
 TASKS = {"sst2": "accuracy", "mrpc": "f1"}
@@ -40,7 +41,7 @@ VERDICT = {  # task -> (quality, drift, deployment) estimates: value, low, high
     "sst2": (stats.Estimate(0.5, -1.0, 2.0), stats.Estimate(0.30, 0.25, 0.35), stats.Estimate(0.37, 0.33, 0.41)),
     "mrpc": (stats.Estimate(2.5, -4.0, 9.0), stats.Estimate(0.05, -0.10, 0.20), None),
 }
-SLOWER = {"full": 1.0, "merged": 1.0, "separate": 1.35, "switch": 1.42, "mixed": 1.6, "base": 0.99}
+SLOWER = {"full": 1.0, "merged": 1.0, "separate": 1.35, "switch": 1.42, "multi": 1.6, "base": 0.99}
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
 
@@ -128,20 +129,26 @@ def _search(task: str, method: str) -> tuple[optuna.Study, Backend]:
 def _deployment(tables: Path) -> None:
     """The deploy stage's tables through its own writers: timings of a fake grid whose strategies
     take known multiples of full FT's time, checks from real logits, memory rows."""
-    cfg = DeployConfig(batch_sizes=[1, 2, 4, 8, 16], seq_lens=["natural", 128], repeats=5, bootstrap=200)
+    cfg = DeployConfig(
+        grid={"batch_sizes": [1, 2, 4, 8, 16], "seq_lens": ["natural", 128], "repeats": 5}, bootstrap=200
+    )
     rng = np.random.default_rng(3)
     results = {}
-    for seq_len in cfg.seq_lens:
-        for batch in cfg.batch_sizes:
-            base = 4.0 * batch**0.8 * (1.6 if seq_len == 128 else 1.0) * rng.lognormal(0, 0.02, cfg.repeats)
-            times = {s: base * factor * rng.lognormal(0, 0.01, cfg.repeats) for s, factor in SLOWER.items()}
-            results[(batch, seq_len)] = (times, (np.full(cfg.repeats, 32 * batch), np.full(cfg.repeats, 20 * batch)))
-    timing.DEPLOYMENT.write(tables, timing.timing_table(results, list(SLOWER), {}, cfg, 1, torch.device("cpu")))
+    for seq_len in cfg.grid.seq_lens:
+        for batch in cfg.grid.batch_sizes:
+            n = cfg.grid.repeats
+            base = 4.0 * batch**0.8 * (1.6 if seq_len == 128 else 1.0) * rng.lognormal(0, 0.02, n)
+            times = {s: base * factor * rng.lognormal(0, 0.01, n) for s, factor in SLOWER.items()}
+            cell = grid.Cell(1, batch, seq_len)
+            results[cell] = grid.sequential("peft", cell, times, np.full(n, 32 * batch), np.full(n, 20 * batch))
+    measured = [m for cell in results.values() for m in cell]
+    grid.overheads(measured, cfg.bootstrap)
+    grid.DEPLOYMENT.write(tables, grid.deployment_table(measured, list(SLOWER), {}, cfg, 1, "cpu"))
     reference = torch.tensor([[0.2, 0.9], [1.0, -0.3], [0.1, 0.4], [0.7, 0.2]])
     labels = [1, 0, 1, 0]
     rows = [
         checks.compare_logits("merged_vs_separate", "sst2", reference + 2e-6, reference, labels),
-        checks.compare_logits("mixed_vs_alone", "sst2", reference + torch.tensor([0.0, 0.7]), reference, labels),
+        checks.compare_logits("multi_vs_alone", "sst2", reference + torch.tensor([0.0, 0.7]), reference, labels),
     ]
     checks.DEPLOYMENT_CHECKS.write(tables, rows)
     memory.DEPLOYMENT_MEMORY.write(
@@ -159,7 +166,7 @@ def _deployment(tables: Path) -> None:
                 "method": "VmHWM",
                 "device": "cpu",
             }
-            for s, w in (("full", 86.6), ("merged", 86.6), ("separate", 87.5), ("mixed", 89.2))
+            for s, w in (("full", 86.6), ("merged", 86.6), ("separate", 87.5), ("multi", 89.2))
         ],
     )
 
@@ -469,7 +476,7 @@ def test_numbers_from_the_tables_appear_in_the_markdown(full_report):
     sep = dep[(dep.strategy == "separate") & (dep.batch_size == 1) & (dep.seq_len == "natural")].iloc[0]
     deployment = _section(md, "Deployment cost")
     assert re.search(r"\| merged_vs_separate \| sst2 \| 4 \| 2\.\d+e-06 \| 0 \| 0\.0001 \| passed \|", deployment)
-    assert "| mixed_vs_alone | sst2 | 4 | 0.7 | 1 | 0.0001 | FAILED |" in deployment
+    assert "| multi_vs_alone | sst2 | 4 | 0.7 | 1 | 0.0001 | FAILED |" in deployment
     overhead = (
         f"| separate | {100 * (sep.overhead_vs_full - 1):+.1f} [{100 * (sep.overhead_ci_low - 1):+.1f}, "
         f"{100 * (sep.overhead_ci_high - 1):+.1f}] |"

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lorascope import runtime
-from lorascope.config import MethodConfig, RuntimeConfig
+from lorascope.config import RuntimeConfig
+from lorascope.hparams import MethodConfig
 from lorascope.training import RunSetup, training_arguments
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

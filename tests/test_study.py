@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorascope.config import to_yaml
+from lorascope.config_io import to_yaml
 from lorascope.errors import InputError
 from lorascope.stages import with_inputs
 from lorascope.study import PARTIAL, Study, Table, atomic_dir, is_current, run_stages, stamp_of, write_current

@@ -22,7 +22,7 @@ import yaml
 from optuna.trial import TrialState
 
 from lorascope import executors, optuna_storage, tuning
-from lorascope.config import load_config, to_yaml, validate
+from lorascope.config_io import load_config, to_yaml, validate
 from lorascope.errors import InputError
 from lorascope.optuna_search import TrialSeededTPE
 from lorascope.prepared import prepare_tasks
@@ -405,7 +405,7 @@ import pathlib, sys, time
 import torch, yaml
 torch.set_num_threads(1)
 from lorascope import tuning
-from lorascope.config import validate
+from lorascope.config_io import validate
 from lorascope.study import Study
 config_path, root, ready, workers, *storages = sys.argv[1:]
 config = validate(yaml.safe_load(pathlib.Path(config_path).read_text()))

@@ -12,7 +12,8 @@ import traceback
 from pathlib import Path
 
 from lorascope import __version__, runtime
-from lorascope.config import TaskConfig, apply_overrides, load_config, validate
+from lorascope.config import TaskConfig
+from lorascope.config_io import apply_overrides, load_config, profiles, validate
 from lorascope.drift import DRIFT_LAYERS, DRIFT_SUMMARY
 from lorascope.errors import InputError
 from lorascope.stages import BY_NAME, STAGES, with_inputs
@@ -28,7 +29,9 @@ def _add_config_args(
         parser.add_argument("config", nargs="?", help="study YAML (default: the profile alone)")
     else:
         parser.add_argument("--config", help="study YAML (default: the profile alone)")
-    parser.add_argument("--profile", help="smoke | quick | paper (default quick when no config is given)")
+    parser.add_argument(
+        "--profile", metavar="NAME", help=f"{' | '.join(profiles())} (default quick when no config is given)"
+    )
     parser.add_argument("--out", help=out_help)
     parser.add_argument(
         "--set",
@@ -114,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="serving benchmark of any base model with adapters (and a full model)",
-        description="Correctness checks, latency grid and memory of full / merged / separate / switch / mixed.",
+        description="Correctness checks, the serving grid and memory of full / merged / separate / switch / multi "
+        "on each engine (docs/serving.md).",
     )
     bench.add_argument("--base", required=True, help="base model: bundled alias, Hub id or folder")
     bench.add_argument(
@@ -130,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine",
         action="append",
         choices=("peft", "vllm"),
-        help="serving engine (repeatable; default deploy.engines): peft = the in-process benchmark; "
-        "vllm adds the load grid on vLLM servers beside PEFT's (`make vllm` first)",
+        help="serving engine (repeatable; default deploy.engines): peft = PEFT in-process; "
+        "vllm = vLLM servers from their own virtualenv (`make vllm` first)",
     )
     _add_config_args(bench, config_positional=False)
 
@@ -305,14 +309,13 @@ def _tune(args) -> int:
 
 
 def _bench(args) -> int:
-    """`deploy` for models outside a study: every adapter serves the task's eval examples. Engines:
-    peft runs the in-process benchmark; vllm runs the engine load grid on every engine given."""
+    """`deploy` for models outside a study: every adapter serves the task's eval examples, on
+    every engine given (default deploy.engines)."""
     import datasets
 
     from lorascope import modeling
     from lorascope.report.figures import engines_figure, latency_figure, memory_figure, png_bytes
     from lorascope.serving.benchmark import benchmark
-    from lorascope.serving.engines import run_engines
     from lorascope.serving.inputs import examples_from_dataset
     from lorascope.tasks import load_raw, resolve_task, tokenize
 
@@ -333,41 +336,26 @@ def _bench(args) -> int:
     out = Path(args.out or "bench")
     device = runtime.pick_device(config.runtime)
     base, served = modeling.resolve_model_path(args.base), {n: examples for n in adapters}
-    engines = config.deploy.engines
     with runtime.threads(config.runtime.threads):
-        if "peft" in engines:
-            result = benchmark(
-                base,
-                adapters,
-                args.full,
-                served,
-                tokenizer,
-                config.deploy,
-                out,
-                device=device,
-                bf16=runtime.uses_bf16(config.runtime, device),
-                check_examples=config.deploy.check_examples,
-            )
-            atomic_write(
-                out / "deployment_latency.png",
-                png_bytes(latency_figure(result.timings[result.timings["status"] == "ok"])),
-            )
-            if not result.memory.empty:
-                atomic_write(out / "deployment_memory.png", png_bytes(memory_figure(result.memory)))
-        if "vllm" in engines:
-            grid = run_engines(
-                base,
-                adapters,
-                args.full,
-                served,
-                tokenizer,
-                config.deploy,
-                out,
-                device=device,
-                check_examples=config.deploy.check_examples,
-            ).rows
-            if (grid["status"] == "ok").any():
-                atomic_write(out / "deployment_engines.png", png_bytes(engines_figure(grid)))
+        result = benchmark(
+            base,
+            adapters,
+            args.full,
+            served,
+            tokenizer,
+            config.deploy,
+            out,
+            device=device,
+            bf16=runtime.uses_bf16(config.runtime, device),
+        )
+    ok = result.timings[result.timings["status"] == "ok"]
+    if not ok.empty:
+        atomic_write(out / "deployment_latency.png", png_bytes(latency_figure(ok)))
+    if not result.memory.empty:
+        atomic_write(out / "deployment_memory.png", png_bytes(memory_figure(result.memory)))
+    grid = result.engines
+    if ((grid["status"] == "ok") & (grid["batch_size"] == 1)).any():
+        atomic_write(out / "deployment_engines.png", png_bytes(engines_figure(grid)))
     print(f"deployment tables and figures written to {out}")
     return 0
 

@@ -21,7 +21,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from lorascope import modeling, runtime
-from lorascope.config import StudyConfig, fingerprint
+from lorascope.config import StudyConfig
+from lorascope.config_io import fingerprint
 
 # Keys identified by the content they point at (a digest among the upstream values), never a path.
 PATH_KEYS = {"data": {"glue"}, "task": {"source", "eval_source"}, "forget": {"lm_text"}}

@@ -1,5 +1,7 @@
 """Errors a user can fix. The CLI prints them as one line and exits with code 2."""
 
+import difflib
+
 
 def first_line(err: BaseException) -> str:
     """An exception as one line: its message's first line, or its type when it has none."""
@@ -17,3 +19,9 @@ class Diverged(Exception):
         super().__init__(f"loss became {loss} at step {step}")
         self.step = step
         self.loss = loss
+
+
+def did_you_mean(name: str, valid) -> str:
+    """The hint after an unknown name: the closest valid one, or the list of them."""
+    close = difflib.get_close_matches(name, list(valid), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"

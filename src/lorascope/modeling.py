@@ -15,8 +15,8 @@ from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from lorascope.bundled import file_sha256, is_bundled, resolve_bundled
-from lorascope.config import LoraMethodConfig
 from lorascope.errors import InputError
+from lorascope.hparams import LoraMethodConfig
 
 DEFAULT_LORA_TARGETS = {
     "bert": ["query", "value"],

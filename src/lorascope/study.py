@@ -27,7 +27,8 @@ import pandas as pd
 import yaml
 
 from lorascope import executors, runtime
-from lorascope.config import StudyConfig, fingerprint, results_fingerprint, to_yaml, validate
+from lorascope.config import StudyConfig
+from lorascope.config_io import fingerprint, results_fingerprint, to_yaml, validate
 from lorascope.errors import InputError
 
 if TYPE_CHECKING:  # dependencies reads models, whose bundled copies are written with this module

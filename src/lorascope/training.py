@@ -23,10 +23,11 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from lorascope import artifacts, modeling, runtime
-from lorascope.config import MethodConfig, RuntimeConfig
+from lorascope.config import RuntimeConfig
 from lorascope.errors import Diverged
 from lorascope.evaluation import evaluate, make_collator
 from lorascope.footprint import PeakRss, rss, weights_bytes
+from lorascope.hparams import MethodConfig
 from lorascope.tasks import Task
 
 # Method hyperparameter -> TrainingArguments field. Keys consumed by lorascope's own Trainer

@@ -26,8 +26,10 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from lorascope import dependencies, executors, modeling, runs
-from lorascope.config import MethodConfig, StudyConfig, validate
+from lorascope.config import StudyConfig
+from lorascope.config_io import validate
 from lorascope.errors import InputError
+from lorascope.hparams import MethodConfig
 from lorascope.optuna_search import DevReporter, TrialSeededTPE, is_surplus, pruner
 from lorascope.optuna_storage import Backend, fail_stale, heartbeat, open_storage
 from lorascope.prepared import load_prepared, prepare_tasks, prepared_fingerprint
