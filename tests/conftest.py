@@ -42,6 +42,7 @@ SLOW_MODULES = (
     "test_bundled.py",
     "test_analysis_stages.py",
     "test_dependencies.py",
+    "test_integrity.py",
 )
 
 

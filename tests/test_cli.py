@@ -7,7 +7,7 @@ import pytest
 from lorascope.cli import build_parser, main
 from lorascope.stages import STAGES
 
-SUBCOMMANDS = ("run", *(stage.name for stage in STAGES), "bench")
+SUBCOMMANDS = ("run", *(stage.name for stage in STAGES), "verify", "bench")
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

@@ -105,11 +105,14 @@ def test_fingerprint_tracks_results_not_presentation():
     assert results_fingerprint(base) != results_fingerprint(load_config(None, "smoke", ["training.full.lr=1e-5"]))
 
 
-def test_glue_source_defaults_to_the_environment(monkeypatch):
+def test_glue_source_defaults_to_the_environment_where_the_study_runs(monkeypatch):
     monkeypatch.setenv("LORASCOPE_GLUE", "/data/glue")
-    assert load_config(None, "smoke").data.glue == "/data/glue"
+    config = load_config(None, "smoke")
+    assert config.data.glue is None and config.data.glue_source() == "/data/glue"
+    assert "/data/glue" not in to_yaml(config)  # config.yaml keeps what was given, not this machine's path
     monkeypatch.delenv("LORASCOPE_GLUE")
-    assert load_config(None, "smoke").data.glue == "nyu-mll/glue"
+    assert config.data.glue_source() == "nyu-mll/glue"
+    assert load_config(None, "smoke", ["data.glue=/given"]).data.glue_source() == "/given"
 
 
 def test_the_configuration_reference_is_generated_from_the_models():

@@ -64,7 +64,7 @@ def test_a_copy_of_the_data_and_a_moved_study_recompute_nothing(tiny_config, tmp
     import shutil
 
     data = tmp_path / "glue-copy"
-    shutil.copytree(tiny_config.data.glue, data)
+    shutil.copytree(tiny_config.data.glue_source(), data)
     config = tiny_config.model_copy(update={"tasks": {"sst2": tiny_config.tasks["sst2"]}})
     study = run_stages(config, tmp_path / "a", PREPARE_TRAIN)
     first = _mtimes(study)
@@ -74,7 +74,9 @@ def test_a_copy_of_the_data_and_a_moved_study_recompute_nothing(tiny_config, tmp
     moved = run_stages(config, tmp_path / "b", PREPARE_TRAIN)
     assert _mtimes(moved) == first and stamp_of(moved.prepared_dir("sst2")) == prepared
     (data / "sst2" / "train-00000-of-00001.parquet").unlink()  # other content under the same path: redone
-    shutil.copy(Path(tiny_config.data.glue) / "rte" / "train-00000-of-00001.parquet", data / "sst2" / "train.parquet")
+    shutil.copy(
+        Path(tiny_config.data.glue_source()) / "rte" / "train-00000-of-00001.parquet", data / "sst2" / "train.parquet"
+    )
     with pytest.raises(InputError):
         run_stages(config, tmp_path / "b", PREPARE_TRAIN)
 
@@ -176,3 +178,18 @@ def test_a_study_killed_mid_run_resumes_without_losing_finished_runs(tiny_config
     assert json.loads((out / "manifest.json").read_text())["stages"]["train"]["status"] == "done"
     statuses = {json.loads((study.root / k / "metrics.json").read_text())["status"] for k in after}
     assert statuses == {"ok"}
+
+
+def test_a_study_directory_that_cannot_be_one_is_refused_before_anything_runs(tmp_path, capsys):
+    from lorascope.cli import main
+
+    taken = tmp_path / "a-file"
+    taken.write_text("not a study")
+    assert main(["run", "--profile", "smoke", "--out", str(taken)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"lorascope: error: {taken} is a file, not a study directory"
+    ]
+    nested = taken / "study"  # a folder that cannot be created
+    assert main(["run", "--profile", "smoke", "--out", str(nested)]) == 2
+    assert "cannot write the study directory" in capsys.readouterr().err
+    assert taken.read_text() == "not a study"

@@ -17,7 +17,7 @@ from lorascope.config_io import apply_overrides, load_config, profiles, validate
 from lorascope.drift import DRIFT_LAYERS, DRIFT_SUMMARY
 from lorascope.errors import InputError
 from lorascope.stages import BY_NAME, STAGES, with_inputs
-from lorascope.study import Study, atomic_write, run_stages
+from lorascope.study import Study, atomic_write, run_stages, verify
 
 SPECIAL = ("tune", "drift", "train")  # stage subcommands with options of their own, defined below
 
@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
             )
             sub.add_argument("study", help="study directory")
             _add_executor_args(sub)
+
+    check = commands.add_parser(
+        "verify",
+        help="check every output of a study against the size and digest recorded when it was written",
+        description="Check every output of STUDY against the size and content digest recorded when it was "
+        "written; exit 1 listing what is missing or damaged, 0 when all holds. Changes nothing.",
+    )
+    check.add_argument("study", help="study directory")
 
     drift = commands.add_parser(
         "drift",
@@ -178,6 +186,8 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "tune":
         return _tune(args)
+    if args.command == "verify":
+        return _verify(args)
     if args.command == "bench":
         return _bench(args)
     if args.command == "train" and (args.task or args.method or args.seed is not None):
@@ -197,6 +207,20 @@ def _dispatch(args) -> int:
     with runtime.threads(config.runtime.threads):
         run_stages(config, study.root, with_inputs(args.command), write_config=False)
     print(f"{args.command} done in {study.root}")
+    return 0
+
+
+def _verify(args) -> int:
+    root = Path(args.study)
+    if not (root / "config.yaml").is_file():
+        raise InputError(f"{root} is not a study directory (no config.yaml)")
+    problems, outputs, size = verify(root)
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"{len(problems)} of {outputs + len(problems)} outputs missing or damaged in {root}", file=sys.stderr)
+        return 1
+    print(f"{outputs} outputs ({size / 1e6:,.1f} MB) verified in {root}")
     return 0
 
 

@@ -25,9 +25,10 @@ class ModelConfig(Strict):
 
 
 class DataConfig(Strict):
-    glue: str = Field(
-        default_factory=lambda: os.environ.get("LORASCOPE_GLUE", "nyu-mll/glue"),
-        description="Hub id or local folder in the nyu-mll/glue layout (env LORASCOPE_GLUE)",
+    glue: str | None = Field(
+        None,
+        description="Hub id or local folder in the nyu-mll/glue layout; None = $LORASCOPE_GLUE, else the Hub's "
+        "nyu-mll/glue, looked up where the study runs (config.yaml keeps what was given, not this machine's path)",
     )
     dev_fraction: float = Field(
         0.1, gt=0, lt=1, description="share of train held out as the dev split (selection and tuning), stratified"
@@ -37,6 +38,10 @@ class DataConfig(Strict):
         256, gt=0, description="eval examples the represent stage pools (fixed and ordered, shared by every model)"
     )
     split_seed: int = Field(0, description="seed of the train / dev split and of the stratified subsamples")
+
+    def glue_source(self) -> str:
+        """Where the GLUE tasks are read from on this machine."""
+        return self.glue or os.environ.get("LORASCOPE_GLUE") or "nyu-mll/glue"
 
 
 class TaskConfig(Strict):

@@ -314,7 +314,7 @@ def bootstrap_cka(
     left out (see resampled_hsic): in simulation the plain bootstrap covered the point
     estimate 0 % of the time. Coverage of this one at the quick study's n = 192, d = 384, 300
     resamples, 95 % intervals, measured over 1,000 samples each of two populations y = x·W +
-    noise, one with a decaying spectrum (Λ_i = 1/i) and one flat (benchmarks/bootstrap_coverage.py;
+    noise, one with a decaying spectrum (Λ_i = 1/i) and one flat (docs/benchmarks.md;
     Clopper–Pearson 95 % in brackets): debiased covers the population value 93.3 % [91.6, 94.8]
     (decaying) and 99.3 % [98.6, 99.7] (flat); linear covers the expected estimate at this n
     94.2 % [92.6, 95.6] and 97.6 % [96.4, 98.5] but the population value only 82.9 % and 0 %,

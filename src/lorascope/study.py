@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ import filelock
 import pandas as pd
 import yaml
 
-from lorascope import executors, runtime
+from lorascope import executors, integrity, runtime
 from lorascope.config import StudyConfig
 from lorascope.config_io import fingerprint, results_fingerprint, to_yaml, validate
 from lorascope.errors import InputError
@@ -84,23 +85,67 @@ def _stamp(target: Path) -> Path:
     return target.with_name(f".{target.name}.fingerprint")
 
 
+def _read_stamp(target: Path) -> dict | None:
+    """{"fingerprint": ..., "files": integrity.record(target)}, or None: never written, half
+    written, or a stamp of the older plain format, which recorded no files (its output is redone)."""
+    stamp = _stamp(target)
+    if not stamp.is_file():
+        return None
+    try:
+        data = json.loads(stamp.read_text())
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and {"fingerprint", "files"} <= data.keys() else None
+
+
 def stamp_of(target: Path) -> str | None:
     """The fingerprint `target` was written for, or None (never written, or half written)."""
-    stamp = _stamp(target)
-    return stamp.read_text() if target.exists() and stamp.is_file() else None
+    data = _read_stamp(target)
+    return None if data is None or not target.exists() else data["fingerprint"]
 
 
 def is_current(target: Path, fingerprint: str) -> bool:
-    return stamp_of(target) == fingerprint
+    """`target` was written for `fingerprint` and every file it wrote is still there, whole
+    (lorascope.integrity). A damaged output loses its stamp, with one line saying which file and
+    why, so it is redone like one never written."""
+    data = _read_stamp(target)
+    if data is None or data["fingerprint"] != fingerprint:
+        return False
+    problem = integrity.damage(target, data["files"])
+    if problem is not None:
+        print(f"{target.parent / problem}; redoing it", file=sys.stderr)
+        _stamp(target).unlink(missing_ok=True)
+        return False
+    return True
 
 
 @contextlib.contextmanager
 def fresh(target: Path, fingerprint: str):
     """Around the (atomic) writing of `target`: its stamp goes first and comes back, with the
-    new fingerprint, only when the block succeeds."""
+    new fingerprint and the record of every file written, only when the block succeeds."""
     _stamp(target).unlink(missing_ok=True)
     yield
-    atomic_write(_stamp(target), fingerprint)
+    stamp = {"fingerprint": fingerprint, "files": integrity.record(target)}
+    atomic_write(_stamp(target), json.dumps(stamp, indent=1) + "\n")
+
+
+def verify(root: Path) -> tuple[list[str], int, int]:
+    """Every stamped output under `root` checked against its record: (what is missing or
+    damaged, one line each; outputs checked; bytes read). Changes nothing."""
+    problems, outputs, size = [], 0, 0
+    for stamp in sorted(Path(root).rglob(".*.fingerprint")):
+        target = stamp.with_name(stamp.name[1 : -len(".fingerprint")])
+        data = _read_stamp(target)
+        where = target.relative_to(root)
+        if data is None:
+            problems.append(f"{where}: its stamp records no files (written by an older lorascope)")
+            continue
+        outputs += 1
+        size += sum(entry[0] for entry in data["files"].values())
+        problem = integrity.damage(target, data["files"])
+        if problem is not None:
+            problems.append(f"{where.parent / problem}")
+    return problems, outputs, size
 
 
 def write_current(target: Path, data: str | bytes, fingerprint: str) -> None:
@@ -264,13 +309,19 @@ class Study:
     # ------------------------------------------------------------ locking
     @contextlib.contextmanager
     def lock(self):
-        """One writer per study; the OS drops the lock when its process dies (even kill -9)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """One writer per study; the OS drops the lock when its process dies (even kill -9). A
+        study directory that cannot be one (a file, a folder this user cannot write) is bad
+        input, found here, before any stage runs."""
+        if self.root.exists() and not self.root.is_dir():
+            raise InputError(f"{self.root} is a file, not a study directory")
         lock = filelock.FileLock(self.root / ".lock", timeout=0)
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
             lock.acquire()
         except filelock.Timeout:
             raise InputError(f"{self.root} is being written by another lorascope process") from None
+        except OSError as err:
+            raise InputError(f"{self.root}: cannot write the study directory ({err.strerror})") from None
         try:
             remove_partials(self.root)
             yield self

@@ -63,7 +63,7 @@ def resolve_task(name: str, cfg: TaskConfig, data: DataConfig) -> Task:
         given = [k for k in CUSTOM_ONLY_KEYS if getattr(cfg, k) is not None]
         if given:
             raise InputError(f"tasks.{name}: built-in task; remove {', '.join(given)} or give it a new name")
-        return Task(name=name, source=data.glue, subset=name, label="label", **GLUE_TASKS[name], **sizes)
+        return Task(name=name, source=data.glue_source(), subset=name, label="label", **GLUE_TASKS[name], **sizes)
     if cfg.text is None:
         raise InputError(f"tasks.{name}: a custom task needs `text` (the text column)")
     return Task(

@@ -1,0 +1,119 @@
+"""A study folder vouches for its files: each kind of artifact truncated or deleted is found on
+reuse, exactly its unit is redone, the tables come out as from an undamaged study, and
+`lorascope verify` names the same file."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lorascope import integrity
+from lorascope.cli import main
+from lorascope.stages import BY_NAME
+from lorascope.study import run_stages, verify
+
+STAGES = [BY_NAME[name] for name in ("prepare", "baselines", "train", "represent", "drift", "weights")]
+TIMING = ("train_seconds", "train_tokens_per_second", "peak_rss_bytes", "peak_rss_added_bytes")
+# one file of each kind of artifact, and the stamped output (unit) it belongs to
+ARTIFACTS = {
+    "run weights": ("runs/sst2/full/seed42/model.safetensors", "runs/sst2/full/seed42"),
+    "adapter": ("runs/sst2/lora/seed42/adapter_model.safetensors", "runs/sst2/lora/seed42"),
+    "predictions": ("runs/sst2/lora/seed42/predictions.csv", "runs/sst2/lora/seed42"),
+    "features": ("features/sst2/base.safetensors", "features/sst2/base.safetensors"),
+    "baseline": ("baselines/sst2/head_only/metrics.json", "baselines/sst2/head_only"),
+    "prepared splits": ("prepared/sst2/meta.json", "prepared/sst2"),
+    "table": ("tables/weights.csv", "tables/weights.csv"),
+}
+
+
+def _stamps(root: Path) -> dict[str, tuple[int, int]]:
+    """Each stamp's identity: rewritten (atomically, so a new inode) when its output is redone."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(root.rglob(".*.fingerprint"))
+    }
+
+
+def _tables(root: Path) -> dict[str, pd.DataFrame]:
+    return {
+        name: pd.read_csv(root / "tables" / f"{name}.csv").drop(columns=list(TIMING), errors="ignore")
+        for name in ("performance", "baselines", "drift_layers", "weights")
+    }
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_bert_dir):
+    from lorascope.config_io import load_config
+
+    config = load_config(
+        None,
+        "smoke",
+        [
+            f"model.name={tiny_bert_dir}",
+            "model.max_length=48",
+            "tasks={sst2: {train_max: 48, eval_max: 40}}",
+            "data.dev_max=16",
+            "data.probe_size=16",
+            "baselines.overfit_steps=3",
+            "runtime.progress=false",
+            "runtime.workers=1",
+            "runtime.threads=1",
+        ],
+    )
+    root = tmp_path_factory.mktemp("intact") / "study"
+    run_stages(config, root, STAGES)
+    return config, root
+
+
+@pytest.mark.parametrize("how", ["truncated", "deleted"])
+@pytest.mark.parametrize("kind", sorted(ARTIFACTS))
+def test_a_damaged_artifact_is_found_and_only_its_unit_redone(finished, tmp_path, kind, how, capsys):
+    config, intact = finished
+    root = tmp_path / "study"
+    shutil.copytree(intact, root)
+    name, unit = ARTIFACTS[kind]
+    path = root / name
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 10)])
+    else:
+        path.unlink()
+
+    problems, _, _ = verify(root)
+    assert len(problems) == 1 and problems[0].startswith(name), problems
+    assert main(["verify", str(root)]) == 1
+    assert name in capsys.readouterr().out
+
+    before = _stamps(root)
+    run_stages(config, root, STAGES)
+    assert f"{name} " in capsys.readouterr().err  # one line names the file
+    after = _stamps(root)
+    unit_stamp = str(Path(unit).with_name(f".{Path(unit).name}.fingerprint"))
+    assert {k for k in after if after[k] != before[k]} == {unit_stamp}
+    for table, frame in _tables(root).items():
+        pd.testing.assert_frame_equal(frame, _tables(intact)[table], obj=table)
+    assert verify(root)[0] == [] and main(["verify", str(root)]) == 0
+
+
+def test_an_intact_study_verifies_and_reuses_everything(finished, capsys):
+    config, root = finished
+    before = _stamps(root)
+    problems, outputs, size = verify(root)
+    assert problems == [] and outputs == len(before) and size > 0
+    run_stages(config, root, STAGES)
+    assert _stamps(root) == before
+
+
+def test_the_record_names_every_file_with_its_size_and_digest(tmp_path):
+    (tmp_path / "out" / "sub").mkdir(parents=True)
+    (tmp_path / "out" / "a.bin").write_bytes(b"x" * 10)
+    (tmp_path / "out" / "sub" / "b.bin").write_bytes(b"")
+    recorded = integrity.record(tmp_path / "out")
+    assert recorded == {
+        "out/a.bin": [10, integrity.digest(tmp_path / "out" / "a.bin")],
+        "out/sub/b.bin": [0, integrity.digest(tmp_path / "out" / "sub" / "b.bin")],
+    }
+    assert integrity.damage(tmp_path / "out", recorded) is None
+    (tmp_path / "out" / "a.bin").write_bytes(b"y" * 10)  # same size, other content
+    assert "other content" in integrity.damage(tmp_path / "out", recorded)
