@@ -164,23 +164,32 @@ def smollm2_dir(bundled_cache) -> Path:
 
 
 @pytest.fixture()
-def tiny_config(tiny_bert_dir):
+def tiny_config(tiny_study_config):
     """A complete study on the tiny BERT and 48 real SST-2 / RTE examples: seconds per run."""
+    return tiny_study_config(
+        "tasks={sst2: {train_max: 48, eval_max: 40}, rte: {train_max: 48, eval_max: 40}}",
+        "runtime.workers=1",  # serial: a pool per test costs seconds of imports (test_executors covers it)
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_study_config(tiny_bert_dir):
+    """Makes study configs on the tiny BERT and 48 real SST-2 examples (seconds per run), with
+    `overrides` after the shared ones; fixtures of any scope build theirs with it."""
     from lorascope.config_io import load_config
 
-    return load_config(
-        None,
-        "smoke",
-        [
+    def make(*overrides: str):
+        shared = [
             f"model.name={tiny_bert_dir}",
             "model.max_length=48",
-            "tasks={sst2: {train_max: 48, eval_max: 40}, rte: {train_max: 48, eval_max: 40}}",
+            "tasks={sst2: {train_max: 48, eval_max: 40}}",
             "data.dev_max=16",
             "data.probe_size=16",
             "baselines.overfit_steps=3",
             "runtime.progress=false",
-            "runtime.workers=1",  # serial: a pool per test costs seconds of imports (test_executors covers it)
             "training.lora.lr=1e-2",
             "training.full.lr=1e-3",
-        ],
-    )
+        ]
+        return load_config(None, "smoke", [*shared, *overrides])
+
+    return make

@@ -16,26 +16,8 @@ def study(tiny_config_module, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_config_module(tiny_bert_dir):
-    from lorascope.config_io import load_config
-
-    return load_config(
-        None,
-        "smoke",
-        [
-            f"model.name={tiny_bert_dir}",
-            "model.max_length=48",
-            "tasks={sst2: {train_max: 48, eval_max: 40}}",
-            "seeds=[1, 2]",
-            "data.dev_max=16",
-            "data.probe_size=24",
-            "baselines.overfit_steps=3",
-            "runtime.progress=false",
-            "training.lora.lr=1e-2",
-            "training.full.lr=1e-3",
-            "drift.bootstrap=20",
-        ],
-    )
+def tiny_config_module(tiny_study_config):
+    return tiny_study_config("seeds=[1, 2]", "data.probe_size=24", "drift.bootstrap=20")
 
 
 def test_drift_table_has_runs_and_every_reference(study):

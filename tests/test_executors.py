@@ -69,25 +69,8 @@ def serial_results(tiny_config, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_config(tiny_bert_dir):  # module scope: shared by the serial reference and both executors
-    from lorascope.config_io import load_config
-
-    return load_config(
-        None,
-        "smoke",
-        [
-            f"model.name={tiny_bert_dir}",
-            "model.max_length=48",
-            "tasks={sst2: {train_max: 48, eval_max: 40}}",
-            "data.dev_max=16",
-            "data.probe_size=16",
-            "baselines.overfit_steps=3",
-            "runtime.progress=false",
-            "training.lora.lr=1e-2",
-            "training.full.lr=1e-3",
-            "seeds=[42, 7]",
-        ],
-    )
+def tiny_config(tiny_study_config):  # module scope: shared by the serial reference and both executors
+    return tiny_study_config("seeds=[42, 7]")
 
 
 def test_process_pool_grid_equals_serial(tiny_config, serial_results, tmp_path):

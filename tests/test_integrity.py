@@ -44,24 +44,8 @@ def _tables(root: Path) -> dict[str, pd.DataFrame]:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_bert_dir):
-    from lorascope.config_io import load_config
-
-    config = load_config(
-        None,
-        "smoke",
-        [
-            f"model.name={tiny_bert_dir}",
-            "model.max_length=48",
-            "tasks={sst2: {train_max: 48, eval_max: 40}}",
-            "data.dev_max=16",
-            "data.probe_size=16",
-            "baselines.overfit_steps=3",
-            "runtime.progress=false",
-            "runtime.workers=1",
-            "runtime.threads=1",
-        ],
-    )
+def finished(tmp_path_factory, tiny_study_config):
+    config = tiny_study_config("runtime.workers=1", "runtime.threads=1")
     root = tmp_path_factory.mktemp("intact") / "study"
     run_stages(config, root, STAGES)
     return config, root
