@@ -6,6 +6,8 @@ import pandas as pd
 import pytest
 
 from lorascope.cli import main
+from lorascope.config_io import load_config
+from lorascope.preflight import disk_need
 from lorascope.stages import STAGES
 
 pytestmark = pytest.mark.e2e
@@ -90,3 +92,7 @@ def test_smoke_study_end_to_end(tmp_path):
     }  # accuracy is the criterion, F1 is shown
     assert verdict["outcome"].notna().all()
     assert "data:image/png;base64," in (out / "report.html").read_text()
+
+    # the pre-flight disk estimate (lorascope.preflight) against what the study wrote: 289 vs 294 MB here
+    written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    assert 0.5 < disk_need(load_config(None, "smoke")) / written < 2

@@ -101,3 +101,58 @@ def test_the_record_names_every_file_with_its_size_and_digest(tmp_path):
     assert integrity.damage(tmp_path / "out", recorded) is None
     (tmp_path / "out" / "a.bin").write_bytes(b"y" * 10)  # same size, other content
     assert "other content" in integrity.damage(tmp_path / "out", recorded)
+
+
+def test_a_full_disk_stops_at_the_first_failed_write_leaves_nothing_partial_and_resumes(
+    tiny_study_config, tmp_path, monkeypatch
+):
+    """Writes failing with ENOSPC (as safetensors reports it) stop the study at the first run
+    instead of failing every run in turn; no half-written run and no failed run is left; the
+    rerun trains everything."""
+    import errno
+
+    from lorascope import runs
+    from lorascope.errors import DiskFull
+
+    config = tiny_study_config("runtime.workers=1")
+    stages = [BY_NAME["prepare"], BY_NAME["train"]]
+    run_stages(config, tmp_path, stages[:1])
+    calls = []
+
+    def full_disk(setup, splits, tokenizer, scratch):
+        calls.append(setup.method)
+        (scratch / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("Error while serializing") from OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runs, "train_run", full_disk)
+    with pytest.raises(DiskFull, match=r"no space left on the device while writing .*runs/sst2/\w+/seed42 \("):
+        run_stages(config, tmp_path, stages)
+    assert len(calls) == 1
+    assert not list(tmp_path.rglob(".partial-*"))  # the half-written run folder is gone
+    assert not list(tmp_path.glob("runs/*/*/*/metrics.json"))  # and no run is recorded as failed
+    monkeypatch.undo()
+    run_stages(config, tmp_path, stages)
+    assert len(list((tmp_path / "runs").rglob("metrics.json"))) == 2
+    assert pd.read_csv(tmp_path / "tables" / "performance.csv")["status"].eq("ok").all()
+
+
+def test_a_study_that_will_not_fit_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """The smoke study needs about 290 MB (294 MB written); with 100 MB free it stops at once
+    with both figures, and with 300 MB free it warns."""
+    import collections
+
+    from lorascope import preflight
+    from lorascope.config_io import load_config
+
+    need = preflight.disk_need(load_config(None, "smoke"))
+    assert 250e6 < need < 330e6
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(0, 0, 100_000_000))
+    out = tmp_path / "study"
+    assert main(["run", "--profile", "smoke", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"about {need / 1e6:,.0f} MB still to write, 100 MB free at {out}" in err[0]
+    assert not out.exists()
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(0, 0, int(need * 1.1)))
+    preflight.check_disk(load_config(None, "smoke"), out)
+    assert capsys.readouterr().err.startswith("warning: the study may not fit")

@@ -16,6 +16,7 @@ from lorascope.config import TaskConfig
 from lorascope.config_io import apply_overrides, load_config, profiles, validate
 from lorascope.drift import DRIFT_LAYERS, DRIFT_SUMMARY
 from lorascope.errors import InputError
+from lorascope.preflight import check_disk
 from lorascope.stages import BY_NAME, STAGES, with_inputs
 from lorascope.study import Study, atomic_write, run_stages, verify
 
@@ -180,6 +181,7 @@ def _dispatch(args) -> int:
     if args.command == "run":
         config = load_config(args.config, args.profile, [*args.overrides, *_executor_overrides(args)])
         out = _out_dir(args, config)
+        check_disk(config, out)
         with runtime.threads(config.runtime.threads):
             run_stages(config, out, list(STAGES))
         print(f"study written to {out}")

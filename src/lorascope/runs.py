@@ -10,7 +10,7 @@ import pandas as pd
 
 from lorascope import dependencies
 from lorascope.config import StudyConfig
-from lorascope.errors import InputError
+from lorascope.errors import DiskFull, InputError, is_disk_full
 from lorascope.study import Study, Table, current_dir, is_current, stamp_of
 from lorascope.tasks import Task
 from lorascope.training import RunSetup, train_run
@@ -89,6 +89,8 @@ def train_or_reuse(config: StudyConfig, setup: RunSetup, splits: dict, target, s
         except InputError:
             raise
         except Exception as err:
+            if is_disk_full(err):  # every other run would fail the same way: stop, keep what is done
+                raise DiskFull.at(target) from err
             result = {
                 "task": setup.task.name,
                 "method": setup.method,

@@ -49,7 +49,11 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     """Written beside the target and renamed: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = _scratch(path)
-    scratch.write_bytes(data.encode() if isinstance(data, str) else data)
+    try:
+        scratch.write_bytes(data.encode() if isinstance(data, str) else data)
+    except BaseException:  # a full disk: no partial file is left behind
+        scratch.unlink(missing_ok=True)
+        raise
     os.replace(scratch, path)
 
 
