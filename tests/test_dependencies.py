@@ -131,7 +131,8 @@ def _rounded(values) -> list:
 def _tensors(path: Path) -> list:
     with safe_open(str(path), "pt") as f:
         names = sorted(f.keys())
-        return [(n, _rounded([f.get_tensor(n).double().sum(), f.get_tensor(n).double().abs().sum()])) for n in names]
+        tensors = {n: f.get_tensor(n).double() for n in names}
+    return [(n, _rounded([t.sum(), t.abs().sum()])) for n, t in tensors.items()]
 
 
 def _table(path: Path, drop: tuple[str, ...] = ()) -> list:

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lorascope.atomic import PARTIAL, atomic_dir
 from lorascope.config_io import to_yaml
 from lorascope.errors import InputError
 from lorascope.stages import with_inputs
-from lorascope.study import PARTIAL, Study, Table, atomic_dir, is_current, run_stages, stamp_of, write_current
+from lorascope.study import Study, Table, is_current, run_stages, stamp_of, write_current
 
 PREPARE_TRAIN = with_inputs("train")
 

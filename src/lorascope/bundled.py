@@ -21,8 +21,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from lorascope.atomic import PARTIAL, atomic_dir
 from lorascope.errors import InputError
-from lorascope.study import PARTIAL, atomic_dir
 
 MANIFEST = "lorascope-manifest.json"
 
@@ -83,7 +83,7 @@ def _converted_from_gguf(name: str, dist: importlib.metadata.Distribution) -> Pa
 
 
 def build_folder(target: Path, gguf: Path, digest: str, source: str) -> None:
-    """Convert into a temporary sibling renamed into place (study.atomic_dir), so no reader ever
+    """Convert into a temporary sibling renamed into place (atomic.atomic_dir), so no reader ever
     sees a half-written folder. Runs under the target's lock, so leftovers of killed builds of
     this target can be removed."""
     for stale in target.parent.glob(f"{PARTIAL}{target.name}-*"):

@@ -12,13 +12,14 @@ import traceback
 from pathlib import Path
 
 from lorascope import __version__, runtime
+from lorascope.atomic import atomic_write
 from lorascope.config import TaskConfig
 from lorascope.config_io import apply_overrides, load_config, profiles, validate
 from lorascope.drift import DRIFT_LAYERS, DRIFT_SUMMARY
 from lorascope.errors import InputError
 from lorascope.preflight import check_disk
 from lorascope.stages import BY_NAME, STAGES, with_inputs
-from lorascope.study import Study, atomic_write, run_stages, verify
+from lorascope.study import Study, run_stages, verify
 
 SPECIAL = ("tune", "drift", "train")  # stage subcommands with options of their own, defined below
 

@@ -1,5 +1,5 @@
-"""The study directory: lock, manifest, the one atomic-write helper, the one cache rule, and
-the table records every writer and the report share.
+"""The study directory: lock, manifest, the one cache rule, and the table records every writer
+and the report share (lorascope.atomic writes every output).
 
 Every output is written to a temporary sibling and renamed into place, so a study killed at
 any moment holds only complete results; the next run removes the leftovers and redoes them.
@@ -16,71 +16,21 @@ import dataclasses
 import datetime
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import filelock
 import pandas as pd
 import yaml
 
 from lorascope import executors, integrity, runtime
+from lorascope.atomic import atomic_dir, atomic_write, remove_partials
 from lorascope.config import StudyConfig
 from lorascope.config_io import fingerprint, results_fingerprint, to_yaml, validate
+from lorascope.dependencies import Declared
 from lorascope.errors import InputError
-
-if TYPE_CHECKING:  # dependencies reads models, whose bundled copies are written with this module
-    from lorascope.dependencies import Declared
-
-PARTIAL = ".partial-"
-
-
-# ---------------------------------------------------------------- atomic writes
-
-
-def _scratch(path: Path) -> Path:
-    return path.with_name(f"{PARTIAL}{path.name}-{os.getpid()}")
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Written beside the target and renamed: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = _scratch(path)
-    try:
-        scratch.write_bytes(data.encode() if isinstance(data, str) else data)
-    except BaseException:  # a full disk: no partial file is left behind
-        scratch.unlink(missing_ok=True)
-        raise
-    os.replace(scratch, path)
-
-
-@contextlib.contextmanager
-def atomic_dir(target: Path):
-    """Yields an empty temporary folder that replaces `target` only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = _scratch(target)
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
-    try:
-        yield scratch
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(scratch, target)
-
-
-def remove_partials(root: Path) -> None:
-    for leftover in root.rglob(f"{PARTIAL}*"):
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
-
 
 # ---------------------------------------------------------------- the cache rule
 

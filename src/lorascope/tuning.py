@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from lorascope import dependencies, executors, modeling, runs
+from lorascope.atomic import atomic_dir
 from lorascope.config import StudyConfig
 from lorascope.config_io import validate
 from lorascope.errors import InputError
@@ -33,7 +34,7 @@ from lorascope.hparams import MethodConfig
 from lorascope.optuna_search import DevReporter, TrialSeededTPE, is_surplus, pruner
 from lorascope.optuna_storage import Backend, fail_stale, heartbeat, open_storage
 from lorascope.prepared import load_prepared, prepare_tasks, prepared_fingerprint
-from lorascope.study import Study, Table, atomic_dir, is_current, stamp_of, write_current
+from lorascope.study import Study, Table, is_current, stamp_of, write_current
 from lorascope.training import train_run
 
 METHODS = ("lora", "full")

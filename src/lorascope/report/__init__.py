@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lorascope.atomic import atomic_write
 from lorascope.report import quality
 from lorascope.report.cost import cost_section
 from lorascope.report.deployment import deployment_section
@@ -19,7 +20,6 @@ from lorascope.report.loader import FIGURE_PREFIX, load
 from lorascope.report.provenance import hparams_section, provenance_section
 from lorascope.report.reference import load_reference, reference_section
 from lorascope.report.representations import drift_section, weights_section
-from lorascope.study import atomic_write
 
 __all__ = ["load_reference", "write_report"]
 

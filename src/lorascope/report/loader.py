@@ -11,6 +11,7 @@ import pandas as pd
 import yaml
 
 from lorascope.analysis import DRIFT_STATISTICS, FLAGS, STATISTICS, VERDICT
+from lorascope.atomic import atomic_write
 from lorascope.drift import DRIFT_LAYERS, DRIFT_SUMMARY
 from lorascope.forgetting import FORGET_CORRELATION, FORGET_DRIFT, FORGET_STATISTICS, FORGETTING, LM_FORGETTING
 from lorascope.report.document import slug
@@ -20,7 +21,7 @@ from lorascope.runs import BASELINES, PERFORMANCE
 from lorascope.serving.checks import DEPLOYMENT_CHECKS
 from lorascope.serving.grid import DEPLOYMENT
 from lorascope.serving.memory import DEPLOYMENT_MEMORY
-from lorascope.study import Study, Table, atomic_write
+from lorascope.study import Study, Table
 from lorascope.tuning import TRIALS
 from lorascope.weights import WEIGHTS
 

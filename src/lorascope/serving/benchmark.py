@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from lorascope import runtime
+from lorascope.atomic import atomic_write
 from lorascope.config import DeployConfig
 from lorascope.errors import InputError
 from lorascope.serving import peft_engine, vllm_engine
@@ -39,7 +40,6 @@ from lorascope.serving.memory import DEPLOYMENT_MEMORY, memory_table
 from lorascope.serving.strategies import REGISTRY, variants
 from lorascope.serving.vllm_engine import ENGINE_CHECKS, ENGINE_VERSIONS
 from lorascope.serving.vllm_server import find_vllm_python
-from lorascope.study import atomic_write
 
 
 @dataclasses.dataclass
