@@ -156,6 +156,41 @@ def test_lora_server_wraps_only_the_modules_the_adapters_train(fake_env, tmp_pat
     assert _lora_targets_flag(_fake(fake_env, tmp_path).command()) is None  # no adapters, no flag
 
 
+def test_adapter_listing_heads_the_model_lacks_is_served_through_a_corrected_config(fake_env, tmp_path, tiny_llama_dir):
+    """PEFT 0.22 saves every task-head name it knows in modules_to_save (pre_classifier included) and
+    vLLM refuses all but classifier and score: the server gets a copy whose config keeps the heads the
+    adapter holds weights for, its weights linked; a clean adapter is served from its own folder."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=2)
+    get_peft_model(
+        base, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj"], modules_to_save=["score"])
+    ).save_pretrained(tmp_path / "saved")
+    listed = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
+    listed["modules_to_save"] = ["score", "classifier", "pre_classifier"]  # as PEFT 0.22 writes it
+    (tmp_path / "saved" / "adapter_config.json").write_text(json.dumps(listed))
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    for item in (tmp_path / "saved").iterdir():
+        (clean / item.name).write_bytes(item.read_bytes())
+    (clean / "adapter_config.json").write_text(json.dumps(listed | {"modules_to_save": ["score"]}))
+
+    server = _fake(fake_env, tmp_path, lora_modules={"a": tmp_path / "saved", "b": clean})
+    with server:
+        served = dict(arg.split("=", 1) for arg in server.command() if arg.startswith(("a=", "b=")))
+        assert served["b"] == str(clean)
+        corrected = Path(served["a"])
+        assert corrected != tmp_path / "saved"
+        assert json.loads((corrected / "adapter_config.json").read_text()) == listed | {"modules_to_save": ["score"]}
+        weights = (corrected / "adapter_model.safetensors").resolve()
+        assert weights == (tmp_path / "saved" / "adapter_model.safetensors").resolve()
+    assert not corrected.exists()  # the copy lives as long as the server
+    assert json.loads((tmp_path / "saved" / "adapter_config.json").read_text()) == listed  # the original untouched
+
+
 def test_engine_grid_with_a_dying_server_gives_one_line_and_keeps_peft_rows(
     fake_env, tmp_path, tiny_llama_dir, monkeypatch, capsys
 ):

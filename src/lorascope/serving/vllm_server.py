@@ -37,6 +37,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,12 +45,12 @@ import psutil
 
 from lorascope.errors import InputError
 from lorascope.processes import die_with_parent
+from lorascope.serving.vllm_adapters import lora_rank, lora_targets, servable_adapter
 
 ENGINE = "vLLM"
 DEFAULT_ENV = ".venv-vllm"
 ENV_VAR = "LORASCOPE_VLLM_PYTHON"
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 # After its last request a server's worker busy-polls its shared-memory queue for 1 s
 # (vllm.distributed.device_communicators.shm_broadcast.SpinCondition, busy_loop_s=1) on the core
 # it is bound to, and on CPU every server binds the same one: measured, the merged server's tree
@@ -174,35 +175,6 @@ def _model_len_limit(model_dir: Path, wanted: int) -> int:
     return min(limits)
 
 
-def _lora_rank(adapter: str | os.PathLike) -> int:
-    """The smallest --max-lora-rank that admits this adapter (vLLM's default, 16, refuses larger ranks)."""
-    try:
-        config = json.loads((Path(adapter) / "adapter_config.json").read_text())
-        rank = max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
-    except (OSError, ValueError):
-        return 16
-    return next((r for r in LORA_RANKS if r >= rank), LORA_RANKS[-1])
-
-
-def _lora_targets(adapters) -> list[str] | None:
-    """The modules the adapters train (adapter_config.json's target_modules, all adapters'), for
-    --lora-target-modules; None when any adapter names them by a pattern ("all-linear", a regex) or
-    not at all. Without the flag vLLM wraps every module it supports (here o, gate/up and down as
-    well as the packed q/k/v), and on CPU each wrapped module gathers a LoRA matrix per token:
-    with q/v adapters on SmolLM2-135M, LoRA requests took 230 ms instead of 346 ms at one client
-    (docs/benchmarks.md)."""
-    targets = set()
-    for adapter in adapters:
-        try:
-            named = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("target_modules")
-        except (OSError, ValueError):
-            return None
-        if not isinstance(named, list) or not named:
-            return None
-        targets.update(named)
-    return sorted(targets)
-
-
 class VllmServer:
     """`with VllmServer(model_dir, lora_modules={"a": path}) as server: server.classify("a", texts)`.
 
@@ -255,6 +227,7 @@ class VllmServer:
         self.port: int | None = None
         self.process: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
+        self._scratch: tempfile.TemporaryDirectory | None = None  # corrected adapter configs, while it runs
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -284,7 +257,7 @@ class VllmServer:
         if self.hf_overrides:
             cmd += ["--hf-overrides", json.dumps(self.hf_overrides)]
         if self.lora_modules:
-            rank = max(_lora_rank(path) for path in self.lora_modules.values())
+            rank = max(lora_rank(path) for path in self.lora_modules.values())
             cmd += [
                 "--enable-lora",
                 "--max-loras",
@@ -294,7 +267,7 @@ class VllmServer:
                 "--lora-modules",
                 *(f"{name}={path}" for name, path in self.lora_modules.items()),
             ]
-            targets = _lora_targets(self.lora_modules.values())
+            targets = lora_targets(self.lora_modules.values())
             if targets and "--lora-target-modules" not in self.extra_args:
                 cmd += ["--lora-target-modules", *targets]
         return cmd + self.extra_args
@@ -317,6 +290,10 @@ class VllmServer:
         """Start and wait until ready; on any failure (Ctrl-C too) the process tree is stopped first."""
         self.port = free_port(self.host)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._scratch = tempfile.TemporaryDirectory(prefix="lorascope-vllm-adapters-")
+        self.lora_modules = {
+            name: servable_adapter(path, Path(self._scratch.name) / name) for name, path in self.lora_modules.items()
+        }
         started = time.monotonic()
         with open(self.log_path, "wb") as log:
             log.write(f"$ {shlex.join(self.command())}\n".encode())
@@ -363,6 +340,7 @@ class VllmServer:
     def stop(self) -> None:
         """SIGTERM the process group and every descendant, SIGKILL what is left after the grace period."""
         if self.process is None:
+            self._drop_scratch()
             return
         try:
             procs = [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]
@@ -382,6 +360,12 @@ class VllmServer:
             if not alive:
                 break
         self.process = None
+        self._drop_scratch()
+
+    def _drop_scratch(self) -> None:
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
 
     def __enter__(self) -> VllmServer:
         """Starts the server; entering one already started does not start a second (its exit stops it)."""
