@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from lorascope import drift
+from lorascope import similarity as sim
 
 MEASURES = ["linear_cka", "debiased_cka", "cosine"]
 
@@ -106,7 +107,6 @@ def test_base_vs_base_tolerance_depends_on_the_precision_and_still_catches_broke
 
     from lorascope import modeling
     from lorascope import representations as rep
-    from lorascope import similarity as sim
     from lorascope.config import DataConfig, TaskConfig
     from lorascope.tasks import load_raw, resolve_task, tokenize
 
@@ -134,3 +134,78 @@ def test_base_vs_base_tolerance_depends_on_the_precision_and_still_catches_broke
     with pytest.raises(drift.DriftCheckFailed):
         drift.task_drift_rows("sst2", "head", base, head(5, True), {}, layers, MEASURES, bf16=True, **common)
     assert abs(1 - sim.legacy_index(base[-1], base[-1])) > 10 * drift.BASE_VS_BASE_TOLERANCE[True]
+
+
+def _hadamard8() -> torch.Tensor:
+    """8 orthogonal ±1 columns, the last 7 of mean zero."""
+    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    return torch.kron(torch.kron(h2, h2), h2)
+
+
+def test_variance_share_columns_are_exact_for_planted_features():
+    columns = _hadamard8()[:, 1:6]  # five orthogonal zero-mean columns, sum of squares 8 each
+    base = (columns * torch.tensor([3.0, 2.0, 1.0, 1.0, 1.0]) + 4.0).expand(3, 8, 5)  # shares 9/16, 14/16
+    run = (columns * torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0]) - 1.0).expand(3, 8, 5)  # shares 4/8, 6/8
+    table = pd.DataFrame(
+        drift.task_drift_rows(
+            "sst2",
+            "mean",
+            base,
+            base.clone(),
+            {("full", 1): run},
+            [0, 1, 2],
+            MEASURES,
+            bootstrap=0,
+            confidence=0.9,
+            seed=0,
+        )
+    )
+    runs = table[table.comparison == "run_vs_base"]
+    assert (runs["top1_share_x"] == 9 / 16).all() and (runs["top3_share_x"] == 14 / 16).all()
+    assert (runs["top1_share_y"] == 4 / 8).all() and (runs["top3_share_y"] == 6 / 8).all()
+    own = table[table.comparison == "base_vs_base"]
+    assert (own["top1_share_y"] == 9 / 16).all() and (own["missing_reason"] == "").all()
+
+
+def _z_scored(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return (x - x.mean(0)) / x.std(0, correction=0)
+
+
+def test_standardized_measures_equal_the_measures_of_z_scored_inputs():
+    x = _stack(layers=1)[0] * torch.linspace(0.1, 30.0, 16)  # features of very different scales
+    y = x + 3.0 * torch.randn(64, 16, generator=torch.Generator().manual_seed(5))
+    rows = drift.layer_measures(x, y, MEASURES, 50, 3, 0.9, torch.float64, standardize=True)
+    by_hand = sim.compare(_z_scored(x), _z_scored(y), ("linear", "debiased", "cosine"), 50, 3, 0.9, torch.float64)
+    for row in rows:
+        expected = by_hand[drift.SHARED[row["measure"]]]
+        assert (row["value"], row["ci_low"], row["ci_high"]) == pytest.approx(expected[:3], abs=1e-12)
+    assert rows[0]["value"] == pytest.approx(sim.linear_cka(_z_scored(x), _z_scored(y)), abs=1e-12)
+    plain = drift.layer_measures(x, y, MEASURES, 0, 3, 0.9, torch.float64)
+    assert abs(plain[0]["value"] - rows[0]["value"]) > 0.01  # the option changes what is measured
+
+
+def test_a_rogue_dimension_decides_linear_cka_unless_the_features_are_standardized():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 32, generator=g), torch.randn(200, 32, generator=g)  # unrelated but for:
+    x[:, 0] = y[:, 0] = 1000.0 * torch.randn(200, generator=g)  # one huge dimension both share
+    shares = drift.variance_shares(x, y)
+    assert shares["top1_share_x"] > 0.99 and shares["top1_share_y"] > 0.99
+    measure = ["linear_cka", "cosine"]
+    plain = {r["measure"]: r["value"] for r in drift.layer_measures(x, y, measure, 0, 0, 0.9)}
+    scaled = {r["measure"]: r["value"] for r in drift.layer_measures(x, y, measure, 0, 0, 0.9, standardize=True)}
+    assert plain["linear_cka"] > 0.99 and plain["cosine"] > 0.99
+    assert scaled["linear_cka"] < 0.3 and scaled["cosine"] < 0.1  # 1 of 32 shared dimensions
+
+
+def test_an_interval_the_data_leave_undefined_is_a_row_with_its_reason():
+    """Five probe examples: most resamples have fewer than the 4 distinct examples debiased CKA
+    needs; the stage writes the row with its reason instead of stopping."""
+    base = _stack(n=5)
+    table = _rows(base, base.clone(), {("lora", 1): base + 0.5 * _stack(n=5, seed=1)})
+    debiased = table[(table.measure == "debiased_cka") & (table.comparison == "run_vs_base")]
+    assert debiased["value"].notna().all() and debiased["ci_low"].isna().all()
+    assert debiased["missing_reason"].str.match(r"debiased CKA undefined on \d+ of 50 resamples").all()
+    layers, summary = drift.drift_tables(table.to_dict("records"))
+    assert list(layers.columns) == list(drift.DRIFT_LAYERS.columns)
+    assert summary["mean_over_layers"].notna().all()

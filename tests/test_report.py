@@ -678,3 +678,37 @@ def test_many_seeds_go_through_analyze_and_report(tmp_path, n_seeds):
     assert table.loc[("sst2", "failure rate full"), "value"] == 0.0 and table.loc[("sst2", "quality"), "n"] == n_seeds
     section = _section(report.write_report(study.root)[0].read_text(), "Method comparison")
     assert "MC, 100,000 draws" in section and f"{n_seeds} / {n_seeds} / {n_seeds}" in section
+
+
+def test_rogue_dimensions_and_undefined_measures_are_shown_with_their_layers(tmp_path):
+    """drift_layers.csv written by the drift writer from planted features: a layer where one feature
+    holds most of the variance is listed with its shares, and a measure the data leave undefined
+    (debiased CKA on 3 examples) is listed with its layers and reason instead of vanishing."""
+    root = make_study(tmp_path / "s")
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 3, 16, generator=gen)
+    base[1, :, 0] = torch.tensor([-300.0, 0.0, 300.0])  # layer 1: one feature holds ~all the variance
+    runs = {("lora", 42): base + 0.1 * torch.randn(2, 3, 16, generator=gen)}
+    rows = drift.task_drift_rows(
+        "sst2",
+        "mean",
+        base,
+        base.clone(),
+        runs,
+        [0, 1],
+        ["linear_cka", "debiased_cka"],
+        bootstrap=0,
+        confidence=0.95,
+        seed=0,
+    )
+    layers, summary = drift.drift_tables(rows)
+    drift.DRIFT_LAYERS.write(Study(root).tables, layers)
+    drift.DRIFT_SUMMARY.write(Study(root).tables, summary)
+    section = _section(report.write_report(root)[0].read_text(), "Representational drift")
+    share = layers[(layers["comparison"] == "base_vs_base") & (layers["layer"] == 1)]["top1_share_x"].iloc[0]
+    assert share > 0.99
+    assert f"| sst2 | mean | 1: {100 * share:.0f} / " in section and "| sst2 | mean | 0:" not in section
+    assert "rogue dimensions" in section and "drift.standardize: true" in section
+    reason = layers.loc[layers["measure"] == "debiased_cka", "missing_reason"].iloc[0]
+    assert reason and "4" in reason
+    assert f"| debiased_cka | 0, 1 | {reason} |" in section

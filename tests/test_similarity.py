@@ -1,5 +1,6 @@
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -133,13 +134,15 @@ def _counts(idx, n):
 
 
 def test_resampled_linear_cka_is_the_resampled_gram_without_pairs_of_copies():
+    """Each resample's draws centred at their own mean, then every pair of two draws of one example set to 0."""
     x, y = _data(n=30)
     xc, yc = x - x.mean(0), y - y.mean(0)
     idx = torch.randint(30, (4, 30), generator=torch.Generator().manual_seed(2))
     fast = sim.resampled_cka(_counts(idx, 30), xc @ xc.T, yc @ yc.T, ["linear"], D)["linear"]
     for i, row in enumerate(idx):
         copies = (row[:, None] == row[None, :]) & ~torch.eye(30, dtype=torch.bool)
-        kx, ky = ((z @ z.T)[row][:, row].masked_fill(copies, 0.0) for z in (xc, yc))
+        drawn = (z[row] - z[row].mean(0) for z in (x, y))
+        kx, ky = ((z @ z.T).masked_fill(copies, 0.0) for z in drawn)
         assert fast[i].item() == pytest.approx(sim.gram_cka(kx, ky).item(), abs=1e-12)
     ones = torch.ones(1, 30, dtype=D)
     assert sim.resampled_cka(ones, xc @ xc.T, yc @ yc.T, ["linear"], D)["linear"].item() == pytest.approx(
@@ -150,21 +153,35 @@ def test_resampled_linear_cka_is_the_resampled_gram_without_pairs_of_copies():
 def test_resampled_unbiased_hsic_is_the_weighted_u_statistic_over_distinct_examples():
     x, y = _data(n=7, d1=3, d2=2)
     k, l = x @ x.T, y @ y.T
-    w = torch.tensor([[3.0, 0, 1, 2, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]], dtype=D)
+    w = torch.tensor([[3.0, 0, 1, 2, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1], [2, 2, 1, 0, 1, 1, 0]], dtype=D)
     fast = sim.resampled_hsic(w, k, l, ["debiased"], D)["debiased"][0]  # of (x, y)
+    tuples = list(itertools.permutations(range(7), 4))
     for row, value in zip(w, fast):
-        terms = []  # E[k_ij l_ij], E[k_ij l_qr], E[k_ij l_iq] over distinct examples, weighted by counts
-        for size, term in (
-            (2, lambda i, j: k[i, j] * l[i, j]),
-            (4, lambda i, j, q, r: k[i, j] * l[q, r]),
-            (3, lambda i, j, q: k[i, j] * l[i, q]),
-        ):
-            tuples = list(itertools.permutations(range(7), size))
-            weights = torch.stack([row[list(t)].prod() for t in tuples])
-            terms.append((weights * torch.stack([term(*t) for t in tuples])).sum() / weights.sum())
-        assert value.item() == pytest.approx((terms[0] + terms[1] - 2 * terms[2]).item(), abs=1e-10)
+        weights = torch.stack([row[list(t)].prod() for t in tuples])  # one draw of each example
+        terms = torch.stack([k[i, j] * l[i, j] - 2 * k[i, j] * l[i, q] + k[i, j] * l[q, r] for i, j, q, r in tuples])
+        assert value.item() == pytest.approx(((weights * terms).sum() / weights.sum()).item(), abs=1e-10)
     plain = sim.unbiased_hsic(sim.off_diagonal(k), sim.off_diagonal(l))
     assert fast[1].item() == pytest.approx(plain.item(), abs=1e-10)  # w = 1: the estimator
+
+
+def test_resampled_estimates_do_not_depend_on_where_the_features_are_centred():
+    """As the plain estimators. Centred at the full sample's mean, an example far from the rest
+    sits off-centre in a resample; the former weighting then gave negative self-HSIC."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 16, generator=g, dtype=D)
+    x[0, 0] += 200.0  # one example far out on one dimension
+    y = x + 0.5 * torch.randn(32, 16, generator=g, dtype=D)
+    w = torch.zeros(300, 32, dtype=D).scatter_add_(
+        1, torch.randint(32, (300, 32), generator=g), torch.ones(300, 32, dtype=D)
+    )
+    centred = sim.resampled_hsic(w, *((z - z.mean(0)) @ (z - z.mean(0)).T for z in (x, y)), ["linear", "debiased"], D)
+    moved = sim.resampled_hsic(
+        w, *((z - z[1:].mean(0)) @ (z - z[1:].mean(0)).T for z in (x, y)), ["linear", "debiased"], D
+    )
+    for measure in ("linear", "debiased"):
+        scale = centred[measure].abs().max()
+        assert (centred[measure] - moved[measure]).abs().max() < 1e-10 * scale, measure
+    assert (centred["debiased"][1:] > 0).all()  # the self-HSIC of every resample
 
 
 @pytest.mark.parametrize("measure, point", [("linear", sim.linear_cka), ("debiased", sim.debiased_cka)])
@@ -242,10 +259,12 @@ def test_shared_estimates_equal_the_single_measure_functions():
     assert shared["linear"][0] == pytest.approx(sim.linear_cka(x, y), abs=1e-12)
     assert shared["debiased"][0] == pytest.approx(sim.debiased_cka(x, y), abs=1e-12)
     assert shared["rbf"][0] == pytest.approx(sim.rbf_cka(x, y), abs=1e-12)
-    assert math.isnan(shared["rbf"][1]) and math.isnan(shared["rbf"][2])  # RBF has no interval
+    assert math.isnan(shared["rbf"].ci_low) and math.isnan(shared["rbf"].ci_high)  # RBF has no interval
     for kind in ("linear", "debiased"):
-        assert shared[kind][1:] == pytest.approx(sim.bootstrap_cka(x, y, kind, 50, seed=7, dtype=D), abs=1e-12)
-    value, low, high = sim.compare(x, y, ("linear",))["linear"]
+        interval = (shared[kind].ci_low, shared[kind].ci_high)
+        assert interval == pytest.approx(sim.bootstrap_cka(x, y, kind, 50, seed=7, dtype=D), abs=1e-12)
+    assert all(not m.missing_reason for m in shared.values())
+    value, low, high, _ = sim.compare(x, y, ("linear",))["linear"]
     assert value == pytest.approx(shared["linear"][0]) and math.isnan(low) and math.isnan(high)
     with pytest.raises(ValueError, match="unknown measures"):
         sim.compare(x, y, ("linear", "cka"))
@@ -253,7 +272,7 @@ def test_shared_estimates_equal_the_single_measure_functions():
 
 def test_cosine_interval_resamples_the_examples_that_cka_resamples():
     x, y = _data(n=40, d1=12, d2=12)
-    value, low, high = sim.compare(x, y, ("cosine",), n_resamples=50, seed=7)["cosine"]
+    value, low, high, _ = sim.compare(x, y, ("cosine",), n_resamples=50, seed=7)["cosine"]
     per_example = sim.cosine_per_example(x, y, centered=True)
     assert value == pytest.approx(per_example.mean().item(), abs=1e-15)
     idx = torch.randint(40, (50, 40), generator=torch.Generator().manual_seed(7))  # the draws of bootstrap_cka
@@ -282,3 +301,67 @@ def test_float32_products_stay_within_1e4_of_float64():
         reference = sim.compare(base, run, measures, n_resamples=200, seed=1, dtype=D)
         for measure in measures:
             assert fast[measure] == pytest.approx(reference[measure], abs=1e-4, nan_ok=True), measure
+
+
+def _one_example_rogue(seed=0):
+    """Like SmolLM2's mean-pooled states at n = 32: one dimension holds ~99 % of the centred
+    variance, nearly all of it on one example; y is x plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 16, generator=g, dtype=D)
+    x[0, 0] += 200.0
+    return x, x + 0.5 * torch.randn(32, 16, generator=g, dtype=D)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_dimension_held_by_one_example_no_longer_stops_the_bootstrap(seed):
+    """This raised "bootstrap: a resample has too few distinct examples" (issue 31, symptom 3):
+    the former resampled self-HSIC fell below 0, so debiased CKA was NaN on some resamples."""
+    x, y = _one_example_rogue(seed)
+    assert sim.top_variance_shares(x)[0] > 0.9 and sim.top_variance_shares(y)[0] > 0.9
+    result = sim.compare(x, y, ("linear", "debiased", "cosine"), n_resamples=1000, seed=0)
+    for measure, (value, low, high, reason) in result.items():
+        assert reason == "" and low <= value <= high, measure
+    assert result["debiased"].value == pytest.approx(sim.debiased_cka(x, y), abs=1e-6)  # float32 products
+
+
+def test_a_measure_the_data_leave_undefined_is_nan_with_the_reason():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, generator=g, dtype=D)
+    y = x + torch.randn(5, 4, generator=g, dtype=D)
+    debiased = sim.compare(x, y, ("debiased",), n_resamples=200)["debiased"]  # most resamples: < 4 distinct
+    assert debiased.value == pytest.approx(sim.debiased_cka(x, y), abs=1e-6)
+    assert math.isnan(debiased.ci_low) and math.isnan(debiased.ci_high)
+    assert re.fullmatch(
+        r"debiased CKA undefined on (\d+) of 200 resamples \(\1 with fewer than 4 distinct examples\): no interval",
+        debiased.missing_reason,
+    )
+    with pytest.raises(ValueError, match="bootstrap: debiased CKA undefined on"):
+        sim.bootstrap_cka(x, y, "debiased", n_resamples=200)
+    three = sim.compare(x[:3], y[:3], ("debiased",), n_resamples=20)["debiased"]
+    assert math.isnan(three.value) and three.missing_reason == "debiased CKA needs at least 4 examples, got 3"
+    lone = torch.zeros(8, 3, dtype=D)
+    lone[0, 0] = 4.0  # one example apart from seven identical ones: no pair of distinct examples varies together
+    centred = lone - lone.mean(0)
+    assert sim.unbiased_hsic(*[sim.off_diagonal(centred @ centred.T)] * 2).item() == 0.0
+    result = sim.compare(lone, lone + 0.1 * torch.randn(8, 3, generator=g, dtype=D), ("linear", "debiased"))
+    assert math.isnan(result["debiased"].value)
+    assert result["debiased"].missing_reason == (
+        "debiased CKA undefined: the unbiased HSIC of x or y with itself is not positive"
+    )
+    assert math.isfinite(result["linear"].value) and result["linear"].missing_reason == ""
+
+
+def test_top_variance_shares_are_the_largest_variances_over_their_sum():
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    x = torch.stack([signs, 3 * signs, signs.roll(1), 2 * signs, -signs], dim=1) + 5.0  # variances ∝ 1, 9, 1, 4, 1
+    assert sim.top_variance_shares(x) == [9 / 16, 14 / 16]
+    assert sim.top_variance_shares(x, tops=(1, 2, 10)) == [9 / 16, 13 / 16, 1.0]
+
+
+def test_standardized_features_are_z_scores_and_constant_ones_stay_zero():
+    x, _ = _data()
+    x[:, 3] = 2.5
+    expected = (x - x.mean(0)) / x.std(0, correction=0)
+    expected[:, 3] = 0.0
+    z = sim.standardized(x)
+    assert z.dtype == D and torch.allclose(z, expected, rtol=0, atol=1e-12)

@@ -226,3 +226,34 @@ def test_drift_criterion_uses_the_ratio_of_means_over_unflagged_pairs(tmp_path):
     )
     assert alone.estimate.value == pytest.approx(1 - 0.16 / 0.50) and math.isnan(alone.decider.low)
     assert "no interval" in alone.rule and verdict.row("mrpc", alone)["outcome"] == "inconclusive"
+
+
+def test_a_run_whose_drift_is_undefined_at_every_layer_is_left_out_of_the_statistics(tmp_path):
+    """drift_layers.csv may hold NaN with a reason (a measure whose estimate the data
+    leave undefined); a run undefined at every layer has no mean, and the statistics go on without it."""
+    from lorascope.drift import DRIFT_SUMMARY
+
+    drift = {("lora", 1): 0.10, ("full", 1): 0.20, ("lora", 2): math.nan, ("full", 2): 0.20, ("lora", 3): 0.05}
+    drift[("full", 3)] = 0.10
+    DRIFT_SUMMARY.write(
+        tmp_path,
+        [
+            {
+                "task": "mrpc",
+                "method": m,
+                "seed": s,
+                "pooling": "mean",
+                "measure": "linear_cka",
+                "mean_over_layers": 1 - d,
+                "mean_last_third": 1 - d,
+                "comparison": "run_vs_base",
+            }
+            for (m, s), d in drift.items()
+        ],
+    )
+    summary = DRIFT_SUMMARY.read(tmp_path)
+    flags = _flags({key: (0.8, 0.8, False) for key in drift})
+    table = analysis.drift_statistics(None, summary, flags, 0.95)
+    assert table.loc[table["method"] == "lora", "n"].iloc[0] == 2
+    c = analysis.drift_criterion(summary, flags, "mrpc", AnalysisConfig())
+    assert c.estimate.value == pytest.approx(1 - 0.15 / 0.30)  # seeds 1 and 3, the pairs both have

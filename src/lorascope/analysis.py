@@ -156,12 +156,14 @@ def _judged(seeds: set[int], clean: set[int]) -> tuple[set[int], bool, str]:
 
 
 def _drifts(summary: pd.DataFrame, task: str, pooling: str, measure: str) -> dict[str, dict[int, float]]:
-    """drift = 1 - similarity (mean over layers) per method and seed."""
+    """drift = 1 - similarity (mean over layers) per method and seed; a run whose measure the data
+    leave undefined at every layer (drift_layers.csv's missing_reason) has none and is left out."""
     rows = summary[
         (summary["task"] == task)
         & (summary["comparison"] == "run_vs_base")
         & (summary["pooling"] == pooling)
         & (summary["measure"] == measure)
+        & summary["mean_over_layers"].notna()
     ]
     return {m: dict(zip(g["seed"].astype(int), 1 - g["mean_over_layers"])) for m, g in rows.groupby("method")}
 
@@ -190,6 +192,7 @@ def drift_statistics(
         refs = picked.groupby(["task", "comparison", "pooling", "measure"])["value"].mean().to_dict()
     rows = []
     for (task, pooling, measure), cell in summary.groupby(["task", "pooling", "measure"], sort=False):
+        cell = cell[cell["mean_over_layers"].notna()]  # undefined at every layer: left out, as in _drifts
         runs, pairs = cell[cell["comparison"] == "run_vs_base"], cell[cell["comparison"] == "seed_vs_seed"]
         seeds, judged, note = _judged(*clean_pairs(flags, task))
         reduction = drift_reduction(_drifts(summary, task, pooling, measure), seeds, confidence)

@@ -106,6 +106,12 @@ class DriftConfig(Strict):
     bootstrap: int = Field(1000, ge=0, description="resamples over probe examples; 0 = no intervals")
     confidence: float = Field(0.95, gt=0, lt=1, description="level of the bootstrap intervals")
     seed: int = Field(0, description="seed of the bootstrap and the shuffled-row reference")
+    standardize: bool = Field(
+        False,
+        description="z-score every feature over the probe examples (per model and layer) before the measures, so "
+        "that a few dimensions holding most of the variance (drift_layers.csv: top1_share_x, top1_share_y) do not "
+        "decide CKA and cosine alone",
+    )
 
 
 class WeightsConfig(Strict):

@@ -92,7 +92,7 @@ def _plain(value: Any) -> Any:
 PREPARED = Declared("prepared", ("model.name", "model.max_length", "data", "tasks.{task}"), version=4)
 # one trained run (and each trained baseline); upstream: its task's prepared splits; unit:
 # method, seed, the hyperparameters it trained with (configured, tuned or a baseline's), max_steps
-RUN = Declared("run", ("model", "training.eval_batch_size"), device=True, version=4)
+RUN = Declared("run", ("model", "training.eval_batch_size"), device=True, version=5)
 # one Optuna search's study name; unit: the method's fixed hyperparameters and training seed
 SEARCH = Declared(
     "search",
@@ -114,7 +114,7 @@ FEATURES = Declared("features", ("model", "represent"), device=True, version=4)
 # tables/pooled_positions.csv; upstream: the base features' stamps
 POOLED_POSITIONS = Declared("pooled_positions", version=4)
 # tables/drift_layers.csv and drift_summary.csv; upstream: every features file's stamp
-DRIFT = Declared("drift", ("drift", "represent"), version=4)
+DRIFT = Declared("drift", ("drift", "represent"), version=5)
 # tables/weights.csv; upstream: every finished run's stamp
 WEIGHTS = Declared("weights", ("weights",), version=4)
 # one model's features on one probed task's fixed examples; upstream: prepared splits, the model

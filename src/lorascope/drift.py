@@ -21,9 +21,28 @@ from lorascope.study import Table
 # head 7e-3. The bf16 bound is three times the worst; a broken measure (the reference study's
 # formula: 0.23-0.40) or another model's features are off by far more.
 BASE_VS_BASE_TOLERANCE = {False: 1e-6, True: 2e-2}  # keyed by "computed under bf16 autocast"
+# x and y: the two models compared, as named by `comparison` (run_vs_base: x the base, y the run;
+# seed_vs_seed: the lower seed first). top<k>_share_<x|y>: the share of that model's centred
+# variance held by its k features of largest variance, before any standardisation
+# (similarity.top_variance_shares). missing_reason: why a value or interval the data leave
+# undefined is NaN ('' otherwise).
+TOPS = (1, 3)
 DRIFT_LAYERS = Table(
     "drift_layers",
-    ("task", "comparison", "method", "seed", "layer", "pooling", "measure", "value", "ci_low", "ci_high"),
+    (
+        "task",
+        "comparison",
+        "method",
+        "seed",
+        "layer",
+        "pooling",
+        "measure",
+        "value",
+        "ci_low",
+        "ci_high",
+        *(f"top{top}_share_{side}" for side in "xy" for top in TOPS),
+        "missing_reason",
+    ),
 )
 DRIFT_SUMMARY = Table(
     "drift_summary",
@@ -50,18 +69,32 @@ def layer_measures(
     seed: int,
     confidence: float,
     dtype: torch.dtype = torch.float32,
+    standardize: bool = False,
 ) -> list[dict]:
     """Every measure between two [examples × hidden] matrices, with bootstrap intervals over
     examples (none for RBF CKA, whose resampled kernels are not worth the time, nor for the
     legacy index). All but the legacy index share one centring and one pair of Gram matrices;
-    `dtype`: of the Gram and bootstrap products (float64 is the reference; similarity's docstring)."""
+    `dtype`: of the Gram and bootstrap products (float64 is the reference; similarity's docstring).
+    `standardize`: every feature z-scored first (drift.standardize)."""
+    if standardize:
+        x, y = sim.standardized(x), sim.standardized(y)
     kinds = [SHARED[m] for m in measures if m in SHARED]
     shared = sim.compare(x, y, kinds, bootstrap, seed, confidence, dtype) if kinds else {}
     rows = []
     for measure in measures:
-        value, low, high = shared[SHARED[measure]] if measure in SHARED else (POINT[measure](x, y), math.nan, math.nan)
-        rows.append({"measure": measure, "value": value, "ci_low": low, "ci_high": high})
+        found = shared[SHARED[measure]] if measure in SHARED else (POINT[measure](x, y), math.nan, math.nan, "")
+        rows.append({"measure": measure, **dict(zip(("value", "ci_low", "ci_high", "missing_reason"), found))})
     return rows
+
+
+def variance_shares(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """drift_layers.csv's top<k>_share_<x|y>: where one or three features hold most of a model's
+    variance, CKA and cosine measure those features (Timkey & van Schijndel 2021)."""
+    return {
+        f"top{top}_share_{side}": share
+        for side, features in (("x", x), ("y", y))
+        for top, share in zip(TOPS, sim.top_variance_shares(features, TOPS))
+    }
 
 
 def layer_rows(
@@ -74,14 +107,16 @@ def layer_rows(
     bootstrap_seed=0,
     confidence=0.95,
     dtype=torch.float32,
+    standardize=False,
     **fields,
 ) -> list[dict]:
     """Rows for every layer and measure of two [layers × examples × hidden] stacks."""
-    return [
-        {**fields, "layer": layer, **row}
-        for i, layer in enumerate(layers)
-        for row in layer_measures(x[i], y[i], measures, bootstrap, bootstrap_seed, confidence, dtype)
-    ]
+    rows = []
+    for i, layer in enumerate(layers):
+        shares = variance_shares(x[i], y[i])
+        measured = layer_measures(x[i], y[i], measures, bootstrap, bootstrap_seed, confidence, dtype, standardize)
+        rows += [{**fields, "layer": layer, **shares, **row} for row in measured]
+    return rows
 
 
 def task_drift_rows(
@@ -97,11 +132,13 @@ def task_drift_rows(
     confidence: float,
     seed: int,
     bf16: bool = False,
+    standardize: bool = False,
 ) -> list[dict]:
     """All drift_layers.csv rows of one task and pooling. `base_again` is the base model's
     features computed a second time with different batches (so different padding); `bf16`:
-    the features were computed under bf16 autocast (sets the base-vs-base tolerance)."""
-    common = {"task": task, "pooling": pooling}
+    the features were computed under bf16 autocast (sets the base-vs-base tolerance);
+    `standardize`: every feature z-scored before the measures (drift.standardize)."""
+    common = {"task": task, "pooling": pooling, "standardize": standardize}
     informative = [i for i in range(len(layers)) if not sim.is_constant(base[i])]
     if len(informative) < len(layers):  # e.g. an encoder's first token before attention: always [CLS]
         keep = torch.tensor(informative, dtype=torch.long)

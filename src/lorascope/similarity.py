@@ -3,15 +3,18 @@ per-example cosine, and bootstrap intervals. No model code.
 
 Written by hand because the reference study's "CKA" normalised by ‖X‖²‖Y‖² instead of
 ‖XᵀX‖‖YᵀY‖ and scored the base model against itself at 0.23–0.40. Inputs are centred in
-float64, and everything runs in float64 except, in compare and bootstrap_cka, the Gram and
-bootstrap matrix products and their row sums: those take `dtype`, float32 by default, which
-halves their time. Against float64 (the reference), no value or interval bound moved by more
-than 4e-7 at paper size (benchmarks/drift_speed.py prints it) nor by more than 3e-6 on a
-SmolLM2 study's features, massive activations included. Errors are ValueErrors, never NaN."""
+float64 but, in compare and bootstrap_cka, the Gram and bootstrap products and the bootstrap's
+sums over examples: those take `dtype`, float32 by default, which halves their time. Against
+float64, no value moved by more than 1e-9 nor a bound by more than 7e-7 at paper size
+(benchmarks/drift_speed.py), by 2e-5 on SmolLM2's features at n = 32 (base against base plus
+noise). Errors are ValueErrors, never NaN, but in compare (the drift stage's entry): NaN and
+the reason where the data leave a measure undefined."""
 
 from __future__ import annotations
 
 import functools
+import math
+from typing import NamedTuple
 
 import torch
 
@@ -156,7 +159,10 @@ def debiased_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     falls with n; this one is ~0 (and may be slightly negative)."""
     _same_n(x, y)
     x, y = _centred(x, "x"), _centred(y, "y")
-    return _debiased_from_grams(x @ x.T, y @ y.T)
+    value, reason = _debiased_point(x @ x.T, y @ y.T)
+    if reason:
+        raise ValueError(reason)
+    return value
 
 
 def off_diagonal(k: torch.Tensor) -> torch.Tensor:
@@ -166,14 +172,16 @@ def off_diagonal(k: torch.Tensor) -> torch.Tensor:
     return k
 
 
-def _debiased_from_grams(kx: torch.Tensor, ky: torch.Tensor) -> float:
+def _debiased_point(kx: torch.Tensor, ky: torch.Tensor) -> tuple[float, str]:
+    """Debiased CKA of centred Grams, or NaN and why it is undefined: the unbiased HSIC of x or
+    y with itself, an estimate of ‖Σ‖²_F, can be 0 or below when few examples carry the variance."""
     if kx.shape[0] < 4:
-        raise ValueError(f"debiased CKA needs at least 4 examples, got {kx.shape[0]}")
+        return math.nan, f"debiased CKA needs at least 4 examples, got {kx.shape[0]}"
     a, b = off_diagonal(kx), off_diagonal(ky)
     xx, yy = unbiased_hsic(a, a), unbiased_hsic(b, b)
     if xx <= 0 or yy <= 0:
-        raise ValueError("debiased CKA: self-similarity estimate is not positive (too few examples)")
-    return (unbiased_hsic(a, b) / torch.sqrt(xx * yy)).item()
+        return math.nan, "debiased CKA undefined: the unbiased HSIC of x or y with itself is not positive"
+    return (unbiased_hsic(a, b) / torch.sqrt(xx * yy)).item(), ""
 
 
 @functools.lru_cache(maxsize=4)
@@ -230,6 +238,84 @@ def cosine(x: torch.Tensor, y: torch.Tensor, centered: bool = True) -> float:
     return cosine_per_example(x, y, centered).mean().item()
 
 
+def top_variance_shares(x: torch.Tensor, tops=(1, 3)) -> list[float]:
+    """For each top, the share of the centred variance (the features' variances summed) held by
+    the `top` features of largest variance: near 1, CKA and cosine measure those few features
+    ("rogue dimensions", Timkey & van Schijndel 2021)."""
+    ranked = _centred(x, "x").pow(2).sum(dim=0).sort(descending=True).values.cumsum(dim=0)
+    return [(ranked[min(top, len(ranked)) - 1] / ranked[-1]).item() for top in tops]
+
+
+def standardized(x: torch.Tensor) -> torch.Tensor:
+    """Each feature z-scored over the examples, float64; a constant one stays 0. Every
+    dimension then weighs the same, so that a few with most of the variance no longer decide
+    CKA and cosine alone."""
+    centred = _centred(x, "x")
+    sd = centred.pow(2).mean(dim=0).sqrt()
+    return centred * torch.where(sd > 1e-12 * _largest(centred), 1 / sd, 0.0)
+
+
+_LEFT, _RIGHT = [0, 0, 1], [1, 0, 1]  # the HSIC of (x, y), (x, x), (y, y): which of two Grams on each side
+
+
+def _row_sums(v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_i weights_i v_i along the last axis, per resample, in their dtype; float64 out."""
+    return torch.einsum("...cn,cn->...c", v, weights).to(_DTYPE)
+
+
+def _pair_sums(u: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_i weights_i u_a,i v_b,i for the three pairs (a, b) of _LEFT, _RIGHT: [3, c] float64 from [2, c, n]."""
+    return torch.einsum("acn,bcn->abc", u * weights, v)[_LEFT, _RIGHT].to(_DTYPE)
+
+
+def _biased_hsic(w: torch.Tensor, p1: torch.Tensor, products: torch.Tensor, diagonals: torch.Tensor) -> torch.Tensor:
+    """tr(K'HL'H) per resample, [3, c]: the draws centred at their own mean, then every pair of
+    two draws of one example set to 0. With G their Gram and Z its pairs of copies (k̃_ii, i's
+    c_i = w_i(w_i − 1) of them), tr(K'HL'H) = tr(G_x G_y) − tr(G_x Z_y) − tr(Z_x G_y) +
+    tr(H Z_x H Z_y): sums over examples of the products w @ (A, B, A∘B, A∘A, B∘B)."""
+    rows = products[:2] + w * diagonals[:, None, :]  # (K w)_i, the diagonal included: [2, c, n]
+    totals = _row_sums(rows, w)  # wᵀKw
+    plain = (  # tr(G_x G_y): the resample with its copies, centred
+        _row_sums(products[2:], w)
+        + ((w * w) @ (diagonals[_LEFT] * diagonals[_RIGHT]).T).T.to(_DTYPE)
+        - 2 / p1 * _pair_sums(rows, rows, w)
+        + totals[_LEFT] * totals[_RIGHT] / p1**2
+    )
+    scale = (1 / p1).to(w.dtype)[:, None]
+    centred = diagonals[:, None, :] - 2 * scale * rows + (totals / p1**2).to(w.dtype)[..., None]  # k̃_ii
+    copies = w * (w - 1)
+    copy_totals = _row_sums(centred, copies)
+    return (
+        plain
+        - _pair_sums(centred, centred, copies * (1 + 2 * scale * (w - 1)))
+        + copy_totals[_LEFT] * copy_totals[_RIGHT] / p1**2
+    )
+
+
+def _unbiased_hsic(w: torch.Tensor, p1: torch.Tensor, products: torch.Tensor, squared: torch.Tensor) -> torch.Tensor:
+    """Song et al.'s U-statistic per resample, [3, c]: the mean of k_ij l_ij − 2 k_ij l_iq + k_ij l_qr
+    over tuples (i, j, q, r) of distinct examples weighted by the product of their draw counts,
+    all three terms over the same tuples; by inclusion-exclusion over S_ef = Σ w_i^e w_j^f A_ij
+    B_ij and the products w @ (A, B, A∘B, ...) and w² @ (the same)."""
+    w2 = w * w
+    s11, s21, s31 = (_row_sums(products[2:], v) for v in (w, w2, w2 * w))
+    s22 = _row_sums(squared[2:], w2)
+    p2, p3, p4 = (w.to(_DTYPE).pow(e).sum(dim=-1) for e in (2, 3, 4))
+    doubled = _pair_sums(products[:2], products[:2], w2)  # Σ_i w_i² (Aw)_i (Bw)_i
+    # Σ W A_ij B_ij: each pair (i, j) weighted by the weights of the pairs (q, r) it leaves
+    pairs = (p1**2 - p2) * s11 - 4 * p1 * s21 + 4 * s31 + 2 * s22
+    # Σ W A_ij B_iq: each triple weighted by the weight of the r it leaves, P1 − w_i − w_j − w_q
+    triples = (
+        p1 * (_pair_sums(products[:2], products[:2], w) - s21)
+        - (doubled - s22)
+        - (_pair_sums(squared[:2], products[:2], w) + _pair_sums(products[:2], squared[:2], w) - 2 * s31)
+    )
+    totals = _row_sums(products[:2], w)
+    quadruples = totals[_LEFT] * totals[_RIGHT] + 2 * s22 - 4 * doubled  # Σ W A_ij B_qr
+    weight = p1**4 - 6 * p1**2 * p2 + 3 * p2**2 + 8 * p1 * p3 - 6 * p4  # Σ W: 0 below 4 distinct examples
+    return (pairs - 2 * triples + quadruples) / weight
+
+
 def resampled_hsic(
     w: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, measures, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
@@ -237,65 +323,50 @@ def resampled_hsic(
     [c, n], "linear" (biased) and/or "debiased" (unbiased), leaving out every pair of two draws
     of the same example. Such a pair is identical in x and in y, so it reads as shared
     structure: with it (plain K[idx][:, idx]), independent 256×384 inputs bootstrap to debiased
-    CKA ~0.6 instead of 0, and no interval holds the estimate.
-
-    biased: tr(K'HL'H) over the resampled Gram with those pairs zeroed (the diagonal, an example
-    with itself, stays once per draw). unbiased: the U-statistic of Song et al. over distinct
-    examples, each tuple weighted by the product of its draw counts; both equal the plain
-    estimator when w = 1. With A, B = K, L without their diagonals, every term is a row sum over
-    the [c, n] × [n, n] products w @ (A, B, A∘B, A∘A, B∘B) and, for the unbiased one, w² @ (A∘B,
-    A∘A, B∘B): those products are the cost, and both measures share them. They and their row
-    sums are taken in `dtype`; the terms, which cancel, are combined in float64."""
+    CKA ~0.6 instead of 0. Both equal the plain estimators when w = 1 and, like them, ignore a
+    shift of the features. The former weighting did not (pairs zeroed in the full sample's
+    coordinates; pairs, triples and quadruples averaged each over its own weights): on SmolLM2's
+    mean-pooled states at n = 32, layer 12 (dimension 507: 96 % of the variance, 92 % of it on one
+    example), the unbiased HSIC of x with itself fell to 0 or below on 271 of 1,000 resamples,
+    making debiased CKA, HSIC_xy / √(HSIC_xx HSIC_yy), NaN or meaningless there. Cost: w @ (A, B,
+    A∘B, A∘A, B∘B), A, B = K, L without diagonals, and for the unbiased one w² @ (the same), and
+    their sums over examples, in `dtype`; what they add up to, where terms cancel, in float64."""
     n = w.shape[-1]
-    diagonals = torch.stack([kx.diagonal(), ky.diagonal()])  # [2, n]
     grams = torch.empty(5, n, n, dtype=dtype)  # A, B, A∘B, A∘A, B∘B
     grams[0], grams[1] = kx, ky
     grams[:2].diagonal(dim1=-2, dim2=-1).zero_()
     torch.mul(grams[0], grams[1], out=grams[2])
     torch.mul(grams[:2], grams[:2], out=grams[3:])
-    counts, w = w.to(dtype), w.to(_DTYPE)
-    products = counts @ grams  # [5, c, n]; the first two are w @ A, w @ B
-    left, right = [0, 0, 1], [1, 0, 1]  # (x, y), (x, x), (y, y): which of A, B on each side
-
-    def row_sums(v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Σ_i weights_i v_i over each row, float64."""
-        return torch.einsum("...cn,cn->...c", v, weights).to(_DTYPE)
-
-    def pair_sums(v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Σ_i weights_i v_a,i v_b,i for the three pairs (a, b) of v's two rows, [3, c] float64."""
-        return torch.einsum("acn,bcn->abc", v * weights, v)[left, right].to(_DTYPE)
-
-    hadamard = row_sums(products[2:], counts)  # Σ w_i w_j A_ij B_ij, [3, c]
-    totals = row_sums(products[:2], counts)  # wᵀAw, wᵀBw
+    diagonals = torch.stack([kx.diagonal(), ky.diagonal()]).to(dtype)  # [2, n]
+    p1, counts = w.sum(dim=-1).to(_DTYPE), w.to(dtype)
+    products = counts @ grams  # [5, c, n]
     out = {}
     if "linear" in measures:
-        resampled_rows = products[:2] + diagonals[:, None, :].to(dtype)  # row sums of K', L' at a draw
-        trace = hadamard + (w @ (diagonals[left] * diagonals[right]).T).T
-        k_totals = totals + (w @ diagonals.T).T
-        out["linear"] = trace - 2 / n * pair_sums(resampled_rows, counts) + k_totals[left] * k_totals[right] / n**2
-    if "debiased" in measures:  # sums over distinct i, j, q, r by inclusion-exclusion
-        squared = counts * counts
-        triples = pair_sums(products[:2], counts) - row_sums(products[2:], squared)  # Σ w_i w_j w_q A_ij B_iq
-        quads = (
-            totals[left] * totals[right]
-            + 2 * row_sums(squared @ grams[2:], squared)
-            - 4 * pair_sums(products[:2], squared)
-        )
-        w2 = w * w
-        p1, p2, p3, p4 = w.sum(dim=-1), w2.sum(dim=-1), row_sums(w2, w), row_sums(w2, w2)  # Σ w^e
-        n2 = p1**2 - p2  # weights of the distinct pairs, triples and quadruples
-        n3 = p1**3 - 3 * p1 * p2 + 2 * p3
-        n4 = p1**4 - 6 * p1**2 * p2 + 3 * p2**2 + 8 * p1 * p3 - 6 * p4
-        out["debiased"] = hadamard / n2 + quads / n4 - 2 * triples / n3
+        out["linear"] = _biased_hsic(counts, p1, products, diagonals)
+    if "debiased" in measures:
+        out["debiased"] = _unbiased_hsic(counts, p1, products, (counts * counts) @ grams)
     return out
 
 
 def resampled_cka(
     w: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, measures, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
-    """{measure: CKA of every resample} for "linear" and/or "debiased" (see resampled_hsic)."""
-    hsic = resampled_hsic(w, kx, ky, measures, dtype)
-    return {measure: xy / torch.sqrt(xx * yy) for measure, (xy, xx, yy) in hsic.items()}
+    """{measure: CKA of every resample} for "linear" and/or "debiased" (see resampled_hsic); NaN
+    where it is undefined: the HSIC of x or y with itself is not positive, or not a number (a
+    debiased resample of fewer than 4 distinct examples)."""
+    out = {}
+    for measure, (xy, xx, yy) in resampled_hsic(w, kx, ky, measures, dtype).items():
+        defined = (xx > 0) & (yy > 0) & torch.isfinite(xx * yy)
+        out[measure] = torch.where(defined, xy / torch.sqrt(xx * yy), torch.nan)
+    return out
+
+
+class Interval(NamedTuple):
+    """A bootstrap interval, or NaN bounds and why there is none ('' when there is one)."""
+
+    low: float
+    high: float
+    missing_reason: str = ""
 
 
 def bootstrap_cka(
@@ -307,28 +378,26 @@ def bootstrap_cka(
     confidence: float = 0.95,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[float, float]:
-    """Percentile interval over examples resampled with replacement (same rows for x and y).
+    """Percentile interval over examples resampled with replacement (same rows for x and y);
+    a ValueError saying why when some resample has no value.
 
     Gram matrices are computed once and a resample is its vector of draw counts, so the whole
     bootstrap is a few [resamples, n] × [n, n] products. Pairs of draws of the same example are
     left out (see resampled_hsic): in simulation the plain bootstrap covered the point
-    estimate 0 % of the time. Coverage of this one at the quick study's n = 192, d = 384, 300
-    resamples, 95 % intervals, measured over 1,000 samples each of two populations y = x·W +
-    noise, one with a decaying spectrum (Λ_i = 1/i) and one flat (docs/benchmarks.md;
-    Clopper–Pearson 95 % in brackets): debiased covers the population value 93.3 % [91.6, 94.8]
-    (decaying) and 99.3 % [98.6, 99.7] (flat); linear covers the expected estimate at this n
-    94.2 % [92.6, 95.6] and 97.6 % [96.4, 98.5] but the population value only 82.9 % and 0 %,
-    since its bias at n < d lies outside the interval. A linear interval is about biased CKA at
-    this n, not the population. `dtype`: of the Gram and bootstrap products (module docstring)."""
+    estimate 0 % of the time. Coverage: docs/benchmarks.md. Linear CKA's bias at n < d lies
+    outside its intervals, which are about biased CKA at this n, not the population.
+    `dtype`: of the Gram and bootstrap products (module docstring)."""
     if measure not in ("linear", "debiased"):
         raise ValueError(f"measure must be 'linear' or 'debiased', got {measure!r}")
     if n_resamples < 1 or not 0 < confidence < 1:
         raise ValueError(f"need n_resamples >= 1 and 0 < confidence < 1, got {n_resamples}, {confidence}")
     _same_n(x, y)
     x, y = _centred(x, "x"), _centred(y, "y")
-    return _bootstrap_from_grams(_gram(x, dtype), _gram(y, dtype), [measure], n_resamples, seed, confidence, dtype)[
-        measure
-    ]
+    grams = _gram(x, dtype), _gram(y, dtype)
+    interval = _bootstrap_from_grams(*grams, [measure], n_resamples, seed, confidence, dtype)[measure]
+    if interval.missing_reason:
+        raise ValueError(f"bootstrap: {interval.missing_reason}")
+    return interval.low, interval.high
 
 
 @functools.lru_cache(maxsize=4)
@@ -341,23 +410,48 @@ def _resample_counts(n: int, n_resamples: int, seed: int) -> torch.Tensor:
     return torch.zeros(n_resamples, n, dtype=_DTYPE).scatter_add_(1, idx, torch.ones_like(idx, dtype=_DTYPE))
 
 
-def _percentiles(values: torch.Tensor, confidence: float) -> tuple[float, float]:
-    if not torch.isfinite(values).all():
-        raise ValueError("bootstrap: a resample has too few distinct examples for this measure")
+def _percentiles(values: torch.Tensor, confidence: float) -> Interval:
     alpha = (1 - confidence) / 2
     low, high = torch.quantile(values, torch.tensor([alpha, 1 - alpha], dtype=_DTYPE))
-    return low.item(), high.item()
+    return Interval(low.item(), high.item())
+
+
+FEWEST_DISTINCT = {"linear": 2, "debiased": 4}  # distinct examples a resample needs for a value
+
+
+def _interval(values: torch.Tensor, w: torch.Tensor, measure: str, confidence: float) -> Interval:
+    """The percentile interval, or none when some resample has no value: percentiles of the
+    others would describe only the resamples the data let through."""
+    undefined = ~torch.isfinite(values)
+    if not undefined.any():
+        return _percentiles(values, confidence)
+    few = (w > 0).sum(dim=-1) < FEWEST_DISTINCT[measure]
+    causes = {
+        f"fewer than {FEWEST_DISTINCT[measure]} distinct examples": int((undefined & few).sum()),
+        "an HSIC of x or y with itself that is not positive": int((undefined & ~few).sum()),
+    }
+    why = "; ".join(f"{count} with {cause}" for cause, count in causes.items() if count)
+    reason = f"{measure} CKA undefined on {int(undefined.sum())} of {len(values)} resamples ({why}): no interval"
+    return Interval(math.nan, math.nan, reason)
 
 
 def _bootstrap_from_grams(
     kx: torch.Tensor, ky: torch.Tensor, measures, n_resamples: int, seed: int, confidence: float, dtype: torch.dtype
-) -> dict[str, tuple[float, float]]:
-    """{measure: (low, high)}; every measure sees the same resamples (same seed, same draws)."""
-    n = kx.shape[0]
-    if "debiased" in measures and n < 4:
-        raise ValueError(f"debiased CKA needs at least 4 examples, got {n}")
-    resampled = resampled_cka(_resample_counts(n, n_resamples, seed), kx, ky, measures, dtype)
-    return {measure: _percentiles(values, confidence) for measure, values in resampled.items()}
+) -> dict[str, Interval]:
+    """{measure: Interval}; every measure sees the same resamples (same seed, same draws)."""
+    w = _resample_counts(kx.shape[0], n_resamples, seed)
+    resampled = resampled_cka(w, kx, ky, measures, dtype)
+    return {measure: _interval(values, w, measure, confidence) for measure, values in resampled.items()}
+
+
+class Compared(NamedTuple):
+    """One measure of `compare`: its value and interval (NaN where there is none) and, where a
+    value or an interval is missing because the data do not define it, why ('' otherwise)."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+    missing_reason: str
 
 
 _COMPARED = ("linear", "debiased", "rbf", "cosine")
@@ -371,12 +465,14 @@ def compare(
     seed: int = 0,
     confidence: float = 0.95,
     dtype: torch.dtype = torch.float32,
-) -> dict[str, tuple[float, float, float]]:
-    """{measure: (value, ci_low, ci_high)} for "linear", "debiased" and "rbf" CKA and "cosine"
-    (centred, the mean over examples) from one centring and one pair of Gram matrices, every
-    interval over the same resamples. Equal to linear_cka / debiased_cka / rbf_cka / cosine /
-    bootstrap_cka, which each centre and build their own [n × n] Grams: at n = 872, d = 2048
-    those were most of the drift stage's time. No interval (NaN) when n_resamples is 0, nor ever
+) -> dict[str, Compared]:
+    """{measure: Compared} for "linear", "debiased" and "rbf" CKA and "cosine" (centred, the mean
+    over examples) from one centring and one pair of Gram matrices, every interval over the same
+    resamples. Equal to linear_cka / debiased_cka / rbf_cka / cosine / bootstrap_cka, which each
+    centre and build their own [n × n] Grams: at n = 872, d = 2048 those were most of the drift
+    stage's time. Where those raise because debiased CKA is undefined on these examples (too few,
+    or a self-HSIC estimate not positive) or on some resamples, this gives NaN and the reason, so
+    that one measure does not stop the others. No interval (NaN) when n_resamples is 0, nor ever
     for RBF, whose resampled kernels are not worth the time. `dtype`: of the Gram and bootstrap
     products (module docstring)."""
     if set(measures) - set(_COMPARED):
@@ -386,17 +482,18 @@ def compare(
     kx, ky = (_gram(x, dtype), _gram(y, dtype)) if set(measures) - {"cosine"} else (None, None)
     cosines = _row_cosines(x, y, " after centring") if "cosine" in measures else None
     point = {
-        "linear": lambda: _alignment(kx, ky).item(),  # centred inputs give centred Grams
-        "debiased": lambda: _debiased_from_grams(kx, ky),
-        "rbf": lambda: gram_cka(_rbf_gram(kx, 1.0, "x"), _rbf_gram(ky, 1.0, "y")).item(),
-        "cosine": lambda: cosines.mean().item(),
+        "linear": lambda: (_alignment(kx, ky).item(), ""),  # centred inputs give centred Grams
+        "debiased": lambda: _debiased_point(kx, ky),
+        "rbf": lambda: (gram_cka(_rbf_gram(kx, 1.0, "x"), _rbf_gram(ky, 1.0, "y")).item(), ""),
+        "cosine": lambda: (cosines.mean().item(), ""),
     }
+    points = {measure: point[measure]() for measure in measures}
     intervals = {}
-    resampled = [m for m in measures if m in ("linear", "debiased")]
+    resampled = [m for m in measures if m in ("linear", "debiased") and not points[m][1]]
     if n_resamples and resampled:
         intervals = _bootstrap_from_grams(kx, ky, resampled, n_resamples, seed, confidence, dtype)
     if n_resamples and cosines is not None:
         means = _resample_counts(len(cosines), n_resamples, seed) @ cosines / len(cosines)
         intervals["cosine"] = _percentiles(means, confidence)
-    nan = (float("nan"), float("nan"))
-    return {measure: (point[measure](), *intervals.get(measure, nan)) for measure in measures}
+    intervals = {measure: intervals.get(measure, Interval(math.nan, math.nan)) for measure in measures}
+    return {m: Compared(v, *intervals[m][:2], why or intervals[m].missing_reason) for m, (v, why) in points.items()}

@@ -51,6 +51,8 @@ def drift_section(doc: Document, view: StudyView) -> None:
             f"seeds; one seed: its bootstrap interval over probe examples); dotted = seed vs seed; "
             f"black dashed = base vs base; grey dash-dot = row-shuffled base.",
         )
+    _rogue_dimensions(doc, view, layers)
+    _undefined(doc, layers)
     if statistics is None:
         doc.not_run(f"drift table: {view.why['drift_statistics']}; {ANALYZE}")
         return
@@ -133,6 +135,78 @@ def _pooled_positions(doc: Document, view: StudyView) -> None:
             "share of the base model's token-norm mass in the left-out positions, % per layer (layer: %)",
         ],
         rows,
+    )
+
+
+ROGUE_SHARE = 0.5  # one feature holding more of a model's centred variance than this is shown
+
+
+def _rogue_dimensions(doc: Document, view: StudyView, layers: pd.DataFrame) -> None:
+    """The layers where one feature holds most of the base's or a run's variance: CKA and cosine
+    there mostly measure that feature (rogue dimensions, Timkey & van Schijndel 2021)."""
+    rows = []
+    for task in view.tasks(layers):
+        part = layers[layers["task"] == task]
+        for pooling in ordered(part["pooling"].astype(str), ("mean", "head")):
+            cell = part[part["pooling"] == pooling]
+            shares = pd.concat(
+                {
+                    "base": cell[cell["comparison"] == "base_vs_base"].groupby("layer")["top1_share_x"].first(),
+                    "runs": cell[cell["comparison"] == "run_vs_base"].groupby("layer")["top1_share_y"].max(),
+                },
+                axis=1,
+            )
+            large = shares[shares.max(axis=1) > ROGUE_SHARE]
+            if not large.empty:
+                per_layer = "; ".join(
+                    f"{int(layer)}: {_percent(s.base)} / {_percent(s.runs)}" for layer, s in large.iterrows()
+                )
+                rows.append([task, pooling, per_layer])
+    if not rows:
+        return
+    doc.table(
+        [
+            "task",
+            "pooling",
+            f"layers where one feature holds > {ROGUE_SHARE:.0%} of the variance (layer: base % / runs' largest %)",
+        ],
+        rows,
+    )
+    standardized = bool((view.config.get("drift") or {}).get("standardize", False))
+    doc.para(
+        "In these layers one feature holds most of a model's centred variance over the probe examples, so CKA and "
+        "cosine mostly measure that feature (rogue dimensions, Timkey & van Schijndel 2021). "
+        + (
+            "This study z-scored every feature before the measures (drift.standardize), so each weighs the same."
+            if standardized
+            else "`drift.standardize: true` z-scores every feature before the measures, so that each weighs the same."
+        )
+        + " Source: tables/drift_layers.csv (top1_share_x: the base, top1_share_y: a run; top3_share_*: three features).",
+        css="note",
+    )
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:.0f}" if finite(share) else "—"
+
+
+def _undefined(doc: Document, layers: pd.DataFrame) -> None:
+    """The values and intervals the data leave undefined, which the figure and the means cannot show, and why."""
+    reasons = layers["missing_reason"]
+    missing = layers[reasons.notna() & (reasons.astype(str) != "")]
+    if missing.empty:
+        return
+    keys = ["task", "pooling", "comparison", "method", "seed", "measure", "missing_reason"]
+    rows = [
+        [*(fmt.cell(k) for k in key[:-1]), ", ".join(str(int(layer)) for layer in sorted(group["layer"])), key[-1]]
+        for key, group in missing.groupby(keys, sort=False, dropna=False)
+    ]
+    doc.table(["task", "pooling", "comparison", "method", "seed", "measure", "layers", "missing because"], rows)
+    doc.para(
+        "Where the probe examples leave a measure undefined (too few examples, or an estimate of a model's HSIC with "
+        "itself that is not positive), drift_layers.csv holds NaN and the reason instead of stopping the study; the "
+        "means over layers leave those layers out.",
+        css="note",
     )
 
 

@@ -44,6 +44,7 @@ def _rows(config: StudyConfig, task: str, pooling: str, base, again, tuned: dict
         confidence=config.drift.confidence,
         seed=config.drift.seed,
         bf16=runtime.uses_bf16(config.runtime, runtime.pick_device(config.runtime)),
+        standardize=config.drift.standardize,
     )
 
 
