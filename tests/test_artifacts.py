@@ -6,17 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
-import torch
 from huggingface_hub import ModelCard
 from transformers import AutoConfig, AutoTokenizer, pipeline
 
-from lorascope import modeling, runs, tasks, training
+from lorascope import tasks
 from lorascope.artifacts import CARD
-from lorascope.config_io import load_config
-from lorascope.evaluation import evaluate
-from lorascope.prepared import load_prepared
-from lorascope.stages import BY_NAME, with_inputs
+from lorascope.stages import with_inputs
 from lorascope.study import run_stages
 
 PREPARE_TRAIN = with_inputs("train")
@@ -101,38 +96,3 @@ def test_a_decoder_run_keeps_its_pad_token_and_padding_side(tiny_config, tiny_ll
             assert model.config.pad_token_id == tokenizer.pad_token_id
             classifier = pipeline("text-classification", model=model, tokenizer=tokenizer)
         _assert_reproduces(classifier, texts, task, run, batch_size=16)
-
-
-def test_a_bundled_base_is_named_by_its_alias(tmp_path):
-    """adapter_config.json holds the folder the alias resolves to here (AutoPeft loads it); the
-    card names the alias, which resolves wherever the package is installed and which lorascope's
-    loader turns into the same model."""
-    config = load_config(
-        None,
-        "smoke",
-        [
-            "model.name=minilm-l6",
-            "model.max_length=32",
-            "tasks={sst2: {train_max: 16, eval_max: 16}}",
-            "data.dev_max=8",
-            "data.probe_size=8",
-            "runtime.progress=false",
-        ],
-    )
-    study = run_stages(config, tmp_path / "study", [BY_NAME["prepare"]])
-    task, splits = load_prepared(study, "sst2")
-    tokenizer = modeling.load_tokenizer("minilm-l6")
-    run = tmp_path / "run"
-    training.train_run(runs.run_setup(config, task, "lora", 42, max_steps=2), splits, tokenizer, run)
-
-    alias = ModelCard.load(run / CARD).data.base_model
-    assert alias == "minilm-l6"
-    adapter = json.loads((run / "adapter_config.json").read_text())
-    assert adapter["base_model_name_or_path"] == str(Path(modeling.resolve_model_path(alias)).resolve())
-    model = modeling.load_run_model(run, "lora", alias, task.label_names, tokenizer.pad_token_id)
-    result = evaluate(
-        model, splits["eval"], tokenizer=tokenizer, num_labels=2, batch_size=8, device=torch.device("cpu"), bf16=False
-    )
-    saved = pd.read_csv(run / "predictions.csv")
-    np.testing.assert_allclose(result.predictions["prob_1"], saved["prob_1"], atol=1e-5)
-    assert pytest.approx(result.metrics["accuracy"]) == json.loads((run / "metrics.json").read_text())["accuracy"]

@@ -53,6 +53,9 @@ def test_aliases_and_other_names():
     assert resolve_bundled("HuggingFaceTB/SmolLM2-135M-Instruct") is None
     assert resolve_bundled("./some/folder") is None
     assert (Path(resolve_bundled("minilm-l6")) / "config.json").is_file()
+    # the Hub id the bundled MiniLM is a bit-identical copy of names the same folder (test_portable.py)
+    assert is_bundled("sentence-transformers/all-MiniLM-L6-v2")
+    assert resolve_bundled("sentence-transformers/all-MiniLM-L6-v2") == resolve_bundled("minilm-l6")
 
 
 def test_missing_extra_is_one_clear_line(monkeypatch):

@@ -1,12 +1,16 @@
 """The decoder path on the real SmolLM2-135M-Instruct (Llama architecture, grouped-query
 attention, tied embeddings): padding, the token the head reads, LoRA targets, the saved head,
-merge = separate, the first position left out of the mean, and bf16 base vs base."""
+merge = separate, the run's own copy of its converted base, the first position left out of the
+mean, and bf16 base vs base."""
 
 from __future__ import annotations
+
+import json
 
 import datasets
 import pytest
 import torch
+from peft import AutoPeftModelForSequenceClassification
 from safetensors import safe_open
 
 from conftest import needs_decoder
@@ -64,12 +68,17 @@ def test_lora_targets_q_and_v_with_grouped_query_attention(decoder, smollm2_dir)
     assert trainable == 30 * ((8 * 576 + 576 * 8) + (8 * 576 + 192 * 8)) + 2 * 576
 
 
-def test_trained_head_is_saved_with_the_adapter_and_merged_equals_separate(smollm2_dir, tmp_path):
+def test_trained_head_is_saved_with_the_adapter_and_merged_equals_separate(
+    smollm2_dir, bundled_cache, monkeypatch, tmp_path
+):
+    """Trained through the alias: the run names the study's copy of the converted base (no Hub
+    checkpoint holds these dequantized weights), which AutoPeft loads from the study folder."""
+    monkeypatch.setenv("LORASCOPE_CACHE", str(bundled_cache))
     config = load_config(
         None,
         "smoke",
         [
-            f"model.name={smollm2_dir}",
+            "model.name=smollm2-135m",
             "model.max_length=32",
             "tasks={sst2: {train_max: 16, eval_max: 16}}",
             "data.dev_max=8",
@@ -89,10 +98,25 @@ def test_trained_head_is_saved_with_the_adapter_and_merged_equals_separate(smoll
     base = modeling.load_model(str(smollm2_dir), ("negative", "positive"), 42, tokenizer.pad_token_id)
     assert not torch.equal(head, base.score.weight.detach())  # trained away from its seed-42 initialisation
     separate = modeling.load_adapter(base, str(run))
-    merged = modeling.load_run_model(run, "lora", str(smollm2_dir), ("negative", "positive"), tokenizer.pad_token_id)
+    merged = modeling.load_run_model(run, "lora", "smollm2-135m", ("negative", "positive"), tokenizer.pad_token_id)
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, separate(**batch).logits, atol=1e-4, rtol=1e-4)
+
+    named = json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert named == f"base/smollm2-135m-{modeling.folder_digest(str(smollm2_dir))[7:19]}"
+    assert (tmp_path / named / "model.safetensors").read_bytes() == (smollm2_dir / "model.safetensors").read_bytes()
+    card = (run / "README.md").read_text()
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in card and "no Hub checkpoint" in card
+    monkeypatch.chdir(tmp_path)
+    loaded = AutoPeftModelForSequenceClassification.from_pretrained(
+        "runs/sst2/lora/seed42",
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, separate(**batch).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_the_massive_first_position_is_left_out_of_the_mean(decoder):

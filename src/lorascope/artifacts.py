@@ -1,47 +1,150 @@
 """What makes a run folder a standalone Hugging Face artifact besides its weights: the tokenizer
-as the run used it, the base model named where it can be found, and a model card (README.md)
-that says what was trained and how to load it.
+as the run used it, the base model named so that it loads on another machine, and a model card
+(README.md) that says what was trained, on which base, and how to load it.
 
 Where the base model and the label names are recorded, and why. PEFT's
 AutoPeftModelForSequenceClassification builds the base from adapter_config.json's
-`base_model_name_or_path` with the caller's keyword arguments, so the classifier's config
-(num_labels, id2label) comes from that base and those arguments; nothing else in the adapter
-folder is read (peft/auto.py). A config.json beside the adapter does not help: transformers then
-takes the folder for a complete model and looks for its full weights there. Hence:
+`base_model_name_or_path` at its `revision`, with the caller's keyword arguments, so the
+classifier's config (num_labels, id2label) comes from that base and those arguments; nothing else
+in the adapter folder is read (peft/auto.py). A config.json beside the adapter does not help:
+transformers then takes the folder for a complete model and looks for its full weights there.
 
-- adapter_config.json names the base as AutoPeft can load it on this machine: an absolute folder
-  (a bundled alias resolved, or a local folder) or a Hub id;
-- the card's `base_model` names it as the study did when it is a bundled alias (`minilm-l6`),
-  which `modeling.resolve_model_path` resolves on any machine with the package; lorascope's own
-  loader (`modeling.load_run_model`) builds the base from that name and never reads the path;
-- the card's loading lines pass the task's label names, the one way they reach AutoPeft.
-A full fine-tuning run's config.json already carries its label names."""
+adapter_config.json names the base so that the adapter loads onto exactly the weights it was
+trained on, without this machine's virtualenv or caches, and never silently onto others:
+
+- a bundled alias whose folder is a bit-identical copy of a Hub revision (minilm-l6), or that
+  Hub id: the Hub id and revision (bundled.HubCopy). lorascope resolves the id to its bundled
+  copy; everything else to the Hub or a Hub cache, which hold the same bytes;
+- a Hub id: itself, at the revision of the Hub cache's snapshot it was loaded from;
+- a bundled alias with no Hub equivalent (smollm2-135m, dequantized from a GGUF file, is not the
+  Hub's checkpoint): the study's own copy of it, written once beside the runs
+  (`base/<alias>-<digest>/`) and named relative to the study folder; PEFT looks such a path up
+  from the current directory, so the card's lines load the base from the run folder's path;
+- a local folder the study named: its absolute path (the user's folder; the card gives the
+  digest of its files, as the study's fingerprints identify it).
+
+The card names the same base and says which it is and why. lorascope's own loader
+(`modeling.load_run_model`) builds the base from the study's model.name and never reads the name
+recorded here. The card's loading lines pass the task's label names, the one way they reach
+AutoPeft. A full fine-tuning run's config.json already carries its label names."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+import os
+import shutil
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from filelock import FileLock
+from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 
 from lorascope import modeling
-from lorascope.bundled import is_bundled
+from lorascope.bundled import MANIFEST, hub_copy, is_alias
+from lorascope.study import current_dir, is_current
 from lorascope.tasks import Task
 
 CARD = "README.md"
+BASES = "base"  # the study's copies of bases that no Hub id names, beside runs/
 METHOD_NAMES = {"lora": "LoRA", "full": "full fine-tuning"}
 
 
-def base_model_location(name: str) -> str:
-    """The base as transformers loads it here: a folder as an absolute path, a Hub id as it is."""
-    path = Path(modeling.resolve_model_path(name))
-    return str(path.resolve()) if path.is_dir() else name
+@dataclasses.dataclass(frozen=True)
+class Base:
+    """The base as a run folder names it: `name` and `revision` as adapter_config.json records
+    them, the card's sentence on which base it is, and for the study's own copy its path from
+    the run folder (the card's loading lines start there)."""
+
+    name: str
+    revision: str | None
+    about: str
+    from_run: str | None = None
 
 
-def card_base_model(name: str) -> str:
-    """The base as the card names it: a bundled alias (resolvable wherever the package is
-    installed), else where it was loaded from."""
-    return name if is_bundled(name) else base_model_location(name)
+def run_base(model_name: str, run_dir: Path, method: str) -> Base:
+    """How the run in `run_dir` names its base (see the module docstring); a LoRA run of an alias
+    with no Hub equivalent writes the study's copy of the base first, if no run did before."""
+    hub = hub_copy(model_name)
+    if hub is not None:
+        copy_of = f" (lorascope's bundled `{model_name}` is a bit-identical copy of it)" if is_alias(model_name) else ""
+        return Base(
+            hub.repo_id,
+            hub.revision,
+            f"`{hub.repo_id}` at revision `{hub.revision}`{copy_of}: lorascope resolves this Hub id to its "
+            "bundled copy without the network, anything else to the Hub or a Hub cache. The SHA-256 of its "
+            "weights and tokenizer files equal the Hub's at that revision.",
+        )
+    folder = Path(modeling.resolve_model_path(model_name))
+    if is_alias(model_name) and method == "lora":
+        return study_base(model_name, folder, run_dir)
+    if is_alias(model_name):
+        return Base(
+            model_name,
+            None,
+            f"lorascope's bundled alias `{model_name}`, {provenance(folder)}; "
+            f"`lorascope.modeling.resolve_model_path({model_name!r})` gives its folder wherever its package is installed.",
+        )
+    if folder.is_dir():
+        path = str(folder.resolve())
+        return Base(path, None, f"the local folder `{path}` (its files' digest: `{modeling.folder_digest(path)}`).")
+    revision = hub_revision(model_name)
+    at = f" at revision `{revision}`" if revision else ""
+    return Base(model_name, revision, f"`{model_name}`{at}, from the Hub.")
+
+
+def hub_revision(repo_id: str) -> str | None:
+    """The commit of the Hub cache's snapshot a Hub id was loaded from (its refs/main, which
+    a download updates), or None when the cache has none."""
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
+def provenance(folder: Path) -> str:
+    """Where a bundled folder's weights come from: the GGUF file it was converted from (its
+    manifest, bundled.MANIFEST), or the package folder it is."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except OSError:
+        return "its package's model folder, which is no verified copy of a Hub revision"
+    return (
+        f"dequantized to fp32 from `{manifest['gguf']}` of {manifest['source']} "
+        f"(the GGUF file's SHA-256: `{manifest['gguf_sha256']}`)"
+    )
+
+
+def study_folder(run_dir: Path) -> Path:
+    """The study a run folder belongs to: the folder holding its runs/ (Study.run_dir's layout;
+    the scratch folder a run is written in sits at the same place), else, for a run trained
+    outside a study, the run folder's parent."""
+    return next((p.parent for p in run_dir.parents if p.name == "runs"), run_dir.parent)
+
+
+def study_base(alias: str, source: Path, run_dir: Path) -> Base:
+    """The study's copy of a bundled base that no Hub id names, written once (atomically and
+    stamped, so reuse and `lorascope verify` check it like every output) by the first LoRA run
+    that needs it; named by the digest of its files, so runs trained on other bytes (another
+    package version) keep pointing at their own. Concurrent runs take turns through a lock."""
+    digest = modeling.folder_digest(str(source))
+    name = f"{BASES}/{alias}-{digest.removeprefix('sha256:')[:12]}"
+    target = study_folder(run_dir) / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.with_name(f".{target.name}.lock")):
+        if not is_current(target, digest):
+            with current_dir(target, digest) as scratch:
+                shutil.copytree(source, scratch, dirs_exist_ok=True)
+    return Base(
+        name,
+        None,
+        f"`{name}` in the study folder, the study's copy of lorascope's bundled alias `{alias}`: "
+        f"{provenance(source)}. It is no Hub checkpoint: quantization changed the original's weights, so the "
+        "original would be another base for this adapter. The first run that needed it wrote it once beside "
+        "`runs/` as a standard model folder. adapter_config.json names it relative to the study folder, and "
+        "PEFT looks it up from the current directory: from the study folder, "
+        "`AutoPeftModelForSequenceClassification.from_pretrained('runs/<task>/lora/seed<k>', ...)` loads it "
+        "as is; from anywhere, the lines below load it from the run folder's path.",
+        os.path.relpath(target, run_dir),
+    )
 
 
 def save_tokenizer(tokenizer, max_length: int | None, out_dir: Path) -> None:
@@ -53,9 +156,10 @@ def save_tokenizer(tokenizer, max_length: int | None, out_dir: Path) -> None:
     saved.save_pretrained(out_dir)
 
 
-def loading_lines(method: str, task: Task, pad_token_id: int) -> str:
+def loading_lines(method: str, task: Task, pad_token_id: int, base: Base) -> str:
     """Python that loads the folder `run_dir` with the task's label names and the run's pad token
-    (the base's config may have none, and a decoder's classifier finds its last token by it)."""
+    (the base's config may have none, and a decoder's classifier finds its last token by it);
+    a LoRA run on the study's copy of its base loads that copy from the run folder's path."""
     if method == "full":
         return (
             "from transformers import pipeline\n"
@@ -64,42 +168,46 @@ def loading_lines(method: str, task: Task, pad_token_id: int) -> str:
         )
     id2label = dict(enumerate(task.label_names))
     label2id = {name: i for i, name in id2label.items()}
+    labels = f"id2label={id2label}, label2id={label2id}, pad_token_id={pad_token_id}"
+    tokenizer = "tokenizer = AutoTokenizer.from_pretrained(run_dir)"
+    if base.from_run is not None:
+        return (
+            "from pathlib import Path\nfrom peft import PeftModel\n"
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
+            f"base = AutoModelForSequenceClassification.from_pretrained(Path(run_dir, {base.from_run!r}), {labels})\n"
+            f"model = PeftModel.from_pretrained(base, run_dir)\n{tokenizer}"
+        )
     return (
         "from peft import AutoPeftModelForSequenceClassification\nfrom transformers import AutoTokenizer\n"
-        f"model = AutoPeftModelForSequenceClassification.from_pretrained(run_dir, id2label={id2label}, "
-        f"label2id={label2id}, pad_token_id={pad_token_id})\n"
-        "tokenizer = AutoTokenizer.from_pretrained(run_dir)"
+        f"model = AutoPeftModelForSequenceClassification.from_pretrained(run_dir, {labels})\n{tokenizer}"
     )
 
 
 def write_card(
-    out_dir: Path, model_name: str, task: Task, method: str, seed: int, metrics: dict, pad_token_id: int
+    out_dir: Path, model_name: str, base: Base, task: Task, method: str, seed: int, metrics: dict, pad_token_id: int
 ) -> None:
-    """README.md: task, method, seed, base model, eval metrics and the loading lines."""
-    base = card_base_model(model_name)
+    """README.md: task, method, seed, which base and why, eval metrics and the loading lines.
+    Its `base_model` is the name adapter_config.json records, but for the study's own copy,
+    which no Hub id names."""
     data = ModelCardData(
-        base_model=base,
+        base_model=base.name if base.from_run is None else None,
         library_name="peft" if method == "lora" else "transformers",
         pipeline_tag="text-classification",
         tags=["lorascope", method, task.name],
-    )
-    where = (
-        f" (lorascope's bundled alias: `lorascope.modeling.resolve_model_path({base!r})` gives its folder "
-        "wherever its package is installed)"
-        if is_bundled(base)
-        else ""
     )
     scores = "\n".join(
         f"| {key[5:]} | {value:.4f} |"
         for key, value in metrics.items()
         if key.startswith("eval_") and isinstance(value, float)
     )
+    lines = loading_lines(method, task, pad_token_id, base)
     body = (
-        f"# {task.name}: {METHOD_NAMES[method]} of {base}, seed {seed}\n\n"
+        f"# {task.name}: {METHOD_NAMES[method]} of {model_name}, seed {seed}\n\n"
         f"Trained by lorascope on task `{task.name}` (labels: {', '.join(task.label_names)}) with "
-        f"{METHOD_NAMES[method]}, seed {seed}, from the base model `{base}`{where}.\n\n"
+        f"{METHOD_NAMES[method]}, seed {seed}, from the model the study named `{model_name}`.\n\n"
+        f"Base model: {base.about}\n\n"
         f"Scores on the eval split (the task's `{task.eval_split}` split; never used for selection):\n\n"
         f"| metric | value |\n|---|---|\n{scores}\n\n"
-        f"## Loading\n\nWith `run_dir` the path of this folder:\n\n```python\n{loading_lines(method, task, pad_token_id)}\n```\n"
+        f"## Loading\n\nWith `run_dir` the path of this folder:\n\n```python\n{lines}\n```\n"
     )
     ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(out_dir / CARD)

@@ -45,8 +45,9 @@ DROPOUT_KEYS = (
 
 
 def resolve_model_path(name: str) -> str:
-    """A bundled alias resolves to its package folder; a local path must exist; anything else
-    is taken as a Hub id."""
+    """A bundled alias resolves to its package folder, and so does the Hub id that folder is a
+    bit-identical copy of (bundled.HubCopy: a run folder names its base so, and loading it here
+    needs no network); a local path must exist; anything else is taken as a Hub id."""
     if (folder := resolve_bundled(name)) is not None:
         return folder
     path = Path(name).expanduser()
@@ -79,10 +80,11 @@ def model_identity(name: str) -> str:
     path = Path(resolve_model_path(name))
     if is_bundled(name) or not path.is_dir():
         return name
-    return _folder_digest(str(path.resolve()))
+    return folder_digest(str(path.resolve()))
 
 
-def _folder_digest(folder: str) -> str:
+def folder_digest(folder: str) -> str:
+    """The content of a model folder's files (not its subfolders), named by none of its paths."""
     files = sorted(p for p in Path(folder).iterdir() if p.is_file())
     return "sha256:" + hashlib.sha256("".join(f"{p.name}:{file_sha256(p)};" for p in files).encode()).hexdigest()[:16]
 

@@ -311,17 +311,23 @@ def _older_objects_frozen():
 def save_weights(model: torch.nn.Module, setup: RunSetup, tokenizer, metrics: dict, out_dir: Path) -> None:
     """Head-only: the head. LoRA: the PEFT adapter (with the head); full: the whole model; both
     with what makes the folder a standalone artifact (lorascope.artifacts): the tokenizer, the
-    base model where AutoPeft can load it, and a model card."""
+    base model named so that AutoPeft loads it on any machine, and a model card."""
     if setup.method == "head":
         head = {n: p.detach().cpu().contiguous() for n, p in modeling.head_parameters(model).items()}
         save_file(head, str(out_dir / "head.safetensors"))
         return
+    base = artifacts.run_base(setup.model_name, out_dir, setup.method)
+    saving = {}
     if setup.method == "lora":
-        model.peft_config["default"].base_model_name_or_path = artifacts.base_model_location(setup.model_name)
-    model.save_pretrained(out_dir, safe_serialization=True)
+        peft = model.peft_config["default"]
+        peft.base_model_name_or_path, peft.revision = base.name, base.revision
+        # lorascope never resizes the vocabulary, so the base's embeddings stay out; PEFT's "auto"
+        # would look the base up by that name (on the Hub, for a Hub id) to find that out
+        saving["save_embedding_layers"] = False
+    model.save_pretrained(out_dir, safe_serialization=True, **saving)
     artifacts.save_tokenizer(tokenizer, setup.max_length, out_dir)
     artifacts.write_card(
-        out_dir, setup.model_name, setup.task, setup.method, setup.seed, metrics, tokenizer.pad_token_id
+        out_dir, setup.model_name, base, setup.task, setup.method, setup.seed, metrics, tokenizer.pad_token_id
     )
 
 
