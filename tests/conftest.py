@@ -43,6 +43,8 @@ SLOW_MODULES = (
     "test_analysis_stages.py",
     "test_dependencies.py",
     "test_integrity.py",
+    "test_sizes.py",
+    "test_portable.py",
 )
 
 

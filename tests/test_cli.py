@@ -131,6 +131,39 @@ def test_single_run_uses_the_same_code_path(tiny_args, tmp_path, capsys):
     _fails_with(["train", out, "--task", "rte"], "a single run needs --method, --seed", capsys)
 
 
+def test_out_naming_another_study_is_refused_before_anything_runs(tiny_args, tiny_llama_dir, capsys):
+    """--out naming the folder of another study (another model, max_length or data settings:
+    nothing there could be reused, every run would be overwritten) is one line and exit 2, and
+    nothing there changes; a change that leaves outputs to reuse (a learning rate) is the same
+    study."""
+    from pathlib import Path
+
+    from lorascope.config_io import load_config
+    from lorascope.stages import BY_NAME
+    from lorascope.study import run_stages
+
+    config_path, _, out = tiny_args
+    run_stages(load_config(config_path), Path(out), [BY_NAME["prepare"]])
+
+    def files() -> dict[Path, int]:
+        return {p: p.stat().st_mtime_ns for p in Path(out).rglob("*") if p.name != ".lock"}
+
+    before = files()
+    for setting, key in (
+        (f"model.name={tiny_llama_dir}", "model.name"),
+        ("model.max_length=32", "model.max_length"),
+        ("data.split_seed=1", "data"),
+    ):
+        _fails_with(
+            ["run", *tiny_args, "--set", setting],
+            f"{out} holds another study (its {key} differs from this config's, so nothing there could be reused); "
+            "choose another --out, or delete that folder to start over",
+            capsys,
+        )
+    assert files() == before  # no run, and config.yaml and the manifest as they were
+    run_stages(load_config(config_path, None, ["training.lora.lr=1e-3"]), Path(out), [BY_NAME["prepare"]])
+
+
 @pytest.fixture()
 def drift_args(tmp_path):
     """Small probe, few resamples: seconds on the tiny BERT."""

@@ -1,6 +1,6 @@
-"""A study folder vouches for its files: each kind of artifact truncated or deleted is found on
-reuse, exactly its unit is redone, the tables come out as from an undamaged study, and
-`lorascope verify` names the same file."""
+"""A study folder vouches for its files: each kind of artifact (and the study's own tuning
+storage) truncated or deleted is found on reuse, exactly its unit is redone, the tables come out
+as from an undamaged study, and `lorascope verify` names the same file."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
-from lorascope import integrity
+from lorascope import integrity, tuning
 from lorascope.cli import main
 from lorascope.stages import BY_NAME
-from lorascope.study import run_stages, verify
+from lorascope.study import Study, run_stages, verify
 
 STAGES = [BY_NAME[name] for name in ("prepare", "baselines", "train", "represent", "drift", "weights")]
+TUNED = [BY_NAME[name] for name in ("prepare", "tune", "train")]
 TIMING = ("train_seconds", "train_tokens_per_second", "peak_rss_bytes", "peak_rss_added_bytes")
 # one file of each kind of artifact, and the stamped output (unit) it belongs to
 ARTIFACTS = {
@@ -27,6 +29,13 @@ ARTIFACTS = {
     "prepared splits": ("prepared/sst2/meta.json", "prepared/sst2"),
     "table": ("tables/weights.csv", "tables/weights.csv"),
 }
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 10)])
+    else:
+        path.unlink()
 
 
 def _stamps(root: Path) -> dict[str, tuple[int, int]]:
@@ -58,11 +67,7 @@ def test_a_damaged_artifact_is_found_and_only_its_unit_redone(finished, tmp_path
     root = tmp_path / "study"
     shutil.copytree(intact, root)
     name, unit = ARTIFACTS[kind]
-    path = root / name
-    if how == "truncated":
-        path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 10)])
-    else:
-        path.unlink()
+    _damage(root / name, how)
 
     problems, _, _ = verify(root)
     assert len(problems) == 1 and problems[0].startswith(name), problems
@@ -78,6 +83,69 @@ def test_a_damaged_artifact_is_found_and_only_its_unit_redone(finished, tmp_path
     for table, frame in _tables(root).items():
         pd.testing.assert_frame_equal(frame, _tables(intact)[table], obj=table)
     assert verify(root)[0] == [] and main(["verify", str(root)]) == 0
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, tiny_study_config):
+    """LoRA runs trained with the best of a two-trial search kept in the study's own storage."""
+    config = tiny_study_config(
+        "runtime.workers=1",
+        "runtime.threads=1",
+        "methods=[lora]",
+        "tune.enabled=true",
+        "tune.trials=2",
+        "tune.startup_trials=1",
+    )
+    root = tmp_path_factory.mktemp("tuned") / "study"
+    run_stages(config, root, TUNED)
+    return config, root
+
+
+def _tuned_copy(tuned, tmp_path: Path, how: str) -> Path:
+    root = tmp_path / "study"
+    shutil.copytree(tuned[1], root)
+    _damage(root / "tune" / "optuna.db", how)
+    return root
+
+
+@pytest.mark.parametrize("how", ["truncated", "deleted"])
+def test_a_damaged_tuning_storage_is_found_and_its_searches_redone(tuned, tmp_path, how, capsys):
+    """The study's own storage no longer holds the finished trials tuned/sst2_lora.yaml records:
+    verify names it, and the run redoes that search from nothing. It reaches the same trials (each
+    is seeded), so the tuned file is rewritten with the same values and the run trained with them
+    is kept."""
+    config, intact = tuned
+    root = _tuned_copy(tuned, tmp_path, how)
+
+    problems, _, _ = verify(root)
+    assert len(problems) == 1 and problems[0].startswith("tune/optuna.db "), problems
+    assert main(["verify", str(root)]) == 1
+    assert "tune/optuna.db " in capsys.readouterr().out
+
+    before = _stamps(root)
+    run_stages(config, root, TUNED)
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("tune/optuna.db ")]
+    after = _stamps(root)
+    assert {k for k in after if after[k] != before[k]} == {"tuned/.sst2_lora.yaml.fingerprint"}
+    trials = [pd.read_csv(r / "tables" / "trials.csv").drop(columns=["duration_s", "worker"]) for r in (root, intact)]
+    pd.testing.assert_frame_equal(*trials)
+    redone, first = (yaml.safe_load((r / "tuned" / "sst2_lora.yaml").read_text()) for r in (root, intact))
+    assert redone.pop("storage") != first.pop("storage")  # the copy's own file; the same search otherwise
+    assert redone == first and first["own_storage"] == "tune/optuna.db"
+    assert verify(root)[0] == [] and main(["verify", str(root)]) == 0
+
+
+def test_a_storage_given_is_never_checked_or_deleted(tuned, tmp_path):
+    """With --storage (or tune.storage) the study's own file is not the one searched: the current
+    tuned files are kept and the damaged file is left as it is (verify still names it)."""
+    config, _ = tuned
+    root = _tuned_copy(tuned, tmp_path, "truncated")
+    damaged = (root / "tune" / "optuna.db").read_bytes()
+    given = tmp_path / "shared.journal"
+    records = tuning.tune_study(Study(root), config, storage=str(given))
+    assert records["sst2", "lora"]["trials"]["complete"] == 2 and not given.exists()
+    assert (root / "tune" / "optuna.db").read_bytes() == damaged
+    assert verify(root)[0][0].startswith("tune/optuna.db ")
 
 
 def test_an_intact_study_verifies_and_reuses_everything(finished, capsys):

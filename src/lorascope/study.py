@@ -25,7 +25,7 @@ import filelock
 import pandas as pd
 import yaml
 
-from lorascope import executors, integrity, runtime
+from lorascope import dependencies, executors, integrity, optuna_storage, runtime
 from lorascope.atomic import atomic_dir, atomic_write, remove_partials
 from lorascope.config import StudyConfig
 from lorascope.config_io import fingerprint, results_fingerprint, to_yaml, validate
@@ -85,8 +85,9 @@ def fresh(target: Path, fingerprint: str):
 
 def verify(root: Path) -> tuple[list[str], int, int]:
     """Every stamped output under `root` checked against its record: (what is missing or
-    damaged, one line each; outputs checked; bytes read). Changes nothing."""
-    problems, outputs, size = [], 0, 0
+    damaged, one line each; outputs checked; bytes read), and the study's own tuning storage
+    against the finished trials its intact tuned files record. Changes nothing."""
+    problems, outputs, size, tuned = [], 0, 0, []
     for stamp in sorted(Path(root).rglob(".*.fingerprint")):
         target = stamp.with_name(stamp.name[1 : -len(".fingerprint")])
         data = _read_stamp(target)
@@ -99,6 +100,9 @@ def verify(root: Path) -> tuple[list[str], int, int]:
         problem = integrity.damage(target, data["files"])
         if problem is not None:
             problems.append(f"{where.parent / problem}")
+        elif where.parent == Path("tuned") and target.suffix == ".yaml":
+            tuned.append((str(where), yaml.safe_load(target.read_text())))
+    problems += [f"{lost.file} {lost.why}" for lost in optuna_storage.lost_trials(root, tuned)]
     return problems, outputs, size
 
 
@@ -220,6 +224,7 @@ class Study:
         versions = runtime.versions()
         manifest.update(
             config_fingerprint=results_fingerprint(config),
+            study=identity(config),
             lorascope=versions["lorascope"],
             versions={k: v for k, v in versions.items() if k != "python"},
             hardware=runtime.hardware(),
@@ -259,6 +264,22 @@ class Study:
             self._set_stage(name, status="failed", **timing())
             raise
         self._set_stage(name, status="done", finished=_now(), **timing())
+
+    def check_same_study(self, config: StudyConfig) -> None:
+        """Refuse (InputError) to write `config`'s study into a folder that holds another: one whose
+        manifest records other values of the keys every output depends on, so that nothing there
+        could be reused and every run would be overwritten. A folder without that record (new, or
+        written by an older lorascope) is taken as it is."""
+        recorded = self.manifest().get("study")
+        if recorded is None:
+            return
+        differ = [key for key, value in identity(config).items() if recorded.get(key) != value]
+        if differ:
+            verb = "differs" if len(differ) == 1 else "differ"
+            raise InputError(
+                f"{self.root} holds another study (its {' and '.join(differ)} {verb} from this config's, so nothing "
+                "there could be reused); choose another --out, or delete that folder to start over"
+            )
 
     # ------------------------------------------------------------ locking
     @contextlib.contextmanager
@@ -311,12 +332,21 @@ def run_stages(config: StudyConfig, root: Path, stages: list[Stage], write_confi
     written, and the stages' units run on it."""
     study = Study(root)
     with executors.started(config.runtime), study.lock():
+        study.check_same_study(config)
         if write_config:
             study.write_config(config)
         for stage in stages:
             with study.stage(stage.name, stage.fingerprint(config)):
                 stage.run(study, config)
     return study
+
+
+def identity(config: StudyConfig) -> dict:
+    """What makes a study folder one study: the values of the config keys of the prepared splits
+    that are not a task's own (the model by its identity, its max_length, the data settings but
+    the path), which every output depends on through them (lorascope.dependencies)."""
+    keys = [key for key in dependencies.PREPARED.config if "{" not in key]
+    return {key: dependencies.config_value(config, key) for key in keys}
 
 
 def _now() -> str:

@@ -32,7 +32,7 @@ from lorascope.config_io import validate
 from lorascope.errors import InputError
 from lorascope.hparams import MethodConfig
 from lorascope.optuna_search import DevReporter, TrialSeededTPE, is_surplus, pruner
-from lorascope.optuna_storage import Backend, fail_stale, heartbeat, open_storage
+from lorascope.optuna_storage import Backend, drop_searches, fail_stale, heartbeat, lost_trials, open_storage
 from lorascope.prepared import load_prepared, prepare_tasks, prepared_fingerprint
 from lorascope.study import Study, Table, is_current, stamp_of, write_current
 from lorascope.training import train_run
@@ -91,6 +91,8 @@ def tune_study(
     tasks, methods = _select(config, tasks, methods)
     prepare_tasks(study, config, tasks)  # the searches are named by the prepared data's content
     done = {(t, m): _finished_record(study, config, t, m, target) for t in tasks for m in methods}
+    if storage is None and config.tune.storage is None:  # a storage given is never checked, never deleted
+        _redo_lost(study, done)
     if all(done.values()):  # e.g. filled by workers on a shared storage; nothing left to search
         return done
     workers = executors.current().workers
@@ -123,6 +125,19 @@ def tune_study(
                 )
         write_trials_table(study, config, backend)
     return records
+
+
+def _redo_lost(study: Study, done: dict[tuple[str, str], dict | None]) -> None:
+    """Searches whose finished trials the study's own storage lost (truncated, deleted, cannot
+    be opened) start again from nothing, with one line naming the file: their tuned files are
+    rewritten, with the same values when the seeded searches reach the same trials."""
+    records = [(str(study.tuned_path(t, m).relative_to(study.root)), r) for (t, m), r in done.items() if r]
+    for lost in lost_trials(study.root, records):
+        print(f"{lost.file} {lost.why}; redoing {len(lost.searches)} search(es)", file=sys.stderr)
+        drop_searches(study.root, lost)
+        for key, record in done.items():
+            if record is not None and record["study_name"] in lost.searches:
+                done[key] = None
 
 
 def search_worker(root: str, config: StudyConfig, task: str, method: str, target: int, storage: str) -> int:
@@ -380,6 +395,7 @@ def write_tuned(
         "trials": {"requested": target, **_state_counts(trials)},
         "study_name": ostudy.study_name,
         "storage": backend.url,
+        "own_storage": backend.own,
         "train_seed": _train_seed(config),
         "sampler": {"name": "TPESampler", "seed": tune.seed, "startup_trials": tune.startup_trials},
         "pruner": {
