@@ -186,9 +186,28 @@ def test_quality_is_judged_on_accuracy_by_default_and_shows_the_primary_metric()
     assert primary["quality"].estimate.value == pytest.approx(4.0) and "quality (accuracy)" in primary
 
 
-def test_drift_criterion_uses_the_ratio_of_means_over_unflagged_pairs(tmp_path):
+def _drift_summary(folder, drift: dict) -> pd.DataFrame:
+    """drift_summary.csv as the drift writer's table holds it: linear CKA = 1 - drift per (method, seed)."""
     from lorascope.drift import DRIFT_SUMMARY
 
+    rows = [
+        {
+            "task": "mrpc",
+            "method": m,
+            "seed": s,
+            "pooling": "mean",
+            "measure": "linear_cka",
+            "mean_over_layers": 1 - d,
+            "mean_last_third": 1 - d,
+            "comparison": "run_vs_base",
+        }
+        for (m, s), d in drift.items()
+    ]
+    DRIFT_SUMMARY.write(folder, rows)
+    return DRIFT_SUMMARY.read(folder)
+
+
+def test_drift_criterion_uses_the_ratio_of_means_over_unflagged_pairs(tmp_path):
     drift = {
         ("lora", 1): 0.10,
         ("full", 1): 0.20,
@@ -197,23 +216,7 @@ def test_drift_criterion_uses_the_ratio_of_means_over_unflagged_pairs(tmp_path):
         ("lora", 3): 0.01,
         ("full", 3): 0.10,
     }
-    DRIFT_SUMMARY.write(
-        tmp_path,
-        [
-            {
-                "task": "mrpc",
-                "method": m,
-                "seed": s,
-                "pooling": "mean",
-                "measure": "linear_cka",
-                "mean_over_layers": 1 - d,
-                "mean_last_third": 1 - d,
-                "comparison": "run_vs_base",
-            }
-            for (m, s), d in drift.items()
-        ],
-    )
-    summary = DRIFT_SUMMARY.read(tmp_path)
+    summary = _drift_summary(tmp_path, drift)
     flags = _flags({(m, s): (0.8, 0.8, s == 3 and m == "lora") for m, s in drift})
     c = analysis.drift_criterion(summary, flags, "mrpc", AnalysisConfig())
     assert c.estimate.value == pytest.approx(1 - 0.15 / 0.40)  # ratio of means, seeds 1 and 2
@@ -231,27 +234,9 @@ def test_drift_criterion_uses_the_ratio_of_means_over_unflagged_pairs(tmp_path):
 def test_a_run_whose_drift_is_undefined_at_every_layer_is_left_out_of_the_statistics(tmp_path):
     """drift_layers.csv may hold NaN with a reason (a measure whose estimate the data
     leave undefined); a run undefined at every layer has no mean, and the statistics go on without it."""
-    from lorascope.drift import DRIFT_SUMMARY
-
     drift = {("lora", 1): 0.10, ("full", 1): 0.20, ("lora", 2): math.nan, ("full", 2): 0.20, ("lora", 3): 0.05}
     drift[("full", 3)] = 0.10
-    DRIFT_SUMMARY.write(
-        tmp_path,
-        [
-            {
-                "task": "mrpc",
-                "method": m,
-                "seed": s,
-                "pooling": "mean",
-                "measure": "linear_cka",
-                "mean_over_layers": 1 - d,
-                "mean_last_third": 1 - d,
-                "comparison": "run_vs_base",
-            }
-            for (m, s), d in drift.items()
-        ],
-    )
-    summary = DRIFT_SUMMARY.read(tmp_path)
+    summary = _drift_summary(tmp_path, drift)
     flags = _flags({key: (0.8, 0.8, False) for key in drift})
     table = analysis.drift_statistics(None, summary, flags, 0.95)
     assert table.loc[table["method"] == "lora", "n"].iloc[0] == 2
