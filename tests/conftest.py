@@ -13,6 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 GLUE = Path(os.environ.get("LORASCOPE_GLUE", REPO.parent / "shared" / "data" / "glue"))
 os.environ["LORASCOPE_GLUE"] = str(GLUE)
+SQUAD_V2 = Path(os.environ.get("LORASCOPE_SQUAD_V2", REPO.parent / "shared" / "data" / "squad_v2"))
+os.environ["LORASCOPE_SQUAD_V2"] = str(SQUAD_V2)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

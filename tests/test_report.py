@@ -231,6 +231,7 @@ def make_study(root: Path, partial: bool = False, tasks: dict[str, str] | None =
                 "primary_value": MAJORITY[task],
                 "accuracy": accuracy,
                 "f1": f1,
+                "exact": None,
                 "passed": None,
             }
         )
@@ -244,6 +245,7 @@ def make_study(root: Path, partial: bool = False, tasks: dict[str, str] | None =
                 "primary_value": 0.7018,
                 "accuracy": 0.7018,
                 "f1": 0.6912,
+                "exact": None,
                 "passed": None,
             }
         )
@@ -258,6 +260,7 @@ def make_study(root: Path, partial: bool = False, tasks: dict[str, str] | None =
                     "primary_value": 1.0,
                     "accuracy": 1.0,
                     "f1": 1.0,
+                    "exact": None,
                     "passed": method == "lora",
                 }
             )

@@ -18,6 +18,7 @@ from lorascope.serving.grid import DEPLOYMENT
 from lorascope.study import Study, Table
 
 METRICS = ("primary_value", "accuracy", "f1")
+GENERATIVE_METRICS = ("primary_value", "exact", "has_ans_f1", "no_ans_f1")  # primary: SQuAD F1
 P_VALUES = ("welch_p", "paired_t_p", "permutation_paired_p", "permutation_unpaired_p")
 DRIFT_MEASURE, DRIFT_POOLING = "linear_cka", "mean"
 FORGETTING_CRITERION = "forgetting: LoRA − full FT"
@@ -46,18 +47,22 @@ DRIFT_STATISTICS = Table(
     ),
 )
 VERDICT = Table("verdict", verdict.VERDICT_COLUMNS)
+# Baselines a run must beat to count as having learned: classification's majority class, and a
+# generative task's zero-shot base and "always unanswerable" (the better of the two).
+FLOOR_BASELINES = ("majority", "zero_shot", "always_unanswerable")
 
 
 def flagged_performance(study: Study, config: StudyConfig) -> pd.DataFrame:
     performance = PERFORMANCE.read(study.tables)
     baselines = BASELINES.read(study.tables)
-    majority = {}
-    if baselines is not None:
-        rows = baselines[baselines["baseline"] == "majority"]
-        majority = dict(zip(rows["task"], rows["primary_value"]))
+    majority, names = {}, {}
+    if baselines is not None:  # a task's floor: its best baseline that needs no training
+        rows = baselines[baselines["baseline"].isin(FLOOR_BASELINES)].sort_values("primary_value")
+        for row in rows.itertuples():
+            majority[row.task], names[row.task] = row.primary_value, row.baseline.replace("_", " ")
     for task in set(performance["task"]) - set(majority):
         majority[task] = -math.inf  # no baseline stage: flag on status only
-    return FLAGS.frame(verdict.flag_runs(performance, majority, config.analysis.majority_margin))
+    return FLAGS.frame(verdict.flag_runs(performance, majority, config.analysis.majority_margin, names))
 
 
 def _subsets(flags: pd.DataFrame):
@@ -76,7 +81,8 @@ def describe_rows(flags: pd.DataFrame, confidence: float) -> list[dict]:
     for subset, frame in _subsets(flags):
         for task, runs in frame.groupby("task"):
             primary = runs["primary_metric"].iloc[0]
-            for metric in METRICS:
+            generative = "exact" in runs and runs["exact"].notna().all()
+            for metric in GENERATIVE_METRICS if generative else METRICS:
                 name = primary if metric == "primary_value" else metric
                 for method, group in runs.groupby("method"):
                     rows.append(
@@ -225,13 +231,15 @@ def drift_statistics(
 
 def quality_criteria(flags: pd.DataFrame, task: str, analysis: AnalysisConfig) -> list[verdict.Criterion]:
     """Full FT − LoRA in points with the paired t-interval over the judged seed pairs, on the
-    configured metric (analysis.quality_metric) and, informing, on the other one."""
+    configured metric (analysis.quality_metric) and, informing, on the other one. A generative
+    task has no accuracy: its criterion is on SQuAD F1, exact match informs."""
     ok = flags[(flags["task"] == task) & (flags["status"] == "ok")]
     primary = ok["primary_metric"].iloc[0]
-    configured = "accuracy" if analysis.quality_metric == "accuracy" else primary
+    generative = "exact" in ok and ok["exact"].notna().all()
+    configured = "accuracy" if analysis.quality_metric == "accuracy" and not generative else primary
     seeds, judged, note = _judged(*clean_pairs(flags, task))
     out = []
-    for metric in dict.fromkeys([configured, primary, "accuracy"]):
+    for metric in dict.fromkeys([configured, primary, "exact" if generative else "accuracy"]):
         by = {m: dict(zip(g["seed"], g[metric])) for m, g in ok.groupby("method")}
         if not seeds:
             estimate, spread = None, None

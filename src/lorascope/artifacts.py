@@ -160,6 +160,8 @@ def loading_lines(method: str, task: Task, pad_token_id: int, base: Base) -> str
     """Python that loads the folder `run_dir` with the task's label names and the run's pad token
     (the base's config may have none, and a decoder's classifier finds its last token by it);
     a LoRA run on the study's copy of its base loads that copy from the run folder's path."""
+    if task.generative:
+        return generation_lines(method, task, base)
     if method == "full":
         return (
             "from transformers import pipeline\n"
@@ -183,8 +185,69 @@ def loading_lines(method: str, task: Task, pad_token_id: int, base: Base) -> str
     )
 
 
+def generation_lines(method: str, task: Task, base: Base) -> str:
+    """Python that loads a generative run's folder and answers one prompt as lorascope evaluated
+    it: greedy, at most the task's max_new_tokens, the first line of what is generated."""
+    prompt = (
+        "prompt = tokenizer.apply_chat_template([{'role': 'user', 'content': text}], tokenize=False, "
+        "add_generation_prompt=True)"
+        if task.chat_template
+        else "prompt = text"
+    )
+    answer = (
+        "inputs = tokenizer(prompt, return_tensors='pt', add_special_tokens="
+        f"{not task.chat_template})\n"
+        f"out = model.generate(**inputs, max_new_tokens={task.max_new_tokens}, do_sample=False)\n"
+        "answer = tokenizer.decode(out[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True)"
+        ".split('\\n')[0].strip()"
+    )
+    if method == "full":
+        load = (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "model = AutoModelForCausalLM.from_pretrained(run_dir)\n"
+        )
+    elif base.from_run is not None:
+        load = (
+            "from pathlib import Path\nfrom peft import PeftModel\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(Path(run_dir, {base.from_run!r})), run_dir)\n"
+        )
+    else:
+        load = (
+            "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n"
+            "model = AutoPeftModelForCausalLM.from_pretrained(run_dir)\n"
+        )
+    text = "text = '...'  # the prompt, built as the card says\n"
+    return f"{load}tokenizer = AutoTokenizer.from_pretrained(run_dir)\n{text}{prompt}\n{answer}"
+
+
+def generation_notes(task: Task, method: str, tied: bool) -> str:
+    """The card's paragraph on the prompt a generative run expects and what it learned."""
+    built = f"`{task.template!r}` (an example's columns in braces)" if task.template else f"the `{task.prompt}` column"
+    notes = (
+        f"Prompt: {built}"
+        + (", as a user turn of the tokenizer's chat template" if task.chat_template else "")
+        + ". The run learned the completion after it (the loss on completion tokens only) and ends it with eos."
+    )
+    if task.unanswerable:
+        notes += f" A question without answer has the completion `{task.unanswerable}`, scored as the empty answer."
+    if method == "full" and tied:
+        notes += " The input embeddings and the LM head are one tied matrix, so full fine-tuning moved both."
+    if method == "lora":
+        notes += " The LM head is the base's: LoRA trained the adapter only."
+    return notes
+
+
 def write_card(
-    out_dir: Path, model_name: str, base: Base, task: Task, method: str, seed: int, metrics: dict, pad_token_id: int
+    out_dir: Path,
+    model_name: str,
+    base: Base,
+    task: Task,
+    method: str,
+    seed: int,
+    metrics: dict,
+    pad_token_id: int,
+    tied: bool = False,
 ) -> None:
     """README.md: task, method, seed, which base and why, eval metrics and the loading lines.
     Its `base_model` is the name adapter_config.json records, but for the study's own copy,
@@ -192,7 +255,7 @@ def write_card(
     data = ModelCardData(
         base_model=base.name if base.from_run is None else None,
         library_name="peft" if method == "lora" else "transformers",
-        pipeline_tag="text-classification",
+        pipeline_tag="text-generation" if task.generative else "text-classification",
         tags=["lorascope", method, task.name],
     )
     scores = "\n".join(
@@ -201,11 +264,13 @@ def write_card(
         if key.startswith("eval_") and isinstance(value, float)
     )
     lines = loading_lines(method, task, pad_token_id, base)
+    about_task = "generative" if task.generative else f"labels: {', '.join(task.label_names)}"
+    notes = f"{generation_notes(task, method, tied)}\n\n" if task.generative else ""
     body = (
         f"# {task.name}: {METHOD_NAMES[method]} of {model_name}, seed {seed}\n\n"
-        f"Trained by lorascope on task `{task.name}` (labels: {', '.join(task.label_names)}) with "
+        f"Trained by lorascope on task `{task.name}` ({about_task}) with "
         f"{METHOD_NAMES[method]}, seed {seed}, from the model the study named `{model_name}`.\n\n"
-        f"Base model: {base.about}\n\n"
+        f"Base model: {base.about}\n\n{notes}"
         f"Scores on the eval split (the task's `{task.eval_split}` split; never used for selection):\n\n"
         f"| metric | value |\n|---|---|\n{scores}\n\n"
         f"## Loading\n\nWith `run_dir` the path of this folder:\n\n```python\n{lines}\n```\n"

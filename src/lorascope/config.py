@@ -37,18 +37,34 @@ class DataConfig(Strict):
     probe_size: int = Field(
         256, gt=0, description="eval examples the represent stage pools (fixed and ordered, shared by every model)"
     )
+    squad_v2: str | None = Field(
+        None,
+        description="Hub id or local folder in the rajpurkar/squad_v2 layout; None = $LORASCOPE_SQUAD_V2, else the "
+        "Hub's rajpurkar/squad_v2, looked up where the study runs",
+    )
     split_seed: int = Field(0, description="seed of the train / dev split and of the stratified subsamples")
 
     def glue_source(self) -> str:
         """Where the GLUE tasks are read from on this machine."""
         return self.glue or os.environ.get("LORASCOPE_GLUE") or "nyu-mll/glue"
 
+    def squad_v2_source(self) -> str:
+        """Where the built-in squad_v2 task is read from on this machine."""
+        return self.squad_v2 or os.environ.get("LORASCOPE_SQUAD_V2") or "rajpurkar/squad_v2"
+
 
 class TaskConfig(Strict):
-    """A built-in task (only the size keys apply) or a custom one (`source` given)."""
+    """A built-in task (only the size keys, and for squad_v2 the generation keys, apply) or a
+    custom one (`source` given): a classification task (`text`, `label`) or a generative one
+    (`completion`, with `prompt` or `template`)."""
 
     train_max: int | None = Field(None, gt=0, description="stratified subsample of train")
-    eval_max: int | None = Field(None, gt=0, description="first N eval examples (smoke tests only)")
+    eval_max: int | None = Field(
+        None,
+        gt=0,
+        description="classification: the first N eval examples (smoke tests only); generative: N eval examples "
+        "drawn with data.split_seed (SQuAD's dev set is ordered by article)",
+    )
     dev_max: int | None = Field(None, gt=0, description="cap on this task's dev split; None = data.dev_max")
     source: str | None = Field(None, description="Hub id, dataset folder, or CSV/TSV/JSON file")
     subset: str | None = Field(None, description="dataset configuration name of a Hub / folder source")
@@ -60,8 +76,39 @@ class TaskConfig(Strict):
     label: str = Field("label", description="column of the label")
     label_names: list[str] | None = Field(None, description="label names in index order; None = from the dataset")
     metric: Literal["accuracy", "f1"] | None = Field(
-        None, description="primary metric; None = accuracy (GLUE tasks: their own)"
+        None, description="primary metric; None = accuracy (GLUE tasks: their own; generative tasks: SQuAD F1)"
     )
+    prompt: str | None = Field(None, description="column of the prompt (generative custom tasks)")
+    template: str | None = Field(
+        None,
+        description="prompt built from the example's columns, e.g. 'Question: {question}\\nAnswer:' "
+        "(generative custom tasks, instead of `prompt`); an unknown {column} is an input error",
+    )
+    completion: str | None = Field(
+        None, description="column of the completion a generative task learns (and is scored against)"
+    )
+    chat_template: bool = Field(
+        False, description="wrap each prompt as a user turn in the tokenizer's chat template (generative tasks)"
+    )
+    unanswerable: str = Field(
+        "unanswerable", min_length=1, description="squad_v2: the target of a question without answer (scored as '')"
+    )
+    unanswerable_share: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="squad_v2: share of unanswerable questions in the train subsample; None = as in the data",
+    )
+    max_new_tokens: int = Field(
+        32,
+        gt=0,
+        description="generative tasks: the most tokens generated per answer; fewer when the longest training "
+        "completion (with its eos) is shorter",
+    )
+
+    def is_generative(self, name: str) -> bool:
+        """A prompt -> completion task: the built-in squad_v2, or a custom task with `completion`."""
+        return self.completion is not None or (name == "squad_v2" and self.source is None)
 
 
 class TrainingConfig(Strict):
@@ -383,4 +430,12 @@ class StudyConfig(Strict):
         unknown = sorted(set(self.forget.tasks or ()) - set(self.tasks))
         if unknown:
             raise ValueError(f"forget.tasks: {unknown} are not tasks of the study ({', '.join(self.tasks)})")
+        generative = self.generative_tasks()
+        if named := sorted(set(self.forget.tasks or ()) & set(generative)):
+            raise ValueError(f"forget.tasks: {named} are generative; linear probes need a classification task's labels")
+        if generative and self.tune.enabled:
+            raise ValueError(f"tune.enabled: tuning searches classification tasks only; {generative} are generative")
         return self
+
+    def generative_tasks(self) -> list[str]:
+        return [name for name, task in self.tasks.items() if task.is_generative(name)]

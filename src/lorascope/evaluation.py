@@ -1,6 +1,8 @@
-"""The one evaluation path. Every model (LoRA, full, head-only, on dev or on eval) is scored
-here with the same tokenized split, collator, dtype policy and metrics; the reference study
-scored its two methods with different pipelines."""
+"""The one evaluation path. Every model (LoRA, full, head-only, the base zero-shot; on dev or
+on eval) is scored here with the same tokenized split, collator, dtype policy and metrics; the
+reference study scored its two methods with different pipelines. Generative tasks: dev is
+scored by the completion loss (generating on dev every few steps is too slow on a CPU), eval
+by greedy generation and the SQuAD v2 scorer (lorascope.squad)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ import pandas as pd
 import torch
 from transformers import DataCollatorWithPadding
 
+from lorascope import squad
+from lorascope.generation import completion_loss, generate_answers
 from lorascope.runtime import autocast
-from lorascope.tasks import compute_metrics
+from lorascope.tasks import Task, compute_metrics
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -21,7 +25,30 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 @dataclasses.dataclass
 class Evaluation:
     metrics: dict[str, float]
-    predictions: pd.DataFrame  # example_id, label, prediction, prob_<k>
+    predictions: pd.DataFrame  # example_id, label, prediction, prob_<k>; generative: GENERATION_COLUMNS
+
+
+# A generative evaluation's predictions.csv: the question id, the generated line, the answer it
+# maps to ("" for the task's unanswerable string), and squad.squad_v2_rows' scores of it.
+GENERATION_COLUMNS = (
+    "example_id",
+    "id",
+    "generated",
+    "prediction",
+    "normalized_prediction",
+    "has_answer",
+    "exact",
+    "f1",
+)
+# Generative metrics (fractions, as classification's): the scorer's keys in lower case.
+GENERATION_METRICS = {
+    "exact": "exact",
+    "f1": "f1",
+    "HasAns_exact": "has_ans_exact",
+    "HasAns_f1": "has_ans_f1",
+    "NoAns_exact": "no_ans_exact",
+    "NoAns_f1": "no_ans_f1",
+}
 
 
 def make_collator(tokenizer, device: torch.device) -> DataCollatorWithPadding:
@@ -72,3 +99,64 @@ def evaluate(
     for k in range(num_labels):
         table[f"prob_{k}"] = probs[:, k]
     return Evaluation(metrics, table)
+
+
+def score_answers(task: Task, split: datasets.Dataset, generated: list[str]) -> Evaluation:
+    """SQuAD v2 scores of one generated answer per example; the task's unanswerable string
+    (any case or punctuation) is the empty answer."""
+    unanswerable = squad.normalize_answer(task.unanswerable) if task.unanswerable else None
+    answers = [
+        "" if unanswerable is not None and squad.normalize_answer(text) == unanswerable else text for text in generated
+    ]
+    ids = split["id"][:]
+    rows = squad.squad_v2_rows(dict(zip(ids, answers)), split)
+    scores = squad.squad_v2_scores(dict(zip(ids, answers)), split)
+    metrics = {
+        key: scores[official] / 100 if official in scores else float("nan")
+        for official, key in GENERATION_METRICS.items()
+    }
+    table = pd.DataFrame(rows).drop(columns="id")
+    table.insert(0, "generated", generated)
+    table.insert(0, "id", ids)
+    table.insert(0, "example_id", split["example_id"][:])
+    return Evaluation(metrics, table[list(GENERATION_COLUMNS)])
+
+
+def evaluate_task(
+    model: torch.nn.Module,
+    split: datasets.Dataset,
+    task: Task,
+    *,
+    tokenizer,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool,
+    generate: bool = True,
+) -> Evaluation:
+    """`evaluate` for a classification task; for a generative one, greedy answers scored
+    (`generate`) or the completion loss alone (dev selection: metrics {"loss"}, no predictions)."""
+    if not task.generative:
+        return evaluate(
+            model,
+            split,
+            tokenizer=tokenizer,
+            num_labels=task.num_labels,
+            batch_size=batch_size,
+            device=device,
+            bf16=bf16,
+        )
+    if not generate:
+        loss = completion_loss(model, split, tokenizer=tokenizer, batch_size=batch_size, device=device, bf16=bf16)
+        return Evaluation({"loss": loss}, pd.DataFrame())
+    texts, new_tokens = generate_answers(
+        model,
+        split,
+        tokenizer=tokenizer,
+        max_new_tokens=task.max_new_tokens,
+        batch_size=batch_size,
+        device=device,
+        bf16=bf16,
+    )
+    evaluation = score_answers(task, split, texts)
+    evaluation.metrics["generated_tokens"] = new_tokens
+    return evaluation

@@ -70,6 +70,9 @@ LM_FORGETTING = Table(
         "note",
     ),
 )
+# lm_forgetting.csv's objective of a generative run's row under its own LM head (its other row,
+# `causal`, is under the base's head like every run's)
+OWN_HEAD = "causal, the run's own LM head"
 # analyze: each run's drift beside its forgetting, and their rank correlations.
 FORGET_DRIFT = Table("forget_drift", ("task", "method", "seed", "probe_task", "layer", "drift", "forgetting"))
 FORGET_CORRELATION = Table(

@@ -1,5 +1,7 @@
-"""The one model loader (bundled aliases, Hub ids, folders; base, fully fine-tuned, adapters),
-the tokenizer policy, LoRA / head-only wrapping, and the models' identity for fingerprints.
+"""The one model loader (bundled aliases, Hub ids, folders; base, fully fine-tuned, adapters;
+a sequence classifier for a classification task, the causal LM itself for a generative one:
+`label_names` None), the tokenizer policy, LoRA / head-only wrapping, and the models' identity
+for fingerprints.
 
 Weights always load in fp32 (runtime.py holds the autocast policy)."""
 
@@ -12,7 +14,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils.constants import SEQ_CLS_HEAD_NAMES
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from lorascope.bundled import file_sha256, is_bundled, resolve_bundled
 from lorascope.errors import InputError
@@ -89,16 +91,29 @@ def folder_digest(folder: str) -> str:
     return "sha256:" + hashlib.sha256("".join(f"{p.name}:{file_sha256(p)};" for p in files).encode()).hexdigest()[:16]
 
 
+def check_context(name: str, max_length: int) -> None:
+    """A generative task's sequences must fit the model's positions (a prompt past them is an input error)."""
+    context = getattr(AutoConfig.from_pretrained(resolve_model_path(name)), "max_position_embeddings", None)
+    if context is not None and max_length > context:
+        raise InputError(f"model.max_length {max_length} is longer than the context of '{name}' ({context} tokens)")
+
+
 def load_model(
-    name: str, label_names: Sequence[str], seed: int, pad_token_id: int, dropout: float | None = None
+    name: str, label_names: Sequence[str] | None, seed: int, pad_token_id: int, dropout: float | None = None
 ) -> torch.nn.Module:
     """fp32 classifier whose head is initialised from `seed` alone, so a LoRA run and a full
-    fine-tuning run with the same seed start from the identical head. `dropout` replaces every
+    fine-tuning run with the same seed start from the identical head; with `label_names` None,
+    the causal LM with its own (pretrained, possibly tied) LM head. `dropout` replaces every
     hidden / attention dropout rate the architecture's config has."""
     path = resolve_model_path(name)
     try:
         config = AutoConfig.from_pretrained(path)
         overrides = {k: dropout for k in DROPOUT_KEYS if dropout is not None and getattr(config, k, None) is not None}
+        if label_names is None:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **overrides)
+            model.config.pad_token_id = pad_token_id
+            model.generation_config.pad_token_id = pad_token_id
+            return model.eval()
         model = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=len(label_names),
@@ -114,9 +129,10 @@ def load_model(
     return model.eval()
 
 
-def load_full(path: str, pad_token_id: int) -> torch.nn.Module:
-    """A fully fine-tuned classifier (folder or Hub id) in eval mode, fp32."""
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
+def load_full(path: str, pad_token_id: int, causal: bool = False) -> torch.nn.Module:
+    """A fully fine-tuned classifier (or causal LM) (folder or Hub id) in eval mode, fp32."""
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    model = auto.from_pretrained(str(path), dtype=torch.float32)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     return model.eval()
@@ -128,12 +144,12 @@ def load_adapter(base: torch.nn.Module, path: str, **kwargs) -> PeftModel:
 
 
 def load_run_model(
-    run_dir: Path, method: str, name: str, label_names: Sequence[str], pad_token_id: int
+    run_dir: Path, method: str, name: str, label_names: Sequence[str] | None, pad_token_id: int
 ) -> torch.nn.Module:
     """A trained run in eval mode: the saved full model, or the base with the run's adapter
     merged into its weights (`merge_and_unload` returns the model to use)."""
     if method == "full":
-        return load_full(str(run_dir), pad_token_id)
+        return load_full(str(run_dir), pad_token_id, causal=label_names is None)
     if method == "lora":
         base = load_model(name, label_names, seed=0, pad_token_id=pad_token_id)  # head comes from the adapter
         return load_adapter(base, run_dir).merge_and_unload().eval()
@@ -158,8 +174,16 @@ def head_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if n.split(".")[0] in SEQ_CLS_HEAD_NAMES}
 
 
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """A model for a generative task (no classification head)."""
+    return type(model).__name__.endswith("ForCausalLM")
+
+
 def head_modules(model: torch.nn.Module, configured: list[str] | None = None) -> list[str]:
-    """Modules trained besides the adapter: the classifier plus the architecture's pooler."""
+    """Modules trained besides the adapter: the classifier plus the architecture's pooler; none
+    for a causal LM (its LM head is pretrained; LoRA leaves it, full fine-tuning trains it)."""
+    if is_causal_lm(model):
+        return list(configured or [])
     extra = configured if configured is not None else EXTRA_HEAD_MODULES.get(model.config.model_type, [])
     return list(SEQ_CLS_HEAD_NAMES) + list(extra)
 
@@ -184,15 +208,17 @@ def lora_targets(model: torch.nn.Module, configured: list[str] | None) -> list[s
     return DEFAULT_LORA_TARGETS[model_type]
 
 
-def lora_config(hp: LoraMethodConfig, targets: list[str], modules_to_save: list[str]) -> LoraConfig:
+def lora_config(
+    hp: LoraMethodConfig, targets: list[str], modules_to_save: list[str], causal: bool = False
+) -> LoraConfig:
     """Every LoRA hyperparameter goes through here (tests/test_config_reaches_trainer.py)."""
     return LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS,
         r=hp.r,
         lora_alpha=hp.alpha,
         lora_dropout=hp.dropout,
         target_modules=targets,
-        modules_to_save=modules_to_save,
+        modules_to_save=modules_to_save or None,
         bias="none",
     )
 
@@ -201,7 +227,9 @@ def prepare_for_method(model: torch.nn.Module, method: str, hp, seed: int = 0) -
     """`lora`: PEFT adapter on the attention projections, head trained and saved with it;
     `head`: backbone frozen (the linear-probe baseline); `full`: everything trains."""
     if method == "lora":
-        config = lora_config(hp, lora_targets(model, hp.target_modules), head_modules(model, hp.modules_to_save))
+        config = lora_config(
+            hp, lora_targets(model, hp.target_modules), head_modules(model, hp.modules_to_save), is_causal_lm(model)
+        )
         try:
             # PEFT draws lora_A from the global RNG: seed it here, in a forked RNG, so the adapter's
             # start is a function of the seed alone, not of what the process ran before

@@ -120,9 +120,10 @@ class SplitSizes:
 
 
 def probed_tasks(config: StudyConfig) -> list[str]:
-    """The tasks the forget stage probes (forget.tasks, else all); a config narrowed to one task
-    (`lorascope train --task`) probes only what it still has."""
-    return [name for name in (config.forget.tasks or config.tasks) if name in config.tasks]
+    """The tasks the forget stage probes (forget.tasks, else every classification task); a config
+    narrowed to one task (`lorascope train --task`) probes only what it still has."""
+    generative = config.generative_tasks()
+    return [name for name in (config.forget.tasks or config.tasks) if name in config.tasks and name not in generative]
 
 
 def probe_need(config: StudyConfig) -> tuple[int, str, str]:

@@ -15,7 +15,7 @@ from lorascope import dependencies, modeling
 from lorascope.config import StudyConfig
 from lorascope.errors import InputError
 from lorascope.study import Study, current_dir, is_current, stamp_of
-from lorascope.tasks import Task, load_raw, make_splits, resolve_task, tokenize
+from lorascope.tasks import Task, load_raw, make_splits, resolve_task, tokenize, tokenize_completions
 
 
 def content_digest(*splits: datasets.Dataset) -> str:
@@ -42,10 +42,20 @@ def prepare_tasks(study: Study, config: StudyConfig, tasks: list[str] | None = N
         if is_current(target, fp):
             continue
         tokenizer = tokenizer or modeling.load_tokenizer(config.model.name)
-        splits = tokenize(make_splits(task, train, evaluation, config.data), tokenizer, config.model.max_length)
+        left_out = None
+        if task.generative:  # long examples are left out before the splits are drawn, so their sizes hold
+            modeling.check_context(config.model.name, config.model.max_length)
+            task, fitting, left_out = tokenize_completions(
+                task, datasets.DatasetDict(train=train, eval=evaluation), tokenizer, config.model.max_length
+            )
+            splits = make_splits(task, fitting["train"], fitting["eval"], config.data)
+        else:
+            splits = tokenize(make_splits(task, train, evaluation, config.data), tokenizer, config.model.max_length)
         with current_dir(target, fp) as scratch:
             splits.save_to_disk(str(scratch / "splits"))
             meta = {"task": dataclasses.asdict(task), "sizes": {k: len(v) for k, v in splits.items()}}
+            if left_out is not None:
+                meta["left_out"] = left_out  # examples longer than model.max_length, by split
             (scratch / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -59,5 +69,7 @@ def prepared_fingerprint(study: Study, name: str) -> str:
 def load_prepared(study: Study, name: str) -> tuple[Task, datasets.DatasetDict]:
     folder = study.prepared_dir(name)
     task = json.loads((folder / "meta.json").read_text())["task"]
-    task = Task(**{**task, "label_names": tuple(task["label_names"])})
+    if task["label_names"] is not None:
+        task["label_names"] = tuple(task["label_names"])
+    task = Task(**task)
     return task, datasets.load_from_disk(str(folder / "splits"))

@@ -17,8 +17,10 @@ from safetensors.torch import save
 from lorascope.config import RepresentConfig
 from lorascope.errors import InputError
 from lorascope.evaluation import length_batches
+from lorascope.modeling import is_causal_lm
 from lorascope.runtime import autocast
 from lorascope.study import Table
+from lorascope.tasks import prompts_only
 
 CPU = torch.device("cpu")
 POOLINGS = ("mean", "head")
@@ -36,9 +38,10 @@ def _classifier(model: torch.nn.Module) -> torch.nn.Module:
 
 def head_reads_last_token(model: torch.nn.Module) -> bool:
     """Decoder classifiers (`score` head) read the last non-pad token, encoder classifiers
-    (`classifier` head) the first: the `head` pooling takes the token the head reads."""
+    (`classifier` head) the first: the `head` pooling takes the token the head reads. A causal
+    LM's `head` pooling is the prompt's last token, the state generation starts from."""
     model = _classifier(model)
-    return hasattr(model, "score") and not hasattr(model, "classifier")
+    return (hasattr(model, "score") and not hasattr(model, "classifier")) or is_causal_lm(model)
 
 
 def head_positions(
@@ -166,10 +169,11 @@ def study_features(
     device: torch.device,
     bf16: bool,
 ):
-    """`pooled_features` with a study's represent settings (the stage and the single comparison)."""
+    """`pooled_features` with a study's represent settings (the stage and the single comparison);
+    a generative task's examples are pooled over their prompts."""
     return pooled_features(
         model.to(device),
-        probe,
+        prompts_only(probe),
         tokenizer=tokenizer,
         layers=settings.layers,
         poolings=tuple(settings.poolings),

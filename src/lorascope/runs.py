@@ -40,7 +40,8 @@ PERFORMANCE = Table(
     ),
 )
 BASELINES = Table(
-    "baselines", ("task", "baseline", "method", "status", "primary_metric", "primary_value", "accuracy", "f1", "passed")
+    "baselines",
+    ("task", "baseline", "method", "status", "primary_metric", "primary_value", "accuracy", "f1", "exact", "passed"),
 )
 
 

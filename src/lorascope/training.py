@@ -1,6 +1,12 @@
 """One training run (LoRA, full fine-tuning or head-only) with the Hugging Face Trainer:
 length-grouped batches in an order fixed by the seed, dev-based early stopping and
-best-checkpoint selection, divergence detection, and everything saved for later stages."""
+best-checkpoint selection, divergence detection, and everything saved for later stages.
+
+Generative tasks train through the same Trainer on prompt + completion sequences whose prompt
+tokens are labelled -100 (generation.CompletionCollator), not through TRL's SFTTrainer: one
+training path keeps the seed-fixed data order that pairs a LoRA run with its full fine-tuning
+run, the in-memory dev selection, the head learning rate and the divergence stop identical for
+both task kinds; SFTTrainer's completion-only loss is the same masking."""
 
 from __future__ import annotations
 
@@ -25,8 +31,9 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from lorascope import artifacts, modeling, runtime
 from lorascope.config import RuntimeConfig
 from lorascope.errors import Diverged
-from lorascope.evaluation import evaluate, make_collator
+from lorascope.evaluation import GENERATION_METRICS, evaluate_task, make_collator
 from lorascope.footprint import PeakRss, rss, weights_bytes
+from lorascope.generation import CompletionCollator
 from lorascope.hparams import MethodConfig
 from lorascope.tasks import Task
 
@@ -164,10 +171,11 @@ class DevSelection(TrainerCallback):
     at the end. In memory because Trainer's own best-checkpoint logic writes full checkpoints
     with optimizer state to disk at every evaluation."""
 
-    def __init__(self, score_dev, metric: str, eval_every: int, patience: int):
+    def __init__(self, score_dev, metric: str, eval_every: int, patience: int, lower_is_better: bool = False):
         self.score_dev, self.metric = score_dev, metric
         self.eval_every, self.patience = eval_every, patience
-        self.best_value, self.best_step, self.best_state = -math.inf, 0, None
+        self.sign = -1 if lower_is_better else 1
+        self.best_value, self.best_step, self.best_state = self.sign * -math.inf, 0, None
         self.bad_evals, self.last_eval_step = 0, -1
 
     def on_step_end(self, args, state, control, model=None, **_):
@@ -192,7 +200,7 @@ class DevSelection(TrainerCallback):
         state.log_history.append(
             {"step": state.global_step, "epoch": state.epoch, **{f"dev_{k}": v for k, v in metrics.items()}}
         )
-        if metrics[self.metric] > self.best_value:
+        if self.sign * metrics[self.metric] > self.sign * self.best_value:
             self.best_value, self.best_step, self.bad_evals = metrics[self.metric], state.global_step, 0
             self.best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         else:
@@ -208,25 +216,34 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
     device = runtime.pick_device(setup.runtime)
     task, hp = setup.task, setup.hp
     model = modeling.load_model(setup.model_name, task.label_names, setup.seed, tokenizer.pad_token_id, setup.dropout)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) and task.generative
     head_digest = modeling.tensor_digest(modeling.head_parameters(model))
     model = modeling.prepare_for_method(model, setup.method, hp, setup.seed).to(device)
     trainable, total = modeling.count_parameters(model)
 
-    def score(split):
-        return evaluate(
+    def score(split, generate=True):
+        return evaluate_task(
             model,
             split,
+            task,
             tokenizer=tokenizer,
-            num_labels=task.num_labels,
             batch_size=setup.eval_batch_size,
             device=device,
             bf16=runtime.uses_bf16(setup.runtime, device),
+            generate=generate,
         )
 
     selection = None
     callbacks = []
     if splits.get("dev") is not None:
-        selection = DevSelection(lambda m: score(splits["dev"]).metrics, task.metric, hp.eval_every, hp.patience)
+        dev_metric = "loss" if task.generative else task.metric  # generative dev: the completion loss
+        selection = DevSelection(
+            lambda m: score(splits["dev"], generate=False).metrics,
+            dev_metric,
+            hp.eval_every,
+            hp.patience,
+            lower_is_better=task.generative,
+        )
         callbacks.append(selection)
     with tempfile.TemporaryDirectory() as scratch:
         args = training_arguments(setup, device, scratch)
@@ -234,7 +251,9 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
             model=model,
             args=args,
             train_dataset=splits["train"],
-            data_collator=make_collator(tokenizer, device),
+            data_collator=CompletionCollator(tokenizer, device)
+            if task.generative
+            else make_collator(tokenizer, device),
             callbacks=callbacks + list(setup.callbacks),
             order_seed=setup.seed,
             head_lr=hp.head_lr,
@@ -277,7 +296,7 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer) if trainer.optimizer is not None else None,
     }
     if selection is not None:
-        result |= {"best_step": selection.best_step, f"dev_{task.metric}": selection.best_value}
+        result |= {"best_step": selection.best_step, f"dev_{selection.metric}": selection.best_value}
     out_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(trainer.state.log_history).to_csv(out_dir / "history.csv", index=False)
     _write_json(out_dir / "hparams.json", _resolved_hparams(setup, trainer, model))
@@ -286,11 +305,13 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
     elif "eval" in splits:  # tuning trials are given train and dev only
         evaluation = score(splits["eval"])
         result |= {f"eval_{k}": v for k, v in evaluation.metrics.items()}
-        result |= {"accuracy": evaluation.metrics["accuracy"], "f1": evaluation.metrics["f1"]}
+        result |= {"accuracy": evaluation.metrics.get("accuracy"), "f1": evaluation.metrics["f1"]}
+        if task.generative:  # SQuAD's exact match beside F1; accuracy stays empty
+            result |= {k: evaluation.metrics[k] for k in GENERATION_METRICS.values()}
         result["primary_value"] = evaluation.metrics[task.metric]
         evaluation.predictions.to_csv(out_dir / "predictions.csv", index=False)
         if setup.save_weights:
-            save_weights(model, setup, tokenizer, result, out_dir)
+            save_weights(model, setup, tokenizer, result, out_dir, tied)
             result["artifact_bytes"] = weights_bytes(str(out_dir))
     _write_json(out_dir / "metrics.json", result)
     return result
@@ -308,7 +329,9 @@ def _older_objects_frozen():
         gc.unfreeze()
 
 
-def save_weights(model: torch.nn.Module, setup: RunSetup, tokenizer, metrics: dict, out_dir: Path) -> None:
+def save_weights(
+    model: torch.nn.Module, setup: RunSetup, tokenizer, metrics: dict, out_dir: Path, tied: bool = False
+) -> None:
     """Head-only: the head. LoRA: the PEFT adapter (with the head); full: the whole model; both
     with what makes the folder a standalone artifact (lorascope.artifacts): the tokenizer, the
     base model named so that AutoPeft loads it on any machine, and a model card."""
@@ -327,7 +350,7 @@ def save_weights(model: torch.nn.Module, setup: RunSetup, tokenizer, metrics: di
     model.save_pretrained(out_dir, safe_serialization=True, **saving)
     artifacts.save_tokenizer(tokenizer, setup.max_length, out_dir)
     artifacts.write_card(
-        out_dir, setup.model_name, base, setup.task, setup.method, setup.seed, metrics, tokenizer.pad_token_id
+        out_dir, setup.model_name, base, setup.task, setup.method, setup.seed, metrics, tokenizer.pad_token_id, tied
     )
 
 

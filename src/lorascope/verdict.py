@@ -36,12 +36,15 @@ CRITERIA = ("quality", "drift", "deployment")  # combined into "recommended"; ot
 # ---------------------------------------------------------------- failed runs
 
 
-def flag_runs(performance: pd.DataFrame, majority: Mapping[str, float], margin: float) -> pd.DataFrame:
+def flag_runs(
+    performance: pd.DataFrame, majority: Mapping[str, float], margin: float, floor_names: Mapping[str, str] = {}
+) -> pd.DataFrame:
     """Copy of a performance table (task, method, seed, status, primary_value, ...) with a
     boolean `flagged` and a `reason` ('' when not flagged). A run is flagged when its status is
-    not ok, it has no primary value, or it scores at most the task's majority-class baseline plus
-    `margin`: such a run learned nothing, and the reference study reported one as a finding.
-    The caller computes statistics with and without the flagged runs."""
+    not ok, it has no primary value, or it scores at most the task's floor plus `margin`: the
+    majority-class baseline (generative tasks: the better of zero-shot base and "always
+    unanswerable", named in `floor_names`). Such a run learned nothing, and the reference study
+    reported one as a finding. The caller computes statistics with and without the flagged runs."""
     missing = sorted(set(performance["task"]) - set(majority))
     if missing:
         raise ValueError(f"no majority baseline for task(s) {missing}")
@@ -53,7 +56,8 @@ def flag_runs(performance: pd.DataFrame, majority: Mapping[str, float], margin: 
             return "no primary value"
         floor = majority[row["task"]] + margin
         if row["primary_value"] <= floor:
-            return f"primary value {row['primary_value']:.4f} <= majority baseline + margin {floor:.4f}"
+            name = floor_names.get(row["task"], "majority")
+            return f"primary value {row['primary_value']:.4f} <= {name} baseline + margin {floor:.4f}"
         return ""
 
     out = performance.copy()
@@ -177,7 +181,7 @@ def failure_rate(task: str, method: str, flagged: int, runs: int, confidence: fl
     interval, so instability shows beside quality (which is judged on unflagged pairs)."""
     estimate = planning.clopper_pearson(flagged, runs, confidence) if runs else None
     rule = (
-        f"{flagged} of {runs} runs flagged (failed, diverged or not above the majority baseline); "
+        f"{flagged} of {runs} runs flagged (failed, diverged or not above the best floor baseline); "
         "Clopper–Pearson interval"
     )
     return row(task, Criterion(f"failure rate {method}", estimate, math.nan, False, rule, counts=False), confidence)

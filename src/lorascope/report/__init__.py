@@ -1,7 +1,7 @@
 """The study's report: `report.md` and a self-contained `report.html`, verdict first.
 
 loader reads the study through the tables' own records; the section modules only render
-(quality, cost, representation, forgetting, deployment, provenance, reference); figures draws them; document
+(quality, answers, cost, representation, forgetting, deployment, provenance, reference); figures draws them; document
 holds the blocks and their two renderings. Nothing here trains, times or recomputes a
 statistic: every number comes from a table an earlier stage wrote, and a missing table turns
 its section into "not run"."""
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorascope.atomic import atomic_write
-from lorascope.report import quality
+from lorascope.report import answers, quality
 from lorascope.report.cost import cost_section
 from lorascope.report.deployment import deployment_section
 from lorascope.report.document import Document, to_html, to_markdown
@@ -34,6 +34,7 @@ def write_report(study_root: Path | str) -> tuple[Path, Path]:
     sections = [  # (name, render, why it is not run)
         ("verdict", quality.verdict_section, view.need("verdict")),
         ("task performance", quality.performance_section, view.need("flags")),
+        ("question answering", answers.answers_section, answers.missing(view)),
         ("method comparison", quality.comparison_section, quality.comparisons(view)[1] or None),
         ("training cost", cost_section, view.need("performance")),
         ("drift", drift_section, view.need("drift_layers")),

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from lorascope.forgetting import OTHER_TASKS
+from lorascope.forgetting import OTHER_TASKS, OWN_HEAD
 from lorascope.report import format as fmt
 from lorascope.report.document import Document
 from lorascope.report.figures import finite, legend, method_color, method_label, method_order, new_figure, ordered
@@ -31,7 +31,9 @@ def forgetting_section(doc: Document, view: StudyView) -> None:
     doc.heading(2, "Forgetting")
     table = view.tables["forgetting"]
     if table is None:
-        doc.not_run(view.why["forgetting"])
+        doc.not_run(f"transfer retention: {view.why['forgetting']} (linear probes need a classification task)")
+        if view.tables["lm_forgetting"] is not None:
+            _lm(doc, view)
         return
     last = table[table["layer"] == table["layer"].max()]
     probed = ordered(last["probe_task"].astype(str), list(view.config.get("tasks") or {}))
@@ -127,11 +129,13 @@ def _lm(doc: Document, view: StudyView) -> None:
     if not skipped.empty:
         doc.not_run(f"{skipped['objective'].iloc[0]}-LM loss: {skipped['note'].iloc[0]}")
         return
+    heads = lm["objective"].nunique() > 1  # generative runs: also under their own LM head
     rows = [
         [
             r.task,
             method_label(r.method),
             str(int(r.seed)),
+            *(["the run's own" if r.objective == OWN_HEAD else "the base's"] if heads else []),
             f"{int(r.documents)} ({int(r.tokens)} tokens)",
             fmt.num(r.base_loss),
             fmt.num(r.run_loss),
@@ -144,12 +148,20 @@ def _lm(doc: Document, view: StudyView) -> None:
         f"The run's backbone under the base model's {lm['objective'].iloc[0]}-LM head (a tied head stays the "
         "base's embeddings) on held-out documents it did not train on: mean token cross-entropy in nats, run − "
         "base, with a bootstrap interval over documents. Positive = the run lost language modelling."
+        + (
+            " A run of a generative task is a causal LM itself: its rows under its own LM head say what its "
+            "users get (LoRA leaves the head as it was, so its two rows agree; full fine-tuning of tied "
+            "embeddings moved it)."
+            if heads
+            else ""
+        )
     )
     doc.table(
         [
             "trained on",
             "method",
             "seed",
+            *(["LM head"] if heads else []),
             "documents",
             "base loss",
             "run loss",

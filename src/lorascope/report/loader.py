@@ -11,6 +11,7 @@ import pandas as pd
 import yaml
 
 from lorascope.analysis import DRIFT_STATISTICS, FLAGS, STATISTICS, VERDICT
+from lorascope.answers import ANSWER_EXAMPLES, ANSWERS
 from lorascope.atomic import atomic_write
 from lorascope.drift import DRIFT_LAYERS, DRIFT_SUMMARY
 from lorascope.forgetting import FORGET_CORRELATION, FORGET_DRIFT, FORGET_STATISTICS, FORGETTING, LM_FORGETTING
@@ -28,6 +29,8 @@ from lorascope.weights import WEIGHTS
 TABLES: tuple[Table, ...] = (
     PERFORMANCE,
     BASELINES,
+    ANSWERS,
+    ANSWER_EXAMPLES,
     FLAGS,
     STATISTICS,
     VERDICT,

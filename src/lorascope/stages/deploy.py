@@ -20,8 +20,11 @@ def run(study: Study, config: StudyConfig) -> None:
     if not config.deploy.enabled:
         return
     seed = config.deploy.seed if config.deploy.seed is not None else config.seeds[0]
-    served = {(t, m): fp for t in config.tasks for m, s, fp in runs.finished_runs(study, config, t) if s == seed}
-    adapters = {t: str(study.run_dir(t, "lora", seed)) for t in config.tasks if (t, "lora") in served}
+    tasks = [t for t in config.tasks if t not in config.generative_tasks()]
+    if len(tasks) < len(config.tasks):
+        tqdm.write(f"deploy: measures classification serving; generative task(s) {config.generative_tasks()} left out")
+    served = {(t, m): fp for t in tasks for m, s, fp in runs.finished_runs(study, config, t) if s == seed}
+    adapters = {t: str(study.run_dir(t, "lora", seed)) for t in tasks if (t, "lora") in served}
     if not adapters:
         tqdm.write(f"deploy: skipped, no finished LoRA run with seed {seed}")
         return

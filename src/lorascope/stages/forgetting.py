@@ -1,7 +1,10 @@
 """Stage `forget`: transfer retention of the base and every run on every probed task (linear
 probes on pooled features, kept per model and task under forget/features/), and the change of
-LM loss under the base's LM head (kept per model under forget/lm/). Each file and each table is
-redone only when its fingerprint changes, so a killed stage resumes at the next model."""
+LM loss under the base's LM head (kept per model under forget/lm/); a run of a generative task,
+a causal LM itself, is also scored with its own LM head. Each file and each table is redone only
+when its fingerprint changes, so a killed stage resumes at the next model. Only classification
+tasks are probed (a probe needs labels); a generative task's held-out documents are its eval
+prompts."""
 
 from __future__ import annotations
 
@@ -14,13 +17,14 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from lorascope import dependencies, executors, forgetting, modeling, runs, runtime
+from lorascope import dependencies, executors, forgetting, modeling, preflight, runs, runtime
 from lorascope import representations as rep
 from lorascope.bundled import file_sha256
 from lorascope.config import StudyConfig
 from lorascope.errors import InputError
 from lorascope.prepared import load_prepared, prepared_fingerprint
 from lorascope.study import Stage, Study, is_current, stamp_of, write_current
+from lorascope.tasks import prompts_only
 
 
 def run(study: Study, config: StudyConfig) -> None:
@@ -68,7 +72,10 @@ def probe_examples(splits: datasets.DatasetDict, config: StudyConfig) -> tuple[d
 
 def probe_table(study: Study, config: StudyConfig, tokenizer, prepared: dict, models: list) -> None:
     fc = config.forget
-    probed = fc.tasks or list(config.tasks)
+    probed = preflight.probed_tasks(config)
+    if not probed:  # a study of generative tasks only: nothing to probe
+        forgetting.FORGETTING.write(study.tables, pd.DataFrame(columns=forgetting.FORGETTING.columns))
+        return
     examples = {name: probe_examples(prepared[name][1], config) for name in probed}
     wanted = {
         (model_id, name): (
@@ -124,11 +131,12 @@ def probe_features_one(root: str, config: StudyConfig, trained, missing: list[tu
 
 def lm_documents(config: StudyConfig, prepared: dict, tokenizer) -> dict[str, datasets.Dataset]:
     """Held-out documents: the named text file (one per line), else each task's first eval
-    examples (a run is scored on the tasks it did not train on)."""
+    examples (a run is scored on the tasks it did not train on); a generative task's without
+    their completions (the prompts: SQuAD's held-out Wikipedia paragraphs and questions)."""
     fc = config.forget
     if fc.lm_text is None:
         return {
-            name: splits["eval"].select(range(min(fc.lm_documents, len(splits["eval"]))))
+            name: prompts_only(splits["eval"].select(range(min(fc.lm_documents, len(splits["eval"])))))
             for name, (_, splits) in prepared.items()
         }
     try:
@@ -175,31 +183,43 @@ def lm_table(study: Study, config: StudyConfig, tokenizer, prepared: dict, model
     todo = [(m, t) for m, _, t in models if not is_current(study.lm_losses_path(m), wanted[m])]
     for model_id, trained in tqdm(todo, desc="forget LM loss", disable=not config.runtime.progress):
         classifier = base if trained is None else _load(study, config, prepared, trained, tokenizer)
+        own = trained is not None and modeling.is_causal_lm(classifier)  # a generative run: its own head too
         forgetting.with_backbone(lm, classifier)
         tensors = {}
         for name in sets_of(trained):
-            sums, counts = forgetting.document_losses(
-                lm,
-                documents[name],
-                tokenizer,
-                decoder=decoder,
-                batch_size=config.training.eval_batch_size,
-                device=device,
-                bf16=bf16,
-                seed=fc.seed,
-            )
-            tensors |= {f"sums.{name}": torch.from_numpy(sums), f"counts.{name}": torch.from_numpy(counts)}
+            for prefix, scorer in [("", lm), *([("own.", classifier)] if own else [])]:
+                sums, counts = forgetting.document_losses(
+                    scorer,
+                    documents[name],
+                    tokenizer,
+                    decoder=decoder,
+                    batch_size=config.training.eval_batch_size,
+                    device=device,
+                    bf16=bf16,
+                    seed=fc.seed,
+                )
+                tensors |= {
+                    f"{prefix}sums.{name}": torch.from_numpy(sums),
+                    f"{prefix}counts.{name}": torch.from_numpy(counts),
+                }
         write_current(study.lm_losses_path(model_id), save(tensors), wanted[model_id])
     losses = {model_id: load_file(str(study.lm_losses_path(model_id))) for model_id in wanted}
     rows = []
     for model_id, _, trained in models[1:]:
         names = sets_of(trained)
-        base_part, run_part = (
-            [np.concatenate([losses[m][f"{kind}.{n}"].numpy() for n in names]) for kind in ("sums", "counts")]
-            for m in ("base", model_id)
+        base_part = _losses(losses["base"], names)
+        rows.append(
+            forgetting.lm_change_row(trained, objective, names, base_part, _losses(losses[model_id], names), fc)
         )
-        rows.append(forgetting.lm_change_row(trained, objective, names, base_part, run_part, fc))
+        if f"own.sums.{names[0]}" in losses[model_id]:
+            own = _losses(losses[model_id], names, "own.")
+            rows.append(forgetting.lm_change_row(trained, forgetting.OWN_HEAD, names, base_part, own, fc))
     forgetting.LM_FORGETTING.write(study.tables, pd.DataFrame(rows, columns=forgetting.LM_FORGETTING.columns), table_fp)
+
+
+def _losses(tensors: dict, names: list[str], prefix: str = "") -> list[np.ndarray]:
+    """Per-document loss sums and token counts of one LM-loss file over the document sets `names`."""
+    return [np.concatenate([tensors[f"{prefix}{kind}.{n}"].numpy() for n in names]) for kind in ("sums", "counts")]
 
 
 STAGE = Stage(
