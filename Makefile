@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 VLLM_VENV := .venv-vllm
 EXTRAS    := dev,decoder,ray
 
-.PHONY: setup system-packages study lint test test-fast docs bench vllm lock clean
+.PHONY: setup system-packages study qa lint test test-fast docs bench vllm lock clean
 
 $(BIN)/lorascope: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,10 @@ system-packages:
 
 study: setup
 	$(BIN)/lorascope run --profile quick --out studies/quick
+
+# the generative study: SmolLM2 fine-tuned to answer SQuAD v2 (SQuAD at ../shared/data/squad_v2)
+qa: setup
+	$(BIN)/lorascope run --profile qa --out studies/qa
 
 # ruff, pinned in the dev extra, with the rule set in pyproject.toml: a finding fails the build
 lint: setup

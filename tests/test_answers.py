@@ -7,13 +7,11 @@ report renders the tables' numbers, and a classification study has neither table
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import SQUAD_V2
 from lorascope import answers, report, runs
 from lorascope.answers import ANSWER_EXAMPLES, ANSWERS
 from lorascope.config_io import load_config
@@ -65,16 +63,6 @@ def write_scored(folder, task, split, generated: list[str], fields: dict) -> dic
         evaluation.predictions.to_csv(scratch / "predictions.csv", index=False)
         (scratch / "metrics.json").write_text(json.dumps(result))
     return result
-
-
-@pytest.fixture(scope="module")
-def squad_sample(tmp_path_factory) -> Path:
-    """Every 20th row of the local SQuAD v2 copy's two files: what the prepare stage tokenizes
-    in a second instead of ten."""
-    folder = tmp_path_factory.mktemp("squad_v2")
-    for path in SQUAD_V2.glob("*.parquet"):
-        pd.read_parquet(path).iloc[::20].to_parquet(folder / path.name)
-    return folder
 
 
 @pytest.fixture(scope="module")

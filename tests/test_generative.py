@@ -4,6 +4,7 @@ and the bad inputs refused before anything runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -21,12 +22,13 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, pipeline
 from conftest import needs_decoder
 from lorascope import modeling
 from lorascope.cli import main
-from lorascope.config_io import load_config, to_yaml
+from lorascope.config_io import load_config
+from lorascope.errors import InputError
 from lorascope.evaluation import score_answers
 from lorascope.generation import CompletionCollator, generate_answers
-from lorascope.stages import STAGES
+from lorascope.stages import BY_NAME, STAGES
 from lorascope.study import Study, run_stages
-from lorascope.tasks import Task, prompts_only, tokenize_completions
+from lorascope.tasks import Task, load_raw, make_splits, prompts_only, resolve_task, tokenize_completions
 
 pytestmark = needs_decoder
 CPU = torch.device("cpu")
@@ -140,14 +142,15 @@ def test_the_unanswerable_string_scores_as_the_empty_answer():
 
 
 @pytest.fixture(scope="module")
-def qa_config(tiny_causal_dir):
+def qa_config(tiny_causal_dir, squad_sample):
     return load_config(
         None,
         "smoke",
         [
             f"model.name={tiny_causal_dir}",
+            f"data.squad_v2={squad_sample}",
             "model.max_length=320",
-            "tasks={squad_v2: {train_max: 16, eval_max: 12, dev_max: 8, unanswerable_share: 0.25}}",
+            "tasks={squad_v2: {train_max: 16, eval_max: 12, dev_max: 8}}",
             "data.probe_size=12",
             "baselines.overfit_steps=2",
             "baselines.overfit_examples=4",
@@ -224,11 +227,9 @@ def test_run_folders_reproduce_their_predictions_with_transformers_and_peft_alon
 
 
 def test_a_generative_study_killed_mid_run_resumes_without_losing_finished_runs(qa_config, tmp_path):
-    config = qa_config.model_copy(update={"seeds": [1, 2]})
-    config_file = tmp_path / "study.yaml"
-    config_file.write_text(to_yaml(config))
     out = tmp_path / "study"
-    command = [sys.executable, "-m", "lorascope", "run", str(config_file), "--out", str(out)]
+    run_stages(qa_config.model_copy(update={"seeds": [1, 2]}), out, [BY_NAME["prepare"]])
+    command = [sys.executable, "-m", "lorascope", "train", str(out)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     first = Study(out).run_dir("squad_v2", "lora", 1) / "metrics.json"
     deadline = time.time() + 240
@@ -242,6 +243,22 @@ def test_a_generative_study_killed_mid_run_resumes_without_losing_finished_runs(
     assert first.stat().st_mtime_ns == kept
     done = [json.loads(p.read_text())["status"] for p in (out / "runs").rglob("metrics.json")]
     assert done == ["ok"] * 4
+
+
+def test_unanswerable_share_fixes_the_train_mix_and_eval_is_a_seeded_sample(squad_sample):
+    config = load_config(None, "smoke", [f"data.squad_v2={squad_sample}"])
+    cfg = config.tasks["sst2"].model_copy(update={"train_max": 40, "eval_max": 30, "unanswerable_share": 0.25})
+    task, train, evaluation = load_raw(resolve_task("squad_v2", cfg, config.data))
+    assert evaluation["answers"][0]["text"] and task.squad
+    splits = make_splits(task, train, evaluation, config.data)
+    unanswerable = [not a["text"] for a in splits["train"]["answers"]]
+    assert len(unanswerable) == 40 and sum(unanswerable) == 10
+    assert sorted(splits["eval"]["example_id"]) == splits["eval"]["example_id"] != list(range(30))  # a sample
+    again = make_splits(task, train, evaluation, config.data)
+    assert again["eval"]["id"] == splits["eval"]["id"] and again["train"]["id"] == splits["train"]["id"]
+    too_many = dataclasses.replace(task, unanswerable_share=0.9)
+    with pytest.raises(InputError, match=r"unanswerable_share 0\.9 of 40 training questions needs 36"):
+        make_splits(too_many, train, evaluation, config.data)
 
 
 @pytest.mark.parametrize(

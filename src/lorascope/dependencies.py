@@ -25,7 +25,7 @@ from lorascope.config import StudyConfig
 from lorascope.config_io import fingerprint
 
 # Keys identified by the content they point at (a digest among the upstream values), never a path.
-PATH_KEYS = {"data": {"glue"}, "task": {"source", "eval_source"}, "forget": {"lm_text"}}
+PATH_KEYS = {"data": {"glue", "squad_v2"}, "task": {"source", "eval_source"}, "forget": {"lm_text"}}
 
 
 @dataclasses.dataclass(frozen=True)

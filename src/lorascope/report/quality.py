@@ -214,11 +214,17 @@ def _baseline_lines(baselines: pd.DataFrame | None, task: str, metric: str) -> l
                 f"head-only probe (frozen backbone): {metric} {fmt.num(r.primary_value)}"
                 + ("" if r.status == "ok" else f" — {r.status}")
             )
+        elif r.baseline in ("zero_shot", "always_unanswerable"):
+            name = "zero-shot base model" if r.baseline == "zero_shot" else "always unanswerable"
+            lines.append(f"{name} baseline: {metric} {fmt.num(r.primary_value)}, exact {fmt.num(r.exact)}")
         elif str(r.baseline).startswith("overfit"):
             verdict = "passed" if fmt.truthy(r.passed) else "**FAILED**"
+            generative = finite(getattr(r, "exact", None))
+            fitted = (
+                f"exact match {fmt.num(r.exact, 3)}" if generative else f"training accuracy {fmt.num(r.accuracy, 3)}"
+            )
             lines.append(
-                f"overfit check, {method_label(str(r.method))}: {verdict} (training accuracy "
-                f"{fmt.num(r.accuracy, 3)} on the few examples it was trained on)"
+                f"overfit check, {method_label(str(r.method))}: {verdict} ({fitted} on the few examples it was trained on)"
             )
     return lines
 
@@ -238,8 +244,8 @@ def performance_section(doc: Document, view: StudyView) -> None:
         f"(t-interval over unflagged seeds); horizontal lines: baselines.",
     )
     doc.para(
-        "**Paired design.** A seed fixes the classifier-head initialisation and the order of the training "
-        "data identically for both methods, so the LoRA and full-FT runs of one seed are a real pair and "
+        "**Paired design.** A seed fixes the classifier-head initialisation (a generative task has no new "
+        "head) and the order of the training data identically for both methods, so the LoRA and full-FT runs of one seed are a real pair and "
         "paired tests on their differences are valid. " + _pairing_check(flags)
     )
     for task in view.tasks(flags):
@@ -283,7 +289,7 @@ def performance_section(doc: Document, view: StudyView) -> None:
         doc.bullets([f"⚑ {method_label(r.method)} seed {r.seed}: {r.reason}" for r in bad.itertuples()])
     doc.para(
         "Flags: tables/flags.csv (the analyze stage). A flagged run diverged, failed, or does not beat the "
-        "majority baseline by the margin; it is shown and kept out of the 'unflagged' statistics, never silently "
+        "majority baseline (a generative task: the better of zero-shot base and always unanswerable) by the margin; it is shown and kept out of the 'unflagged' statistics, never silently "
         "averaged. Intervals: mean ± t(1−α/2, n−1)·sd/√n over seeds; the difference column pairs runs by seed.",
         css="note",
     )
