@@ -150,7 +150,7 @@ def qa_config(tiny_causal_dir, squad_sample):
             f"model.name={tiny_causal_dir}",
             f"data.squad_v2={squad_sample}",
             "model.max_length=320",
-            "tasks={squad_v2: {train_max: 16, eval_max: 12, dev_max: 8}}",
+            "tasks={squad_v2: {train_max: 16, eval_max: 12, dev_max: 8}, sst2: {train_max: 16, eval_max: 12}}",
             "data.probe_size=12",
             "baselines.overfit_steps=2",
             "baselines.overfit_examples=4",
@@ -174,30 +174,42 @@ def qa_study(qa_config, tmp_path_factory):
     return Study(root)
 
 
-def test_a_squad_study_goes_through_every_stage(qa_study):
+def test_a_study_mixing_squad_and_sst2_goes_through_every_stage(qa_study):
     tables = qa_study.tables
     performance = pd.read_csv(tables / "performance.csv")
-    assert set(performance["method"]) == {"lora", "full"} and (performance["status"] == "ok").all()
-    assert (performance["primary_metric"] == "f1").all()
-    runs = performance.set_index("method")
+    assert (performance["status"] == "ok").all() and len(performance) == 4
+    squad = performance[performance["task"] == "squad_v2"].set_index("method")
+    assert (squad["primary_metric"] == "f1").all() and squad["accuracy"].isna().all()
     for method in ("lora", "full"):
         predictions = pd.read_csv(qa_study.run_dir("squad_v2", method, 42) / "predictions.csv", keep_default_na=False)
         assert len(predictions) == 12
-        assert runs.loc[method, "f1"] == pytest.approx(predictions["f1"].mean())
-        assert runs.loc[method, "exact"] == pytest.approx(predictions["exact"].mean())
-    baselines = pd.read_csv(tables / "baselines.csv").set_index("baseline")
-    assert list(baselines.index) == ["always_unanswerable", "zero_shot", "overfit_lora", "overfit_full"]
+        assert squad.loc[method, "f1"] == pytest.approx(predictions["f1"].mean())
+        assert squad.loc[method, "exact"] == pytest.approx(predictions["exact"].mean())
+    baselines = pd.read_csv(tables / "baselines.csv")
+    assert baselines.loc[baselines["task"] == "squad_v2", "baseline"].tolist() == [
+        "always_unanswerable",
+        "zero_shot",
+        "overfit_lora",
+        "overfit_full",
+    ]
+    assert baselines.loc[baselines["task"] == "sst2", "baseline"].tolist()[:2] == ["majority", "head_only"]
+    squad_baselines = baselines[baselines["task"] == "squad_v2"].set_index("baseline")
     eval_split = qa_study.root / "prepared" / "squad_v2" / "splits" / "eval"
     no_answer = [not a["text"] for a in datasets.load_from_disk(str(eval_split))["answers"]]
-    assert baselines.loc["always_unanswerable", "exact"] == pytest.approx(sum(no_answer) / len(no_answer))
+    assert squad_baselines.loc["always_unanswerable", "exact"] == pytest.approx(sum(no_answer) / len(no_answer))
     drift = pd.read_csv(tables / "drift_layers.csv")
-    assert {"mean", "head"} <= set(drift["pooling"]) and drift["task"].eq("squad_v2").all()
+    assert {"mean", "head"} <= set(drift["pooling"]) and set(drift["task"]) == {"squad_v2", "sst2"}
+    probes = pd.read_csv(tables / "forgetting.csv")
+    assert set(probes["probe_task"]) == {"sst2"}  # only a classification task can be probed
+    assert set(probes["task"].dropna()) == {"squad_v2", "sst2"}
     lm = pd.read_csv(tables / "lm_forgetting.csv")
-    assert set(lm["objective"]) == {"causal", "causal, the run's own LM head"}
-    lora_rows = lm[lm["method"] == "lora"].set_index("objective")["run_loss"]
-    assert lora_rows.nunique() == 1  # LoRA leaves the LM head alone: both heads score the same
-    assert pd.read_csv(tables / "weights.csv")["method"].nunique() == 2
-    assert "squad_v2" in (qa_study.root / "report.md").read_text()
+    heads = lm.groupby("task")["objective"].agg(set)
+    assert heads["squad_v2"] == {"causal", "causal, the run's own LM head"} and heads["sst2"] == {"causal"}
+    lora = lm[(lm["task"] == "squad_v2") & (lm["method"] == "lora")]
+    assert lora["run_loss"].nunique() == 1  # LoRA leaves the LM head alone: both heads score the same
+    assert set(pd.read_csv(tables / "weights.csv")["task"]) == {"squad_v2", "sst2"}
+    report = (qa_study.root / "report.md").read_text()
+    assert "## Question answering" in report and "zero-shot base" in report
 
 
 def test_run_folders_reproduce_their_predictions_with_transformers_and_peft_alone(qa_study):

@@ -156,12 +156,12 @@ def save_tokenizer(tokenizer, max_length: int | None, out_dir: Path) -> None:
     saved.save_pretrained(out_dir)
 
 
-def loading_lines(method: str, task: Task, pad_token_id: int, base: Base) -> str:
+def loading_lines(method: str, task: Task, pad_token_id: int, base: Base, bf16: bool = False) -> str:
     """Python that loads the folder `run_dir` with the task's label names and the run's pad token
     (the base's config may have none, and a decoder's classifier finds its last token by it);
     a LoRA run on the study's copy of its base loads that copy from the run folder's path."""
     if task.generative:
-        return generation_lines(method, task, base)
+        return generation_lines(method, task, base, bf16)
     if method == "full":
         return (
             "from transformers import pipeline\n"
@@ -185,9 +185,11 @@ def loading_lines(method: str, task: Task, pad_token_id: int, base: Base) -> str
     )
 
 
-def generation_lines(method: str, task: Task, base: Base) -> str:
+def generation_lines(method: str, task: Task, base: Base, bf16: bool) -> str:
     """Python that loads a generative run's folder and answers one prompt as lorascope evaluated
-    it: greedy, at most the task's max_new_tokens, the first line of what is generated."""
+    it: greedy, at most the task's max_new_tokens, the first line of what is generated, under
+    bf16 autocast when the run was evaluated so (batched generation pads prompts, so a near-tie
+    between two tokens can still fall the other way in bf16; in fp32 the answers are the same)."""
     prompt = (
         "prompt = tokenizer.apply_chat_template([{'role': 'user', 'content': text}], tokenize=False, "
         "add_generation_prompt=True)"
@@ -197,7 +199,12 @@ def generation_lines(method: str, task: Task, base: Base) -> str:
     answer = (
         "inputs = tokenizer(prompt, return_tensors='pt', add_special_tokens="
         f"{not task.chat_template})\n"
-        f"out = model.generate(**inputs, max_new_tokens={task.max_new_tokens}, do_sample=False)\n"
+        + (
+            "with torch.autocast(model.device.type, dtype=torch.bfloat16):  # as the run was evaluated\n    "
+            if bf16
+            else ""
+        )
+        + f"out = model.generate(**inputs, max_new_tokens={task.max_new_tokens}, do_sample=False)\n"
         "answer = tokenizer.decode(out[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True)"
         ".split('\\n')[0].strip()"
     )
@@ -218,12 +225,14 @@ def generation_lines(method: str, task: Task, base: Base) -> str:
             "model = AutoPeftModelForCausalLM.from_pretrained(run_dir)\n"
         )
     text = "text = '...'  # the prompt, built as the card says\n"
-    return f"{load}tokenizer = AutoTokenizer.from_pretrained(run_dir)\n{text}{prompt}\n{answer}"
+    imports = "import torch\n" if bf16 else ""
+    return f"{imports}{load}tokenizer = AutoTokenizer.from_pretrained(run_dir)\n{text}{prompt}\n{answer}"
 
 
 def generation_notes(task: Task, method: str, tied: bool) -> str:
     """The card's paragraph on the prompt a generative run expects and what it learned."""
-    built = f"`{task.template!r}` (an example's columns in braces)" if task.template else f"the `{task.prompt}` column"
+    template = task.template.replace("{unanswerable}", task.unanswerable or "{unanswerable}") if task.template else None
+    built = f"`{template!r}` (an example's columns in braces)" if template else f"the `{task.prompt}` column"
     notes = (
         f"Prompt: {built}"
         + (", as a user turn of the tokenizer's chat template" if task.chat_template else "")
@@ -248,6 +257,7 @@ def write_card(
     metrics: dict,
     pad_token_id: int,
     tied: bool = False,
+    bf16: bool = False,
 ) -> None:
     """README.md: task, method, seed, which base and why, eval metrics and the loading lines.
     Its `base_model` is the name adapter_config.json records, but for the study's own copy,
@@ -263,9 +273,9 @@ def write_card(
         for key, value in metrics.items()
         if key.startswith("eval_") and isinstance(value, float)
     )
-    lines = loading_lines(method, task, pad_token_id, base)
+    lines = loading_lines(method, task, pad_token_id, base, bf16)
     about_task = "generative" if task.generative else f"labels: {', '.join(task.label_names)}"
-    notes = f"{generation_notes(task, method, tied)}\n\n" if task.generative else ""
+    notes = f"{generation_notes(task, method, tied and task.generative)}\n\n" if task.generative else ""
     body = (
         f"# {task.name}: {METHOD_NAMES[method]} of {model_name}, seed {seed}\n\n"
         f"Trained by lorascope on task `{task.name}` ({about_task}) with "

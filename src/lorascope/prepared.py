@@ -42,21 +42,31 @@ def prepare_tasks(study: Study, config: StudyConfig, tasks: list[str] | None = N
         if is_current(target, fp):
             continue
         tokenizer = tokenizer or modeling.load_tokenizer(config.model.name)
-        left_out = None
-        if task.generative:  # long examples are left out before the splits are drawn, so their sizes hold
-            modeling.check_context(config.model.name, config.model.max_length)
-            task, fitting, left_out = tokenize_completions(
-                task, datasets.DatasetDict(train=train, eval=evaluation), tokenizer, config.model.max_length
-            )
-            splits = make_splits(task, fitting["train"], fitting["eval"], config.data)
-        else:
-            splits = tokenize(make_splits(task, train, evaluation, config.data), tokenizer, config.model.max_length)
+        task, splits, left_out = split_and_tokenize(task, train, evaluation, tokenizer, config)
         with current_dir(target, fp) as scratch:
             splits.save_to_disk(str(scratch / "splits"))
             meta = {"task": dataclasses.asdict(task), "sizes": {k: len(v) for k, v in splits.items()}}
             if left_out is not None:
                 meta["left_out"] = left_out  # examples longer than model.max_length, by split
             (scratch / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def split_and_tokenize(
+    task: Task, train: datasets.Dataset, evaluation: datasets.Dataset, tokenizer, config: StudyConfig
+):
+    """(task, tokenized train / dev / eval / probe splits, examples left out per split or None).
+    A generative task's examples longer than model.max_length are left out before the splits are
+    drawn, so their sizes hold; the task comes back with its max_new_tokens."""
+    if not task.generative:
+        return (
+            task,
+            tokenize(make_splits(task, train, evaluation, config.data), tokenizer, config.model.max_length),
+            None,
+        )
+    modeling.check_context(config.model.name, config.model.max_length)
+    raw = datasets.DatasetDict(train=train, eval=evaluation)
+    task, fitting, left_out = tokenize_completions(task, raw, tokenizer, config.model.max_length)
+    return task, make_splits(task, fitting["train"], fitting["eval"], config.data), left_out
 
 
 def prepared_fingerprint(study: Study, name: str) -> str:

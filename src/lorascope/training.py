@@ -216,7 +216,6 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
     device = runtime.pick_device(setup.runtime)
     task, hp = setup.task, setup.hp
     model = modeling.load_model(setup.model_name, task.label_names, setup.seed, tokenizer.pad_token_id, setup.dropout)
-    tied = bool(getattr(model.config, "tie_word_embeddings", False)) and task.generative
     head_digest = modeling.tensor_digest(modeling.head_parameters(model))
     model = modeling.prepare_for_method(model, setup.method, hp, setup.seed).to(device)
     trainable, total = modeling.count_parameters(model)
@@ -311,7 +310,7 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
         result["primary_value"] = evaluation.metrics[task.metric]
         evaluation.predictions.to_csv(out_dir / "predictions.csv", index=False)
         if setup.save_weights:
-            save_weights(model, setup, tokenizer, result, out_dir, tied)
+            save_weights(model, setup, tokenizer, result, out_dir)
             result["artifact_bytes"] = weights_bytes(str(out_dir))
     _write_json(out_dir / "metrics.json", result)
     return result
@@ -329,9 +328,7 @@ def _older_objects_frozen():
         gc.unfreeze()
 
 
-def save_weights(
-    model: torch.nn.Module, setup: RunSetup, tokenizer, metrics: dict, out_dir: Path, tied: bool = False
-) -> None:
+def save_weights(model: torch.nn.Module, setup: RunSetup, tokenizer, metrics: dict, out_dir: Path) -> None:
     """Head-only: the head. LoRA: the PEFT adapter (with the head); full: the whole model; both
     with what makes the folder a standalone artifact (lorascope.artifacts): the tokenizer, the
     base model named so that AutoPeft loads it on any machine, and a model card."""
@@ -350,7 +347,16 @@ def save_weights(
     model.save_pretrained(out_dir, safe_serialization=True, **saving)
     artifacts.save_tokenizer(tokenizer, setup.max_length, out_dir)
     artifacts.write_card(
-        out_dir, setup.model_name, base, setup.task, setup.method, setup.seed, metrics, tokenizer.pad_token_id, tied
+        out_dir,
+        setup.model_name,
+        base,
+        setup.task,
+        setup.method,
+        setup.seed,
+        metrics,
+        tokenizer.pad_token_id,
+        tied=bool(getattr(model.config, "tie_word_embeddings", False)),
+        bf16=runtime.uses_bf16(setup.runtime, runtime.pick_device(setup.runtime)),
     )
 
 

@@ -4,7 +4,6 @@ seed-vs-seed and shuffled-base references and bootstrap intervals over probe exa
 
 from __future__ import annotations
 
-import datasets
 import pandas as pd
 import torch
 
@@ -12,8 +11,9 @@ from lorascope import dependencies, drift, modeling, runs, runtime
 from lorascope import representations as rep
 from lorascope.config import StudyConfig, TaskConfig
 from lorascope.errors import InputError
+from lorascope.prepared import split_and_tokenize
 from lorascope.study import Stage, Study, is_current, stamp_of
-from lorascope.tasks import load_raw, make_splits, resolve_task, tokenize
+from lorascope.tasks import load_raw, resolve_task
 
 
 def run(study: Study, config: StudyConfig) -> None:
@@ -72,8 +72,9 @@ def single_drift(
         raise InputError("give exactly one of --model (a fully fine-tuned model) or --adapter (a PEFT adapter)")
     task, train, evaluation = load_raw(resolve_task(task_name, config.tasks.get(task_name, TaskConfig()), config.data))
     tokenizer = modeling.load_tokenizer(base)
-    probe = make_splits(task, train, evaluation, config.data)["probe"]
-    probe = tokenize(datasets.DatasetDict(train=probe), tokenizer, config.model.max_length)["train"]
+    based = config.model_copy(update={"model": config.model.model_copy(update={"name": base})})
+    task, splits, _ = split_and_tokenize(task, train, evaluation, tokenizer, based)
+    probe = splits["probe"]
     device = runtime.pick_device(config.runtime)
     bf16 = runtime.uses_bf16(config.runtime, device)
     rc = config.represent
