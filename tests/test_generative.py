@@ -16,13 +16,14 @@ import datasets
 import pandas as pd
 import pytest
 import torch
+import yaml
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, pipeline
 
 from conftest import needs_decoder
 from lorascope import modeling
 from lorascope.cli import main
-from lorascope.config_io import load_config
+from lorascope.config_io import load_config, to_yaml, validate
 from lorascope.errors import InputError
 from lorascope.evaluation import score_answers
 from lorascope.generation import CompletionCollator, generate_answers
@@ -240,7 +241,8 @@ def test_run_folders_reproduce_their_predictions_with_transformers_and_peft_alon
 
 def test_a_generative_study_killed_mid_run_resumes_without_losing_finished_runs(qa_config, tmp_path):
     out = tmp_path / "study"
-    run_stages(qa_config.model_copy(update={"seeds": [1, 2]}), out, [BY_NAME["prepare"]])
+    squad_only = {"squad_v2": qa_config.tasks["squad_v2"]}
+    run_stages(qa_config.model_copy(update={"seeds": [1, 2], "tasks": squad_only}), out, [BY_NAME["prepare"]])
     command = [sys.executable, "-m", "lorascope", "train", str(out)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     first = Study(out).run_dir("squad_v2", "lora", 1) / "metrics.json"
@@ -344,3 +346,14 @@ def test_the_gpu_profile_trains_a_tiny_causal_llama_with_lora_on_every_linear_la
     batch.pop("example_id")  # the Trainer's order digest reads it
     lora(**batch).loss.backward()
     assert all(p.grad is not None for n, p in lora.named_parameters() if "lora_B" in n)
+
+
+def test_a_config_written_back_to_a_study_resolves_its_tasks_again(qa_config):
+    """config.yaml holds every key with its value: defaults of generative keys on a
+    classification task are no input error when a stage subcommand reads the study back."""
+    again = validate(yaml.safe_load(to_yaml(qa_config)))
+    assert again == qa_config
+    kinds = {name: resolve_task(name, cfg, again.data).kind for name, cfg in again.tasks.items()}
+    assert kinds == {"squad_v2": "generate", "sst2": "classify"}
+    with pytest.raises(InputError, match="apply to generative tasks only"):
+        resolve_task("sst2", again.tasks["sst2"].model_copy(update={"max_new_tokens": 8}), again.data)

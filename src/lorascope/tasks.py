@@ -102,7 +102,7 @@ SPLITS = ("train", "dev", "eval", "probe")
 def resolve_task(name: str, cfg: TaskConfig, data: DataConfig) -> Task:
     sizes = dict(train_max=cfg.train_max, eval_max=cfg.eval_max, dev_max=cfg.dev_max)
     generation = dict(chat_template=cfg.chat_template, max_new_tokens=cfg.max_new_tokens)
-    set_keys = cfg.model_fields_set
+    set_keys = _changed_keys(cfg)
     if name != SQUAD_V2 and (given := [k for k in SQUAD_ONLY_KEYS if k in set_keys]):
         raise InputError(f"tasks.{name}: {', '.join(given)} apply to squad_v2 only")
     if cfg.source is None:
@@ -151,6 +151,12 @@ def resolve_task(name: str, cfg: TaskConfig, data: DataConfig) -> Task:
         eval_source=cfg.eval_source,
         **sizes,
     )
+
+
+def _changed_keys(cfg: TaskConfig) -> set[str]:
+    """The keys whose value is not the default: a config written back to a study's config.yaml
+    holds every key, so whether a key was given is read from its value."""
+    return {key for key, field in TaskConfig.model_fields.items() if getattr(cfg, key) != field.default}
 
 
 def _refuse_generation_keys(name: str, set_keys: set[str]) -> None:
