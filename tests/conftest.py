@@ -35,6 +35,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 SLOW_MODULES = (
     "test_e2e.py",
     "test_engines.py",
+    "test_generative.py",
     "test_executors.py",
     "test_vllm_server.py",
     "test_study.py",
