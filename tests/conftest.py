@@ -210,3 +210,20 @@ def squad_sample(tmp_path_factory) -> Path:
     for path in SQUAD_V2.glob("*.parquet"):
         pd.read_parquet(path).iloc[::20].to_parquet(folder / path.name)
     return folder
+
+
+def killed_after(command: list[str], marker: Path, delay: float = 0.0) -> None:
+    """Runs `command`, waits (at most 240 s) for `marker` to be written, then `delay` seconds,
+    and kills the process as the OOM killer would: a study killed mid-stage."""
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 240
+    while not marker.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), f"{marker} was never written"
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait()

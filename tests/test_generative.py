@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import datasets
 import pandas as pd
@@ -20,7 +17,7 @@ import yaml
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, pipeline
 
-from conftest import needs_decoder
+from conftest import killed_after, needs_decoder
 from lorascope import modeling
 from lorascope.cli import main
 from lorascope.config_io import load_config, to_yaml, validate
@@ -244,14 +241,8 @@ def test_a_generative_study_killed_mid_run_resumes_without_losing_finished_runs(
     squad_only = {"squad_v2": qa_config.tasks["squad_v2"]}
     run_stages(qa_config.model_copy(update={"seeds": [1, 2], "tasks": squad_only}), out, [BY_NAME["prepare"]])
     command = [sys.executable, "-m", "lorascope", "train", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     first = Study(out).run_dir("squad_v2", "lora", 1) / "metrics.json"
-    deadline = time.time() + 240
-    while not first.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    assert first.exists(), "the first run never finished"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    killed_after(command, first)
     kept = first.stat().st_mtime_ns
     assert subprocess.run(command, capture_output=True).returncode == 0
     assert first.stat().st_mtime_ns == kept

@@ -2,10 +2,8 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import huggingface_hub
@@ -17,6 +15,7 @@ import yaml
 from peft import AutoPeftModelForSequenceClassification
 from transformers import AutoTokenizer
 
+from conftest import killed_after
 from lorascope import bundled
 from lorascope.artifacts import CARD
 from lorascope.atomic import PARTIAL, atomic_dir
@@ -167,15 +166,7 @@ def test_a_study_killed_mid_run_resumes_without_losing_finished_runs(tiny_config
     config_file.write_text(to_yaml(config))
     out = tmp_path / "study"
     command = [sys.executable, "-m", "lorascope", "run", str(config_file), "--out", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    first_run = Study(out).run_dir("sst2", "lora", 1) / "metrics.json"
-    deadline = time.time() + 240
-    while not first_run.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    assert first_run.exists(), "the first run never finished"
-    time.sleep(0.5)  # well into the next run
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    killed_after(command, Study(out).run_dir("sst2", "lora", 1) / "metrics.json", delay=0.5)  # well into the next run
     study = Study(out)
     kept = _mtimes(study)
     assert kept and len(kept) < 6

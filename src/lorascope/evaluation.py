@@ -135,28 +135,12 @@ def evaluate_task(
 ) -> Evaluation:
     """`evaluate` for a classification task; for a generative one, greedy answers scored
     (`generate`) or the completion loss alone (dev selection: metrics {"loss"}, no predictions)."""
+    common = dict(tokenizer=tokenizer, batch_size=batch_size, device=device, bf16=bf16)
     if not task.generative:
-        return evaluate(
-            model,
-            split,
-            tokenizer=tokenizer,
-            num_labels=task.num_labels,
-            batch_size=batch_size,
-            device=device,
-            bf16=bf16,
-        )
+        return evaluate(model, split, num_labels=task.num_labels, **common)
     if not generate:
-        loss = completion_loss(model, split, tokenizer=tokenizer, batch_size=batch_size, device=device, bf16=bf16)
-        return Evaluation({"loss": loss}, pd.DataFrame())
-    texts, new_tokens = generate_answers(
-        model,
-        split,
-        tokenizer=tokenizer,
-        max_new_tokens=task.max_new_tokens,
-        batch_size=batch_size,
-        device=device,
-        bf16=bf16,
-    )
+        return Evaluation({"loss": completion_loss(model, split, **common)}, pd.DataFrame())
+    texts, new_tokens = generate_answers(model, split, max_new_tokens=task.max_new_tokens, **common)
     evaluation = score_answers(task, split, texts)
     evaluation.metrics["generated_tokens"] = new_tokens
     return evaluation
