@@ -65,6 +65,11 @@ def flagged_performance(study: Study, config: StudyConfig) -> pd.DataFrame:
     return FLAGS.frame(verdict.flag_runs(performance, majority, config.analysis.majority_margin, names))
 
 
+def scored_by_generation(runs: pd.DataFrame) -> bool:
+    """Runs of a generative task: they have an exact match (SQuAD v2), no accuracy."""
+    return "exact" in runs and runs["exact"].notna().all()
+
+
 def _subsets(flags: pd.DataFrame):
     """Statistics are shown over every finished run and over the runs not flagged."""
     return (("all", flags[flags["status"] == "ok"]), ("unflagged", flags[~flags["flagged"]]))
@@ -81,7 +86,7 @@ def describe_rows(flags: pd.DataFrame, confidence: float) -> list[dict]:
     for subset, frame in _subsets(flags):
         for task, runs in frame.groupby("task"):
             primary = runs["primary_metric"].iloc[0]
-            generative = "exact" in runs and runs["exact"].notna().all()
+            generative = scored_by_generation(runs)
             for metric in GENERATIVE_METRICS if generative else METRICS:
                 name = primary if metric == "primary_value" else metric
                 for method, group in runs.groupby("method"):
@@ -235,7 +240,7 @@ def quality_criteria(flags: pd.DataFrame, task: str, analysis: AnalysisConfig) -
     task has no accuracy: its criterion is on SQuAD F1, exact match informs."""
     ok = flags[(flags["task"] == task) & (flags["status"] == "ok")]
     primary = ok["primary_metric"].iloc[0]
-    generative = "exact" in ok and ok["exact"].notna().all()
+    generative = scored_by_generation(ok)
     configured = "accuracy" if analysis.quality_metric == "accuracy" and not generative else primary
     seeds, judged, note = _judged(*clean_pairs(flags, task))
     out = []

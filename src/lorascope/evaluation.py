@@ -15,7 +15,7 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from lorascope import squad
-from lorascope.generation import completion_loss, generate_answers
+from lorascope.generation import TRAIN_COLUMNS, CompletionCollator, generate_answers
 from lorascope.runtime import autocast
 from lorascope.tasks import Task, compute_metrics
 
@@ -56,11 +56,14 @@ def make_collator(tokenizer, device: torch.device) -> DataCollatorWithPadding:
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
 
 
-def length_batches(split: datasets.Dataset, tokenizer, batch_size: int, device: torch.device):
+def length_batches(
+    split: datasets.Dataset, tokenizer, batch_size: int, device: torch.device, collate=None, columns=MODEL_INPUTS
+):
     """(row indices, padded model inputs on `device`), examples ordered by length so batches
-    carry little padding; callers write results back at the row indices."""
-    collate = make_collator(tokenizer, device)
-    inputs = [c for c in MODEL_INPUTS if c in split.column_names]
+    carry little padding; callers write results back at the row indices. `collate` pads
+    `columns` (default: dynamic padding of the model inputs)."""
+    collate = collate or make_collator(tokenizer, device)
+    inputs = [c for c in columns if c in split.column_names]
     order = np.argsort(split["length"][:], kind="stable")
     for start in range(0, len(split), batch_size):
         rows = order[start : start + batch_size]
@@ -101,6 +104,24 @@ def evaluate(
     return Evaluation(metrics, table)
 
 
+@torch.no_grad()
+def completion_loss(
+    model: torch.nn.Module, split: datasets.Dataset, *, tokenizer, batch_size: int, device: torch.device, bf16: bool
+) -> float:
+    """Mean cross-entropy per completion token (eos included) over a generative split."""
+    was_training = model.training
+    model.eval()
+    collate = CompletionCollator(tokenizer, device)
+    total, tokens = 0.0, 0
+    for _, batch in length_batches(split, tokenizer, batch_size, device, collate, TRAIN_COLUMNS):
+        with autocast(device, bf16):
+            loss = model(**batch).loss
+        counted = int((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
+        total, tokens = total + float(loss) * counted, tokens + counted
+    model.train(was_training)
+    return total / tokens
+
+
 def score_answers(task: Task, split: datasets.Dataset, generated: list[str]) -> Evaluation:
     """SQuAD v2 scores of one generated answer per example; the task's unanswerable string
     (any case or punctuation) is the empty answer."""
@@ -110,7 +131,7 @@ def score_answers(task: Task, split: datasets.Dataset, generated: list[str]) -> 
     ]
     ids = split["id"][:]
     rows = squad.squad_v2_rows(dict(zip(ids, answers)), split)
-    scores = squad.squad_v2_scores(dict(zip(ids, answers)), split)
+    scores = squad.scores_of_rows(rows)
     metrics = {
         key: scores[official] / 100 if official in scores else float("nan")
         for official, key in GENERATION_METRICS.items()

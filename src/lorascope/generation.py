@@ -1,5 +1,6 @@
-"""Generative tasks' model passes: the completion-only loss (dev selection) and batched greedy
-generation (evaluation), the same for every model (base, LoRA, full) on a prepared split.
+"""Generative tasks' batches: the completion-only collator (training and the dev loss) and
+batched greedy generation (evaluation), the same for every model (base, LoRA, full) on a
+prepared split.
 
 Generation: prompts sorted by length and left-padded, greedy with the KV cache, stopped at
 eos or at the first token that holds a newline (an answer is one line); what follows a newline
@@ -33,27 +34,6 @@ class CompletionCollator:
         if "example_id" in features[0]:
             batch["example_id"] = torch.tensor([f["example_id"] for f in features])
         return batch
-
-
-@torch.no_grad()
-def completion_loss(
-    model: torch.nn.Module, split: datasets.Dataset, *, tokenizer, batch_size: int, device: torch.device, bf16: bool
-) -> float:
-    """Mean cross-entropy per completion token (eos included) over the split."""
-    was_training = model.training
-    model.eval()
-    collate = CompletionCollator(tokenizer, device)
-    order = np.argsort(split["length"][:], kind="stable")
-    total, tokens = 0.0, 0
-    for start in range(0, len(split), batch_size):
-        rows = split.select(order[start : start + batch_size]).select_columns(list(TRAIN_COLUMNS)).to_list()
-        batch = {k: v.to(device) for k, v in collate(rows).items()}
-        with autocast(device, bf16):
-            loss = model(**batch).loss
-        counted = int((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
-        total, tokens = total + float(loss) * counted, tokens + counted
-    model.train(was_training)
-    return total / tokens
 
 
 @functools.lru_cache(maxsize=4)

@@ -94,7 +94,11 @@ def squad_v2_scores(predictions: Mapping[str, str], dataset: Dataset) -> dict[st
     """The official script's `exact`, `f1` and `total`, and the same for the HasAns_ and NoAns_
     questions, exact and f1 in percent. A group without questions is left out, as the official
     script leaves it out."""
-    rows = squad_v2_rows(predictions, dataset)
+    return scores_of_rows(squad_v2_rows(predictions, dataset))
+
+
+def scores_of_rows(rows: list[dict]) -> dict[str, float | int]:
+    """`squad_v2_scores` of rows `squad_v2_rows` made."""
     if not rows:
         raise ValueError("squad_v2_scores: the dataset has no questions")
     groups = {
