@@ -157,7 +157,11 @@ def qa_config(tiny_causal_dir, squad_sample):
             "training.full.lr=1e-3",
             "training.eval_batch_size=4",
             "forget.lm_documents=6",
-            "deploy.enabled=false",
+            "deploy.strategies=[full, merged, separate, multi]",
+            "deploy.grid={batch_sizes: [1, 2], seq_lens: [natural], concurrency: [1, 2], warmup: 1, repeats: 4, "
+            "requests: 4, output_tokens: 4}",
+            "deploy.checks.examples=6",
+            "deploy.bootstrap=50",
             "runtime.progress=false",
             "runtime.workers=1",
             "runtime.bf16=false",
@@ -197,6 +201,15 @@ def test_a_study_mixing_squad_and_sst2_goes_through_every_stage(qa_study):
     assert squad_baselines.loc["always_unanswerable", "exact"] == pytest.approx(sum(no_answer) / len(no_answer))
     drift = pd.read_csv(tables / "drift_layers.csv")
     assert {"mean", "head"} <= set(drift["pooling"]) and set(drift["task"]) == {"squad_v2", "sst2"}
+    # deploy: sst2's classifier in deployment.csv, squad_v2's generation in deployment_generation.csv
+    assert set(pd.read_csv(tables / "deployment.csv")["strategy"]) == {"full", "merged", "separate", "multi"}
+    serving = pd.read_csv(tables / "deployment_generation.csv").fillna({"note": ""})
+    timed = serving[serving["status"] == "ok"]
+    assert set(timed["strategy"]) == {"full", "merged", "separate"} and (timed["output_tokens"] == 4).all()
+    assert set(zip(timed["concurrency"], timed["prompts"])) == {(1, 1), (1, 2), (2, 1)}
+    assert set(serving.loc[serving["strategy"] == "multi", "note"]) == {"needs 2 or more adapters, 1 given"}
+    assert pd.read_csv(tables / "deployment_generation_checks.csv")["passed"].all()
+    assert "Generation serving" in (qa_study.root / "report.md").read_text()
     probes = pd.read_csv(tables / "forgetting.csv")
     assert set(probes["probe_task"]) == {"sst2"}  # only a classification task can be probed
     assert set(probes["task"].dropna()) == {"squad_v2", "sst2"}
@@ -316,7 +329,8 @@ def test_a_prompt_past_the_models_context_is_refused(tiny_causal_dir, tmp_path, 
 def test_the_qa_profiles_fine_tune_smollm2_here_and_tinyllama_on_a_gpu():
     qa, gpu = load_config(None, "qa"), load_config(None, "qa-gpu")
     assert qa.model.name == "smollm2-135m" and list(qa.tasks) == ["squad_v2"] and qa.generative_tasks() == ["squad_v2"]
-    assert qa.runtime.device == "auto" and qa.runtime.bf16 and not qa.deploy.enabled
+    assert qa.runtime.device == "auto" and qa.runtime.bf16 and qa.deploy.enabled
+    assert qa.deploy.strategies == ["full", "merged", "separate", "multi"] and qa.deploy.grid.output_tokens == 16
     assert gpu.model.name == "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T" and gpu.runtime.device == "cuda"
     assert gpu.data.squad_v2 == "rajpurkar/squad_v2" and gpu.tasks["squad_v2"].train_max is None  # the full train set
     assert gpu.model.gradient_checkpointing and len(gpu.seeds) == 3

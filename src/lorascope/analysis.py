@@ -14,6 +14,7 @@ from lorascope.config import AnalysisConfig, StudyConfig
 from lorascope.drift import DRIFT_LAYERS, DRIFT_SUMMARY
 from lorascope.forgetting import FORGET_CORRELATION, FORGET_DRIFT, FORGET_STATISTICS, FORGETTING
 from lorascope.runs import BASELINES, PERFORMANCE
+from lorascope.serving.generation_grid import DEPLOYMENT_GENERATION
 from lorascope.serving.grid import DEPLOYMENT
 from lorascope.study import Study, Table
 
@@ -395,14 +396,18 @@ def analyze(study: Study, config: StudyConfig) -> None:
     DRIFT_STATISTICS.write(tables, drift_statistics(DRIFT_LAYERS.read(tables), summary, flags, analysis.confidence))
     probes = FORGETTING.read(tables)
     forgetting_tables(tables, probes, summary, analysis)
-    deployment = deployment_criterion(DEPLOYMENT.read(tables), analysis)
+    deployment = verdict.serving_criteria(
+        deployment_criterion(DEPLOYMENT.read(tables), analysis),
+        DEPLOYMENT_GENERATION.read(tables),
+        analysis.deploy_max_overhead,
+    )
     rows = []
     for task in flags.loc[flags["status"] == "ok", "task"].unique():
         criteria = [
             *quality_criteria(flags, task, analysis),
             drift_criterion(summary, flags, task, analysis),
             forgetting_criterion(probes, flags, task, analysis),
-            deployment,
+            *deployment,
         ]
         rows += verdict.verdict_rows(task, criteria, analysis.confidence)
         for method in ("lora", "full"):

@@ -139,7 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="PEFT adapter folder (repeatable; the first is merged / served separately)",
     )
     bench.add_argument("--full", help="fully fine-tuned model folder to compare with")
-    bench.add_argument("--task", default="sst2", help="task whose eval examples are served (default sst2)")
+    bench.add_argument(
+        "--task",
+        default="sst2",
+        help="task whose eval examples are served (default sst2); a generative task (e.g. squad_v2) times "
+        "generation: its prompts, deploy.grid.output_tokens tokens each, causal-LM adapters",
+    )
     bench.add_argument(
         "--engine",
         action="append",
@@ -356,12 +361,18 @@ def _bench(args) -> int:
         adapters[name if sep else f"adapter{i}"] = path
     if args.full and not (Path(args.full) / "config.json").is_file():
         raise InputError(f"--full: no model found at {args.full} (expected a folder with config.json)")
-    _task, _, evaluation = load_raw(resolve_task(args.task, config.tasks.get(args.task, TaskConfig()), config.data))
+    try:
+        config.deploy.vllm.refuse_fewer_loras(len(adapters))
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    task, train, evaluation = load_raw(resolve_task(args.task, config.tasks.get(args.task, TaskConfig()), config.data))
     tokenizer = modeling.load_tokenizer(args.base)
-    split = tokenize(datasets.DatasetDict(train=evaluation), tokenizer, config.model.max_length)["train"]
-    examples = examples_from_dataset(split)
     out = Path(args.out or "bench")
     device = runtime.pick_device(config.runtime)
+    if task.generative:
+        return _bench_generation(args, config, adapters, task, train, evaluation, tokenizer, out, device)
+    split = tokenize(datasets.DatasetDict(train=evaluation), tokenizer, config.model.max_length)["train"]
+    examples = examples_from_dataset(split)
     base, served = modeling.resolve_model_path(args.base), {n: examples for n in adapters}
     with runtime.threads(config.runtime.threads):
         result = benchmark(
@@ -384,6 +395,38 @@ def _bench(args) -> int:
     if ((grid["status"] == "ok") & (grid["batch_size"] == 1)).any():
         atomic_write(out / "deployment_engines.png", png_bytes(engines_figure(grid)))
     print(f"deployment tables and figures written to {out}")
+    return 0
+
+
+def _bench_generation(args, config, adapters, task, train, evaluation, tokenizer, out: Path, device) -> int:
+    """`bench` on a generative task: every adapter serves the task's eval prompts (as the prepare
+    stage draws and tokenizes them), generation timed per engine."""
+    from lorascope import modeling
+    from lorascope.prepared import split_and_tokenize
+    from lorascope.report.figures import generation_latency_figure, generation_throughput_figure, png_bytes
+    from lorascope.serving.generation_benchmark import benchmark_generation
+    from lorascope.serving.generation_grid import generation_examples
+
+    config = config.model_copy(update={"model": config.model.model_copy(update={"name": args.base})})
+    _task, splits, _ = split_and_tokenize(task, train, evaluation, tokenizer, config)
+    examples = generation_examples(splits["eval"])
+    with runtime.threads(config.runtime.threads):
+        result = benchmark_generation(
+            modeling.resolve_model_path(args.base),
+            adapters,
+            args.full,
+            {name: examples for name in adapters},
+            tokenizer,
+            config.deploy,
+            out,
+            config.model.max_length,
+            device=device,
+            bf16=runtime.uses_bf16(config.runtime, device),
+        )
+    if (result.table["status"] == "ok").any():
+        atomic_write(out / "deployment_generation.png", png_bytes(generation_throughput_figure(result.table)))
+        atomic_write(out / "deployment_generation_latency.png", png_bytes(generation_latency_figure(result.table)))
+    print(f"generation serving tables and figures written to {out}")
     return 0
 
 

@@ -224,6 +224,12 @@ class DeployGridConfig(Strict):
         "a round; None = turns as short as the engine allows (serving.load.TURNS)",
     )
     threads: int | None = Field(None, gt=0, description="torch threads while PEFT is timed; None = all cores")
+    output_tokens: int = Field(
+        32,
+        gt=0,
+        description="tokens every timed generation request generates per prompt (end-of-sequence ignored, "
+        "so every strategy does the same work); generative tasks only",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> DeployGridConfig:
@@ -259,6 +265,15 @@ class DeployVllmConfig(Strict):
         description="extra arguments of every vLLM server, e.g. [--enforce-eager] (skips torch.compile at "
         "start-up: faster to start, slower to serve)",
     )
+
+    def refuse_fewer_loras(self, adapters: int) -> None:
+        """vLLM's --max-loras defaults to the number of adapters served; a smaller one given in
+        `args` would make multi swap adapters in and out, a different measurement."""
+        args = [a for arg in self.args for a in arg.split("=", 1)]
+        if "--max-loras" in args and args.index("--max-loras") + 1 < len(args):
+            given = args[args.index("--max-loras") + 1]
+            if not given.isdigit() or int(given) < adapters:
+                raise ValueError(f"deploy.vllm.args: --max-loras {given} is fewer than the {adapters} adapters served")
 
 
 class DeployConfig(Strict):
@@ -435,6 +450,10 @@ class StudyConfig(Strict):
             raise ValueError(f"forget.tasks: {named} are generative; linear probes need a classification task's labels")
         if generative and self.tune.enabled:
             raise ValueError(f"tune.enabled: tuning searches classification tasks only; {generative} are generative")
+        if self.deploy.enabled and "lora" in self.methods:
+            # classification serves one adapter a task; generation every LoRA run of its tasks
+            served = max(len(self.tasks) - len(generative), len(generative) * len(self.seeds))
+            self.deploy.vllm.refuse_fewer_loras(served)
         return self
 
     def generative_tasks(self) -> list[str]:

@@ -1,7 +1,8 @@
 """The verdict against the reference study's success criteria: which runs are flagged as
 failed, each criterion's outcome (met / not met / inconclusive / not run) with its direction,
 how many seeds an inconclusive one would need, and the rows that inform beside them (failure
-rates, the quality gap on the other metric). Estimates come from stats.py."""
+rates, the quality gap on the other metric, generation throughput). Estimates come from stats.py;
+a study that served only generative tasks judges deployment on deployment_generation.csv."""
 
 from __future__ import annotations
 
@@ -185,3 +186,67 @@ def failure_rate(task: str, method: str, flagged: int, runs: int, confidence: fl
         "Clopper–Pearson interval"
     )
     return row(task, Criterion(f"failure rate {method}", estimate, math.nan, False, rule, counts=False), confidence)
+
+
+# ---------------------------------------------------------------- generation serving
+
+GENERATION_ENGINES = ("vllm", "peft")  # deploy.engines, preferred first: the real server
+
+
+def _one_prompt(table: pd.DataFrame) -> pd.DataFrame:
+    """Timed one-prompt rows of deployment_generation.csv (more prompts: the batched cells)."""
+    return table[(table["status"] == "ok") & (table["prompts"] == 1)]
+
+
+def generation_deployment(table: pd.DataFrame, threshold: float) -> Criterion:
+    """The deployment criterion of a study whose deploy stage served only generative tasks:
+    separate-adapter time per output token over merged at one client and one prompt, minus 1 (the
+    table holds grid.overheads' median paired ratio), on vLLM when it timed that cell, else PEFT,
+    so the number is the one a real server shows. Its interval decides as every criterion's does
+    (criterion): met when the upper bound is ≤ threshold, not met when the lower one is above."""
+    rule = (
+        "separate-adapter time per output token / merged − 1, one client, one prompt per request (median of "
+        f"per-request ratios, bootstrap interval over turns); met if ≤ {threshold:g}"
+    )
+    rows = _one_prompt(table)
+    rows = rows[(rows["strategy"] == "separate") & (rows["concurrency"] == 1) & rows["tpot_overhead_vs_merged"].notna()]
+    for engine in GENERATION_ENGINES:
+        found = rows[rows["engine"] == engine]
+        if not found.empty:
+            r = found.iloc[0]
+            value, low, high = (float(r[f"tpot_overhead_vs_merged{end}"]) - 1 for end in ("", "_ci_low", "_ci_high"))
+            shown = f"Engine {engine}: {value:+.1%}" + (f" [{low:+.1%}, {high:+.1%}]" if not math.isnan(high) else "")
+            return Criterion("deployment", Estimate(value, low, high), threshold, False, f"{rule}. {shown}")
+    return Criterion("deployment", None, threshold, False, f"{rule}. No engine timed separate and merged there")
+
+
+def generation_throughput(table: pd.DataFrame) -> Criterion:
+    """An informing row: output tokens/s of separate and multi over merged at each engine's highest
+    concurrency, where batching (or its absence) decides what an adapter costs; its value is
+    separate's on the engine the deployment criterion prefers."""
+    ok, parts, value = _one_prompt(table), [], math.nan
+    for engine in GENERATION_ENGINES:
+        mine = ok[ok["engine"] == engine]
+        if mine.empty:
+            continue
+        top = mine[mine["concurrency"] == mine["concurrency"].max()]
+        ratios = {s: top.loc[top["strategy"] == s, "tokens_per_s_vs_merged"].dropna() for s in ("separate", "multi")}
+        shown = ", ".join(f"{s} {r.iloc[0]:.3f}" if not r.empty else f"{s} —" for s, r in ratios.items())
+        parts.append(f"{engine} at {int(top['concurrency'].iloc[0])} clients: {shown}")
+        if math.isnan(value) and not ratios["separate"].empty:
+            value = float(ratios["separate"].iloc[0])
+            parts[-1] += " (the value)"
+    rule = "output tokens/s / merged at the highest concurrency, one prompt per request: " + (
+        "; ".join(parts) or "no engine timed"
+    )
+    estimate = Estimate(value, math.nan, math.nan) if not math.isnan(value) else None
+    return Criterion("generation throughput", estimate, math.nan, True, rule, counts=False)
+
+
+def serving_criteria(classification: Criterion, generation: pd.DataFrame | None, threshold: float) -> list[Criterion]:
+    """The deployment criterion, read from the generation table when no classification cell
+    decided it (a study of generative tasks only), and the generation throughput row beside it."""
+    if generation is None:
+        return [classification]
+    deployment = classification if classification.estimate is not None else generation_deployment(generation, threshold)
+    return [deployment, generation_throughput(generation)]

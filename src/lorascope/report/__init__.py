@@ -1,10 +1,11 @@
 """The study's report: `report.md` and a self-contained `report.html`, verdict first.
 
 loader reads the study through the tables' own records; the section modules only render
-(quality, answers, cost, representation, forgetting, deployment, provenance, reference); figures draws them; document
-holds the blocks and their two renderings. Nothing here trains, times or recomputes a
-statistic: every number comes from a table an earlier stage wrote, and a missing table turns
-its section into "not run"."""
+(quality, answers, cost, representation, forgetting, deployment, generation serving, provenance,
+reference); figures draws them; document holds the blocks and their two renderings. Nothing here
+trains, times or recomputes a statistic: every number comes from a table an earlier stage wrote,
+and a missing table turns its section into "not run" (generation serving, which only studies that
+served a generative task have, is left out instead)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from lorascope.report.cost import cost_section
 from lorascope.report.deployment import deployment_section
 from lorascope.report.document import Document, to_html, to_markdown
 from lorascope.report.forgetting import forgetting_section
+from lorascope.report.generation_serving import generation_section
 from lorascope.report.loader import FIGURE_PREFIX, load
 from lorascope.report.provenance import hparams_section, provenance_section
 from lorascope.report.reference import load_reference, reference_section
@@ -41,6 +43,7 @@ def write_report(study_root: Path | str) -> tuple[Path, Path]:
         ("weight-space change", weights_section, view.need("weights")),
         ("forgetting", forgetting_section, view.need("forgetting")),
         ("deployment", deployment_section, view.need("deployment")),
+        ("generation serving", generation_section, None),  # only for studies that served generation
         ("hyperparameters", hparams_section, None),
         ("reference study", reference_section, None),
         ("provenance", provenance_section, None if view.manifest else "manifest.json missing"),

@@ -416,3 +416,69 @@ def engines_figure(grid: pd.DataFrame) -> Figure:
     fig.suptitle("Latency and throughput vs concurrency, per engine", fontweight="bold")
     legend(fig, handles, ncol=4)
     return fig
+
+
+GENERATION_STRATEGIES = ("full", "merged", "separate", "multi", "switch")
+
+
+def _timed_prompts(table: pd.DataFrame) -> pd.DataFrame:
+    """Generation rows that were timed with one prompt per request, what both figures show."""
+    return table[(table["status"] == "ok") & (table["prompts"] == 1)]
+
+
+def generation_throughput_figure(table: pd.DataFrame) -> Figure:
+    """Output tokens/s against concurrent clients, one line per engine and strategy (vLLM filled
+    markers, PEFT hollow), so batching shows as a rising line and its absence as a flat one."""
+    ok = _timed_prompts(table)
+    fig = new_figure(7.2, 4.6)
+    ax = fig.subplots()
+    for engine in ordered(ok["engine"].astype(str), tuple(ENGINE_LABELS)):
+        part = ok[ok["engine"] == engine]
+        for strategy in ordered(part["strategy"].astype(str), GENERATION_STRATEGIES):
+            rows = part[part["strategy"] == strategy].sort_values("concurrency")
+            style = _strategy_style(strategy)
+            ax.plot(
+                rows["concurrency"],
+                rows["output_tokens_per_s"],
+                color=style["color"],
+                ls=style["ls"],
+                marker=style["marker"],
+                markerfacecolor=style["color"] if engine == "vllm" else "white",
+                label=f"{ENGINE_LABELS.get(engine, engine)}, {strategy}",
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(sorted(ok["concurrency"].unique()))
+    plain_ticks(ax.xaxis)
+    plain_ticks(ax.yaxis)
+    ax.set(xlabel="concurrent clients (closed loop, one prompt per request)", ylabel="output tokens/s (steady state)")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title("Generation throughput vs concurrency", fontweight="bold")
+    legend(fig, ax.get_lines(), ncol=3)
+    return fig
+
+
+def generation_latency_figure(table: pd.DataFrame) -> Figure:
+    """Time to first token and time per output token at one client, one bar per engine and
+    strategy at p50 with whiskers to p95 (thick) and p99 (thin)."""
+    ok = _timed_prompts(table)
+    ok = ok[ok["concurrency"] == 1]
+    bars = [
+        (engine, strategy)
+        for engine in ordered(ok["engine"].astype(str), tuple(ENGINE_LABELS))
+        for strategy in ordered(ok.loc[ok["engine"] == engine, "strategy"].astype(str), GENERATION_STRATEGIES)
+    ]
+    fig = new_figure(max(6.0, 1.1 * len(bars) + 1.5), 3.9)
+    for ax, name, title in zip(fig.subplots(1, 2), ("ttft", "tpot"), ("time to first token", "time per output token")):
+        for x, (engine, strategy) in enumerate(bars):
+            r = ok[(ok["engine"] == engine) & (ok["strategy"] == strategy)].iloc[0]
+            color = _strategy_style(strategy)["color"]
+            ax.bar(x, r[f"{name}_p50_ms"], color=color, alpha=0.85 if engine == "vllm" else 0.4, edgecolor=color)
+            ax.vlines(x, r[f"{name}_p50_ms"], r[f"{name}_p95_ms"], color="black", lw=3)
+            ax.vlines(x, r[f"{name}_p95_ms"], r[f"{name}_p99_ms"], color="black", lw=1)
+        labels = [f"{s}\n{ENGINE_LABELS.get(e, e).split()[0]}" for e, s in bars]
+        ax.set_xticks(range(len(bars)), labels, fontsize=8)
+        ax.set(ylabel=f"{title} (ms)", title=f"{title}, one client")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Generation latency at one client (bar = p50, whiskers to p95 / p99)", fontweight="bold")
+    return fig

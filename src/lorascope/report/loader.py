@@ -20,6 +20,7 @@ from lorascope.report.figures import ordered, png_bytes
 from lorascope.representations import POOLED_POSITIONS
 from lorascope.runs import BASELINES, PERFORMANCE
 from lorascope.serving.checks import DEPLOYMENT_CHECKS
+from lorascope.serving.generation_grid import DEPLOYMENT_GENERATION
 from lorascope.serving.grid import DEPLOYMENT
 from lorascope.serving.memory import DEPLOYMENT_MEMORY
 from lorascope.study import Study, Table
@@ -47,6 +48,7 @@ TABLES: tuple[Table, ...] = (
     DEPLOYMENT,
     DEPLOYMENT_MEMORY,
     DEPLOYMENT_CHECKS,
+    DEPLOYMENT_GENERATION,
     TRIALS,
 )
 FIGURE_PREFIX = "report_"  # figures this package owns; others' figures are never touched

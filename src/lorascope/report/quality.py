@@ -18,7 +18,11 @@ from lorascope.stats import describe
 CRITERIA = {
     "quality": ("quality gap: full FT − LoRA (one-sided)", "pp"),
     "drift": ("drift reduction: 1 − mean drift(LoRA) / mean drift(full), drift = 1 − CKA", "%"),
-    "deployment": ("deployment: separate-adapter latency overhead vs full FT, batch 1, engine PEFT in-process", "%"),
+    "deployment": (
+        "deployment: separate-adapter serving overhead, one example a request (measure, engine: its rule)",
+        "%",
+    ),
+    "generation throughput": ("generation throughput: separate / merged output tokens/s, most clients (shown)", ""),
     FORGETTING_CRITERION: ("forgetting: LoRA − full FT, probe accuracy lost on the other tasks", "pp"),
     "recommended": ("**LoRA recommended** = quality and (drift or deployment)", ""),
 }

@@ -246,5 +246,6 @@ def run_vllm(served, models, workload, checked, references, num_labels, tokenize
     ]
     if not served:
         return [], rows, [], versions
-    result = vllm_engine.run(served, models, workload, checked, references, num_labels, tokenizer, cfg, out_dir, python)
+    kind = vllm_engine.classification(models, checked, references, num_labels)
+    result = vllm_engine.run(served, models, workload, kind, tokenizer, cfg, out_dir, python)
     return result.measured, rows + result.rows, result.checks, versions

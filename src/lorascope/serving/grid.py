@@ -5,8 +5,9 @@ engine plugs into, the requests of a cell, its measurement through the load gene
 A cell's requests are the same for every engine and strategy: request k carries `size`
 consecutive examples of the interleaved stream of every task's eval examples (inputs.interleave),
 from position (warmup + k) x size, padded to the cell's length; warm-up requests are numbered
-below 0. The request kind (classify: one forward pass, class scores back) is a property of the
-workload; an engine's send function performs requests of the kinds it serves."""
+below 0. The request kind (classify: one forward pass, class scores back; generate: streamed
+tokens, serving.generation_grid) is a property of the workload; an engine's send function
+performs requests of the kinds it serves and its answers are kept for the kind's tables."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from lorascope.serving.inputs import Batch, pad_batch, request_rows
 from lorascope.serving.load import Taken, Turns, say, take_turns, turns_of
 from lorascope.study import Table
 
-CLASSIFY = "classify"  # the one request kind so far; a streamed `generate` kind would add its own timings
+CLASSIFY = "classify"  # one forward pass, class scores back
+GENERATE = "generate"  # a fixed number of greedy tokens, streamed (serving.generation_grid)
 REFERENCES = ("full", "merged")  # every overhead is against one of these, in the same engine and cell
 
 DEPLOYMENT = Table(
@@ -125,7 +127,8 @@ Send = Callable[[Request], object]  # performs one request, returns when the ans
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """What every engine is sent: the interleaved request stream, padded for `device`."""
+    """What every engine is sent: the interleaved request stream, padded for `device` (on the
+    left for generation, where new tokens follow every prompt's last one)."""
 
     pool: list[dict]
     pad_token_id: int
@@ -140,7 +143,8 @@ class Workload:
         out = {}
         for k in range(first, count):
             rows = request_rows(self.pool, cell.size, (self.warmup + k) * cell.size)
-            batch = pad_batch(rows, self.pad_token_id, self.input_names, length).to(self.device)
+            batch = pad_batch(rows, self.pad_token_id, self.input_names, length, left=self.kind == GENERATE)
+            batch = batch.to(self.device)
             out[k] = Request(k, rows, batch, self.kind)
         return out
 
@@ -148,7 +152,8 @@ class Workload:
 @dataclasses.dataclass
 class Measured:
     """One strategy in one cell on one engine: its timed requests, their tokens, the turns they
-    went in, the engine's memory for it and its overheads (`overheads`)."""
+    went in, the engine's memory for it, its overheads (`overheads`) and what each timed request
+    answered (by request number)."""
 
     engine: str
     strategy: str
@@ -159,6 +164,7 @@ class Measured:
     turns: list[range]
     memory: dict = dataclasses.field(default_factory=dict)
     overheads: dict = dataclasses.field(default_factory=dict)
+    answers: dict = dataclasses.field(default_factory=dict)
 
     def summary(self) -> dict:
         """Latency percentiles (numpy's linear interpolation) over the timed requests; throughput
@@ -189,16 +195,20 @@ def measure(
     split = turns_of(n, cell.concurrency, turns, grid.rounds)
     first = turns.first_warmup(cell.concurrency, grid.warmup)
     stream = workload.requests(cell, -first, n)
-    taken = take_turns(
-        {s: (lambda k, send=send: send(stream[k])) for s, send in sends.items()},
-        split,
-        cell.concurrency,
-        first,
-        turns,
-    )
+    answers: dict[str, dict] = {s: {} for s in sends}
+
+    def performer(strategy: str, send: Send) -> Callable[[int], object]:
+        def perform(k: int) -> None:
+            answer = send(stream[k])
+            if k >= 0:
+                answers[strategy][k] = answer
+
+        return perform
+
+    taken = take_turns({s: performer(s, send) for s, send in sends.items()}, split, cell.concurrency, first, turns)
     padded = np.array([stream[k].batch.padded_tokens for k in range(n)])
     real = np.array([stream[k].batch.real_tokens for k in range(n)])
-    out = [Measured(engine, s, cell, taken[s], padded, real, split) for s in sends]
+    out = [Measured(engine, s, cell, taken[s], padded, real, split, answers=answers[s]) for s in sends]
     say(
         f"{engine} concurrency {cell.concurrency}, batch {cell.size}, seq_len {cell.seq_len}: p50 "
         + ", ".join(f"{m.strategy} {np.median(m.taken.latencies_ms):.2f} ms" for m in out)
@@ -218,9 +228,15 @@ def sequential(engine: str, cell: Cell, times: dict[str, np.ndarray], padded, re
     return out
 
 
-def overheads(measured: list[Measured], bootstrap: int) -> None:
+def overheads(
+    measured: list[Measured],
+    bootstrap: int,
+    value: Callable[[Measured], np.ndarray] = lambda m: m.taken.latencies_ms,
+    prefix: str = "overhead",
+) -> None:
     """Every strategy over `full` and over `merged` of the same engine and cell: the median of
-    per-request latency ratios (request k carried the same inputs under both), with a bootstrap
+    per-request ratios of `value` (latency; generation: time per output token; request k carried
+    the same inputs under both), with a bootstrap
     interval that resamples whole turns (a turn's requests shared a queue and a spell of the
     machine; at one client on PEFT a turn is one request). See stats.median_paired_ratio."""
     by_cell = {(m.engine, m.cell, m.strategy): m for m in measured}
@@ -229,10 +245,8 @@ def overheads(measured: list[Measured], bootstrap: int) -> None:
             other = by_cell.get((m.engine, m.cell, ref))
             if other is None:
                 continue
-            values = stats.median_paired_ratio(
-                m.taken.latencies_ms, other.taken.latencies_ms, bootstrap, blocks=m.turns
-            )
-            keys = (f"overhead_vs_{ref}", f"overhead_vs_{ref}_ci_low", f"overhead_vs_{ref}_ci_high")
+            values = stats.median_paired_ratio(value(m), value(other), bootstrap, blocks=m.turns)
+            keys = (f"{prefix}_vs_{ref}", f"{prefix}_vs_{ref}_ci_low", f"{prefix}_vs_{ref}_ci_high")
             m.overheads.update(zip(keys, values))
 
 

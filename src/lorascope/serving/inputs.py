@@ -77,9 +77,10 @@ def interleave(examples: dict[str, list[dict]], seed: int = BATCH_SEED) -> list[
     return [{**examples[t][int(orders[t][i])], "task": t} for i in range(n) for t in examples]
 
 
-def pad_batch(rows: list[dict], pad_token_id: int, input_names, length: int | None = None) -> Batch:
-    """Right-padded tensors. `length=None` pads to the batch's longest example (natural
-    length); an int truncates or pads every example to exactly that many tokens."""
+def pad_batch(rows: list[dict], pad_token_id: int, input_names, length: int | None = None, left: bool = False) -> Batch:
+    """Right-padded tensors (left-padded with `left`, as generation needs). `length=None` pads to
+    the batch's longest example (natural length); an int truncates or pads every example to
+    exactly that many tokens."""
     target = length or max(len(r["input_ids"]) for r in rows)
     pads = {"input_ids": pad_token_id, "token_type_ids": 0}
     inputs = {}
@@ -89,7 +90,8 @@ def pad_batch(rows: list[dict], pad_token_id: int, input_names, length: int | No
         else:
             values = [list(r[name][:target]) for r in rows]
         pad = pads.get(name, 0)
-        inputs[name] = torch.tensor([v + [pad] * (target - len(v)) for v in values], dtype=torch.long)
+        padded = [[pad] * (target - len(v)) + v if left else v + [pad] * (target - len(v)) for v in values]
+        inputs[name] = torch.tensor(padded, dtype=torch.long)
     return Batch(inputs, [r.get("task", "") for r in rows])
 
 

@@ -1,5 +1,6 @@
-"""The ways of serving a fine-tuned classifier, one registered `Strategy` each: how it loads,
-what one request costs under it, and which checkpoints it reads. A new way of serving is a new
+"""The ways of serving a fine-tuned model (a classifier, or a causal LM when no number of labels
+is given), one registered `Strategy` each: how it loads, how a request reaches its adapter(s),
+and which checkpoints it reads. A new way of serving is a new
 entry here (config.STRATEGIES names the ones a config may ask for)."""
 
 from __future__ import annotations
@@ -21,21 +22,29 @@ from lorascope.serving.inputs import Batch, Models
 MIXABLE = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 _SET_ADAPTER_HAS_MODE = "inference_mode" in inspect.signature(PeftModel.set_adapter).parameters
 Call = Callable[[Batch, int], torch.Tensor]
+Route = Callable[[Batch, int], dict]  # request k's extra arguments of forward / generate
 
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
-    """`load(models, num_labels, pad_token_id)` -> an fp32 model in eval mode on the CPU;
-    `call(model, tasks)` -> the function one request runs; `adapters`: which adapters it reads
+    """`load(models, num_labels, pad_token_id)` -> an fp32 model in eval mode on the CPU (a causal
+    LM when num_labels is None); `route(model, tasks)` -> request k's extra arguments of the
+    model's forward or generate call (switching the active adapter where the strategy does);
+    `adapters`: which adapters it reads
     ("none", "first" or "all"; "all" needs two or more); `full`: whether it serves the fully
     fine-tuned checkpoint; `compiled_from`: a torch.compile variant of another strategy."""
 
     name: str
-    load: Callable[[Models, int, int], torch.nn.Module] | None
-    call: Callable[[torch.nn.Module, list[str]], Call]
+    load: Callable[[Models, int | None, int], torch.nn.Module] | None
+    route: Callable[[torch.nn.Module, list[str]], Route]
     adapters: str = "none"
     full: bool = False
     compiled_from: str | None = None
+
+    def call(self, model: torch.nn.Module, tasks: list[str]) -> Call:
+        """The function one classification request runs: the routed forward pass, its logits."""
+        route = self.route(model, tasks)
+        return lambda batch, request: model(**batch.inputs, **route(batch, request)).logits
 
     def unavailable(self, models: Models) -> str | None:
         """Why this strategy cannot serve `models`, or None."""
@@ -46,10 +55,12 @@ class Strategy:
         return None
 
 
-def load_base(base: str, num_labels: int, pad_token_id: int) -> torch.nn.Module:
-    """fp32 classifier on the base weights. The head of the `base` strategy is random (seeded):
-    it is a compute reference, not a predictor; adapters overwrite it with their own."""
-    return modeling.load_model(base, tuple(str(i) for i in range(num_labels)), 0, pad_token_id)
+def load_base(base: str, num_labels: int | None, pad_token_id: int) -> torch.nn.Module:
+    """fp32 classifier on the base weights, or the causal LM with num_labels None. A classifier's
+    head under the `base` strategy is random (seeded): it is a compute reference, not a
+    predictor; adapters overwrite it with their own."""
+    labels = None if num_labels is None else tuple(str(i) for i in range(num_labels))
+    return modeling.load_model(base, labels, 0, pad_token_id)
 
 
 def mixable_modules(model: torch.nn.Module, names: list[str] | None) -> list[str]:
@@ -74,7 +85,7 @@ def mixable_modules(model: torch.nn.Module, names: list[str] | None) -> list[str
     return list(dict.fromkeys(out))
 
 
-def load_multi(models: Models, num_labels: int, pad_token_id: int) -> PeftModel:
+def load_multi(models: Models, num_labels: int | None, pad_token_id: int) -> PeftModel:
     """All adapters on one base, each under its task's name (for `switch` and `multi`). Their
     trained head blocks are wrapped where PEFT can mix them (see `mixable_modules`)."""
     base_model = load_base(models.base, num_labels, pad_token_id)
@@ -104,29 +115,29 @@ def activate(model: PeftModel, name: str) -> None:
         model.set_adapter(name)
 
 
-def _separate(models: Models, num_labels: int, pad_token_id: int) -> PeftModel:
+def _separate(models: Models, num_labels: int | None, pad_token_id: int) -> PeftModel:
     return modeling.load_adapter(load_base(models.base, num_labels, pad_token_id), models.adapters[models.first])
 
 
-def _plain_call(model: torch.nn.Module, tasks: list[str]) -> Call:
-    return lambda batch, request: model(**batch.inputs).logits
+def _plain(model: torch.nn.Module, tasks: list[str]) -> Route:
+    return lambda batch, request: {}
 
 
-def _switch_call(model: PeftModel, tasks: list[str]) -> Call:
-    """Request k is served by task k's adapter (tasks in turn), activated inside the call with
+def _switch(model: PeftModel, tasks: list[str]) -> Route:
+    """Request k is served by task k's adapter (tasks in turn), activated inside the request with
     set_adapter: one adapter per request, switching timed."""
 
-    def call(batch: Batch, request: int) -> torch.Tensor:
+    def route(batch: Batch, request: int) -> dict:
         activate(model, tasks[request % len(tasks)])
-        return model(**batch.inputs).logits
+        return {}
 
-    return call
+    return route
 
 
-def _multi_call(model: PeftModel, tasks: list[str]) -> Call:
+def _multi(model: PeftModel, tasks: list[str]) -> Route:
     """One batch holding examples of several adapters: each example names its own (PEFT's
     adapter_names)."""
-    return lambda batch, request: model(**batch.inputs, adapter_names=batch.tasks).logits
+    return lambda batch, request: {"adapter_names": batch.tasks}
 
 
 def compile_model(model: torch.nn.Module, probe: Batch, device: torch.device, bf16: bool):
@@ -141,19 +152,21 @@ def compile_model(model: torch.nn.Module, probe: Batch, device: torch.device, bf
 REGISTRY: dict[str, Strategy] = {
     s.name: s
     for s in (
-        Strategy("base", lambda models, n, pad: load_base(models.base, n, pad), _plain_call),
-        Strategy("full", lambda models, n, pad: modeling.load_full(models.full, pad), _plain_call, full=True),
+        Strategy("base", lambda models, n, pad: load_base(models.base, n, pad), _plain),
+        Strategy(
+            "full", lambda models, n, pad: modeling.load_full(models.full, pad, causal=n is None), _plain, full=True
+        ),
         Strategy(
             "merged",
             lambda models, n, pad: _separate(models, n, pad).merge_and_unload().eval(),
-            _plain_call,
+            _plain,
             adapters="first",
         ),
-        Strategy("separate", _separate, _plain_call, adapters="first"),
-        Strategy("switch", load_multi, _switch_call, adapters="all"),
-        Strategy("multi", load_multi, _multi_call, adapters="all"),
-        Strategy("merged_compiled", None, _plain_call, adapters="first", compiled_from="merged"),
-        Strategy("separate_compiled", None, _plain_call, adapters="first", compiled_from="separate"),
+        Strategy("separate", _separate, _plain, adapters="first"),
+        Strategy("switch", load_multi, _switch, adapters="all"),
+        Strategy("multi", load_multi, _multi, adapters="all"),
+        Strategy("merged_compiled", None, _plain, adapters="first", compiled_from="merged"),
+        Strategy("separate_compiled", None, _plain, adapters="first", compiled_from="separate"),
     )
 }
 assert set(CONFIG_NAMES) <= set(REGISTRY), "every strategy a config may name is registered"

