@@ -38,6 +38,7 @@ SLOW_MODULES = (
     "test_generative.py",
     "test_executors.py",
     "test_vllm_server.py",
+    "test_generation_serving.py",
     "test_study.py",
     "test_tuning.py",
     "test_forgetting.py",

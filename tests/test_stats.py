@@ -205,6 +205,12 @@ def test_bootstrap_edge_cases():
     assert all(math.isnan(v) for v in stats.bootstrap_paired_interval([0.9], [0.8]))
 
 
+def test_median_paired_ratio_gives_no_interval_from_one_block():
+    a, b = np.array([1.2, 1.1, 1.3]), np.ones(3)
+    ratio, low, high = stats.median_paired_ratio(a, b, 100, blocks=[range(0, 3)])
+    assert ratio == pytest.approx(1.2) and np.isnan(low) and np.isnan(high)
+
+
 def test_median_paired_ratio_resamples_blocks_whole():
     """Requests of one engine-grid turn share a spell of the machine: resampled one by one, a
     95 % interval held the true ratio in few runs; resampled by turn, in about 95 %."""

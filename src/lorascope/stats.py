@@ -281,9 +281,9 @@ def median_paired_ratio(
     turns) read +4.0 to +5.2 %; resampled one by one, two runs' intervals were disjoint ([3.4, 4.5]
     and [4.8, 5.6]), resampled by turn, every two overlapped ([2.0, 6.8] ... [4.3, 6.1])."""
     ratios = np.asarray(a) / np.asarray(b)
-    if n_boot == 0:
-        return float(np.median(ratios)), math.nan, math.nan
     groups = [ratios[r.start : r.stop] for r in blocks or [range(i, i + 1) for i in range(len(ratios))]]
+    if n_boot == 0 or len(groups) < 2:  # one block resampled is itself: no interval, not a zero-width one
+        return float(np.median(ratios)), math.nan, math.nan
     picks = np.random.default_rng(seed).integers(0, len(groups), size=(n_boot, len(groups)))
     boot = [np.median(np.concatenate([groups[g] for g in pick])) for pick in picks]
     low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])

@@ -28,7 +28,7 @@ from lorascope.serving.vllm_engine import ENGINE_VERSIONS
 from lorascope.serving.vllm_server import find_vllm_python
 from lorascope.study import Table
 
-CHECKED_PROMPTS = 32  # labelled prompts per adapter the checks score, unless deploy.checks.examples says
+CHECKED_PROMPTS = 16  # labelled prompts per adapter the checks score, unless deploy.checks.examples says
 DEPLOYMENT_GENERATION_CHECKS = Table("deployment_generation_checks", ("engine", "strategy", *DEPLOYMENT_CHECKS.columns))
 DEPLOYMENT_GENERATION_VERSIONS = Table("deployment_generation_versions", ENGINE_VERSIONS.columns)
 

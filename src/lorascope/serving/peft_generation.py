@@ -35,6 +35,7 @@ INPUTS = ("input_ids", "attention_mask")
 LOGPROB_ATOL = 1e-3
 # near-ties may break differently under other kernels; an adapter not applied changes most
 MIN_IDENTICAL = 0.9
+LOGPROB_BATCH = 8
 
 
 class TokenClock(BaseStreamer):
@@ -103,17 +104,20 @@ def sender(
 @torch.inference_mode()
 def completion_logprobs(model, rows: list[dict], pad_token_id: int, device, multi: bool = False) -> list[torch.Tensor]:
     """fp32 log-probability of each reference completion token given everything before it, per
-    row (no autocast); under `multi` each row is routed to its own task's adapter."""
+    row (no autocast); under `multi` each row is routed to its own task's adapter. Batches of
+    LOGPROB_BATCH: a prompt's logits over the whole vocabulary are the memory (SmolLM2: 200 MB a
+    250-token prompt), and only the completion's positions are normalised."""
     out = []
-    for start in range(0, len(rows), CHECK_BATCH_SIZE):
-        chunk = rows[start : start + CHECK_BATCH_SIZE]
+    for start in range(0, len(rows), LOGPROB_BATCH):
+        chunk = rows[start : start + LOGPROB_BATCH]
         whole = [{"input_ids": [*r["input_ids"], *r["completion_ids"]], "task": r.get("task", "")} for r in chunk]
         batch = pad_batch(whole, pad_token_id, INPUTS).to(device)
         extra = {"adapter_names": batch.tasks} if multi else {}
-        logprobs = model(**batch.inputs, **extra).logits.float().log_softmax(-1)
+        logits = model(**batch.inputs, **extra).logits
         for i, r in enumerate(chunk):
-            n, targets = len(r["input_ids"]), torch.tensor(r["completion_ids"], device=logprobs.device)
-            out.append(logprobs[i, n - 1 : n - 1 + len(targets)].gather(-1, targets[:, None])[:, 0].cpu())
+            n, targets = len(r["input_ids"]), torch.tensor(r["completion_ids"], device=logits.device)
+            logprobs = logits[i, n - 1 : n - 1 + len(targets)].float().log_softmax(-1)
+            out.append(logprobs.gather(-1, targets[:, None])[:, 0].cpu())
     return out
 
 

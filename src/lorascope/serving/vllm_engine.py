@@ -109,7 +109,8 @@ class Kind:
     (every one must pass before the strategy is timed), `sender(server, strategy)` -> a grid
     request; `num_labels` None for causal LMs; `one_adapter`: why multi is timed at one example
     a request; `logs`: the servers' log names start with it; `max_model_len`: the longest
-    sequence a server must take."""
+    sequence a server must take; `server_args`: arguments every server of the kind gets before
+    deploy.vllm.args (which can override them)."""
 
     num_labels: int | None
     check: Callable[[VllmServer, str], list[dict]]
@@ -117,6 +118,7 @@ class Kind:
     one_adapter: str = ONE_ADAPTER
     logs: str = "vllm"
     max_model_len: int = 512
+    server_args: tuple[str, ...] = ()
 
 
 def classification(models: Models, checked: dict, references: dict, num_labels: int) -> Kind:
@@ -240,7 +242,7 @@ def run(
                         log_path=out_dir / "logs" / f"{kind.logs}-{name}.log",
                         max_model_len=kind.max_model_len,
                         startup_timeout=cfg.vllm.startup_timeout,
-                        extra_args=[*cfg.vllm.args, *gpu_share],
+                        extra_args=[*kind.server_args, *cfg.vllm.args, *gpu_share],
                         max_num_seqs=max(*cfg.grid.concurrency, *cfg.grid.batch_sizes),
                     )
                 )
