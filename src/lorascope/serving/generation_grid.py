@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from lorascope.serving.grid import Measured, strategy_order
+from lorascope.serving.grid import Measured, in_strategy_order
 from lorascope.study import Table
 
 PERCENTILES = (50, 95, 99)
@@ -127,10 +127,4 @@ def generation_table(
             }
         )
     table = pd.DataFrame(rows).reindex(columns=DEPLOYMENT_GENERATION.columns)
-    order = {s: i for i, s in enumerate(strategy_order(table["strategy"]))}
-    table = table.sort_values(
-        ["engine", "strategy", "prompts", "concurrency"],
-        key=lambda c: c.map(order) if c.name == "strategy" else c,
-        kind="stable",
-    )
-    return DEPLOYMENT_GENERATION.frame(table.reset_index(drop=True))
+    return DEPLOYMENT_GENERATION.frame(in_strategy_order(table, "prompts"))

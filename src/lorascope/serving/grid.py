@@ -365,10 +365,15 @@ def engines_table(measured: list[Measured], extra: list[dict], device: str) -> p
             }
         )
     table = pd.DataFrame(rows).reindex(columns=DEPLOYMENT_ENGINES.columns)
+    return DEPLOYMENT_ENGINES.frame(in_strategy_order(table, "batch_size"))
+
+
+def in_strategy_order(table: pd.DataFrame, size: str) -> pd.DataFrame:
+    """Rows by engine, strategy (in the config's order), request size (column `size`), clients."""
     order = {s: i for i, s in enumerate(strategy_order(table["strategy"]))}
     table = table.sort_values(
-        ["engine", "strategy", "batch_size", "concurrency"],
+        ["engine", "strategy", size, "concurrency"],
         key=lambda c: c.map(order) if c.name == "strategy" else c,
         kind="stable",
     )
-    return DEPLOYMENT_ENGINES.frame(table.reset_index(drop=True))
+    return table.reset_index(drop=True)
