@@ -294,7 +294,7 @@ def test_vllm_check_fails_when_the_server_answers_with_another_adapter_or_the_ba
         # `merged` asks the base's name: this server's base has no adapter merged into it
         for served, strategy, passed in (("a", "separate", True), ("b", "separate", False), ("a", "merged", False)):
             references = {strategy: {served: answers}}
-            kind = vllm_generation.generation(Models("base", {served: "x"}), {served: rows}, references, 6, 6, eos)
+            kind = vllm_generation.generation(Models("base", {served: "x"}), {served: rows}, references, 6, eos)
             [row] = kind.check(server, strategy)
             assert row["passed"] is passed, row
         streamed = kind.sender(server, "separate")(

@@ -114,11 +114,7 @@ def benchmark_generation(
         versions += [
             {"engine": "vllm", "package": p, "version": v} for p, v in vllm_engine.venv_versions(python).items()
         ]
-        kind = dataclasses.replace(
-            vllm_generation.generation(models, checked, references, tokens, tokens, eos),
-            logs="vllm-generation",
-            max_model_len=max_length,
-        )
+        kind = vllm_generation.generation(models, checked, references, tokens, eos, max_length)
         result = vllm_engine.run(served, models, workload, kind, tokenizer, cfg, out_dir, python)
         measured, extra, engine_checks = measured + result.measured, extra + result.rows, result.checks
     overheads(measured, cfg.bootstrap, value=tpot_ms, prefix="tpot_overhead")

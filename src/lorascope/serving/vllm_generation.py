@@ -111,18 +111,19 @@ def greedy(server: VllmServer, model: str, rows: list[dict], tokens: int, eos_to
     return out
 
 
-def served_name(strategy: str, models: Models, task: str) -> str:
+def served_name(strategy: str, task: str) -> str:
     return "base" if strategy in ("full", "merged") else task
 
 
-def generation(models: Models, checked: dict, references: dict, tokens: int, output_tokens: int, eos) -> Kind:
+def generation(models: Models, checked: dict, references: dict, tokens: int, eos, max_model_len: int = 512) -> Kind:
     """Generation requests: checked against PEFT's answers (peft_generation.check_correctness)
-    on each task's labelled prompts, timed at `output_tokens` a prompt."""
+    on each task's labelled prompts (greedy answers of at most `tokens`), timed at `tokens` a
+    prompt, on servers that take `max_model_len` tokens."""
 
     def check(server: VllmServer, strategy: str) -> list[dict]:
         rows = []
         for task in tasks_of(strategy, models):
-            name, examples = served_name(strategy, models, task), checked[task]
+            name, examples = served_name(strategy, task), checked[task]
             served = {
                 "logprobs": prompt_logprobs(server, name, examples),
                 "greedy": greedy(server, name, examples, tokens, eos),
@@ -134,8 +135,10 @@ def generation(models: Models, checked: dict, references: dict, tokens: int, out
     def sender(server: VllmServer, strategy: str) -> Send:
         def send(request: Request) -> Streamed:
             task = request.rows[0]["task"] if strategy == "multi" else models.first
-            return stream(server, served_name(strategy, models, task), request.rows, output_tokens)
+            return stream(server, served_name(strategy, task), request.rows, tokens)
 
         return send
 
-    return Kind(None, check, sender, ONE_PROMPT, server_args=NO_PREFIX_CACHE)
+    return Kind(
+        None, check, sender, ONE_PROMPT, "vllm-generation", max_model_len=max_model_len, server_args=NO_PREFIX_CACHE
+    )
