@@ -248,9 +248,7 @@ def main() -> None:
         models.append(
             (
                 f"{method} run",
-                lambda: modeling.load_run_model(
-                    Path(args.run), method, config.model.name, None, tokenizer.pad_token_id
-                ),
+                lambda: modeling.load_run_model(Path(args.run), config.model.name, None, tokenizer.pad_token_id),
             )
         )
 

@@ -26,7 +26,8 @@ def test_quick_tuned_is_quick_plus_a_small_search():
     quick, tuned = load_config(None, "quick"), load_config(None, "quick-tuned")
     assert tuned.tune.enabled and not quick.tune.enabled
     assert tuned.tune.startup_trials < tuned.tune.trials <= 5
-    assert list(tuned.tune.spaces.lora.params()) == ["lr", "alpha"] and list(tuned.tune.spaces.full.params()) == ["lr"]
+    assert list(tuned.search_space("lora").params()) == ["lr", "alpha"]
+    assert list(tuned.search_space("full").params()) == ["lr"]
     assert tuned.model_copy(update={"name": "quick", "tune": quick.tune}) == quick  # nothing else differs
 
 
@@ -60,9 +61,14 @@ def test_config_file_overlays_the_profile(tmp_path):
 
 def test_unknown_key_names_it_and_suggests_the_closest(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("training:\n  lora:\n    lrr: 1.0e-3\n")
-    with pytest.raises(InputError, match=r"unknown key 'training.lora.lrr' \(did you mean 'lr'\?\)"):
+    path.write_text("training:\n  lora:\n    lr: 1.0e-3\n    lrr: 1.0e-3\n  full:\n    lr: 1.0e-3\n    lrr: 1.0e-3\n")
+    with pytest.raises(InputError) as err:
         load_config(path)
+    # an adapter method's other keys are its PEFT config's fields, so PEFT's config is what refuses it
+    assert "training.lora: 'lrr' is neither an optimiser hyperparameter nor a field of PEFT's LoraConfig" in str(
+        err.value
+    )
+    assert "unknown key 'training.full.lrr' (did you mean 'lr'?)" in str(err.value)
 
 
 def test_unknown_key_inside_a_task(tmp_path):

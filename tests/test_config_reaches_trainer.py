@@ -36,10 +36,11 @@ DISTINCT_LORA = dict(r=3, alpha=11.0, dropout=0.07, target_modules=["query", "ke
 def test_every_key_has_a_destination():
     for key in MethodConfig.model_fields:
         assert key in TRAINER_KEYS or key in CALLBACK_KEYS, key
-    for key in set(LoraMethodConfig.model_fields) - set(MethodConfig.model_fields):
+    adapter_keys = set(LoraMethodConfig.model_fields) - set(MethodConfig.model_fields) - {"type"}  # type: the PEFT class
+    for key in adapter_keys:
         assert key in PEFT_KEYS, key
     assert set(DISTINCT) == set(MethodConfig.model_fields)
-    assert set(DISTINCT_LORA) == set(LoraMethodConfig.model_fields) - set(MethodConfig.model_fields)
+    assert set(DISTINCT_LORA) == adapter_keys
 
 
 def test_trainer_keys_reach_training_arguments(tmp_path):
@@ -97,7 +98,7 @@ def test_callback_keys_shape_training_and_everything_is_saved(tiny_config, tmp_p
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 8 < 3 * 12  # 48 examples / batch 4 = 12 steps per epoch
     saved = json.loads((run / "hparams.json").read_text())
-    assert saved["configured"] == {**lora, "alpha": 11.0}
+    assert saved["configured"] == {**lora, "alpha": 11.0, "type": "lora"}
     for key, arg in TRAINER_KEYS.items():
         assert saved["trainer"][arg] == lora[key], key
     assert saved["peft"]["r"] == 3 and saved["peft"]["lora_alpha"] == 11.0 and saved["peft"]["lora_dropout"] == 0.07

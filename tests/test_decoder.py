@@ -98,7 +98,7 @@ def test_trained_head_is_saved_with_the_adapter_and_merged_equals_separate(
     base = modeling.load_model(str(smollm2_dir), ("negative", "positive"), 42, tokenizer.pad_token_id)
     assert not torch.equal(head, base.score.weight.detach())  # trained away from its seed-42 initialisation
     separate = modeling.load_adapter(base, str(run))
-    merged = modeling.load_run_model(run, "lora", "smollm2-135m", ("negative", "positive"), tokenizer.pad_token_id)
+    merged = modeling.load_run_model(run, "smollm2-135m", ("negative", "positive"), tokenizer.pad_token_id)
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, separate(**batch).logits, atol=1e-4, rtol=1e-4)

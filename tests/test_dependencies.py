@@ -60,6 +60,9 @@ def _with(model: BaseModel, parts: list[str], new) -> BaseModel:
 
 def _set(config, key: str):
     parts = key.split(".")
+    if parts[:2] == ["tune", "spaces"]:  # a method's searched space: configured over its defaults
+        space = {parts[2]: {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}}
+        return config.model_copy(update={"tune": config.tune.model_copy(update={"spaces": space})})
     current = config
     for part in parts:
         current = current[part] if isinstance(current, dict) else getattr(current, part)

@@ -152,7 +152,7 @@ def test_a_minilm_lora_run_loads_from_a_hub_cache_alone(minilm_run, cache_at, tm
     probs = ["prob_0", "prob_1"]
     saved = pd.read_csv(run / "predictions.csv")
     np.testing.assert_allclose(scored.predictions[probs], saved[probs], atol=1e-5)
-    own = modeling.load_run_model(run, "lora", adapter["base_model_name_or_path"], ("negative", "positive"), 0)
+    own = modeling.load_run_model(run, adapter["base_model_name_or_path"], ("negative", "positive"), 0)
     torch.testing.assert_close(logits(loaded, tokenizer), logits(own, tokenizer), atol=1e-5, rtol=1e-5)
 
 
@@ -168,7 +168,7 @@ def test_a_hub_id_is_recorded_at_the_revision_it_was_loaded_from(tiny_study_conf
     assert (adapter["base_model_name_or_path"], adapter["revision"]) == ("lorascope-test/tiny-bert", revision)
     loaded = AutoPeftModelForSequenceClassification.from_pretrained(run, **LABELS, pad_token_id=0)
     tokenizer = modeling.load_tokenizer("lorascope-test/tiny-bert")
-    own = modeling.load_run_model(run, "lora", "lorascope-test/tiny-bert", ("negative", "positive"), 0)
+    own = modeling.load_run_model(run, "lorascope-test/tiny-bert", ("negative", "positive"), 0)
     torch.testing.assert_close(logits(loaded, tokenizer), logits(own, tokenizer), atol=1e-5, rtol=1e-5)
 
 
@@ -208,7 +208,7 @@ def test_a_converted_base_is_copied_once_and_the_moved_study_loads_without_it(
         assert (adapter["base_model_name_or_path"], adapter["revision"]) == (f"base/{base.name}", None)
         card = ModelCard.load(run / CARD)
         assert card.data.base_model is None and "no Hub checkpoint" in card.text and "tiny.Q4_1.gguf" in card.text
-        own = modeling.load_run_model(run, "lora", "tiny-gguf", ("negative", "positive"), pad)
+        own = modeling.load_run_model(run, "tiny-gguf", ("negative", "positive"), pad)
         reference[seed] = logits(own, modeling.load_tokenizer("tiny-gguf"))
     for run in [study.run_dir("sst2", m, 42) for m in ("lora", "full")]:
         assert_names_no_machine_path(run, study.root, converted)

@@ -93,13 +93,13 @@ def test_default_spaces_cover_the_profile_learning_rates():
         config = load_config(None, profile)
         assert not config.tune.enabled and config.tune.startup_trials < config.tune.trials
         for method in ("lora", "full"):
-            lr = getattr(config.tune.spaces, method).lr
-            assert lr.log and lr.low <= getattr(config.training, method).lr <= lr.high
-    spaces = config.tune.spaces
-    assert spaces.lora.lr.high / spaces.full.lr.high >= 10  # LoRA wants higher learning rates
-    assert {"lr", "alpha", "dropout", "warmup_ratio", "weight_decay", "epochs"} <= set(spaces.lora.params())
-    assert {"lr", "warmup_ratio", "weight_decay", "epochs"} == set(spaces.full.params())
-    assert spaces.lora.r is None  # rank: optional
+            lr = config.search_space(method).lr
+            assert lr.log and lr.low <= config.method(method).lr <= lr.high
+    lora, full = config.search_space("lora"), config.search_space("full")
+    assert lora.lr.high / full.lr.high >= 10  # LoRA wants higher learning rates
+    assert {"lr", "alpha", "dropout", "warmup_ratio", "weight_decay", "epochs"} <= set(lora.params())
+    assert {"lr", "warmup_ratio", "weight_decay", "epochs"} == set(full.params())
+    assert lora.r is None  # rank: optional
 
 
 @pytest.mark.parametrize(

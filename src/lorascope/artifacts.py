@@ -62,9 +62,9 @@ class Base:
     from_run: str | None = None
 
 
-def run_base(model_name: str, run_dir: Path, method: str) -> Base:
-    """How the run in `run_dir` names its base (see the module docstring); a LoRA run of an alias
-    with no Hub equivalent writes the study's copy of the base first, if no run did before."""
+def run_base(model_name: str, run_dir: Path, adapter: bool) -> Base:
+    """How the run in `run_dir` names its base (see the module docstring); an adapter run of an
+    alias with no Hub equivalent writes the study's copy of the base first, if no run did before."""
     hub = hub_copy(model_name)
     if hub is not None:
         copy_of = f" (lorascope's bundled `{model_name}` is a bit-identical copy of it)" if is_alias(model_name) else ""
@@ -76,7 +76,7 @@ def run_base(model_name: str, run_dir: Path, method: str) -> Base:
             "weights and tokenizer files equal the Hub's at that revision.",
         )
     folder = Path(modeling.resolve_model_path(model_name))
-    if is_alias(model_name) and method == "lora":
+    if is_alias(model_name) and adapter:
         return study_base(model_name, folder, run_dir)
     if is_alias(model_name):
         return Base(
@@ -156,13 +156,13 @@ def save_tokenizer(tokenizer, max_length: int | None, out_dir: Path) -> None:
     saved.save_pretrained(out_dir)
 
 
-def loading_lines(method: str, task: Task, pad_token_id: int, base: Base, bf16: bool = False) -> str:
+def loading_lines(adapter: bool, task: Task, pad_token_id: int, base: Base, bf16: bool = False) -> str:
     """Python that loads the folder `run_dir` with the task's label names and the run's pad token
     (the base's config may have none, and a decoder's classifier finds its last token by it);
-    a LoRA run on the study's copy of its base loads that copy from the run folder's path."""
+    an adapter on the study's copy of its base loads that copy from the run folder's path."""
     if task.generative:
-        return generation_lines(method, task, base, bf16)
-    if method == "full":
+        return generation_lines(adapter, task, base, bf16)
+    if not adapter:
         return (
             "from transformers import pipeline\n"
             'classifier = pipeline("text-classification", model=run_dir)\n'
@@ -185,7 +185,7 @@ def loading_lines(method: str, task: Task, pad_token_id: int, base: Base, bf16: 
     )
 
 
-def generation_lines(method: str, task: Task, base: Base, bf16: bool) -> str:
+def generation_lines(adapter: bool, task: Task, base: Base, bf16: bool) -> str:
     """Python that loads a generative run's folder and answers one prompt as lorascope evaluated
     it: greedy, at most the task's max_new_tokens, the first line of what is generated, under
     bf16 autocast when the run was evaluated so (batched generation pads prompts, so a near-tie
@@ -208,7 +208,7 @@ def generation_lines(method: str, task: Task, base: Base, bf16: bool) -> str:
         "answer = tokenizer.decode(out[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True)"
         ".split('\\n')[0].strip()"
     )
-    if method == "full":
+    if not adapter:
         load = (
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             "model = AutoModelForCausalLM.from_pretrained(run_dir)\n"
@@ -229,7 +229,7 @@ def generation_lines(method: str, task: Task, base: Base, bf16: bool) -> str:
     return f"{imports}{load}tokenizer = AutoTokenizer.from_pretrained(run_dir)\n{text}{prompt}\n{answer}"
 
 
-def generation_notes(task: Task, method: str, tied: bool) -> str:
+def generation_notes(task: Task, adapter: bool, tied: bool) -> str:
     """The card's paragraph on the prompt a generative run expects and what it learned."""
     template = task.template.replace("{unanswerable}", task.unanswerable or "{unanswerable}") if task.template else None
     built = f"`{template!r}` (an example's columns in braces)" if template else f"the `{task.prompt}` column"
@@ -240,10 +240,10 @@ def generation_notes(task: Task, method: str, tied: bool) -> str:
     )
     if task.unanswerable:
         notes += f" A question without answer has the completion `{task.unanswerable}`, scored as the empty answer."
-    if method == "full" and tied:
+    if not adapter and tied:
         notes += " The input embeddings and the LM head are one tied matrix, so full fine-tuning moved both."
-    if method == "lora":
-        notes += " The LM head is the base's: LoRA trained the adapter only."
+    if adapter:
+        notes += " The LM head is the base's: the method trained the adapter only."
     return notes
 
 
@@ -261,10 +261,12 @@ def write_card(
 ) -> None:
     """README.md: task, method, seed, which base and why, eval metrics and the loading lines.
     Its `base_model` is the name adapter_config.json records, but for the study's own copy,
-    which no Hub id names."""
+    which no Hub id names. An adapter run's folder already holds its adapter_config.json."""
+    adapter = modeling.is_adapter(out_dir)
+    type_name = f"a PEFT {modeling.adapter_type(out_dir)} adapter" if adapter else "full fine-tuning"
     data = ModelCardData(
         base_model=base.name if base.from_run is None else None,
-        library_name="peft" if method == "lora" else "transformers",
+        library_name="peft" if adapter else "transformers",
         pipeline_tag="text-generation" if task.generative else "text-classification",
         tags=["lorascope", method, task.name],
     )
@@ -273,13 +275,14 @@ def write_card(
         for key, value in metrics.items()
         if key.startswith("eval_") and isinstance(value, float)
     )
-    lines = loading_lines(method, task, pad_token_id, base, bf16)
+    lines = loading_lines(adapter, task, pad_token_id, base, bf16)
     about_task = "generative" if task.generative else f"labels: {', '.join(task.label_names)}"
-    notes = f"{generation_notes(task, method, tied and task.generative)}\n\n" if task.generative else ""
+    notes = f"{generation_notes(task, adapter, tied and task.generative)}\n\n" if task.generative else ""
+    name = METHOD_NAMES.get(method, f"method `{method}` ({type_name})")
     body = (
-        f"# {task.name}: {METHOD_NAMES[method]} of {model_name}, seed {seed}\n\n"
+        f"# {task.name}: {name} of {model_name}, seed {seed}\n\n"
         f"Trained by lorascope on task `{task.name}` ({about_task}) with "
-        f"{METHOD_NAMES[method]}, seed {seed}, from the model the study named `{model_name}`.\n\n"
+        f"{name}, seed {seed}, from the model the study named `{model_name}`.\n\n"
         f"Base model: {base.about}\n\n{notes}"
         f"Scores on the eval split (the task's `{task.eval_split}` split; never used for selection):\n\n"
         f"| metric | value |\n|---|---|\n{scores}\n\n"

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("study", help="study directory or config YAML")
     tune.add_argument("--task", action="append", help="only this task (repeatable)")
-    tune.add_argument("--method", action="append", choices=("lora", "full"), help="only this method (repeatable)")
+    tune.add_argument("--method", action="append", help="only this method (repeatable)")
     tune.add_argument("--trials", type=int, help="finished trials per task x method (default tune.trials)")
     tune.add_argument("--storage", help="Optuna storage URL (postgresql://, mysql://, sqlite:///) or a journal file")
     tune.add_argument("--out", help="study directory when STUDY is a config file")
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("study", nargs="?", help="study directory (its config.yaml is used)")
     train.add_argument("--task")
-    train.add_argument("--method", choices=("lora", "full"))
+    train.add_argument("--method", help="a method defined in training: lora, full, or your own")
     train.add_argument("--seed", type=int)
     _add_config_args(train, config_positional=False)
     _add_executor_args(train)
@@ -245,6 +245,8 @@ def _single_run(args) -> int:
         config = validate(apply_overrides(raw, [*args.overrides, *_executor_overrides(args)]), source="--set")
     else:
         config = load_config(args.config, args.profile, [*args.overrides, *_executor_overrides(args)])
+    if not config.defines(args.method):
+        raise InputError(f"--method {args.method}: no such method; define it as training.{args.method}")
     task_cfg = config.tasks.get(args.task, TaskConfig())
     config = config.model_copy(update={"tasks": {args.task: task_cfg}, "methods": [args.method], "seeds": [args.seed]})
     out = Path(out) if out else _out_dir(args, config)

@@ -4,11 +4,11 @@ key described: docs/configuration.md is generated from them). config_io reads an
 from __future__ import annotations
 
 import os
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from lorascope.hparams import LoraMethodConfig, MethodConfig, Strict, TuneSpaces
+from lorascope.hparams import MethodConfig, SearchSpace, Strict, TrainingConfig, TuneConfig, method_kind, search_space
 
 # Serving strategies a config may ask for; lorascope.serving.strategies registers one object each.
 STRATEGIES = ("base", "full", "merged", "separate", "switch", "multi")
@@ -109,13 +109,6 @@ class TaskConfig(Strict):
     def is_generative(self, name: str) -> bool:
         """A prompt -> completion task: the built-in squad_v2, or a custom task with `completion`."""
         return self.completion is not None or (name == "squad_v2" and self.source is None)
-
-
-class TrainingConfig(Strict):
-    lora: LoraMethodConfig = LoraMethodConfig(lr=5e-4)
-    full: MethodConfig = MethodConfig(lr=5e-5)
-    head: MethodConfig = MethodConfig(lr=1e-3)
-    eval_batch_size: int = Field(64, gt=0, description="batch size of every evaluation (dev, eval, baselines)")
 
 
 class BaselinesConfig(Strict):
@@ -335,35 +328,6 @@ class AnalysisConfig(Strict):
     seed: int = Field(0, description="seed of the resampling and permutation tests")
 
 
-class TuneConfig(Strict):
-    """Optuna search per task x method on the `dev` split (stage `tune`, `lorascope tune`)."""
-
-    enabled: bool = Field(False, description="`run` tunes, then trains the grid with the tuned hyperparameters")
-    trials: int = Field(20, gt=1, description="finished (complete or pruned) trials per task x method")
-    startup_trials: int = Field(8, gt=0, description="random trials before TPE takes over; < trials")
-    seed: int = Field(0, description="TPE sampler seed")
-    storage: str | None = Field(
-        None,
-        description="Optuna storage URL (sqlite:///, postgresql://, mysql://) or a journal file path; "
-        "None = sqlite file tune/optuna.db in the study directory (one process)",
-    )
-    prune: bool = Field(True, description="median pruner on the dev metric of each evaluation")
-    prune_startup_trials: int = Field(4, ge=0, description="trials that finish before any trial is pruned")
-    prune_warmup_steps: int = Field(0, ge=0, description="optimizer steps before a trial can be pruned")
-    heartbeat_s: int = Field(30, gt=0, description="shared storages: a trial silent for 4 heartbeats is failed")
-    max_retries: int = Field(2, ge=0, description="times a trial of a killed worker is rerun with its parameters")
-    spaces: TuneSpaces = TuneSpaces()
-
-    @model_validator(mode="after")
-    def _fewer_startup_trials(self) -> TuneConfig:
-        if self.startup_trials >= self.trials:
-            raise ValueError(
-                f"tune.startup_trials ({self.startup_trials}) must be below tune.trials ({self.trials}), "
-                "or TPE never leaves its random start-up phase"
-            )
-        return self
-
-
 class RuntimeConfig(Strict):
     """How to run; only `device` and `bf16` can change results, so only they are fingerprinted."""
 
@@ -398,8 +362,10 @@ class StudyConfig(Strict):
         {"sst2": TaskConfig(), "mrpc": TaskConfig(), "rte": TaskConfig()},
         description="the tasks, by name: a built-in GLUE task (sst2, mrpc, rte) or a custom one (`source` given)",
     )
-    methods: list[Literal["lora", "full"]] = Field(
-        ["lora", "full"], description="what is compared: LoRA and full fine-tuning"
+    methods: list[str] = Field(
+        ["lora", "full"],
+        description="what is compared: names of methods defined in `training` (lora, full, or your own); "
+        "a mapping `{name: {type: ..., ...}}` defines and picks them at once",
     )
     seeds: list[int] = Field(
         [42, 1337, 2024],
@@ -416,6 +382,45 @@ class StudyConfig(Strict):
     analysis: AnalysisConfig = AnalysisConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _methods_defined_in_place(cls, data: Any) -> Any:
+        """`methods: {name: definition}` is `training.<name>: definition` and `methods: [names]`."""
+        if isinstance(data, dict) and isinstance(data.get("methods"), dict):
+            training = dict(data.get("training") or {})
+            for name, spec in data["methods"].items():
+                given = training.get(name)
+                training[name] = {**given, **spec} if isinstance(given, dict) and isinstance(spec, dict) else spec
+            data = {**data, "training": training, "methods": list(data["methods"])}
+        return data
+
+    @field_validator("methods")
+    @classmethod
+    def _method_names(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"a method is named twice: {value}")
+        return value
+
+    def defines(self, name: str) -> bool:
+        """`name` is a method: built in, or defined as training.<name>."""
+        return name in ("lora", "full") or name in (self.training.model_extra or {})
+
+    def method(self, name: str) -> MethodConfig:
+        """training.<name>: what method `name` trains and its hyperparameters."""
+        return getattr(self.training, name)
+
+    def method_kind(self, method: str) -> str:
+        """full, lora or peft: how `method` trains (lorascope.hparams.method_kind)."""
+        return method_kind(self.method(method))
+
+    def adapter_methods(self) -> list[str]:
+        """The methods that train a PEFT adapter, in config order."""
+        return [name for name in self.methods if self.method_kind(name) != "full"]
+
+    def search_space(self, method: str) -> SearchSpace:
+        """tune.spaces.<method> over its kind's default space."""
+        return search_space(method, self.method_kind(method)).model_validate(self.tune.spaces.get(method, {}))
+
     @model_validator(mode="after")
     def _grid_not_empty(self) -> StudyConfig:
         for key in ("tasks", "methods", "seeds"):
@@ -423,6 +428,15 @@ class StudyConfig(Strict):
                 raise ValueError(f"`{key}` must not be empty")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"`seeds` has duplicates: {self.seeds}")
+        if undefined := [name for name in self.methods if not self.defines(name)]:
+            raise ValueError(
+                f"methods: {undefined[0]} is not defined; define it as training.{undefined[0]}: "
+                "{type: ..., lr: ...} (type full, or a PEFT type such as lora, ia3, loha)"
+            )
+        for method in self.tune.spaces:
+            if not self.defines(method):
+                raise ValueError(f"tune.spaces.{method}: no method of that name is defined in `training`")
+            self.search_space(method)
         missing = [
             f"{key} lacks {value!r}"
             for key, value, have in (
@@ -450,7 +464,7 @@ class StudyConfig(Strict):
             raise ValueError(f"forget.tasks: {named} are generative; linear probes need a classification task's labels")
         if generative and self.tune.enabled:
             raise ValueError(f"tune.enabled: tuning searches classification tasks only; {generative} are generative")
-        if self.deploy.enabled and "lora" in self.methods:
+        if self.deploy.enabled and self.adapter_methods():
             # classification serves one adapter a task; generation every LoRA run of its tasks
             served = max(len(self.tasks) - len(generative), len(generative) * len(self.seeds))
             self.deploy.vllm.refuse_fewer_loras(served)

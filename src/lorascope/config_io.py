@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from lorascope.config import StudyConfig
 from lorascope.errors import InputError, did_you_mean
+from lorascope.hparams import TrainingConfig
 from lorascope.preflight import config_size_problems
 
 DEFAULT_PROFILE = "quick"
@@ -80,13 +81,29 @@ def _read_profile(name: str) -> dict[str, Any]:
     return _deep_merge(_read_profile(parent), raw) if parent else raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (a method or task defined twice),
+    where PyYAML would keep the last one silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML ({err})") from None
+        raise InputError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -112,7 +129,9 @@ def _parse_override(item: str) -> tuple[str, Any]:
 
 
 def _check_dotted_key(key: str) -> None:
-    """`--set` may only name keys that exist; dict-valued keys (tasks) accept new entries."""
+    """`--set` may only name keys that exist; dict-valued keys (tasks) and `training` (methods
+    of your own) accept new entries, and below a method of your own (whose keys depend on its
+    PEFT type) validation decides."""
     model: type[BaseModel] | None = StudyConfig
     parts = key.split(".")
     i = 0
@@ -120,15 +139,16 @@ def _check_dotted_key(key: str) -> None:
         if model is None:
             raise InputError(f"--set {key}: '{parts[i - 1]}' has no sub-keys")
         fields = model.model_fields
+        if parts[i] not in fields and model is TrainingConfig:
+            return
         if parts[i] not in fields:
             where = ".".join(parts[:i]) or "the top level"
             raise InputError(f"--set {key}: no key '{parts[i]}' in {where}{did_you_mean(parts[i], fields)}")
         annotation = fields[parts[i]].annotation
-        if getattr(annotation, "__origin__", None) is dict:
-            model, i = annotation.__args__[1], i + 2
-        else:
-            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-            i += 1
+        i += 1
+        while getattr(annotation, "__origin__", None) is dict:  # a name (task, method, searched key) follows
+            annotation, i = annotation.__args__[1], i + 1
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -145,10 +165,11 @@ def _explain(err: ValidationError) -> str:
     """One line per problem: where it is, what is wrong, and the closest valid key."""
     lines = []
     for problem in err.errors():
-        loc = ".".join(str(p) for p in problem["loc"])
+        where = _without_union_tags(problem["loc"])
+        loc = ".".join(str(p) for p in where)
         if problem["type"] == "extra_forbidden":
-            parent = _model_at(problem["loc"][:-1])
-            hint = did_you_mean(str(problem["loc"][-1]), parent.model_fields) if parent else ""
+            parent = _model_at(where[:-1])
+            hint = did_you_mean(str(where[-1]), parent.model_fields) if parent else ""
             lines.append(f"unknown key '{loc}'{hint}")
         else:
             message = problem["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's error
@@ -171,6 +192,12 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
         else:
             return None
     return model
+
+
+def _without_union_tags(loc: tuple) -> tuple:
+    """`training.<name>.<tag>.key` -> `training.<name>.key`: pydantic puts the tag of the method
+    union (full, lora, peft) of a method of your own into the location, where no user wrote it."""
+    return loc[:2] + loc[3:] if len(loc) > 2 and loc[0] == "training" and loc[2] in ("full", "lora", "peft") else loc
 
 
 # ---------------------------------------------------------------- fingerprints and saving

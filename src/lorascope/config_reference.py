@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from lorascope.config import StudyConfig
+from lorascope.hparams import AdapterMethodConfig, TrainingConfig
 
 HEADER = """# Configuration reference
 
@@ -85,6 +86,8 @@ def _section(prefix: str, model: type[BaseModel], out: list[str]) -> None:
             out += [_doc(model) + "\n"]
         out += ["| key | type | default | description |", "|---|---|---|---|"]
         out += [f"| `{k}` | {t} | {d} | {_cell(desc)} |" for k, t, d, desc in rows]
+    if model is TrainingConfig:  # its other keys are methods of your own (typed extras)
+        nested.append((f"{prefix}.<name>", AdapterMethodConfig))
     for key, child in nested:
         _section(key, child, out)
 

@@ -65,6 +65,8 @@ def config_value(config: StudyConfig, key: str) -> Any:
             if len(parts) == 2
             else _plain(_walk(config, parts))
         )
+    if parts[:2] == ["tune", "spaces"] and len(parts) == 3:  # the space searched: the configured keys over its defaults
+        return config.search_space(parts[2]).model_dump(mode="json")
     if parts == ["model", "name"]:
         return modeling.model_identity(config.model.name)
     if parts == ["model"]:

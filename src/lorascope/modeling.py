@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
 from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from lorascope.bundled import file_sha256, is_bundled, resolve_bundled
 from lorascope.errors import InputError
-from lorascope.hparams import LoraMethodConfig
+from lorascope.hparams import AdapterMethodConfig
 
 DEFAULT_LORA_TARGETS = {
     "bert": ["query", "value"],
@@ -143,17 +143,25 @@ def load_adapter(base: torch.nn.Module, path: str, **kwargs) -> PeftModel:
     return PeftModel.from_pretrained(base, str(path), **kwargs).eval()
 
 
-def load_run_model(
-    run_dir: Path, method: str, name: str, label_names: Sequence[str] | None, pad_token_id: int
-) -> torch.nn.Module:
+def load_run_model(run_dir: Path, name: str, label_names: Sequence[str] | None, pad_token_id: int) -> torch.nn.Module:
     """A trained run in eval mode: the saved full model, or the base with the run's adapter
-    merged into its weights (`merge_and_unload` returns the model to use)."""
-    if method == "full":
+    merged into its weights (`merge_and_unload` returns the model to use); an adapter PEFT
+    cannot merge (prompt learning) stays unmerged."""
+    if not is_adapter(run_dir):
         return load_full(str(run_dir), pad_token_id, causal=label_names is None)
-    if method == "lora":
-        base = load_model(name, label_names, seed=0, pad_token_id=pad_token_id)  # head comes from the adapter
-        return load_adapter(base, run_dir).merge_and_unload().eval()
-    raise ValueError(f"no saved model for method '{method}'")
+    base = load_model(name, label_names, seed=0, pad_token_id=pad_token_id)  # head comes from the adapter
+    adapter = load_adapter(base, run_dir)
+    return adapter.merge_and_unload().eval() if hasattr(adapter, "merge_and_unload") else adapter
+
+
+def adapter_type(path: str) -> str:
+    """The PEFT type of an adapter (folder or Hub id), lower case: lora, ia3, ..."""
+    return str(PeftConfig.from_pretrained(str(path)).peft_type.value).lower()
+
+
+def is_adapter(run_dir: Path) -> bool:
+    """A run folder that holds a PEFT adapter (any method but full fine-tuning)."""
+    return (Path(run_dir) / "adapter_config.json").is_file()
 
 
 def _init_head(model: torch.nn.Module, seed: int) -> None:
@@ -196,54 +204,60 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def lora_targets(model: torch.nn.Module, configured: list[str] | None) -> list[str]:
-    if configured:
-        return configured
+def adapter_targets(model: torch.nn.Module, method: str, hp: AdapterMethodConfig) -> list[str] | None:
+    """The modules an adapter wraps: the configured ones; for LoRA and its variants the
+    attention projections (the reference study's choice); for another PEFT type, None: PEFT's
+    own per-architecture default."""
+    if hp.target_modules:
+        return hp.target_modules
+    if hp.type != "lora":
+        return None
     model_type = model.config.model_type
     if model_type not in DEFAULT_LORA_TARGETS:
         raise InputError(
-            f"training.lora.target_modules: no default for model type '{model_type}'; "
+            f"training.{method}.target_modules: no default for model type '{model_type}'; "
             "name the attention projections to adapt"
         )
     return DEFAULT_LORA_TARGETS[model_type]
 
 
-def lora_config(
-    hp: LoraMethodConfig, targets: list[str], modules_to_save: list[str], causal: bool = False
-) -> LoraConfig:
-    """Every LoRA hyperparameter goes through here (tests/test_config_reaches_trainer.py)."""
-    return LoraConfig(
-        task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS,
-        r=hp.r,
-        lora_alpha=hp.alpha,
-        lora_dropout=hp.dropout,
-        target_modules=targets,
-        modules_to_save=modules_to_save or None,
-        bias="none",
-    )
-
-
 def prepare_for_method(model: torch.nn.Module, method: str, hp, seed: int = 0) -> torch.nn.Module:
-    """`lora`: PEFT adapter on the attention projections, head trained and saved with it;
-    `head`: backbone frozen (the linear-probe baseline); `full`: everything trains."""
-    if method == "lora":
-        config = lora_config(
-            hp, lora_targets(model, hp.target_modules), head_modules(model, hp.modules_to_save), is_causal_lm(model)
+    """An adapter method: its PEFT adapter, head trained and saved with it; `head`: backbone
+    frozen (the linear-probe baseline); full fine-tuning: everything trains."""
+    if isinstance(hp, AdapterMethodConfig):
+        config = hp.peft_config(
+            adapter_targets(model, method, hp), head_modules(model, hp.modules_to_save), is_causal_lm(model)
         )
         try:
-            # PEFT draws lora_A from the global RNG: seed it here, in a forked RNG, so the adapter's
-            # start is a function of the seed alone, not of what the process ran before
-            # (`lorascope run` and `lorascope train` gave the same seed different adapters).
+            # PEFT draws its initial weights (LoRA's A) from the global RNG: seed it here, in a
+            # forked RNG, so the adapter's start is a function of the seed alone, not of what the
+            # process ran before (`lorascope run` and `lorascope train` gave the same seed different adapters).
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 return get_peft_model(model, config)
         except ValueError as err:  # PEFT names the target modules it could not find
-            raise InputError(f"training.lora.target_modules: {str(err).splitlines()[0]}") from None
+            raise InputError(f"training.{method}: {str(err).splitlines()[0]}") from None
     if method == "head":
         head = tuple(head_modules(model))
         for name, param in model.named_parameters():
             param.requires_grad_(any(part in head for part in name.split(".")))
     return model
+
+
+# LoRA initialisations that rewrite the base's weights (the model keeps W - the initial update):
+# the trained adapter applies to the original base only once PEFT subtracts the initial adapter
+# from it at save time, which makes it a plain LoRA adapter of twice the rank (PEFT's docs).
+INITS_REWRITING_THE_BASE = ("pissa", "olora", "corda")
+
+
+def save_initial_adapter(model: torch.nn.Module, folder: Path) -> Path | None:
+    """The adapter as initialised, saved to `folder`, when its initialisation rewrote the base's
+    weights (see INITS_REWRITING_THE_BASE); else None and nothing is written."""
+    init = getattr(getattr(model, "peft_config", {}).get("default"), "init_lora_weights", True)
+    if not (isinstance(init, str) and init.lower().startswith(INITS_REWRITING_THE_BASE)):
+        return None
+    model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
+    return folder
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

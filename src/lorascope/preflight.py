@@ -65,9 +65,11 @@ def disk_need(config: StudyConfig) -> int | None:
         return None
     params, hidden, blocks = size
     runs_per_task = len(config.seeds)
-    full = FLOAT32 * params * runs_per_task * len(config.tasks) * ("full" in config.methods)
-    adapters = ADAPTER_SHARE * FLOAT32 * params * runs_per_task * len(config.tasks) * ("lora" in config.methods)
-    own_base = is_alias(config.model.name) and hub_copy(config.model.name) is None and "lora" in config.methods
+    adapter_methods = len(config.adapter_methods())
+    full_methods = len(config.methods) - adapter_methods
+    full = FLOAT32 * params * runs_per_task * len(config.tasks) * full_methods
+    adapters = ADAPTER_SHARE * FLOAT32 * params * runs_per_task * len(config.tasks) * adapter_methods
+    own_base = is_alias(config.model.name) and hub_copy(config.model.name) is None and adapter_methods > 0
     base_copy = FLOAT32 * params * own_base
     layers = len(config.represent.layers) if config.represent.layers else blocks + 1
     models_per_task = 2 + runs_per_task * len(config.methods)  # base, base again, the task's runs

@@ -11,6 +11,7 @@ import pandas as pd
 from lorascope import dependencies
 from lorascope.config import StudyConfig
 from lorascope.errors import DiskFull, InputError, is_disk_full
+from lorascope.hparams import fingerprint_values
 from lorascope.study import Study, Table, current_dir, is_current, stamp_of
 from lorascope.tasks import Task
 from lorascope.training import RunSetup, train_run
@@ -52,7 +53,7 @@ def run_setup(config: StudyConfig, task: Task, method: str, seed: int, hp=None, 
         task=task,
         method=method,
         seed=seed,
-        hp=hp or getattr(config.training, method),
+        hp=hp or config.method(method),
         runtime=config.runtime,
         eval_batch_size=config.training.eval_batch_size,
         gradient_checkpointing=config.model.gradient_checkpointing,
@@ -64,7 +65,12 @@ def run_setup(config: StudyConfig, task: Task, method: str, seed: int, hp=None, 
 
 def run_fingerprint(config: StudyConfig, setup: RunSetup, splits_fp: str) -> str:
     return dependencies.RUN.fingerprint(
-        config, splits_fp, method=setup.method, seed=setup.seed, hp=setup.hp, max_steps=setup.max_steps
+        config,
+        splits_fp,
+        method=setup.method,
+        seed=setup.seed,
+        hp=fingerprint_values(setup.method, setup.hp),
+        max_steps=setup.max_steps,
     )
 
 

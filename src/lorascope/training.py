@@ -16,6 +16,7 @@ import gc
 import hashlib
 import json
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +24,8 @@ from pathlib import Path
 import datasets
 import pandas as pd
 import torch
-from safetensors.torch import save_file
+from peft import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -34,11 +36,11 @@ from lorascope.errors import Diverged
 from lorascope.evaluation import GENERATION_METRICS, evaluate_task, make_collator
 from lorascope.footprint import PeakRss, rss, weights_bytes
 from lorascope.generation import CompletionCollator
-from lorascope.hparams import MethodConfig
+from lorascope.hparams import AdapterMethodConfig, MethodConfig
 from lorascope.tasks import Task
 
 # Method hyperparameter -> TrainingArguments field. Keys consumed by lorascope's own Trainer
-# subclass and callbacks are in CALLBACK_KEYS, LoRA's own keys reach PEFT (modeling.lora_config).
+# subclass and callbacks are in CALLBACK_KEYS; an adapter's keys reach PEFT (AdapterMethodConfig.peft_config).
 TRAINER_KEYS = {
     "lr": "learning_rate",
     "epochs": "num_train_epochs",
@@ -66,7 +68,7 @@ class RunSetup:
 
     model_name: str
     task: Task
-    method: str  # lora | full | head
+    method: str  # the method's name (methods.<name>), or head
     seed: int
     hp: MethodConfig
     runtime: RuntimeConfig
@@ -78,6 +80,10 @@ class RunSetup:
     save_weights: bool = True  # the overfit sanity check keeps only its metrics
     callbacks: list = dataclasses.field(default_factory=list)  # more TrainerCallbacks, after DevSelection
     hp_source: dict[str, str] | None = None  # key -> "tuned" | "config" when tune.enabled
+
+    def is_adapter(self) -> bool:
+        """A method that trains a PEFT adapter (saved as one), not the whole model or the head."""
+        return isinstance(self.hp, AdapterMethodConfig)
 
 
 def training_arguments(setup: RunSetup, device: torch.device, output_dir: str) -> TrainingArguments:
@@ -218,6 +224,7 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
     model = modeling.load_model(setup.model_name, task.label_names, setup.seed, tokenizer.pad_token_id, setup.dropout)
     head_digest = modeling.tensor_digest(modeling.head_parameters(model))
     model = modeling.prepare_for_method(model, setup.method, hp, setup.seed).to(device)
+    initial = modeling.save_initial_adapter(model, out_dir / "initial-adapter") if setup.save_weights else None
     trainable, total = modeling.count_parameters(model)
 
     def score(split, generate=True):
@@ -310,8 +317,10 @@ def train_run(setup: RunSetup, splits: dict[str, datasets.Dataset], tokenizer, o
         result["primary_value"] = evaluation.metrics[task.metric]
         evaluation.predictions.to_csv(out_dir / "predictions.csv", index=False)
         if setup.save_weights:
-            save_weights(model, setup, tokenizer, result, out_dir)
+            save_weights(model, setup, tokenizer, result, out_dir, initial)
             result["artifact_bytes"] = weights_bytes(str(out_dir))
+    if initial is not None:
+        shutil.rmtree(initial)
     _write_json(out_dir / "metrics.json", result)
     return result
 
@@ -328,23 +337,31 @@ def _older_objects_frozen():
         gc.unfreeze()
 
 
-def save_weights(model: torch.nn.Module, setup: RunSetup, tokenizer, metrics: dict, out_dir: Path) -> None:
-    """Head-only: the head. LoRA: the PEFT adapter (with the head); full: the whole model; both
-    with what makes the folder a standalone artifact (lorascope.artifacts): the tokenizer, the
-    base model named so that AutoPeft loads it on any machine, and a model card."""
+def save_weights(
+    model: torch.nn.Module, setup: RunSetup, tokenizer, metrics: dict, out_dir: Path, initial: Path | None = None
+) -> None:
+    """Head-only: the head. An adapter method: the PEFT adapter (with the head), converted
+    against its `initial` adapter when its initialisation rewrote the base; full: the whole
+    model; both with what makes the folder a standalone artifact (lorascope.artifacts): the
+    tokenizer, the base model named so that AutoPeft loads it on any machine, and a model card."""
     if setup.method == "head":
         head = {n: p.detach().cpu().contiguous() for n, p in modeling.head_parameters(model).items()}
         save_file(head, str(out_dir / "head.safetensors"))
         return
-    base = artifacts.run_base(setup.model_name, out_dir, setup.method)
+    adapter = setup.is_adapter()
+    base = artifacts.run_base(setup.model_name, out_dir, adapter)
     saving = {}
-    if setup.method == "lora":
+    if adapter:
         peft = model.peft_config["default"]
         peft.base_model_name_or_path, peft.revision = base.name, base.revision
         # lorascope never resizes the vocabulary, so the base's embeddings stay out; PEFT's "auto"
         # would look the base up by that name (on the Hub, for a Hub id) to find that out
         saving["save_embedding_layers"] = False
+        if initial is not None:
+            saving["path_initial_model_for_weight_conversion"] = str(initial)
     model.save_pretrained(out_dir, safe_serialization=True, **saving)
+    if initial is not None:
+        _restore_modules_to_save(model, out_dir / "adapter_model.safetensors")
     artifacts.save_tokenizer(tokenizer, setup.max_length, out_dir)
     artifacts.write_card(
         out_dir,
@@ -358,6 +375,16 @@ def save_weights(model: torch.nn.Module, setup: RunSetup, tokenizer, metrics: di
         tied=bool(getattr(model.config, "tie_word_embeddings", False)),
         bf16=runtime.uses_bf16(setup.runtime, runtime.pick_device(setup.runtime)),
     )
+
+
+def _restore_modules_to_save(model: torch.nn.Module, path: Path) -> None:
+    """PEFT (0.22) leaves the modules_to_save (the head, BERT's pooler) out of an adapter it
+    converts against its initial adapter; they are written back, as PEFT saves them otherwise."""
+    saved = load_file(str(path))
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    missing = {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in saved and "lora_" not in k}
+    if missing:
+        save_file({**saved, **missing}, str(path), metadata={"format": "pt"})
 
 
 @contextlib.contextmanager
@@ -410,9 +437,10 @@ def _resolved_hparams(setup: RunSetup, trainer: LorascopeTrainer, model) -> dict
             }
             for g in groups
         ]
-    if setup.method == "lora":
+    if setup.is_adapter():
         peft = model.peft_config["default"]
-        resolved["peft"] = {arg: _plain(getattr(peft, arg)) for arg in PEFT_KEYS.values()}
+        fields = dict.fromkeys([*PEFT_KEYS.values(), *(setup.hp.model_extra or {})])
+        resolved["peft"] = {arg: _plain(getattr(peft, arg)) for arg in fields if hasattr(peft, arg)}
     if setup.hp_source is not None:
         resolved["source"] = setup.hp_source
     return resolved

@@ -30,14 +30,13 @@ from lorascope.atomic import atomic_dir
 from lorascope.config import StudyConfig
 from lorascope.config_io import validate
 from lorascope.errors import InputError
-from lorascope.hparams import MethodConfig
+from lorascope.hparams import MethodConfig, fingerprint_values
 from lorascope.optuna_search import DevReporter, TrialSeededTPE, is_surplus, pruner
 from lorascope.optuna_storage import Backend, drop_searches, fail_stale, heartbeat, lost_trials, open_storage
 from lorascope.prepared import load_prepared, prepare_tasks, prepared_fingerprint
 from lorascope.study import Study, Table, is_current, stamp_of, write_current
 from lorascope.training import train_run
 
-METHODS = ("lora", "full")
 # one row per trial; each trial's parameters follow the declared columns
 TRIALS = Table(
     "trials",
@@ -189,7 +188,7 @@ def tuned_hparams(study: Study, config: StudyConfig, task: str, method: str) -> 
         )
     if data.get("best_params") is None:
         raise InputError(f"{path}: no trial of the search completed; nothing to train with")
-    hp = hparams_with(getattr(config.training, method), data["best_params"], f"{path}: best_params")
+    hp = hparams_with(config.method(method), data["best_params"], f"{path}: best_params")
     return hp, {key: "tuned" if key in data["best_params"] else "config" for key in type(hp).model_fields}
 
 
@@ -229,8 +228,8 @@ def check_search(config: StudyConfig, trials: int | None = None) -> None:
 def study_name(study: Study, config: StudyConfig, task: str, method: str) -> str:
     """lorascope/<study>/<task>/<method>/<fingerprint of everything a trial's value depends on>.
     The number of trials is left out, so asking for more continues the same search."""
-    space = getattr(config.tune.spaces, method)
-    fixed = getattr(config.training, method).model_dump(mode="json", exclude=set(space.params()))
+    space = config.search_space(method)
+    fixed = fingerprint_values(method, config.method(method), exclude=set(space.params()))
     fp = dependencies.SEARCH.fingerprint(
         config, prepared_fingerprint(study, task), method=method, fixed=fixed, train_seed=_train_seed(config)
     )
@@ -335,14 +334,14 @@ class _Objective:
 def trial_hparams(config: StudyConfig, method: str, trial: optuna.Trial) -> MethodConfig:
     """training.<method> with every parameter of tune.spaces.<method> suggested by the trial."""
     params = {}
-    for name, p in getattr(config.tune.spaces, method).params().items():
+    for name, p in config.search_space(method).params().items():
         if p.choices is not None:
             params[name] = trial.suggest_categorical(name, p.choices)
         elif isinstance(p.low, int) and isinstance(p.high, int):
             params[name] = trial.suggest_int(name, p.low, p.high, step=int(p.step or 1), log=p.log)
         else:
             params[name] = trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
-    return hparams_with(getattr(config.training, method), params, f"tune.spaces.{method}")
+    return hparams_with(config.method(method), params, f"tune.spaces.{method}")
 
 
 def _train_seed(config: StudyConfig) -> int:
@@ -355,8 +354,8 @@ def _select(config: StudyConfig, tasks, methods) -> tuple[list[str], list[str]]:
         if task not in config.tasks:
             raise InputError(f"--task {task}: not a task of this study ({', '.join(config.tasks)})")
     for method in methods:
-        if method not in METHODS:
-            raise InputError(f"--method {method}: choose one of {', '.join(METHODS)}")
+        if method not in config.methods:
+            raise InputError(f"--method {method}: choose one of {', '.join(config.methods)}")
     return tasks, methods
 
 
@@ -405,10 +404,10 @@ def write_tuned(
         }
         if tune.prune
         else {"name": "NopPruner"},
-        "space": {k: v.model_dump(exclude_defaults=True) for k, v in getattr(tune.spaces, method).params().items()},
+        "space": {k: v.model_dump(exclude_defaults=True) for k, v in config.search_space(method).params().items()},
     }
     if best is not None:
-        hp = hparams_with(getattr(config.training, method), best.params, "best trial")
+        hp = hparams_with(config.method(method), best.params, "best trial")
         record["hparams"] = hp.model_dump(mode="json")
     write_current(study.tuned_path(task, method), yaml.safe_dump(record, sort_keys=False), ostudy.study_name)
     return record
@@ -445,7 +444,7 @@ def write_trials_table(study: Study, config: StudyConfig, backend: Backend) -> p
     """Every trial of this config's searches found in the storage, one row each."""
     rows = []
     for task in config.tasks:
-        for method in METHODS:
+        for method in config.methods:
             try:
                 ostudy = optuna.load_study(study_name=study_name(study, config, task, method), storage=backend.storage)
             except KeyError:

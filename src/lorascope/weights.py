@@ -153,6 +153,30 @@ def full_deltas(
         raise ValueError("no weight matrices in common between the fine-tuned and the base state dicts")
 
 
+def merged_deltas(
+    merged_state: Mapping[str, torch.Tensor],
+    base_state: Mapping[str, torch.Tensor],
+    include: Callable[[str], bool] = in_block,
+) -> Iterator[Delta]:
+    """W_merged - W_base for every selected matrix an adapter changed: any method PEFT can merge
+    into the base (DoRA, IA3, LoHa, LoKr, VeRA, ...), with no algebra of its own. A matrix left
+    exactly as it was is not one of the adapter's updates, as lora_deltas yields none for it."""
+    for module, base, delta in full_deltas(merged_state, base_state, include):
+        if torch.count_nonzero(delta):
+            yield module, base, delta
+
+
+def is_plain_lora(adapter_config: Mapping) -> bool:
+    """A LoRA adapter whose update is exactly scale · B A on every module (lora_deltas): no
+    DoRA magnitude, no per-module ranks or scales."""
+    return (
+        adapter_config.get("peft_type") == "LORA"
+        and not adapter_config.get("use_dora")
+        and not adapter_config.get("rank_pattern")
+        and not adapter_config.get("alpha_pattern")
+    )
+
+
 def weight_change_rows(
     deltas: Iterable[Delta],
     k: int = INTRUDER_K,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import math
+import zlib
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -61,8 +62,15 @@ def method_label(method: str) -> str:
     return METHOD_LABELS.get(method, method)
 
 
+# Colours of methods of your own (Okabe-Ito and tab10 without the built-ins' hues), by name, so
+# a method keeps its colour in every figure of a report.
+OTHER_METHOD_COLORS = ["#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000", "#8c564b", "#9467bd", "#17becf"]
+
+
 def method_color(method: str) -> str:
-    return METHOD_COLORS.get(method, "#7f7f7f")
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    return OTHER_METHOD_COLORS[zlib.crc32(method.encode()) % len(OTHER_METHOD_COLORS)]
 
 
 def describe_finite(values: Iterable[float], confidence: float) -> dict:

@@ -30,7 +30,7 @@ def _baseline(study: Study, config: StudyConfig, prepared: tuple, name: str, kin
         return runs.run_setup(config, task, "head", config.seeds[0]), splits, study.baseline_dir(name, kind)
     method = kind.removeprefix("overfit_")
     few = few_examples(splits["train"], config.baselines.overfit_examples, config.data.split_seed)
-    hp = getattr(config.training, method).model_copy(
+    hp = config.method(method).model_copy(
         update={
             "epochs": 1.0,
             "warmup_ratio": 0.0,

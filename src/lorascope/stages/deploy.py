@@ -1,11 +1,12 @@
 """Stage `deploy`: serving cost of the study's runs on every engine of deploy.engines
 (lorascope.serving, docs/serving.md).
 
+The first adapter method of `methods` is served, beside the first full fine-tuning method.
 Classification: one seed's runs, full FT and the first task's adapter merged / separate, and
 every task's adapter on one base (switch / multi), on each task's eval examples; PEFT's tables
 land before vLLM's servers start, whatever vLLM does. Generation (generative tasks): the first
-generative task's full run and adapter of that seed merged / separate, and every LoRA run of
-the generative tasks, every seed, on one base (multi), on their eval prompts
+generative task's full run and adapter of that seed merged / separate, and every run of the
+adapter method on the generative tasks, every seed, on one base (multi), on their eval prompts
 (serving.generation_benchmark)."""
 
 from __future__ import annotations
@@ -33,15 +34,24 @@ def run(study: Study, config: StudyConfig) -> None:
         generate(study, config, seed, generative)
 
 
+def served_methods(config: StudyConfig) -> tuple[str | None, str | None]:
+    """The adapter method deploy serves (the first of `methods`) and the full fine-tuning
+    method it serves as `full` (the first of that kind); None where the study has none."""
+    adapters = config.adapter_methods()
+    full = [m for m in config.methods if m not in adapters]
+    return (adapters[0] if adapters else None), (full[0] if full else None)
+
+
 def classify(study: Study, config: StudyConfig, seed: int, tasks: list[str]) -> None:
+    adapter, full_method = served_methods(config)
     served = {(t, m): fp for t in tasks for m, s, fp in runs.finished_runs(study, config, t) if s == seed}
-    adapters = {t: str(study.run_dir(t, "lora", seed)) for t in tasks if (t, "lora") in served}
+    adapters = {t: str(study.run_dir(t, adapter, seed)) for t in tasks if (t, adapter) in served}
     if not adapters:
         if tasks:
-            tqdm.write(f"deploy: classification skipped, no finished LoRA run with seed {seed}")
+            tqdm.write(f"deploy: classification skipped, no finished adapter run with seed {seed}")
         return
     first = next(iter(adapters))
-    full = str(study.run_dir(first, "full", seed)) if (first, "full") in served else None
+    full = str(study.run_dir(first, full_method, seed)) if (first, full_method) in served else None
     device = runtime.pick_device(config.runtime)
     bf16 = runtime.uses_bf16(config.runtime, device)
     fp = dependencies.DEPLOYMENT.fingerprint(config, sorted(served.values()))
@@ -56,17 +66,18 @@ def classify(study: Study, config: StudyConfig, seed: int, tasks: list[str]) -> 
 
 
 def generate(study: Study, config: StudyConfig, seed: int, tasks: list[str]) -> None:
+    adapter, full_method = served_methods(config)
     finished = {t: runs.finished_runs(study, config, t) for t in tasks}
-    lora = {(t, s): fp for t in tasks for m, s, fp in finished[t] if m == "lora"}
+    lora = {(t, s): fp for t in tasks for m, s, fp in finished[t] if m == adapter}
     first = (tasks[0], seed)
     if first not in lora:
-        tqdm.write(f"deploy: generation skipped, no finished LoRA run of {tasks[0]} with seed {seed}")
+        tqdm.write(f"deploy: generation skipped, no finished adapter run of {tasks[0]} with seed {seed}")
         return
-    # the served adapter first, then every other LoRA run (multi's adapters), named task-seedN
+    # the served adapter first, then every other run of its method (multi's adapters), named task-seedN
     order = [first, *sorted(k for k in lora if k != first)]
-    adapters = {f"{t}-seed{s}": str(study.run_dir(t, "lora", s)) for t, s in order}
-    full_fp = next((fp for m, s, fp in finished[tasks[0]] if m == "full" and s == seed), None)
-    full = str(study.run_dir(tasks[0], "full", seed)) if full_fp else None
+    adapters = {f"{t}-seed{s}": str(study.run_dir(t, adapter, s)) for t, s in order}
+    full_fp = next((fp for m, s, fp in finished[tasks[0]] if m == full_method and s == seed), None)
+    full = str(study.run_dir(tasks[0], full_method, seed)) if full_fp else None
     fp = dependencies.DEPLOYMENT_GENERATION.fingerprint(config, [lora[k] for k in order], full_fp)
     target = DEPLOYMENT_GENERATION.path(study.tables)
     if is_current(target, fp):

@@ -86,11 +86,12 @@ def single_drift(
     base_features, layers = features(base_model, rc.batch_size)
     again, _ = features(base_model, max(1, rc.batch_size // 2))
     del base_model
-    method, source = ("full", model) if model is not None else ("lora", adapter)
+    source = model if model is not None else adapter
     flag = "--model" if model is not None else "--adapter"
     try:
         path = modeling.resolve_model_path(model) if model is not None else adapter
-        tuned = modeling.load_run_model(path, method, base, task.label_names, tokenizer.pad_token_id)
+        tuned = modeling.load_run_model(path, base, task.label_names, tokenizer.pad_token_id)
+        method = "full" if model is not None else modeling.adapter_type(adapter)  # what the rows call it
     except (OSError, ValueError, RuntimeError, InputError) as err:
         raise InputError(f"{flag}: cannot load '{source}': {str(err).splitlines()[0]}") from None
     tuned_features, tuned_layers = features(tuned, rc.batch_size)

@@ -47,7 +47,6 @@ def _load(study: Study, config: StudyConfig, prepared: dict, trained, tokenizer)
     task, method, seed = trained
     return modeling.load_run_model(
         study.run_dir(task, method, seed),
-        method,
         config.model.name,
         prepared[task][0].label_names,
         tokenizer.pad_token_id,

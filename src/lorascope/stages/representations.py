@@ -25,7 +25,7 @@ def features_one(
         model = modeling.load_model(config.model.name, task.label_names, 0, tokenizer.pad_token_id)
     else:
         model = modeling.load_run_model(
-            study.run_dir(name, *trained), trained[0], config.model.name, task.label_names, tokenizer.pad_token_id
+            study.run_dir(name, *trained), config.model.name, task.label_names, tokenizer.pad_token_id
         )
     rc = config.represent
     features, layers = rep.study_features(

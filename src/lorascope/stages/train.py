@@ -17,7 +17,7 @@ class RunsFailed(RuntimeError):
 def method_hparams(study: Study, config: StudyConfig, task: str, method: str):
     """training.<method>, or the tuned values when tune.enabled, and where each value came from."""
     if not config.tune.enabled:
-        return getattr(config.training, method), None
+        return config.method(method), None
     return tuned_hparams(study, config, task, method)
 
 

@@ -1,5 +1,7 @@
 """Stage `weights`: weight-space change of every finished run against the base: relative
-update, effective rank of the update and intruder dimensions, per matrix."""
+update, effective rank of the update and intruder dimensions, per matrix. A plain LoRA
+adapter's update comes from its factors (exact, float64); any other adapter's from the base
+with the adapter merged, minus the base."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from safetensors.torch import load_file
 from lorascope import dependencies, executors, modeling, runs
 from lorascope import weights as change
 from lorascope.config import StudyConfig
+from lorascope.prepared import load_prepared
 from lorascope.study import Stage, Study, is_current
 
 
@@ -24,8 +27,9 @@ def weights_rows(root: str, config: StudyConfig, grid: list[tuple[str, str, int]
     rows, base_vectors = [], {}
     for task, method, seed in grid:
         folder = study.run_dir(task, method, seed)
-        if method == "lora":
-            adapter = json.loads((folder / "adapter_config.json").read_text())
+        if not modeling.is_adapter(folder):
+            deltas = change.full_deltas(load_file(str(folder / "model.safetensors")), base_state)
+        elif change.is_plain_lora(adapter := json.loads((folder / "adapter_config.json").read_text())):
             deltas = change.lora_deltas(
                 load_file(str(folder / "adapter_model.safetensors")),
                 base_state,
@@ -33,8 +37,10 @@ def weights_rows(root: str, config: StudyConfig, grid: list[tuple[str, str, int]
                 adapter["r"],
                 adapter.get("use_rslora", False),
             )
-        else:
-            deltas = change.full_deltas(load_file(str(folder / "model.safetensors")), base_state)
+        else:  # any other adapter: merged into the base, minus the base
+            labels = load_prepared(study, task)[0].label_names
+            merged = modeling.load_run_model(folder, config.model.name, labels, tokenizer.pad_token_id)
+            deltas = change.merged_deltas(merged.state_dict(), base_state)
         for row in change.weight_change_rows(deltas, k=k, epsilon=epsilon, base_vectors=base_vectors):
             rows.append({"task": task, "method": method, "seed": seed, **row})
     return rows

@@ -1,0 +1,170 @@
+"""Methods as data: any PEFT type defined in the config trains, is saved so that it reloads as
+the model it trained, and has its weight change measured; bad definitions stop before any stage."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorascope import modeling, runs, runtime
+from lorascope import weights as change
+from lorascope.cli import main
+from lorascope.config_io import load_config
+from lorascope.evaluation import evaluate_task
+from lorascope.hparams import AdapterMethodConfig, LoraMethodConfig
+from lorascope.prepared import load_prepared
+from lorascope.stages import STAGES
+from lorascope.study import run_stages
+
+# Every type the methods profile compares, on the tiny BERT: each trains 3 steps at batch 16.
+METHODS = {
+    "lora": "{type: lora, lr: 1.0e-2}",
+    "dora": "{type: lora, use_dora: true, lr: 1.0e-2}",
+    "rslora": "{type: lora, use_rslora: true, r: 16, lr: 1.0e-2}",
+    "pissa": "{type: lora, init_lora_weights: pissa, lr: 1.0e-2}",
+    "ia3": "{type: ia3, lr: 1.0e-2}",
+    "loha": "{type: loha, r: 4, alpha: 8, lr: 1.0e-2}",
+    "lokr": "{type: lokr, r: 4, alpha: 8, lr: 1.0e-2}",
+    "vera": "{type: vera, r: 16, lr: 1.0e-2}",
+}
+
+
+@pytest.fixture(scope="module")
+def methods_study(tiny_study_config, tmp_path_factory):
+    config = tiny_study_config(
+        *(f"training.{name}={spec}" for name, spec in METHODS.items()),
+        f"methods=[{', '.join(METHODS)}, full]",
+        "seeds=[42]",
+        "runtime.workers=1",
+        "deploy.enabled=false",
+    )
+    return run_stages(config, tmp_path_factory.mktemp("methods"), list(STAGES))
+
+
+def test_every_peft_type_trains_and_writes_its_weight_change(methods_study):
+    performance = pd.read_csv(methods_study.tables / "performance.csv")
+    assert set(performance["method"]) == {*METHODS, "full"} and set(performance["status"]) == {"ok"}
+    trainable = dict(zip(performance["method"], performance["trainable_params"]))
+    assert trainable["ia3"] < trainable["lora"] < trainable["full"]  # IA3 scales vectors: fewer than LoRA
+    table = pd.read_csv(methods_study.tables / "weights.csv")
+    for method in METHODS:
+        rows = table[table["method"] == method]
+        assert len(rows) and (rows["relative_update"] > 0).all(), method
+    kinds = {m: set(table.loc[table["method"] == m, "module"].str.rsplit(".", n=1).str[-1]) for m in METHODS}
+    assert kinds["lora"] == kinds["dora"] == kinds["vera"] == {"query", "value"}  # the attention projections
+    assert kinds["ia3"] == {"key", "value", "dense"}  # PEFT's own default for IA3 on BERT
+    assert (table.loc[table["method"] == "lora", "effective_rank"] <= 8 + 1e-6).all()
+
+
+def test_every_stage_and_the_report_take_any_set_of_methods(methods_study):
+    drift = pd.read_csv(methods_study.tables / "drift_summary.csv")
+    forgetting = pd.read_csv(methods_study.tables / "forgetting.csv")
+    for method in (*METHODS, "full"):
+        assert (drift.loc[drift["comparison"] == "run_vs_base", "method"] == method).any(), method
+        assert (forgetting["method"] == method).any(), method
+    report = (methods_study.root / "report.md").read_text()
+    assert all(method in report for method in METHODS)
+
+
+def test_merged_minus_base_equals_the_lora_factors(methods_study, tiny_bert_dir):
+    base = modeling.load_model(str(tiny_bert_dir), ("0", "1"), 0, 0).state_dict()
+    for method in ("lora", "rslora", "pissa"):  # pissa's adapter is saved converted: a plain LoRA of rank 2r
+        folder = methods_study.run_dir("sst2", method, 42)
+        adapter = json.loads((folder / "adapter_config.json").read_text())
+        assert change.is_plain_lora(adapter)
+        factors = change.lora_deltas(
+            load_file(str(folder / "adapter_model.safetensors")),
+            base,
+            adapter["lora_alpha"],
+            adapter["r"],
+            adapter["use_rslora"],
+        )
+        merged = modeling.load_run_model(folder, str(tiny_bert_dir), ("negative", "positive"), 0).state_dict()
+        by_merge = {module: delta for module, _, delta in change.merged_deltas(merged, base)}
+        exact = {module: delta for module, _, delta in factors}
+        assert set(by_merge) == set(exact), method
+        assert max((by_merge[m] - exact[m]).abs().max().item() for m in exact) < 1e-6, method
+    assert json.loads((methods_study.run_dir("sst2", "pissa", 42) / "adapter_config.json").read_text())["r"] == 16
+
+
+def test_each_saved_method_reloads_as_the_model_it_trained(methods_study):
+    """The eval accuracy the run recorded, again from the folder alone: DoRA's magnitude vector
+    and PiSSA's rewritten base travel with the adapter."""
+    task, splits = load_prepared(methods_study, "sst2")
+    config = load_config(methods_study.root / "config.yaml")
+    tokenizer = modeling.load_tokenizer(config.model.name)
+    for method in (*METHODS, "full"):
+        folder = methods_study.run_dir("sst2", method, 42)
+        model = modeling.load_run_model(folder, config.model.name, task.label_names, tokenizer.pad_token_id)
+        again = evaluate_task(
+            model,
+            splits["eval"],
+            task,
+            tokenizer=tokenizer,
+            batch_size=32,
+            device=torch.device("cpu"),
+            bf16=runtime.uses_bf16(config.runtime, torch.device("cpu")),
+        )
+        recorded = json.loads((folder / "metrics.json").read_text())
+        assert again.metrics["accuracy"] == pytest.approx(recorded["accuracy"], abs=1e-9), method
+    saved = load_file(str(methods_study.run_dir("sst2", "dora", 42) / "adapter_model.safetensors"))
+    assert any("lora_magnitude_vector" in key for key in saved)
+
+
+def test_a_method_named_after_its_type_keeps_its_fingerprint():
+    """The built-in lora and full keep the run fingerprints they had before methods had types
+    (values computed with the code before; the device fixed so any machine computes them)."""
+    config = load_config(None, "quick", ["runtime.device=cpu", "runtime.bf16=false"])
+    got = {
+        m: runs.run_fingerprint(config, runs.run_setup(config, None, m, 42), "splits-digest") for m in ("lora", "full")
+    }
+    assert got == {"lora": "b5ea61b4a83c9173", "full": "069a6ed6f31cfe44"}
+
+
+def test_methods_mapping_defines_and_picks_them():
+    config = load_config(
+        None,
+        "smoke",
+        ["methods={dora: {type: lora, use_dora: true, lr: 1.0e-3}, ia3: {type: ia3, lr: 1.0e-2}, full: {}}"],
+    )
+    assert config.methods == ["dora", "ia3", "full"]
+    assert isinstance(config.method("dora"), LoraMethodConfig) and config.method("dora").peft_fields()["use_dora"]
+    assert type(config.method("ia3")) is AdapterMethodConfig and config.adapter_methods() == ["dora", "ia3"]
+    assert config.method("full").lr == load_config(None, "smoke").training.full.lr  # {} keeps the profile's
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["methods=[dora, full]"], "methods: dora is not defined; define it as training.dora"),
+        (["training.x={type: lora, lr: 1.0e-3, use_dorra: true}", "methods=[x]"], "did you mean 'use_dora'?"),
+        (["training.x={type: lorra, lr: 1.0e-3}", "methods=[x]"], "type 'lorra' is neither full nor a PEFT type"),
+        (["training.x={type: ia3, lr: 1.0e-3, r: 4}", "methods=[x]"], "'r' is neither an optimiser hyperparameter"),
+        (["training.x={lr: 1.0e-3}", "methods=[x]"], "training.x.type: Field required"),
+        (["methods=[lora, lora]"], "a method is named twice"),
+        (
+            [
+                "training.x={type: ia3, lr: 1.0e-3, target_modules: [query], feedforward_modules: [value]}",
+                "methods=[x]",
+            ],
+            "PEFT refuses it: `feedforward_modules` should be a subset of `target_modules`",
+        ),
+    ],
+)
+def test_a_bad_method_is_one_line_and_exit_2_before_any_stage(overrides, message, tmp_path, capsys):
+    out = tmp_path / "study"
+    argv = ["run", "--profile", "smoke", "--out", str(out)]
+    assert main([*argv, *(item for o in overrides for item in ("--set", o))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_method_given_twice_in_a_yaml_file_is_refused(tmp_path, capsys):
+    path = tmp_path / "twice.yaml"
+    path.write_text("methods:\n  dora: {type: lora, use_dora: true, lr: 1.0e-3}\n  dora: {type: lora, lr: 1.0e-3}\n")
+    assert main(["run", str(path), "--out", str(tmp_path / "study")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "key 'dora' is given twice" in err and len(err.splitlines()) == 1
