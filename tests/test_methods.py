@@ -15,6 +15,7 @@ from lorascope.config_io import load_config
 from lorascope.evaluation import evaluate_task
 from lorascope.hparams import AdapterMethodConfig, LoraMethodConfig
 from lorascope.prepared import load_prepared
+from lorascope.report.figures import method_label
 from lorascope.stages import STAGES
 from lorascope.study import run_stages
 
@@ -36,9 +37,11 @@ def methods_study(tiny_study_config, tmp_path_factory):
     config = tiny_study_config(
         *(f"training.{name}={spec}" for name, spec in METHODS.items()),
         f"methods=[{', '.join(METHODS)}, full]",
+        "tasks={sst2: {train_max: 48, eval_max: 40}, rte: {train_max: 48, eval_max: 40}}",  # forgetting: the other task
         "seeds=[42]",
         "runtime.workers=1",
         "deploy.enabled=false",
+        *("baselines.head_only=false", "forget.lm=false", "drift.bootstrap=10", "forget.bootstrap=10"),
     )
     return run_stages(config, tmp_path_factory.mktemp("methods"), list(STAGES))
 
@@ -64,8 +67,25 @@ def test_every_stage_and_the_report_take_any_set_of_methods(methods_study):
     for method in (*METHODS, "full"):
         assert (drift.loc[drift["comparison"] == "run_vs_base", "method"] == method).any(), method
         assert (forgetting["method"] == method).any(), method
+    table = pd.read_csv(methods_study.tables / "methods.csv")
+    table = table[table["task"] == "sst2"]
+    assert list(table["method"]) == [*METHODS, "full"]  # config order
+    assert list(table["type"]) == ["lora"] * 4 + ["ia3", "loha", "lokr", "vera", "full"]
+    performance = pd.read_csv(methods_study.tables / "performance.csv")
+    performance = performance[performance["task"] == "sst2"].set_index("method")
+    assert table.set_index("method")["trainable_params"].to_dict() == performance["trainable_params"].to_dict()
+    assert table["drift_mean"].notna().all() and table["forgetting_pp"].notna().all()
+    # each method against the reference (full), paired by seed: one seed, so the value is the difference
+    quality = performance["primary_value"]
+    versus = table.set_index("method")
+    for method in METHODS:
+        assert versus.loc[method, "quality_gap_value"] == pytest.approx(100 * (quality["full"] - quality[method]))
+        assert versus.loc[method, "quality_gap_outcome"] == "inconclusive"  # one pair gives no interval
+    assert versus.loc["full", ["quality_gap_value", "drift_reduction_value"]].isna().all()
     report = (methods_study.root / "report.md").read_text()
-    assert all(method in report for method in METHODS)
+    section = report[report.index("## Methods") : report.index("## Training cost")]
+    assert all(f"| {method_label(m)} | " in section for m in METHODS) and "report_methods_tradeoff.png" in section
+    assert "| against full FT |" in section
 
 
 def test_merged_minus_base_equals_the_lora_factors(methods_study, tiny_bert_dir):

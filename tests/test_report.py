@@ -583,8 +583,8 @@ def test_partial_study_reads_not_run(tmp_path):
     comparison = _section(md, "Method comparison")
     assert "*not run: tables/statistics.csv missing or empty; run `lorascope analyze STUDY`*" in comparison
     assert (
-        "Not run: verdict, task performance, method comparison, drift, weight-space change, forgetting, "
-        "deployment, provenance."
+        "Not run: verdict, task performance, method comparison, methods, drift, weight-space change, "
+        "forgetting, deployment, provenance."
     ) in md
     html = html_path.read_text()
     assert "not run" not in _section(md, "Training cost")  # it needs performance.csv alone
@@ -629,7 +629,7 @@ def test_comparison_not_run_without_comparison_rows(tmp_path):
         "*not run: tables/statistics.csv has no comparison rows (no task has runs of both methods); run "
         "`lorascope analyze STUDY`*"
     ) in section
-    assert "Not run: method comparison, drift, weight-space change, forgetting, deployment." in md
+    assert "Not run: method comparison, methods, drift, weight-space change, forgetting, deployment." in md
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package `chromium`)")

@@ -24,6 +24,7 @@ P_VALUES = ("welch_p", "paired_t_p", "permutation_paired_p", "permutation_unpair
 DRIFT_MEASURE, DRIFT_POOLING = "linear_cka", "mean"
 FORGETTING_CRITERION = "forgetting: LoRA − full FT"
 DIFFERENCE = "lora-full"  # `method` of the describe rows of paired differences LoRA − full FT
+BUILT_IN = ("lora", "full")  # the pair the statistics and the verdict compare: (method, reference)
 FLAGS = Table("flags", ("task", "method", "seed", "status", "primary_metric", "primary_value", "flagged", "reason"))
 STATISTICS = Table("statistics", ("kind", "task", "method", "metric", "subset"))
 DRIFT_STATISTICS = Table(
@@ -150,10 +151,10 @@ def comparison_rows(flags: pd.DataFrame, analysis: AnalysisConfig) -> list[dict]
     return rows
 
 
-def clean_pairs(flags: pd.DataFrame, task: str) -> tuple[set[int], set[int]]:
-    """(seeds both methods ran without error, those of them where neither run is flagged)."""
-    ok = flags[(flags["task"] == task) & (flags["status"] == "ok")]
-    seeds = set(ok.loc[ok["method"] == "lora", "seed"]) & set(ok.loc[ok["method"] == "full", "seed"])
+def clean_pairs(flags: pd.DataFrame, task: str, pair: tuple[str, str] = BUILT_IN) -> tuple[set[int], set[int]]:
+    """(seeds both methods of `pair` ran without error, those of them where neither run is flagged)."""
+    ok = flags[(flags["task"] == task) & (flags["status"] == "ok") & flags["method"].isin(pair)]
+    seeds = set(ok.loc[ok["method"] == pair[0], "seed"]) & set(ok.loc[ok["method"] == pair[1], "seed"])
     return seeds, seeds - set(ok.loc[ok["flagged"], "seed"])
 
 
@@ -167,7 +168,7 @@ def _judged(seeds: set[int], clean: set[int]) -> tuple[set[int], bool, str]:
     return seeds, False, note + ": value over all pairs, no interval)"
 
 
-def _drifts(summary: pd.DataFrame, task: str, pooling: str, measure: str) -> dict[str, dict[int, float]]:
+def run_drifts(summary: pd.DataFrame, task: str, pooling: str, measure: str) -> dict[str, dict[int, float]]:
     """drift = 1 - similarity (mean over layers) per method and seed; a run whose measure the data
     leave undefined at every layer (drift_layers.csv's missing_reason) has none and is left out."""
     rows = summary[
@@ -180,9 +181,12 @@ def _drifts(summary: pd.DataFrame, task: str, pooling: str, measure: str) -> dic
     return {m: dict(zip(g["seed"].astype(int), 1 - g["mean_over_layers"])) for m, g in rows.groupby("method")}
 
 
-def drift_reduction(drifts: dict, seeds: set[int], confidence: float) -> stats.RatioEstimate:
-    """1 − mean drift_LoRA / mean drift_full over `seeds`, with Fieller's interval."""
-    lora, full = drifts.get("lora", {}), drifts.get("full", {})
+def drift_reduction(
+    drifts: dict, seeds: set[int], confidence: float, pair: tuple[str, str] = BUILT_IN
+) -> stats.RatioEstimate:
+    """1 − mean drift_LoRA / mean drift_full (of `pair`'s method and reference) over `seeds`,
+    with Fieller's interval."""
+    lora, full = drifts.get(pair[0], {}), drifts.get(pair[1], {})
     return stats.drift_reduction(
         {s: lora[s] for s in seeds if s in lora}, {s: full[s] for s in seeds if s in full}, confidence
     )
@@ -204,10 +208,10 @@ def drift_statistics(
         refs = picked.groupby(["task", "comparison", "pooling", "measure"])["value"].mean().to_dict()
     rows = []
     for (task, pooling, measure), cell in summary.groupby(["task", "pooling", "measure"], sort=False):
-        cell = cell[cell["mean_over_layers"].notna()]  # undefined at every layer: left out, as in _drifts
+        cell = cell[cell["mean_over_layers"].notna()]  # undefined at every layer: left out, as in run_drifts
         runs, pairs = cell[cell["comparison"] == "run_vs_base"], cell[cell["comparison"] == "seed_vs_seed"]
         seeds, judged, note = _judged(*clean_pairs(flags, task))
-        reduction = drift_reduction(_drifts(summary, task, pooling, measure), seeds, confidence)
+        reduction = drift_reduction(run_drifts(summary, task, pooling, measure), seeds, confidence)
         if not judged:
             reduction = reduction._replace(low=math.nan, high=math.nan, bounded=False)
         for method in ("lora", "full"):
@@ -235,7 +239,9 @@ def drift_statistics(
     return DRIFT_STATISTICS.frame(rows)
 
 
-def quality_criteria(flags: pd.DataFrame, task: str, analysis: AnalysisConfig) -> list[verdict.Criterion]:
+def quality_criteria(
+    flags: pd.DataFrame, task: str, analysis: AnalysisConfig, pair: tuple[str, str] = BUILT_IN
+) -> list[verdict.Criterion]:
     """Full FT − LoRA in points with the paired t-interval over the judged seed pairs, on the
     configured metric (analysis.quality_metric) and, informing, on the other one. A generative
     task has no accuracy: its criterion is on SQuAD F1, exact match informs."""
@@ -243,14 +249,15 @@ def quality_criteria(flags: pd.DataFrame, task: str, analysis: AnalysisConfig) -
     primary = ok["primary_metric"].iloc[0]
     generative = scored_by_generation(ok)
     configured = "accuracy" if analysis.quality_metric == "accuracy" and not generative else primary
-    seeds, judged, note = _judged(*clean_pairs(flags, task))
+    seeds, judged, note = _judged(*clean_pairs(flags, task, pair))
+    method, reference = pair
     out = []
     for metric in dict.fromkeys([configured, primary, "exact" if generative else "accuracy"]):
         by = {m: dict(zip(g["seed"], g[metric])) for m, g in ok.groupby("method")}
         if not seeds:
             estimate, spread = None, None
         else:
-            gap = stats.describe([100 * (by["full"][s] - by["lora"][s]) for s in sorted(seeds)], analysis.confidence)
+            gap = stats.describe([100 * (by[reference][s] - by[method][s]) for s in sorted(seeds)], analysis.confidence)
             estimate = stats.Estimate(
                 gap["mean"], gap["ci_low"] if judged else math.nan, gap["ci_high"] if judged else math.nan
             )
@@ -277,7 +284,7 @@ def quality_criteria(flags: pd.DataFrame, task: str, analysis: AnalysisConfig) -
 
 
 def drift_criterion(
-    summary: pd.DataFrame | None, flags: pd.DataFrame, task: str, analysis: AnalysisConfig
+    summary: pd.DataFrame | None, flags: pd.DataFrame, task: str, analysis: AnalysisConfig, pair=BUILT_IN
 ) -> verdict.Criterion:
     """The reduction of mean drift (linear CKA, mean pooling) with its Fieller interval; met when
     the paired contrast drift_LoRA − (1 − threshold)·drift_full has its upper t-bound ≤ 0,
@@ -288,13 +295,14 @@ def drift_criterion(
         f"Fieller interval; met if the paired contrast drift_LoRA − {1 - threshold:g}·drift_full has its upper "
         f"t-bound ≤ 0 (at least {threshold:.0%} less drift)"
     )
-    drifts = _drifts(summary, task, DRIFT_POOLING, DRIFT_MEASURE) if summary is not None else {}
-    seeds, judged, note = _judged(*clean_pairs(flags, task))
-    seeds = {s for s in seeds if s in drifts.get("lora", {}) and s in drifts.get("full", {})}
+    drifts = run_drifts(summary, task, DRIFT_POOLING, DRIFT_MEASURE) if summary is not None else {}
+    seeds, judged, note = _judged(*clean_pairs(flags, task, pair))
+    method, reference = pair
+    seeds = {s for s in seeds if s in drifts.get(method, {}) and s in drifts.get(reference, {})}
     if not seeds:
         return verdict.Criterion("drift", None, threshold, True, rule)
-    reduction = drift_reduction(drifts, seeds, analysis.confidence)
-    contrast_values = [drifts["lora"][s] - (1 - threshold) * drifts["full"][s] for s in sorted(seeds)]
+    reduction = drift_reduction(drifts, seeds, analysis.confidence, pair)
+    contrast_values = [drifts[method][s] - (1 - threshold) * drifts[reference][s] for s in sorted(seeds)]
     c = stats.describe(contrast_values, analysis.confidence)
     if not judged:
         reduction = reduction._replace(low=math.nan, high=math.nan)
@@ -313,7 +321,7 @@ def drift_criterion(
 
 
 def forgetting_criterion(
-    probes: pd.DataFrame | None, flags: pd.DataFrame, task: str, analysis: AnalysisConfig
+    probes: pd.DataFrame | None, flags: pd.DataFrame, task: str, analysis: AnalysisConfig, pair=BUILT_IN
 ) -> verdict.Criterion:
     """Forgetting of LoRA − that of full FT, in points of probe accuracy, on the probed tasks a
     run did not train on (mean over them, last probed layer), paired t-interval over the judged
@@ -329,11 +337,12 @@ def forgetting_criterion(
         cost = forgetting.transfer_cost(probes)
         cost = cost[(cost["task"] == task) & (cost["probe_task"] == forgetting.OTHER_TASKS)]
         by = {m: dict(zip(g["seed"], g["forgetting"])) for m, g in cost.groupby("method")}
-    seeds, judged, note = _judged(*clean_pairs(flags, task))
-    seeds = {s for s in seeds if s in by.get("lora", {}) and s in by.get("full", {})}
+    seeds, judged, note = _judged(*clean_pairs(flags, task, pair))
+    method, reference = pair
+    seeds = {s for s in seeds if s in by.get(method, {}) and s in by.get(reference, {})}
     if not seeds:
         return verdict.Criterion(FORGETTING_CRITERION, None, threshold, False, rule, counts=counts)
-    gap = stats.describe([100 * (by["lora"][s] - by["full"][s]) for s in sorted(seeds)], analysis.confidence)
+    gap = stats.describe([100 * (by[method][s] - by[reference][s]) for s in sorted(seeds)], analysis.confidence)
     estimate = stats.Estimate(
         gap["mean"], gap["ci_low"] if judged else math.nan, gap["ci_high"] if judged else math.nan
     )

@@ -326,6 +326,11 @@ class AnalysisConfig(Strict):
     confidence: float = Field(0.95, gt=0, lt=1, description="level of every interval in the statistics")
     bootstrap: int = Field(10000, ge=0, description="bootstrap resamples of the drift-reduction and effect intervals")
     seed: int = Field(0, description="seed of the resampling and permutation tests")
+    reference: str = Field(
+        "full",
+        description="the method tables/methods.csv compares every other one with, paired by seed (the verdict "
+        "compares lora with full)",
+    )
 
 
 class RuntimeConfig(Strict):
@@ -433,6 +438,8 @@ class StudyConfig(Strict):
                 f"methods: {undefined[0]} is not defined; define it as training.{undefined[0]}: "
                 "{type: ..., lr: ...} (type full, or a PEFT type such as lora, ia3, loha)"
             )
+        if "reference" in self.analysis.model_fields_set and self.analysis.reference not in self.methods:
+            raise ValueError(f"analysis.reference: {self.analysis.reference} is not one of methods {self.methods}")
         for method in self.tune.spaces:
             if not self.defines(method):
                 raise ValueError(f"tune.spaces.{method}: no method of that name is defined in `training`")

@@ -1,7 +1,7 @@
 """The study's report: `report.md` and a self-contained `report.html`, verdict first.
 
 loader reads the study through the tables' own records; the section modules only render
-(quality, answers, cost, representation, forgetting, deployment, generation serving, provenance,
+(quality, answers, methods, cost, representation, forgetting, deployment, generation serving, provenance,
 reference); figures draws them; document holds the blocks and their two renderings. Nothing here
 trains, times or recomputes a statistic: every number comes from a table an earlier stage wrote,
 and a missing table turns its section into "not run" (generation serving, which only studies that
@@ -19,6 +19,7 @@ from lorascope.report.document import Document, to_html, to_markdown
 from lorascope.report.forgetting import forgetting_section
 from lorascope.report.generation_serving import generation_section
 from lorascope.report.loader import FIGURE_PREFIX, load
+from lorascope.report.methods import methods_section
 from lorascope.report.provenance import hparams_section, provenance_section
 from lorascope.report.reference import load_reference, reference_section
 from lorascope.report.representations import drift_section, weights_section
@@ -38,6 +39,7 @@ def write_report(study_root: Path | str) -> tuple[Path, Path]:
         ("task performance", quality.performance_section, view.need("flags")),
         ("question answering", answers.answers_section, answers.missing(view)),
         ("method comparison", quality.comparison_section, quality.comparisons(view)[1] or None),
+        ("methods", methods_section, view.need("methods")),
         ("training cost", cost_section, view.need("performance")),
         ("drift", drift_section, view.need("drift_layers")),
         ("weight-space change", weights_section, view.need("weights")),

@@ -15,6 +15,7 @@ from lorascope.answers import ANSWER_EXAMPLES, ANSWERS
 from lorascope.atomic import atomic_write
 from lorascope.drift import DRIFT_LAYERS, DRIFT_SUMMARY
 from lorascope.forgetting import FORGET_CORRELATION, FORGET_DRIFT, FORGET_STATISTICS, FORGETTING, LM_FORGETTING
+from lorascope.method_table import METHODS
 from lorascope.report.document import slug
 from lorascope.report.figures import ordered, png_bytes
 from lorascope.representations import POOLED_POSITIONS
@@ -35,6 +36,7 @@ TABLES: tuple[Table, ...] = (
     FLAGS,
     STATISTICS,
     VERDICT,
+    METHODS,
     DRIFT_LAYERS,
     DRIFT_SUMMARY,
     DRIFT_STATISTICS,
