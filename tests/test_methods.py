@@ -6,15 +6,17 @@ import json
 import pandas as pd
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from lorascope import modeling, runs, runtime
 from lorascope import weights as change
 from lorascope.cli import main
-from lorascope.config_io import load_config
+from lorascope.config_io import load_config, to_yaml
 from lorascope.evaluation import evaluate_task
 from lorascope.hparams import AdapterMethodConfig, LoraMethodConfig
 from lorascope.prepared import load_prepared
+from lorascope.report import methods as methods_report
 from lorascope.report.figures import method_label
 from lorascope.stages import STAGES
 from lorascope.study import run_stages
@@ -188,3 +190,33 @@ def test_a_method_given_twice_in_a_yaml_file_is_refused(tmp_path, capsys):
     assert main(["run", str(path), "--out", str(tmp_path / "study")]) == 2
     err = capsys.readouterr().err.strip()
     assert "key 'dora' is given twice" in err and len(err.splitlines()) == 1
+
+
+def test_the_rank_sweep_figure_has_one_point_per_rank_and_full_ft_as_a_line():
+    config = yaml.safe_load(to_yaml(load_config(None, "rank-sweep")))
+    ranks = methods_report.sweep_ranks(config)
+    assert ranks == {"lora_r1": 1, "lora_r4": 4, "lora_r16": 16, "lora_r64": 64, "lora_r256": 256}
+    assert methods_report.sweep_ranks(yaml.safe_load(to_yaml(load_config(None, "methods")))) == {"lora": 8}
+    rows = [
+        {
+            "task": "sst2",
+            "method": m,
+            "metric": "accuracy",
+            "quality_mean": 0.8 + r / 1e4,
+            "quality_low": 0.79,
+            "quality_high": 0.9,
+            "drift_mean": 0.01 * r,
+            "drift_low": 0.0,
+            "drift_high": 0.05 * r,
+            "forgetting_pp": 0.1,
+            "forgetting_low": 0.0,
+            "forgetting_high": 0.2,
+        }
+        for m, r in [*ranks.items(), ("full", 512)]
+    ]
+    figure = methods_report.rank_figure(pd.DataFrame(rows), ["sst2"], ranks)
+    quality, drift, _ = figure.axes
+    assert list(quality.lines[0].get_xdata()) == [1, 4, 16, 64, 256]  # one point per rank, in rank order
+    assert list(drift.lines[0].get_ydata()) == pytest.approx([0.01, 0.04, 0.16, 0.64, 2.56])
+    assert quality.lines[-1].get_ydata()[0] == pytest.approx(0.8 + 512 / 1e4)  # full FT's dashed line
+    assert methods_report.rank_figure(pd.DataFrame(rows), ["sst2"], {"lora": 8}) is None  # one rank: no sweep

@@ -8,9 +8,10 @@ from __future__ import annotations
 import pandas as pd
 
 from lorascope.footprint import MB
+from lorascope.hparams import LoraMethodConfig
 from lorascope.report import format as fmt
 from lorascope.report.document import Document
-from lorascope.report.figures import finite, legend, method_color, method_label, panel_grid
+from lorascope.report.figures import finite, legend, method_color, method_label, panel_grid, plain_ticks
 from lorascope.report.loader import StudyView
 
 
@@ -71,6 +72,15 @@ def methods_section(doc: Document, view: StudyView) -> None:
                     for r in versus.itertuples()
                 ],
             )
+    ranks = sweep_ranks(view.config)
+    figure = rank_figure(table, tasks, ranks)
+    if figure is not None:
+        doc.figure(
+            view.save(figure, "methods_rank"),
+            f"A rank sweep: quality, drift and forgetting against LoRA's rank (log axis) for the plain LoRA methods "
+            f"({', '.join(f'{m} r={r}' for m, r in ranks.items())}), whiskers their {ci} over seeds; the dashed "
+            "line is full fine-tuning's mean.",
+        )
     figure = tradeoff_figure(table, tasks)
     if figure is not None:
         doc.figure(
@@ -133,4 +143,50 @@ def tradeoff_figure(table: pd.DataFrame, tasks: list[str]):
     for ax in list(axes.flat)[len(tasks) :]:
         ax.set_visible(False)
     legend(fig, handles, min(len({h.get_label() for h in handles}), 7))
+    return fig
+
+
+def sweep_ranks(config: dict) -> dict[str, int]:
+    """Rank of every plain LoRA method of the study (type lora, no PEFT field but rank, scale
+    and dropout: DoRA, rsLoRA or PiSSA are other methods), from its config.yaml."""
+    training = config.get("training") or {}
+    plain = set(LoraMethodConfig.model_fields)
+    return {
+        name: int(spec["r"])
+        for name in config.get("methods") or []
+        if isinstance(spec := training.get(name), dict) and spec.get("type", name) == "lora" and set(spec) <= plain
+    }
+
+
+def rank_figure(table: pd.DataFrame, tasks: list[str], ranks: dict[str, int]):
+    """Quality, drift and forgetting against rank, a row of panels per task, one point per plain
+    LoRA method, full FT as a dashed line; None without three ranks to draw."""
+    if len(set(ranks.values())) < 3:
+        return None
+    measures = (("quality", "quality"), ("drift", "drift"), ("forgetting", "forgetting (points)"))
+    fig, axes = panel_grid(3 * len(tasks), 3, (3.4, 2.8), 0.2)
+    for row, task in zip(axes, tasks):
+        rows = table[table["task"] == task].set_index("method")
+        for ax, (prefix, label) in zip(row, measures):
+            mean, low, high = (
+                f"{prefix}_{part}"
+                for part in (("mean", "low", "high") if prefix != "forgetting" else ("pp", "low", "high"))
+            )
+            swept = rows.loc[sorted((m for m in ranks if m in rows.index), key=ranks.get)]
+            r = [ranks[m] for m in swept.index]
+            ax.errorbar(
+                r,
+                swept[mean],
+                yerr=[swept[mean] - swept[low], swept[high] - swept[mean]],
+                fmt="o-",
+                color=method_color("lora"),
+                capsize=3,
+            )
+            if "full" in rows.index and finite(rows.loc["full", mean]):
+                ax.axhline(rows.loc["full", mean], color=method_color("full"), ls="--", lw=1)
+            ax.set_xscale("log", base=2)
+            plain_ticks(ax.xaxis)
+            ax.set_xlabel("rank r")
+            ax.set_ylabel(rows["metric"].iloc[0] if prefix == "quality" else label)
+            ax.set_title(f"{task}: {label}", fontsize=10)
     return fig
