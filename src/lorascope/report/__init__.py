@@ -16,6 +16,7 @@ from lorascope.report import answers, quality
 from lorascope.report.cost import cost_section
 from lorascope.report.deployment import deployment_section
 from lorascope.report.document import Document, to_html, to_markdown
+from lorascope.report.figures import use_method_colors
 from lorascope.report.forgetting import forgetting_section
 from lorascope.report.generation_serving import generation_section
 from lorascope.report.loader import FIGURE_PREFIX, load
@@ -34,6 +35,7 @@ def write_report(study_root: Path | str) -> tuple[Path, Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory")
     view = load(root)
+    use_method_colors(view.config.get("methods") or [])
     sections = [  # (name, render, why it is not run)
         ("verdict", quality.verdict_section, view.need("verdict")),
         ("task performance", quality.performance_section, view.need("flags")),

@@ -62,15 +62,23 @@ def method_label(method: str) -> str:
     return METHOD_LABELS.get(method, method)
 
 
-# Colours of methods of your own (Okabe-Ito and tab10 without the built-ins' hues), by name, so
-# a method keeps its colour in every figure of a report.
-OTHER_METHOD_COLORS = ["#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000", "#8c564b", "#9467bd", "#17becf"]
+# Colours of methods of your own (Okabe-Ito and tab10, none close to the built-ins' hues): a study's
+# methods take them in config order (use_method_colors, once per report), so no two share one.
+OTHER_METHOD_COLORS = ["#CC79A7", "#9467bd", "#8c564b", "#000000", "#56B4E9", "#bcbd22", "#7f7f7f", "#17becf"]
+_study_colors: dict[str, str] = {}
+
+
+def use_method_colors(methods: Iterable[str]) -> None:
+    """Give the study's own methods their colours, in its order (the report's one piece of state)."""
+    others = [m for m in methods if m not in METHOD_COLORS]
+    _study_colors.clear()
+    _study_colors.update({m: OTHER_METHOD_COLORS[i % len(OTHER_METHOD_COLORS)] for i, m in enumerate(others)})
 
 
 def method_color(method: str) -> str:
     if method in METHOD_COLORS:
         return METHOD_COLORS[method]
-    return OTHER_METHOD_COLORS[zlib.crc32(method.encode()) % len(OTHER_METHOD_COLORS)]
+    return _study_colors.get(method) or OTHER_METHOD_COLORS[zlib.crc32(method.encode()) % len(OTHER_METHOD_COLORS)]
 
 
 def describe_finite(values: Iterable[float], confidence: float) -> dict:

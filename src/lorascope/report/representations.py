@@ -4,6 +4,7 @@ drift_statistics.csv (the analyze stage) and weights.csv."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -292,10 +293,10 @@ def weights_figure(weights: pd.DataFrame, task: str) -> Figure:
     """Size, rank and intruder dimensions of each method's update per layer (a `weights_frame`)."""
     w = weights[(weights["task"] == task) & weights["layer"].notna()]
     changed, common = changed_kinds(w)
-    fig = new_figure(13.0, 4.1)
+    methods = method_order(w["method"])
+    fig = new_figure(13.0, 3.5 + 0.3 * math.ceil(2 * len(methods) / 3))  # room for a legend of two lines a method
     axes = fig.subplots(1, 3)
     handles = []
-    methods = method_order(w["method"])
     width = 0.8 / max(1, len(methods))
     for k, method in enumerate(methods):
         color = method_color(method)
@@ -342,7 +343,7 @@ def weights_figure(weights: pd.DataFrame, task: str) -> Figure:
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
     axes[2].set_ylim(0, max(1.0, axes[2].get_ylim()[1]) * 1.3)  # room for the legend above the bars
-    axes[2].legend(fontsize=8, frameon=False, loc="upper left", ncol=len(methods))
+    axes[2].legend(fontsize=8, frameon=False, loc="upper left", ncol=min(len(methods), 3))
     for ax in axes[:2]:
         if any(line.get_ydata().size and np.nanmin(line.get_ydata()) > 0 for line in ax.get_lines()):
             ax.set_yscale("log")
