@@ -69,13 +69,16 @@ def fake_server(tmp_path):
 
 def test_streamed_ttft_and_tpot_are_the_servers_delays(fake_server):
     """Time to first token = the first delay, time per output token = the delay between tokens,
-    each within the overshoot of sleep and HTTP on a busy machine (tens of milliseconds at most)."""
+    each within the overshoot of sleep and HTTP on a busy machine. One gap may overshoot by tens of
+    milliseconds when the test workers share the cores (101 ms against 40 once), so the typical gap
+    is checked, and that no gap is shorter than the server's delay allows."""
     streamed = vllm_generation.stream(fake_server, "m", [{"input_ids": [1, 2, 3]}], 6)
     assert streamed.output_tokens == 6
-    assert FIRST_S <= streamed.ttft_ms / 1e3 < FIRST_S + 0.06
-    assert streamed.tpot_ms / 1e3 == pytest.approx(EVERY_S, abs=0.015)
-    # one gap is short by what the one before it overshot; their sum is the decode time
-    assert len(streamed.itl_ms) == 5 and all(abs(gap / 1e3 - EVERY_S) < 0.02 for gap in streamed.itl_ms)
+    assert FIRST_S <= streamed.ttft_ms / 1e3 < FIRST_S + 0.1
+    gaps = sorted(gap / 1e3 for gap in streamed.itl_ms)
+    assert len(gaps) == 5 and gaps[2] == pytest.approx(EVERY_S, abs=0.015)  # the median gap
+    assert gaps[0] > EVERY_S - 0.02  # a gap is short only by what the one before it overshot
+    assert streamed.tpot_ms == pytest.approx(sum(streamed.itl_ms) / 5)  # the decode time over its tokens
     assert streamed.e2e_ms / 1e3 >= FIRST_S + 5 * EVERY_S
 
 

@@ -166,6 +166,7 @@ def test_methods_mapping_defines_and_picks_them():
         (["training.x={type: ia3, lr: 1.0e-3, r: 4}", "methods=[x]"], "'r' is neither an optimiser hyperparameter"),
         (["training.x={lr: 1.0e-3}", "methods=[x]"], "training.x.type: Field required"),
         (["methods=[lora, lora]"], "a method is named twice"),
+        (["analysis.reference=dora"], "analysis.reference: dora is not one of methods"),
         (
             [
                 "training.x={type: ia3, lr: 1.0e-3, target_modules: [query], feedforward_modules: [value]}",

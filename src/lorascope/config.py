@@ -438,7 +438,7 @@ class StudyConfig(Strict):
                 f"methods: {undefined[0]} is not defined; define it as training.{undefined[0]}: "
                 "{type: ..., lr: ...} (type full, or a PEFT type such as lora, ia3, loha)"
             )
-        if "reference" in self.analysis.model_fields_set and self.analysis.reference not in self.methods:
+        if self.analysis.reference != "full" and self.analysis.reference not in self.methods:  # full: none to compare
             raise ValueError(f"analysis.reference: {self.analysis.reference} is not one of methods {self.methods}")
         for method in self.tune.spaces:
             if not self.defines(method):
