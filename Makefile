@@ -51,7 +51,7 @@ lint: setup
 
 # xdist workers, each taking whole modules (tests/conftest.py orders the long ones first). Three on
 # two cores: the slow modules wait on servers and subprocesses part of the time, so two workers
-# kept the cores 79 % busy (suite 11.4 min) and three 84 % (9.6 min, with the test changes of that commit)
+# kept the cores 79 % busy (suite 11.4 min) and three 84 % (9.6 min, with the test changes of their commit)
 TEST_WORKERS ?= 3
 test: lint system-packages vllm
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=15

@@ -48,6 +48,7 @@ SLOW_MODULES = (
     "test_dependencies.py",
     "test_integrity.py",
     "test_sizes.py",
+    "test_methods.py",
     "test_portable.py",
 )
 

@@ -92,7 +92,7 @@ def _finished(code: int, err: str, out: Path) -> None:
     assert (out / "report.md").is_file()
 
 
-@settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     kind=st.sampled_from(["rte", "custom"]),
     train=st.integers(2, 64),
