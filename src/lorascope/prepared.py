@@ -76,10 +76,13 @@ def prepared_fingerprint(study: Study, name: str) -> str:
     return fp
 
 
-def load_prepared(study: Study, name: str) -> tuple[Task, datasets.DatasetDict]:
-    folder = study.prepared_dir(name)
-    task = json.loads((folder / "meta.json").read_text())["task"]
+def prepared_task(study: Study, name: str) -> Task:
+    """The prepared task's description alone (its meta.json), without loading its splits."""
+    task = json.loads((study.prepared_dir(name) / "meta.json").read_text())["task"]
     if task["label_names"] is not None:
         task["label_names"] = tuple(task["label_names"])
-    task = Task(**task)
-    return task, datasets.load_from_disk(str(folder / "splits"))
+    return Task(**task)
+
+
+def load_prepared(study: Study, name: str) -> tuple[Task, datasets.DatasetDict]:
+    return prepared_task(study, name), datasets.load_from_disk(str(study.prepared_dir(name) / "splits"))

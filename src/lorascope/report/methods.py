@@ -163,15 +163,15 @@ def rank_figure(table: pd.DataFrame, tasks: list[str], ranks: dict[str, int]):
     LoRA method, full FT as a dashed line; None without three ranks to draw."""
     if len(set(ranks.values())) < 3:
         return None
-    measures = (("quality", "quality"), ("drift", "drift"), ("forgetting", "forgetting (points)"))
+    measures = (  # mean, interval ends, title (quality's axis is labelled with the task's metric)
+        ("quality_mean", "quality_low", "quality_high", "quality"),
+        ("drift_mean", "drift_low", "drift_high", "drift"),
+        ("forgetting_pp", "forgetting_low", "forgetting_high", "forgetting (points)"),
+    )
     fig, axes = panel_grid(3 * len(tasks), 3, (3.4, 2.8), 0.2)
     for row, task in zip(axes, tasks):
         rows = table[table["task"] == task].set_index("method")
-        for ax, (prefix, label) in zip(row, measures):
-            mean, low, high = (
-                f"{prefix}_{part}"
-                for part in (("mean", "low", "high") if prefix != "forgetting" else ("pp", "low", "high"))
-            )
+        for ax, (mean, low, high, label) in zip(row, measures):
             swept = rows.loc[sorted((m for m in ranks if m in rows.index), key=ranks.get)]
             r = [ranks[m] for m in swept.index]
             ax.errorbar(
@@ -187,6 +187,6 @@ def rank_figure(table: pd.DataFrame, tasks: list[str], ranks: dict[str, int]):
             ax.set_xscale("log", base=2)
             plain_ticks(ax.xaxis)
             ax.set_xlabel("rank r")
-            ax.set_ylabel(rows["metric"].iloc[0] if prefix == "quality" else label)
+            ax.set_ylabel(rows["metric"].iloc[0] if mean == "quality_mean" else label)
             ax.set_title(f"{task}: {label}", fontsize=10)
     return fig

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from lorascope import dependencies, executors, modeling, runs
 from lorascope.config import StudyConfig
-from lorascope.prepared import load_prepared, prepared_fingerprint
+from lorascope.prepared import load_prepared, prepared_fingerprint, prepared_task
 from lorascope.study import Stage, Study
 from lorascope.tuning import tuned_hparams
 
@@ -43,7 +43,7 @@ def train_one(root: str, config: StudyConfig, name: str, method: str, seed: int)
 def run(study: Study, config: StudyConfig) -> None:
     todo = []
     for name in config.tasks:
-        task = load_prepared(study, name)[0]
+        task = prepared_task(study, name)
         splits_fp = prepared_fingerprint(study, name)
         for method in config.methods:
             for seed in config.seeds:

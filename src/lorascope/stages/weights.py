@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from lorascope import dependencies, executors, modeling, runs
 from lorascope import weights as change
 from lorascope.config import StudyConfig
-from lorascope.prepared import load_prepared
+from lorascope.prepared import prepared_task
 from lorascope.study import Stage, Study, is_current
 
 
@@ -38,7 +38,7 @@ def weights_rows(root: str, config: StudyConfig, grid: list[tuple[str, str, int]
                 adapter.get("use_rslora", False),
             )
         else:  # any other adapter: merged into the base, minus the base
-            labels = load_prepared(study, task)[0].label_names
+            labels = prepared_task(study, task).label_names
             merged = modeling.load_run_model(folder, config.model.name, labels, tokenizer.pad_token_id)
             deltas = change.merged_deltas(merged.state_dict(), base_state)
         for row in change.weight_change_rows(deltas, k=k, epsilon=epsilon, base_vectors=base_vectors):
