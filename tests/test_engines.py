@@ -6,6 +6,8 @@ merged, separate, multi; skipped without the vLLM env)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 
@@ -473,8 +475,18 @@ def test_missing_vllm_env_at_run_time_skips_vllm_with_one_line_and_peft_rows_lan
 # -- the real vLLM server ----------------------------------------------------------------------
 
 
-def _vllm_processes() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if "vllm.entrypoints" in " ".join(p.info["cmdline"] or [])]
+def _vllm_servers_of_this_worker() -> list[psutil.Process]:
+    """vLLM servers started from this pytest worker (they inherit its environment): other workers'
+    tests run their own servers meanwhile."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if "vllm.entrypoints" not in " ".join(proc.info["cmdline"] or []):
+            continue
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            if proc.environ().get("PYTEST_XDIST_WORKER") == worker:
+                found.append(proc)
+    return found
 
 
 @needs_vllm
@@ -484,7 +496,7 @@ def test_bench_vllm_serves_full_merged_separate_multi_like_peft(llama_models, tm
     assert main(_bench_args(root, adapters, tmp_path, "--engine", "peft", "--engine", "vllm")) == 0, (
         capsys.readouterr().err
     )
-    assert not _vllm_processes()
+    assert not _vllm_servers_of_this_worker()
     table = grid.DEPLOYMENT_ENGINES.read(tmp_path)
     one_adapter = (table["engine"] == "vllm") & (table["strategy"] == "multi") & (table["batch_size"] == 4)
     assert (table.loc[one_adapter, "status"] == "skipped").all() and one_adapter.sum() == 1
