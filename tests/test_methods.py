@@ -84,7 +84,34 @@ def test_every_stage_and_the_report_take_any_set_of_methods(methods_study):
         assert versus.loc[method, "quality_gap_value"] == pytest.approx(100 * (quality["full"] - quality[method]))
         assert versus.loc[method, "quality_gap_outcome"] == "inconclusive"  # one pair gives no interval
     assert versus.loc["full", ["quality_gap_value", "drift_reduction_value"]].isna().all()
+    # the verdict judges every method against the reference; deploy serves the first adapter method only
+    verdict = pd.read_csv(methods_study.tables / "verdict.csv")
+    verdict = verdict[verdict["task"] == "sst2"]
+    judged = verdict[verdict["criterion"] == "recommended"]
+    assert list(judged["method"]) == list(METHODS)
+    deployment = verdict[verdict["criterion"] == "deployment"].set_index("method")
+    assert (deployment.drop(index="lora")["outcome"] == "not run").all()
+    assert "serves the study's first adapter method (lora) only" in deployment.loc["dora", "rule"]
+    assert (
+        "full − dora"
+        in verdict.loc[(verdict["method"] == "dora") & (verdict["criterion"] == "quality"), "rule"].iloc[0]
+    )
+    rates = verdict[verdict["criterion"].str.startswith("failure rate")]
+    assert list(rates["method"]) == [*METHODS, "full"]
+    # statistics: each against full FT, then each pair of the others
+    compared = pd.read_csv(methods_study.tables / "statistics.csv").query("kind == 'compare' and task == 'sst2'")
+    others = list(METHODS)
+    pairs = [f"{m}-full" for m in others] + [f"{a}-{b}" for i, a in enumerate(others) for b in others[i + 1 :]]
+    assert list(dict.fromkeys(compared["method"])) == pairs
+    drift = pd.read_csv(methods_study.tables / "drift_statistics.csv").query("task == 'sst2'")
+    assert list(dict.fromkeys(drift["method"])) == [*METHODS, "full"]
+    assert drift.loc[drift["method"] == "full", "drift_reduction"].isna().all()
     report = (methods_study.root / "report.md").read_text()
+    assert report.startswith(
+        "# lorascope report — smoke\n\nLoRA, dora, rslora, pissa, ia3, loha, lokr, vera against full FT"
+    )
+    assert "| **sst2** | **dora recommended** = quality and (drift or deployment) |" in report
+    assert "| sst2 | quality gap: full FT − dora (one-sided) |" in report
     section = report[report.index("## Methods") : report.index("## Training cost")]
     assert all(f"| {method_label(m)} | " in section for m in METHODS) and "report_methods_tradeoff.png" in section
     assert "| against full FT |" in section

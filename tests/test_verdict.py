@@ -242,3 +242,37 @@ def test_a_run_whose_drift_is_undefined_at_every_layer_is_left_out_of_the_statis
     assert table.loc[table["method"] == "lora", "n"].iloc[0] == 2
     c = analysis.drift_criterion(summary, flags, "mrpc", AnalysisConfig())
     assert c.estimate.value == pytest.approx(1 - 0.15 / 0.30)  # seeds 1 and 3, the pairs both have
+
+
+def test_every_method_is_compared_with_the_reference_and_with_each_other(tmp_path):
+    """Three methods: each against full FT, then LoRA against DoRA; differences, tests, the seed
+    pairs that would tell a pair apart, and drift reductions, each against its own pair."""
+    assert analysis.method_pairs(["lora", "dora", "full"], "full") == [
+        ("lora", "full"),
+        ("dora", "full"),
+        ("lora", "dora"),
+    ]
+    assert analysis.method_pairs(["lora", "dora"], "full") == [("lora", "dora")]  # no reference: each other only
+    accuracy = {"lora": (0.70, 0.72, 0.71), "dora": (0.74, 0.73, 0.78), "full": (0.75, 0.76, 0.74)}
+    flags = _flags({(m, s): (v[s - 1], v[s - 1], False) for m, v in accuracy.items() for s in (1, 2, 3)})
+    pairs = analysis.method_pairs(["lora", "dora", "full"], "full")
+    described = pd.DataFrame(analysis.describe_rows(flags, 0.95, pairs))
+    for a, b in pairs:
+        d = described[(described["method"] == f"{a}-{b}") & (described["metric"] == "accuracy")]
+        assert len(d) == 2 and d["mean"].iloc[0] == pytest.approx(
+            sum(x - y for x, y in zip(accuracy[a], accuracy[b])) / 3
+        )
+    compared = pd.DataFrame(analysis.comparison_rows(flags, AnalysisConfig(bootstrap=200), pairs))
+    assert list(compared["method"]) == ["lora-full", "lora-full", "dora-full", "dora-full", "lora-dora", "lora-dora"]
+    lora_full = compared.iloc[0]
+    diffs = [x - y for x, y in zip(accuracy["lora"], accuracy["full"])]
+    mean, sd = stats.describe(diffs)["mean"], stats.describe(diffs)["sd"]
+    assert lora_full["mean_diff_paired"] == pytest.approx(mean)
+    assert lora_full["seeds_needed"] == planning.seeds_needed(mean, sd, 3, 0.0, higher_is_better=False)
+    summary = _drift_summary(
+        tmp_path, {(m, s): d * s for m, d in (("lora", 0.1), ("dora", 0.2), ("full", 0.4)) for s in (1, 2, 3)}
+    )
+    table = analysis.drift_statistics(None, summary, flags, 0.95, ["lora", "dora", "full"], "full")
+    reduction = table.set_index("method")["drift_reduction"]
+    assert reduction["lora"] == pytest.approx(0.75) and reduction["dora"] == pytest.approx(0.5)
+    assert math.isnan(reduction["full"]) and list(table["method"]) == ["lora", "dora", "full"]

@@ -4,12 +4,14 @@ report renders these tables and recomputes none of them."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
+from collections.abc import Iterable
 
 import pandas as pd
 
-from lorascope import forgetting, stats, verdict
+from lorascope import forgetting, planning, stats, verdict
 from lorascope.config import AnalysisConfig, StudyConfig
 from lorascope.drift import DRIFT_LAYERS, DRIFT_SUMMARY
 from lorascope.forgetting import FORGET_CORRELATION, FORGET_DRIFT, FORGET_STATISTICS, FORGETTING
@@ -23,8 +25,31 @@ GENERATIVE_METRICS = ("primary_value", "exact", "has_ans_f1", "no_ans_f1")  # pr
 P_VALUES = ("welch_p", "paired_t_p", "permutation_paired_p", "permutation_unpaired_p")
 DRIFT_MEASURE, DRIFT_POOLING = "linear_cka", "mean"
 FORGETTING_CRITERION = "forgetting: LoRA − full FT"
-DIFFERENCE = "lora-full"  # `method` of the describe rows of paired differences LoRA − full FT
-BUILT_IN = ("lora", "full")  # the pair the statistics and the verdict compare: (method, reference)
+BUILT_IN = ("lora", "full")  # the default pair the statistics and the verdict compare: (method, reference)
+
+
+def pair_name(pair: tuple[str, str]) -> str:
+    """`method` of statistics.csv's rows about a pair: paired differences a − b, comparisons."""
+    return f"{pair[0]}-{pair[1]}"
+
+
+DIFFERENCE = pair_name(BUILT_IN)
+
+
+def method_pairs(methods: Iterable[str], reference: str) -> list[tuple[str, str]]:
+    """Every method against the reference (when the study has it), then the others against each
+    other, in study order: the pairs statistics.csv compares."""
+    methods = list(methods)
+    others = [m for m in methods if m != reference]
+    return [(m, reference) for m in others if reference in methods] + list(itertools.combinations(others, 2))
+
+
+def study_methods(flags: pd.DataFrame, config: StudyConfig) -> list[str]:
+    """The methods with runs in `flags`, in the order of `methods` (a method dropped from the
+    config since its runs were trained comes last)."""
+    return [m for m in dict.fromkeys([*config.methods, *flags["method"]]) if m in set(flags["method"])]
+
+
 FLAGS = Table("flags", ("task", "method", "seed", "status", "primary_metric", "primary_value", "flagged", "reason"))
 STATISTICS = Table("statistics", ("kind", "task", "method", "metric", "subset"))
 DRIFT_STATISTICS = Table(
@@ -81,9 +106,9 @@ def _by_seed(runs: pd.DataFrame, column: str = "primary_value") -> dict[str, dic
     return {m: dict(zip(g["seed"], g[column])) for m, g in runs.groupby("method")}
 
 
-def describe_rows(flags: pd.DataFrame, confidence: float) -> list[dict]:
+def describe_rows(flags: pd.DataFrame, confidence: float, pairs=(BUILT_IN,)) -> list[dict]:
     """n, mean, sd and t-interval per task × method × metric × subset, and of the paired
-    differences LoRA − full FT (method DIFFERENCE) on each metric."""
+    differences a − b of each pair (method `pair_name`) on each metric."""
     rows = []
     for subset, frame in _subsets(flags):
         for task, runs in frame.groupby("task"):
@@ -103,45 +128,59 @@ def describe_rows(flags: pd.DataFrame, confidence: float) -> list[dict]:
                         }
                     )
                 values = _by_seed(runs.dropna(subset=[metric]), metric)
-                if "lora" in values and "full" in values:
-                    lora, full = stats.paired(values["lora"], values["full"])
-                    rows.append(
-                        {
-                            "kind": "describe",
-                            "task": task,
-                            "method": DIFFERENCE,
-                            "metric": name,
-                            "subset": subset,
-                            **stats.describe(lora - full, confidence),
-                        }
-                    )
+                for pair in pairs:
+                    if pair[0] in values and pair[1] in values:
+                        a, b = stats.paired(values[pair[0]], values[pair[1]])
+                        rows.append(
+                            {
+                                "kind": "describe",
+                                "task": task,
+                                "method": pair_name(pair),
+                                "metric": name,
+                                "subset": subset,
+                                **stats.describe(a - b, confidence),
+                            }
+                        )
     return rows
 
 
-def comparison_rows(flags: pd.DataFrame, analysis: AnalysisConfig) -> list[dict]:
-    """LoRA vs full per task on the primary metric, Holm-corrected across tasks per test."""
+def seeds_to_separate(a_by_seed: dict[int, float], b_by_seed: dict[int, float], confidence: float) -> float:
+    """Seed pairs at which the paired t-interval of a − b would exclude zero, were its mean and
+    sd to stay as observed (planning.seeds_needed; the pairs run when it already does); NaN
+    from fewer than two pairs, or when more than 1000 (or none) would."""
+    a, b = stats.paired(a_by_seed, b_by_seed)
+    d = stats.describe(a - b, confidence)
+    if d["n"] < 2:
+        return math.nan
+    needed = planning.seeds_needed(
+        d["mean"], d["sd"], int(d["n"]), 0.0, higher_is_better=d["mean"] > 0, confidence=confidence
+    )
+    return math.nan if needed is None else needed
+
+
+def comparison_rows(flags: pd.DataFrame, analysis: AnalysisConfig, pairs=(BUILT_IN,)) -> list[dict]:
+    """Each pair a vs b per task on the primary metric (method `pair_name`), with the seed pairs
+    that would tell them apart; Holm-corrected across tasks per test and pair."""
     rows = []
-    for subset, frame in _subsets(flags):
+    for pair, (subset, frame) in itertools.product(pairs, _subsets(flags)):
         family = []
         for task, group in frame.groupby("task"):
             by_seed = _by_seed(group)
-            if len(by_seed.get("lora", {})) < 1 or len(by_seed.get("full", {})) < 1:
+            a, b = by_seed.get(pair[0], {}), by_seed.get(pair[1], {})
+            if not a or not b:
                 continue
             result = stats.compare(
-                by_seed["lora"],
-                by_seed["full"],
-                confidence=analysis.confidence,
-                n_resamples=analysis.bootstrap,
-                seed=analysis.seed,
+                a, b, confidence=analysis.confidence, n_resamples=analysis.bootstrap, seed=analysis.seed
             )
             family.append(
                 {
                     "kind": "compare",
                     "task": task,
-                    "method": "",
+                    "method": pair_name(pair),
                     "metric": group["primary_metric"].iloc[0],
                     "subset": subset,
                     **result,
+                    "seeds_needed": seeds_to_separate(a, b, analysis.confidence),
                 }
             )
         for p in P_VALUES:
@@ -166,6 +205,11 @@ def _judged(seeds: set[int], clean: set[int]) -> tuple[set[int], bool, str]:
     if len(clean) >= 2:
         return clean, True, note + ")"
     return seeds, False, note + ": value over all pairs, no interval)"
+
+
+def _names(pair: tuple[str, str]) -> tuple[str, str]:
+    """How a criterion's rule names the two methods of its pair."""
+    return ("LoRA", "full FT") if pair == BUILT_IN else pair
 
 
 def run_drifts(summary: pd.DataFrame, task: str, pooling: str, measure: str) -> dict[str, dict[int, float]]:
@@ -193,13 +237,18 @@ def drift_reduction(
 
 
 def drift_statistics(
-    layers: pd.DataFrame | None, summary: pd.DataFrame | None, flags: pd.DataFrame, confidence: float
+    layers: pd.DataFrame | None,
+    summary: pd.DataFrame | None,
+    flags: pd.DataFrame,
+    confidence: float,
+    methods=BUILT_IN,
+    reference: str = BUILT_IN[1],
 ) -> pd.DataFrame:
     """Per task × pooling × measure and method: the runs' similarity to the base (mean over
     layers: mean and sd over runs; mean over the last third of layers), seed-vs-seed similarity,
-    the base-vs-base and shuffled-row references, and the drift reduction the verdict uses:
-    1 − mean drift_LoRA / mean drift_full over the seed pairs without a flagged run, with its
-    Fieller interval (drift = 1 − similarity)."""
+    the base-vs-base and shuffled-row references, and, on every method but the reference, the
+    drift reduction the verdict uses: 1 − mean drift_method / mean drift_reference over the seed
+    pairs without a flagged run, with its Fieller interval (drift = 1 − similarity)."""
     if summary is None:
         return DRIFT_STATISTICS.frame([])
     refs = {}
@@ -210,11 +259,15 @@ def drift_statistics(
     for (task, pooling, measure), cell in summary.groupby(["task", "pooling", "measure"], sort=False):
         cell = cell[cell["mean_over_layers"].notna()]  # undefined at every layer: left out, as in run_drifts
         runs, pairs = cell[cell["comparison"] == "run_vs_base"], cell[cell["comparison"] == "seed_vs_seed"]
-        seeds, judged, note = _judged(*clean_pairs(flags, task))
-        reduction = drift_reduction(run_drifts(summary, task, pooling, measure), seeds, confidence)
-        if not judged:
-            reduction = reduction._replace(low=math.nan, high=math.nan, bounded=False)
-        for method in ("lora", "full"):
+        drifts = run_drifts(summary, task, pooling, measure)
+        for method in methods:
+            if method == reference:
+                seeds, note, reduction = set(), "", stats.RatioEstimate(math.nan, math.nan, math.nan, False, "")
+            else:
+                seeds, judged, note = _judged(*clean_pairs(flags, task, (method, reference)))
+                reduction = drift_reduction(drifts, seeds, confidence, (method, reference))
+                if not judged:
+                    reduction = reduction._replace(low=math.nan, high=math.nan, bounded=False)
             d = stats.describe(runs.loc[runs["method"] == method, "mean_over_layers"], confidence)
             rows.append(
                 {
@@ -232,7 +285,7 @@ def drift_statistics(
                     "drift_reduction": reduction.value,
                     "reduction_low": reduction.low,
                     "reduction_high": reduction.high,
-                    "reduction_pairs": len(seeds),
+                    "reduction_pairs": len(seeds) if method != reference else math.nan,
                     "reduction_note": reduction.note + note,
                 }
             )
@@ -251,6 +304,7 @@ def quality_criteria(
     configured = "accuracy" if analysis.quality_metric == "accuracy" and not generative else primary
     seeds, judged, note = _judged(*clean_pairs(flags, task, pair))
     method, reference = pair
+    a, b = _names(pair)
     out = []
     for metric in dict.fromkeys([configured, primary, "exact" if generative else "accuracy"]):
         by = {m: dict(zip(g["seed"], g[metric])) for m, g in ok.groupby("method")}
@@ -264,8 +318,8 @@ def quality_criteria(
             spread = (gap["mean"], gap["sd"], gap["n"]) if judged else None
         counts = metric == configured
         rule = (
-            f"full FT − LoRA, {metric}, percentage points, paired t-interval; one-sided: met if the interval's "
-            f"upper end is ≤ {analysis.quality_max_gap_pp:g}, so LoRA better than full FT always passes"
+            f"{b} − {a}, {metric}, percentage points, paired t-interval; one-sided: met if the interval's "
+            f"upper end is ≤ {analysis.quality_max_gap_pp:g}, so {a} better than {b} always passes"
             + note
             + ("" if counts else "; shown beside the criterion, not part of the verdict")
         )
@@ -290,9 +344,10 @@ def drift_criterion(
     the paired contrast drift_LoRA − (1 − threshold)·drift_full has its upper t-bound ≤ 0,
     which tests the criterion without a ratio."""
     threshold = analysis.drift_min_reduction
+    a, b = ("LoRA", "full") if pair == BUILT_IN else pair
     rule = (
-        f"1 − mean drift_LoRA / mean drift_full, drift = 1 − linear CKA (mean over layers, mean pooling), "
-        f"Fieller interval; met if the paired contrast drift_LoRA − {1 - threshold:g}·drift_full has its upper "
+        f"1 − mean drift_{a} / mean drift_{b}, drift = 1 − linear CKA (mean over layers, mean pooling), "
+        f"Fieller interval; met if the paired contrast drift_{a} − {1 - threshold:g}·drift_{b} has its upper "
         f"t-bound ≤ 0 (at least {threshold:.0%} less drift)"
     )
     drifts = run_drifts(summary, task, DRIFT_POOLING, DRIFT_MEASURE) if summary is not None else {}
@@ -327,9 +382,10 @@ def forgetting_criterion(
     run did not train on (mean over them, last probed layer), paired t-interval over the judged
     seed pairs. Informs unless analysis.forgetting_in_verdict makes it count."""
     threshold, counts = analysis.forgetting_max_gap_pp, analysis.forgetting_in_verdict
+    a, b = _names(pair)
     rule = (
         f"forgetting = base − run linear-probe accuracy on the other probed tasks (mean over them, last "
-        f"layer); LoRA − full FT, percentage points, paired t-interval; ≤ {threshold:g} means LoRA forgets at "
+        f"layer); {a} − {b}, percentage points, paired t-interval; ≤ {threshold:g} means {a} forgets at "
         f"most that much more" + ("" if counts else "; informs, not part of 'recommended'")
     )
     by = {}
@@ -394,32 +450,48 @@ def deployment_criterion(table: pd.DataFrame | None, analysis: AnalysisConfig) -
     return verdict.Criterion("deployment", estimate, analysis.deploy_max_overhead, False, rule)
 
 
+def serving_criteria(study: Study, config: StudyConfig, method: str) -> list[verdict.Criterion]:
+    """The deployment rows of `method`: the deploy stage's when it serves that method (the first
+    adapter method of the study), else a deployment criterion that was not run, saying why."""
+    analysis = config.analysis
+    served = config.served_methods()[0]
+    if method != served:
+        rule = f"not served: the deploy stage serves the study's first adapter method ({served}) only"
+        return [verdict.Criterion("deployment", None, analysis.deploy_max_overhead, False, rule)]
+    return verdict.serving_criteria(
+        deployment_criterion(DEPLOYMENT.read(study.tables), analysis),
+        DEPLOYMENT_GENERATION.read(study.tables),
+        analysis.deploy_max_overhead,
+    )
+
+
 def analyze(study: Study, config: StudyConfig) -> None:
     tables, analysis = study.tables, config.analysis
     if PERFORMANCE.read(tables) is None:
         print("analyze: no tables/performance.csv yet (no run has trained); nothing to analyze", file=sys.stderr)
         return
     flags = FLAGS.write(tables, flagged_performance(study, config))
-    STATISTICS.write(tables, describe_rows(flags, analysis.confidence) + comparison_rows(flags, analysis))
+    methods, reference = study_methods(flags, config), analysis.reference
+    pairs = method_pairs(methods, reference)
+    STATISTICS.write(tables, describe_rows(flags, analysis.confidence, pairs) + comparison_rows(flags, analysis, pairs))
     summary = DRIFT_SUMMARY.read(tables)
-    DRIFT_STATISTICS.write(tables, drift_statistics(DRIFT_LAYERS.read(tables), summary, flags, analysis.confidence))
+    DRIFT_STATISTICS.write(
+        tables,
+        drift_statistics(DRIFT_LAYERS.read(tables), summary, flags, analysis.confidence, methods, reference),
+    )
     probes = FORGETTING.read(tables)
     forgetting_tables(tables, probes, summary, analysis)
-    deployment = verdict.serving_criteria(
-        deployment_criterion(DEPLOYMENT.read(tables), analysis),
-        DEPLOYMENT_GENERATION.read(tables),
-        analysis.deploy_max_overhead,
-    )
     rows = []
     for task in flags.loc[flags["status"] == "ok", "task"].unique():
-        criteria = [
-            *quality_criteria(flags, task, analysis),
-            drift_criterion(summary, flags, task, analysis),
-            forgetting_criterion(probes, flags, task, analysis),
-            *deployment,
-        ]
-        rows += verdict.verdict_rows(task, criteria, analysis.confidence)
-        for method in ("lora", "full"):
+        for method in (m for m, other in pairs if other == reference):
+            criteria = [
+                *quality_criteria(flags, task, analysis, (method, reference)),
+                drift_criterion(summary, flags, task, analysis, (method, reference)),
+                forgetting_criterion(probes, flags, task, analysis, (method, reference)),
+                *serving_criteria(study, config, method),
+            ]
+            rows += verdict.verdict_rows(task, criteria, analysis.confidence, method)
+        for method in methods:
             runs = flags[(flags["task"] == task) & (flags["method"] == method)]
             rows.append(verdict.failure_rate(task, method, int(runs["flagged"].sum()), len(runs), analysis.confidence))
     VERDICT.write(tables, pd.DataFrame(rows, columns=list(verdict.VERDICT_COLUMNS)))

@@ -422,6 +422,13 @@ class StudyConfig(Strict):
         """The methods that train a PEFT adapter, in config order."""
         return [name for name in self.methods if self.method_kind(name) != "full"]
 
+    def served_methods(self) -> tuple[str | None, str | None]:
+        """The adapter method deploy serves (the first of `methods`) and the full fine-tuning
+        method it serves as `full` (the first of that kind); None where the study has none."""
+        adapters = self.adapter_methods()
+        full = [m for m in self.methods if m not in adapters]
+        return (adapters[0] if adapters else None), (full[0] if full else None)
+
     def search_space(self, method: str) -> SearchSpace:
         """tune.spaces.<method> over its kind's default space."""
         return search_space(method, self.method_kind(method)).model_validate(self.tune.spaces.get(method, {}))

@@ -18,6 +18,7 @@ from lorascope.stats import Estimate
 MET, NOT_MET, INCONCLUSIVE, NOT_RUN, SHOWN = "met", "not met", "inconclusive", "not run", "shown"
 VERDICT_COLUMNS = (
     "task",
+    "method",  # the method judged against the reference (analysis.reference)
     "criterion",
     "value",
     "ci_low",
@@ -124,7 +125,7 @@ class Criterion:
     counts: bool = True
 
 
-def row(task: str, c: Criterion, confidence: float = 0.95) -> dict:
+def row(task: str, c: Criterion, confidence: float = 0.95, method: str = "") -> dict:
     value, low, high = tuple(c.estimate)[:3] if c.estimate is not None else (math.nan, math.nan, math.nan)
     if c.decider is not None:  # a contrast that must be at most decide_at
         decider, at, better = tuple(c.decider), c.decide_at, False
@@ -138,6 +139,7 @@ def row(task: str, c: Criterion, confidence: float = 0.95) -> dict:
         needed = (planning.seeds_needed(mean, sd, n, at, **args), *planning.seeds_needed_range(mean, sd, n, at, **args))
     return {
         "task": task,
+        "method": method,
         "criterion": c.name,
         "value": value,
         "ci_low": low,
@@ -153,15 +155,17 @@ def row(task: str, c: Criterion, confidence: float = 0.95) -> dict:
     }
 
 
-def verdict_rows(task: str, criteria: list[Criterion], confidence: float = 0.95) -> list[dict]:
-    """Rows of tables/verdict.csv for one task (columns VERDICT_COLUMNS), then 'recommended',
-    which combines the rows named in CRITERIA and any other row that counts (see `recommended`)."""
-    rows = [row(task, c, confidence) for c in criteria]
+def verdict_rows(task: str, criteria: list[Criterion], confidence: float = 0.95, method: str = "") -> list[dict]:
+    """Rows of tables/verdict.csv for one task and method (columns VERDICT_COLUMNS), then
+    'recommended', which combines the rows named in CRITERIA and any other row that counts (see
+    `recommended`)."""
+    rows = [row(task, c, confidence, method) for c in criteria]
     outcome = {r["criterion"]: r["outcome"] for r in rows}
     required = [c.name for c in criteria if c.counts and c.name not in CRITERIA]  # e.g. forgetting, when it counts
     rows.append(
         {
             "task": task,
+            "method": method,
             "criterion": "recommended",
             "value": math.nan,
             "ci_low": math.nan,
@@ -185,7 +189,8 @@ def failure_rate(task: str, method: str, flagged: int, runs: int, confidence: fl
         f"{flagged} of {runs} runs flagged (failed, diverged or not above the best floor baseline); "
         "Clopper–Pearson interval"
     )
-    return row(task, Criterion(f"failure rate {method}", estimate, math.nan, False, rule, counts=False), confidence)
+    failures = Criterion(f"failure rate {method}", estimate, math.nan, False, rule, counts=False)
+    return row(task, failures, confidence, method)
 
 
 # ---------------------------------------------------------------- generation serving

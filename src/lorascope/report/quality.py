@@ -4,27 +4,29 @@ analyze stage's tables (flags, statistics, verdict)."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pandas as pd
 
-from lorascope.analysis import DIFFERENCE, FORGETTING_CRITERION
+from lorascope.analysis import DIFFERENCE, FORGETTING_CRITERION, pair_name
 from lorascope.report import format as fmt
 from lorascope.report.document import NOT_RUN, Document
 from lorascope.report.figures import finite, method_label, method_order, performance_figure
 from lorascope.report.loader import ANALYZE, StudyView
 from lorascope.stats import describe
 
+# {a}: the method judged, {b}: the reference it is judged against
 CRITERIA = {
-    "quality": ("quality gap: full FT − LoRA (one-sided)", "pp"),
-    "drift": ("drift reduction: 1 − mean drift(LoRA) / mean drift(full), drift = 1 − CKA", "%"),
+    "quality": ("quality gap: {b} − {a} (one-sided)", "pp"),
+    "drift": ("drift reduction: 1 − mean drift({a}) / mean drift({b}), drift = 1 − CKA", "%"),
     "deployment": (
         "deployment: separate-adapter serving overhead, one example a request (measure, engine: its rule)",
         "%",
     ),
     "generation throughput": ("generation throughput: separate / merged output tokens/s, most clients (shown)", ""),
-    FORGETTING_CRITERION: ("forgetting: LoRA − full FT, probe accuracy lost on the other tasks", "pp"),
-    "recommended": ("**LoRA recommended** = quality and (drift or deployment)", ""),
+    FORGETTING_CRITERION: ("forgetting: {a} − {b}, probe accuracy lost on the other tasks", "pp"),
+    "recommended": ("**{a} recommended** = quality and (drift or deployment)", ""),
 }
 DIRECTION = {"at most": "≤", "at least": "≥"}
 
@@ -45,9 +47,10 @@ def _outcome_cell(r) -> tuple[str, str]:
     )
 
 
-def _label(criterion: str) -> tuple[str, str]:
+def _label(criterion: str, method: str, reference: str) -> tuple[str, str]:
     if criterion in CRITERIA:
-        return CRITERIA[criterion]
+        label, unit = CRITERIA[criterion]
+        return label.format(a=method_label(method), b=method_label(reference)), unit
     if criterion.startswith("quality ("):
         return f"quality gap on {criterion[9:-1]} (shown, not a criterion)", "pp"
     if criterion.startswith("failure rate "):
@@ -72,10 +75,11 @@ def verdict_section(doc: Document, view: StudyView) -> None:
         doc.not_run(f"{missing} (the analyze stage writes it)")
         return
     verdict = view.tables["verdict"]
+    reference = _reference(view)
     rows, rules = [], {}
     for task in view.tasks(verdict):
         for r in verdict[verdict["task"] == task].itertuples():
-            label, unit = _label(r.criterion)
+            label, unit = _label(r.criterion, str(getattr(r, "method", "lora")), reference)
             if isinstance(r.rule, str):
                 rules.setdefault((r.criterion, r.rule), []).append(task)
             if r.criterion == "recommended":
@@ -119,6 +123,17 @@ def verdict_section(doc: Document, view: StudyView) -> None:
     )
 
 
+def _reference(view: StudyView) -> str:
+    """analysis.reference of the study's config: the method every other is judged against."""
+    return ((view.config.get("analysis") or {}).get("reference")) or "full"
+
+
+def _judged_methods(verdict: pd.DataFrame) -> list[str]:
+    """The methods verdict.csv judges against the reference, in its order."""
+    rows = verdict[(verdict["criterion"] == "recommended") & verdict["method"].notna()] if "method" in verdict else []
+    return list(dict.fromkeys(str(m) for m in rows["method"])) if len(rows) else []
+
+
 def _describe(view: StudyView, task: str, method: str, metric: str, subset: str) -> dict:
     """The analyze stage's n / mean / sd / t-interval row, or the one of no values."""
     table = view.tables["statistics"]
@@ -141,26 +156,41 @@ def summary(view: StudyView, missing_sections: list[str]) -> str:
     model = (cfg.get("model") or {}).get("name", "the configured model")
     tasks = list(cfg.get("tasks") or {})
     seeds = cfg.get("seeds") or []
+    reference = _reference(view)
+    judged = [m for m in (cfg.get("methods") or ["lora"]) if m != reference]
+    compared = (
+        "LoRA against full fine-tuning"
+        if judged == ["lora"] and reference == "full"
+        else f"{', '.join(map(method_label, judged))} against {method_label(reference)}"
+    )
     parts = [
-        f"LoRA against full fine-tuning of `{model}` on {len(tasks)} task(s) ({', '.join(tasks) or '—'}), "
+        f"{compared} of `{model}` on {len(tasks)} task(s) ({', '.join(tasks) or '—'}), "
         f"seeds {', '.join(map(str, seeds)) or '—'}."
     ]
     verdict = view.tables["verdict"]
     if verdict is not None:
         groups: dict[str, list[str]] = {}
+        several = len(_judged_methods(verdict)) > 1
         for r in verdict[verdict["criterion"] == "recommended"].itertuples():
-            groups.setdefault(str(r.outcome), []).append(str(r.task))
+            named = f"{r.task} ({method_label(str(r.method))})" if several else str(r.task)
+            groups.setdefault(str(r.outcome), []).append(named)
         words = {
             "met": "LoRA is recommended for",
             "not met": "LoRA is not recommended for",
             "inconclusive": "the evidence is inconclusive for",
             NOT_RUN: "criteria were not run for",
         }
+        if several:  # each entry names its method
+            words = {"met": "recommended:", "not met": "not recommended:", "inconclusive": "inconclusive:"} | {
+                NOT_RUN: "not run:"
+            }
         said = [f"{words.get(k, k)} {', '.join(v)}" for k, v in groups.items()]
         if said:
             parts.append(
-                "Verdict (LoRA is recommended when its quality is within the threshold of full FT and it "
-                "drifts less or deploys cheaply): " + "; ".join(said) + "."
+                f"Verdict ({'a method' if several else 'LoRA'} is recommended when its quality is within the "
+                f"threshold of {'the reference' if several else 'full FT'} and it drifts less or deploys cheaply): "
+                + "; ".join(said)
+                + "."
             )
     else:
         parts.append("No verdict yet: the analyze stage has not run.")
@@ -184,13 +214,13 @@ def summary(view: StudyView, missing_sections: list[str]) -> str:
 
 
 def _pairing_check(flags: pd.DataFrame) -> str:
+    """Do the runs of one task and seed, whatever their method, share head init and data order?"""
     cols = [c for c in ("head_init_digest", "data_order_digest") if c in flags]
-    if not cols or not {"lora", "full"} <= set(flags["method"]):
+    if not cols:
         return ""
-    both = flags[flags["method"].isin(["lora", "full"])].dropna(subset=cols)
     total = mismatched = 0
-    for _, group in both.groupby(["task", "seed"]):
-        if set(group["method"]) >= {"lora", "full"}:
+    for _, group in flags.dropna(subset=cols).groupby(["task", "seed"]):
+        if group["method"].nunique() >= 2:
             total += 1
             mismatched += int(any(group[c].nunique() > 1 for c in cols))
     if total == 0:
@@ -324,6 +354,10 @@ def comparison_section(doc: Document, view: StudyView) -> None:
     any_flagged = bool(flags["flagged"].any())
     order = {task: i for i, task in enumerate(view.tasks(table))}
     table = table.sort_values("task", key=lambda t: t.map(order), kind="stable")
+    pairs = list(dict.fromkeys(table["method"].fillna("").astype(str)))
+    several = len(pairs) > 1  # then each row names its pair a − b
+    methods = method_order(flags["method"])
+    labels = {pair_name(p): " − ".join(map(method_label, p)) for p in itertools.permutations(methods, 2)}
     for subset in ("all", "unflagged"):
         part = table[table["subset"] == subset]
         if part.empty or (subset == "unflagged" and not any_flagged):
@@ -332,9 +366,12 @@ def comparison_section(doc: Document, view: StudyView) -> None:
         rows = []
         for r in part.itertuples():
             n = f"{int(r.n_a)} / {int(r.n_b)} / {int(r.n_pairs)}" if finite(r.n_pairs) else "—"
+            named = [labels.get(r.method, str(r.method))] if several else []
+            needed = getattr(r, "seeds_needed", None)
             rows.append(
                 [
                     r.task,
+                    *named,
                     r.metric,
                     n,
                     fmt.num(r.mean_diff_paired),
@@ -347,14 +384,16 @@ def comparison_section(doc: Document, view: StudyView) -> None:
                     + _drawn(r.permutation_unpaired_method, r.permutation_unpaired_n),
                     fmt.num(r.hedges_g, 2),
                     fmt.num(r.cohen_dz, 2),
+                    str(int(needed)) if finite(needed) else "—",
                 ]
             )
         doc.table(
             [
                 "task",
+                *(["pair a − b"] if several else []),
                 "metric",
-                "n LoRA / full / pairs",
-                "mean diff (LoRA − full, paired)",
+                "n a / b / pairs" if several else "n LoRA / full / pairs",
+                "mean diff (a − b, paired)" if several else "mean diff (LoRA − full, paired)",
                 "bootstrap 95 % CI of diff",
                 "Welch t p (Holm)",
                 "paired t p (Holm)",
@@ -362,6 +401,7 @@ def comparison_section(doc: Document, view: StudyView) -> None:
                 "permutation p (Holm)",
                 "Hedges' g",
                 "d_z",
+                "seed pairs to tell apart",
             ],
             rows,
         )
@@ -387,8 +427,10 @@ def comparison_section(doc: Document, view: StudyView) -> None:
             "**Hedges' g** = J · (mean_LoRA − mean_full) / s_pooled, s_pooled = √(((n_a−1)s_a² + (n_b−1)s_b²) / "
             "(n_a + n_b − 2)), J = 1 − 3 / (4(n_a + n_b) − 9).",
             "**d_z** = mean(d) / sd(d) (sd with n − 1) of the paired differences — not d_av.",
-            "**Holm**: step-down correction across tasks within each family of tests (each test is one family); the "
-            "adjusted p is in brackets.",
+            "**Holm**: step-down correction across tasks within each family of tests (each test and pair is one "
+            "family); the adjusted p is in brackets.",
+            "**Seed pairs to tell apart**: the number of seed pairs at which the paired t-interval of d would "
+            "exclude zero, were its mean and sd to stay as observed (— from fewer than two pairs, or beyond 1000).",
         ]
     )
     doc.para("Source: tables/statistics.csv.", css="note")

@@ -106,7 +106,8 @@ def reference_section(doc: Document, view: StudyView) -> None:
         if drift is not None:
             sel = drift[(drift["task"] == task) & (drift["measure"] == "linear_cka") & (drift["pooling"] == "mean")]
             mine = {r.method: 1 - r.similarity_mean for r in sel.itertuples()}
-            reduction = sel["drift_reduction"].iloc[0] if not sel.empty else reduction
+            lora = sel[sel["method"] == "lora"]  # the reference study's pair: LoRA against full FT
+            reduction = lora["drift_reduction"].iloc[0] if not lora.empty else reduction
         table.append(
             [
                 task,

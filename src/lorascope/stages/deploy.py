@@ -34,16 +34,8 @@ def run(study: Study, config: StudyConfig) -> None:
         generate(study, config, seed, generative)
 
 
-def served_methods(config: StudyConfig) -> tuple[str | None, str | None]:
-    """The adapter method deploy serves (the first of `methods`) and the full fine-tuning
-    method it serves as `full` (the first of that kind); None where the study has none."""
-    adapters = config.adapter_methods()
-    full = [m for m in config.methods if m not in adapters]
-    return (adapters[0] if adapters else None), (full[0] if full else None)
-
-
 def classify(study: Study, config: StudyConfig, seed: int, tasks: list[str]) -> None:
-    adapter, full_method = served_methods(config)
+    adapter, full_method = config.served_methods()
     served = {(t, m): fp for t in tasks for m, s, fp in runs.finished_runs(study, config, t) if s == seed}
     adapters = {t: str(study.run_dir(t, adapter, seed)) for t in tasks if (t, adapter) in served}
     if not adapters:
@@ -66,7 +58,7 @@ def classify(study: Study, config: StudyConfig, seed: int, tasks: list[str]) -> 
 
 
 def generate(study: Study, config: StudyConfig, seed: int, tasks: list[str]) -> None:
-    adapter, full_method = served_methods(config)
+    adapter, full_method = config.served_methods()
     finished = {t: runs.finished_runs(study, config, t) for t in tasks}
     lora = {(t, s): fp for t in tasks for m, s, fp in finished[t] if m == adapter}
     first = (tasks[0], seed)
