@@ -21,24 +21,28 @@ from peft import LoraModel
 
 from lorascope import footprint, stats
 from lorascope.config import STRATEGIES, DeployConfig
-from lorascope.hparams import LoraMethodConfig
+from lorascope.hparams import AdapterMethodConfig, LoraMethodConfig
 from lorascope.modeling import load_model, load_tokenizer, prepare_for_method
 from lorascope.report.figures import memory_figure, png_bytes
 from lorascope.serving import benchmark, checks, grid, inputs, load, memory, strategies
+from lorascope.serving.vllm_adapters import vllm_refusal
 
 LABELS = ("negative", "positive")
 GLUE = Path(os.environ["LORASCOPE_GLUE"])  # set by conftest
 
 
-def _adapter(base_dir, tokenizer, folder, seed):
-    """Built as a study run builds it (head + pooler saved), then B and the head perturbed so
-    the adapter really changes the logits (B = 0 would make every check pass vacuously)."""
+LORA = LoraMethodConfig(lr=1e-3, r=4)
+
+
+def _adapter(base_dir, tokenizer, folder, seed, method="lora", hp=LORA):
+    """Built as a study run builds it (head + pooler saved), then its trained weights perturbed
+    so the adapter really changes the logits (B = 0 would make every check pass vacuously)."""
     model = load_model(str(base_dir), LABELS, seed, tokenizer.pad_token_id)
-    model = prepare_for_method(model, "lora", LoraMethodConfig(lr=1e-3, r=4))
+    model = prepare_for_method(model, method, hp)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_B" in name or "modules_to_save" in name:
+            if param.requires_grad and "lora_A" not in name:
                 param.add_(0.2 * torch.randn(param.shape, generator=g))
     model.save_pretrained(folder)
     return str(folder)
@@ -188,8 +192,9 @@ def test_table_has_required_columns_and_one_row_per_cell(setup, tmp_path):
     )
     assert json.loads((tmp_path / "deployment_checks.json").read_text())["meta"] == {"fingerprint": "abc"}
     table = pd.read_csv(tmp_path / "deployment.csv")
-    assert list(table.columns[:9]) == [
+    assert list(table.columns[:10]) == [
         "strategy",
+        "method",
         "batch_size",
         "seq_len",
         "p50_ms",
@@ -199,7 +204,8 @@ def test_table_has_required_columns_and_one_row_per_cell(setup, tmp_path):
         "examples_per_s",
         "overhead_vs_full",
     ]
-    assert list(table.columns[9:14]) == ["tokens_per_s", "overhead_ci_low", "overhead_ci_high", "threads", "repeats"]
+    assert list(table.columns[10:15]) == ["tokens_per_s", "overhead_ci_low", "overhead_ci_high", "threads", "repeats"]
+    assert table["method"].isna().all()  # a bench of adapters of no named method
     cells = table.groupby(["strategy", "batch_size", "seq_len"]).size()
     assert len(table) == len(cells) == 6 * 2 * 2 and (cells == 1).all()
     assert (table["repeats"] == 3).all() and (table["warmup"] == 1).all()
@@ -397,3 +403,51 @@ def test_checks_pass_for_a_decoder_with_a_score_head(tiny_llama_dir, tmp_path):
     rows = inputs.tokenize_texts(tokenizer, [(s, None) for s in texts], 32)
     table = _checks(models, {"a": rows, "b": rows[::-1]}, tokenizer)
     assert len(table) == 6 and table["passed"].all(), table
+
+
+def test_further_methods_are_checked_and_served_merged_and_separate_beside_the_first(setup, tmp_path):
+    """DoRA and IA3 adapters of the first task: each merged adapter gives its unmerged logits, and
+    each is timed merged and separate in the same turns as the study's first method, its
+    separate-over-merged overhead against its own merged model."""
+    models, examples, tokenizer = setup
+    further = {
+        "dora": _adapter(
+            models.base, tokenizer, tmp_path / "dora", 4, "dora", LoraMethodConfig(lr=1e-3, r=4, use_dora=True)
+        ),
+        "ia3": _adapter(models.base, tokenizer, tmp_path / "ia3", 5, "ia3", AdapterMethodConfig(type="ia3", lr=1e-2)),
+    }
+    cfg = _cfg(batch_sizes=[1], seq_lens=["natural"])
+    result = benchmark.benchmark(
+        *(models.base, models.adapters, models.full, examples, tokenizer, cfg, tmp_path / "out"),
+        memory=False,
+        methods=further,
+        names=("lora", "full"),
+    )
+    merged = result.checks[result.checks["check"] == "merged_vs_separate"]
+    assert list(merged["method"]) == ["lora", "lora", "dora", "ia3"] and merged["passed"].all()
+    assert (merged.loc[merged["method"] != "lora", "max_abs_diff"] > 0).all()  # computed, not skipped
+    table = result.timings.set_index(["strategy", "method"])
+    assert list(table.index) == [
+        *((s, "full" if s == "full" else "lora") for s in STRATEGIES),
+        *((s, m) for m in further for s in ("merged", "separate")),
+    ]
+    assert (table["status"] == "ok").all()
+    times = pd.read_csv(tmp_path / "out" / "deployment_times.csv")
+    ms = {key: g.sort_values("repetition")["ms"].to_numpy() for key, g in times.groupby(["strategy", "method"])}
+    for m in further:
+        own = np.median(ms[("separate", m)] / ms[("merged", m)])
+        assert table.loc[("separate", m), "overhead_vs_merged"] == pytest.approx(own)
+        assert table.loc[("separate", m), "overhead_vs_full"] == pytest.approx(
+            np.median(ms[("separate", m)] / ms[("full", "full")])
+        )
+    engines = pd.read_csv(tmp_path / "out" / "deployment_engines.csv")
+    assert set(zip(engines["strategy"], engines["method"])) == set(table.index)
+
+
+def test_vllm_says_why_it_serves_no_further_method(setup, tmp_path):
+    models, _, tokenizer = setup
+    dora = _adapter(models.base, tokenizer, tmp_path / "dora", 4, "dora", LoraMethodConfig(lr=1e-3, r=4, use_dora=True))
+    ia3 = _adapter(models.base, tokenizer, tmp_path / "ia3", 5, "ia3", AdapterMethodConfig(type="ia3", lr=1e-2))
+    assert vllm_refusal(dora) == "vLLM does not serve DoRA adapters (use_dora)"
+    assert vllm_refusal(ia3) == "vLLM serves LoRA adapters only; this one is IA3"
+    assert vllm_refusal(models.adapters["sst2"]).startswith("not served: lorascope starts vLLM servers")

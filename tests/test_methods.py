@@ -42,7 +42,9 @@ def methods_study(tiny_study_config, tmp_path_factory):
         "tasks={sst2: {train_max: 48, eval_max: 40}, rte: {train_max: 48, eval_max: 40}}",  # forgetting: the other task
         "seeds=[42]",
         "runtime.workers=1",
-        "deploy.enabled=false",
+        "deploy.strategies=[full, merged, separate]",
+        "deploy.grid={batch_sizes: [1], seq_lens: [natural], concurrency: [1], warmup: 1, repeats: 3, threads: 1}",
+        "deploy.checks.examples=16",
         *("baselines.head_only=false", "forget.lm=false", "drift.bootstrap=10", "forget.bootstrap=10"),
     )
     return run_stages(config, tmp_path_factory.mktemp("methods"), list(STAGES))
@@ -84,14 +86,22 @@ def test_every_stage_and_the_report_take_any_set_of_methods(methods_study):
         assert versus.loc[method, "quality_gap_value"] == pytest.approx(100 * (quality["full"] - quality[method]))
         assert versus.loc[method, "quality_gap_outcome"] == "inconclusive"  # one pair gives no interval
     assert versus.loc["full", ["quality_gap_value", "drift_reduction_value"]].isna().all()
-    # the verdict judges every method against the reference; deploy serves the first adapter method only
+    # the verdict judges every method against the reference, deployment included: every method served
     verdict = pd.read_csv(methods_study.tables / "verdict.csv")
     verdict = verdict[verdict["task"] == "sst2"]
     judged = verdict[verdict["criterion"] == "recommended"]
     assert list(judged["method"]) == list(METHODS)
+    served = pd.read_csv(methods_study.tables / "deployment.csv").query("strategy == 'separate'").set_index("method")
     deployment = verdict[verdict["criterion"] == "deployment"].set_index("method")
-    assert (deployment.drop(index="lora")["outcome"] == "not run").all()
-    assert "serves the study's first adapter method (lora) only" in deployment.loc["dora", "rule"]
+    assert list(served.index) == list(METHODS) and served["status"].eq("ok").all()
+    assert deployment["value"].to_dict() == pytest.approx((served["overhead_vs_full"] - 1).to_dict())
+    assert versus.loc[list(METHODS), "separate_over_merged"].to_dict() == pytest.approx(
+        served["overhead_vs_merged"].to_dict()
+    )
+    assert pd.isna(versus.loc["full", "separate_over_merged"])
+    checks = pd.read_csv(methods_study.tables / "deployment_checks.csv")
+    merged = checks.query("check == 'merged_vs_separate' and task == 'sst2'")
+    assert list(merged["method"]) == list(METHODS) and checks["passed"].all()  # merged = unmerged, each method
     assert (
         "full − dora"
         in verdict.loc[(verdict["method"] == "dora") & (verdict["criterion"] == "quality"), "rule"].iloc[0]
@@ -191,8 +201,10 @@ def test_methods_mapping_defines_and_picks_them():
         (["training.x={type: lora, lr: 1.0e-3, use_dorra: true}", "methods=[x]"], "did you mean 'use_dora'?"),
         (["training.x={type: lorra, lr: 1.0e-3}", "methods=[x]"], "type 'lorra' is neither full nor a PEFT type"),
         (["training.x={type: ia3, lr: 1.0e-3, r: 4}", "methods=[x]"], "'r' is neither an optimiser hyperparameter"),
-        (["training.x={lr: 1.0e-3}", "methods=[x]"], "training.x.type: Field required"),
+        (["training.x={lr: 1.0e-3}", "methods=[x]"], "training: x is not a method; a method of your own needs a type"),
+        (["training.lroa.r=4"], "lroa is not a method; a method of your own needs a type (did you mean 'lora'?)"),
         (["methods=[lora, lora]"], "a method is named twice"),
+        (["training.x={type: prompt_tuning, lr: 1.0e-2}", "methods=[x]"], "learns prompts, which PEFT cannot merge"),
         (["analysis.reference=dora"], "analysis.reference: dora is not one of methods"),
         (
             [

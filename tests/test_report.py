@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lorascope import analysis, drift, planning, report, runs, stats, tuning, verdict, weights
+from lorascope import analysis, comparisons, drift, planning, report, runs, stats, tuning, verdict, weights
 from lorascope.config import DeployConfig
 from lorascope.config_io import to_yaml, validate
 from lorascope.footprint import MB
@@ -150,7 +150,7 @@ def _deployment(tables: Path) -> None:
         checks.compare_logits("merged_vs_separate", "sst2", reference + 2e-6, reference, labels),
         checks.compare_logits("multi_vs_alone", "sst2", reference + torch.tensor([0.0, 0.7]), reference, labels),
     ]
-    checks.DEPLOYMENT_CHECKS.write(tables, rows)
+    checks.DEPLOYMENT_CHECKS.write(tables, [r | {"method": "lora"} for r in rows])  # as check_correctness names them
     memory.DEPLOYMENT_MEMORY.write(
         tables,
         [
@@ -478,8 +478,10 @@ def test_numbers_from_the_tables_appear_in_the_markdown(full_report):
     dep = pd.read_csv(root / "tables" / "deployment.csv")
     sep = dep[(dep.strategy == "separate") & (dep.batch_size == 1) & (dep.seq_len == "natural")].iloc[0]
     deployment = _section(md, "Deployment cost")
-    assert re.search(r"\| merged_vs_separate \| sst2 \| 4 \| 2\.\d+e-06 \| 0 \| 0\.0001 \| passed \|", deployment)
-    assert "| multi_vs_alone | sst2 | 4 | 0.7 | 1 | 0.0001 | FAILED |" in deployment
+    assert re.search(
+        r"\| merged_vs_separate \| sst2 \| lora \| 4 \| 2\.\d+e-06 \| 0 \| 0\.0001 \| passed \|", deployment
+    )
+    assert "| multi_vs_alone | sst2 | lora | 4 | 0.7 | 1 | 0.0001 | FAILED |" in deployment
     overhead = (
         f"| separate | {100 * (sep.overhead_vs_full - 1):+.1f} [{100 * (sep.overhead_ci_low - 1):+.1f}, "
         f"{100 * (sep.overhead_ci_high - 1):+.1f}] |"
@@ -613,7 +615,7 @@ def test_comparison_read_from_statistics_csv(tmp_path):
     root, table = _comparison_study(tmp_path / "s")
     row = (table["kind"] == "compare") & (table["task"] == "sst2") & (table["subset"] == "all")
     table.loc[row, ["mean_diff_paired", "paired_t_p", "paired_t_p_holm", "cohen_dz"]] = [-0.0123, 0.0417, 0.0834, -2.71]
-    analysis.STATISTICS.write(root / "tables", table)
+    comparisons.STATISTICS.write(root / "tables", table)
     md = report.write_report(root)[0].read_text()
     section = _section(md, "Method comparison")
     assert "-0.0123" in section and "0.042 (0.083)" in section and "-2.71" in section
@@ -622,7 +624,7 @@ def test_comparison_read_from_statistics_csv(tmp_path):
 
 def test_comparison_not_run_without_comparison_rows(tmp_path):
     root, table = _comparison_study(tmp_path / "s")
-    analysis.STATISTICS.write(root / "tables", table[table["kind"] == "describe"])
+    comparisons.STATISTICS.write(root / "tables", table[table["kind"] == "describe"])
     md = report.write_report(root)[0].read_text()
     section = _section(md, "Method comparison")
     assert (
@@ -673,7 +675,7 @@ def test_many_seeds_go_through_analyze_and_report(tmp_path, n_seeds):
     config = validate({"name": "many", "tasks": {t: {} for t in TASKS}, "seeds": seeds, "analysis": {"bootstrap": 500}})
     (study.root / "config.yaml").write_text(to_yaml(config))
     analysis.analyze(study, config)
-    compare = analysis.STATISTICS.read(study.tables).query("kind == 'compare' and subset == 'all'")
+    compare = comparisons.STATISTICS.read(study.tables).query("kind == 'compare' and subset == 'all'")
     assert (compare["n_pairs"] == n_seeds).all() and compare["permutation_unpaired_method"].eq("monte carlo").all()
     assert compare["permutation_paired_method"].eq("exact" if n_seeds == 12 else "monte carlo").all()
     assert compare["permutation_paired_p"].between(0, 1).all() and (compare["permutation_unpaired_n"] == 100_000).all()

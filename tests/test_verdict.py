@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from lorascope import analysis, planning, stats, verdict
+from lorascope import analysis, comparisons, planning, stats, verdict
 from lorascope.config import AnalysisConfig
 
 SST2_LORA = {42: 0.951, 1337: 0.953, 2024: 0.945}  # the reference study's numbers
@@ -247,22 +247,22 @@ def test_a_run_whose_drift_is_undefined_at_every_layer_is_left_out_of_the_statis
 def test_every_method_is_compared_with_the_reference_and_with_each_other(tmp_path):
     """Three methods: each against full FT, then LoRA against DoRA; differences, tests, the seed
     pairs that would tell a pair apart, and drift reductions, each against its own pair."""
-    assert analysis.method_pairs(["lora", "dora", "full"], "full") == [
+    assert comparisons.method_pairs(["lora", "dora", "full"], "full") == [
         ("lora", "full"),
         ("dora", "full"),
         ("lora", "dora"),
     ]
-    assert analysis.method_pairs(["lora", "dora"], "full") == [("lora", "dora")]  # no reference: each other only
+    assert comparisons.method_pairs(["lora", "dora"], "full") == [("lora", "dora")]  # no reference: each other only
     accuracy = {"lora": (0.70, 0.72, 0.71), "dora": (0.74, 0.73, 0.78), "full": (0.75, 0.76, 0.74)}
     flags = _flags({(m, s): (v[s - 1], v[s - 1], False) for m, v in accuracy.items() for s in (1, 2, 3)})
-    pairs = analysis.method_pairs(["lora", "dora", "full"], "full")
-    described = pd.DataFrame(analysis.describe_rows(flags, 0.95, pairs))
+    pairs = comparisons.method_pairs(["lora", "dora", "full"], "full")
+    described = pd.DataFrame(comparisons.describe_rows(flags, 0.95, pairs))
     for a, b in pairs:
         d = described[(described["method"] == f"{a}-{b}") & (described["metric"] == "accuracy")]
         assert len(d) == 2 and d["mean"].iloc[0] == pytest.approx(
             sum(x - y for x, y in zip(accuracy[a], accuracy[b])) / 3
         )
-    compared = pd.DataFrame(analysis.comparison_rows(flags, AnalysisConfig(bootstrap=200), pairs))
+    compared = pd.DataFrame(comparisons.comparison_rows(flags, AnalysisConfig(bootstrap=200), pairs))
     assert list(compared["method"]) == ["lora-full", "lora-full", "dora-full", "dora-full", "lora-dora", "lora-dora"]
     lora_full = compared.iloc[0]
     diffs = [x - y for x, y in zip(accuracy["lora"], accuracy["full"])]

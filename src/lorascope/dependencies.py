@@ -137,6 +137,6 @@ LM_LOSSES = Declared("lm_losses", ("model", "forget.lm_documents", "forget.seed"
 # tables/lm_forgetting.csv; upstream: every LM-loss file's stamp
 LM_FORGETTING = Declared("lm_forgetting", (*LM_LOSSES.config, "forget.bootstrap", "forget.confidence"), version=4)
 # tables/deployment*.csv; upstream: the served runs' stamps
-DEPLOYMENT = Declared("deployment", ("deploy",), device=True, version=4)
+DEPLOYMENT = Declared("deployment", ("deploy",), device=True, version=5)
 # tables/deployment_generation*.csv; upstream: the served LoRA runs' stamps and the full run's
 DEPLOYMENT_GENERATION = Declared("deployment_generation", ("deploy", "model.max_length"), device=True)

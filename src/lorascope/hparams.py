@@ -97,6 +97,9 @@ class AdapterMethodConfig(MethodConfig):
         types = {name.lower() for name in PEFT_TYPE_TO_CONFIG_MAPPING}
         if self.type not in types:
             raise ValueError(f"type '{self.type}' is neither full nor a PEFT type{did_you_mean(self.type, types)}")
+        if PEFT_TYPE_TO_CONFIG_MAPPING[self.type.upper()]().is_prompt_learning:
+            # drift, weights, forgetting and serving all read the adapter merged into the base
+            raise ValueError(f"type '{self.type}' learns prompts, which PEFT cannot merge into the base's weights")
         try:
             self.peft_config(self.target_modules, self.modules_to_save)
         except TypeError as err:  # an unknown keyword: name it and the closest field
@@ -310,6 +313,20 @@ class TrainingConfig(Strict):
     full: FullMethodConfig = Field(FullMethodConfig(lr=5e-5), description="full fine-tuning (type full)")
     head: MethodConfig = Field(MethodConfig(lr=1e-3), description="the head-only baseline's hyperparameters")
     eval_batch_size: int = Field(64, gt=0, description="batch size of every evaluation (dev, eval, baselines)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_new_method_has_a_type(cls, data: Any) -> Any:
+        """`training.lroa.r=4` is a typo more often than a method: say so, not "type: Field required"."""
+        for name, spec in data.items() if isinstance(data, dict) else ():
+            if name not in cls.model_fields and isinstance(spec, dict) and "type" not in spec:
+                known = [
+                    n for n in dict.fromkeys((*cls.model_fields, *data)) if n not in (name, "head", "eval_batch_size")
+                ]
+                raise ValueError(
+                    f"{name} is not a method; a method of your own needs a type{did_you_mean(name, known)}"
+                )
+        return data
 
 
 class TuneConfig(Strict):

@@ -22,6 +22,7 @@ from lorascope.analysis import (
 from lorascope.config import StudyConfig
 from lorascope.drift import DRIFT_SUMMARY
 from lorascope.forgetting import FORGETTING
+from lorascope.serving.grid import DEPLOYMENT
 from lorascope.study import Study, Table
 
 METHOD_COSTS = ("trainable_params", "train_seconds", "peak_rss_added_bytes", "artifact_bytes")  # medians
@@ -52,19 +53,45 @@ METHODS = Table(
         "forgetting_pp",
         "forgetting_low",
         "forgetting_high",
+        "separate_over_merged",
+        "separate_over_merged_low",
+        "separate_over_merged_high",
         *(f"{c}_{part}" for c in PAIRED for part in PARTS),
     ),
 )
+SERVED_CELL = "PEFT, one client, one example a request, natural length"  # separate_over_merged's cell
+
+
+def separate_over_merged(deployment: pd.DataFrame | None, method: str) -> tuple[float, float, float]:
+    """Latency of `method`'s adapter kept separate over merged, with its interval, in SERVED_CELL
+    (deployment.csv, the deploy stage's); NaN where it was not served."""
+    if deployment is None or "method" not in deployment:
+        return math.nan, math.nan, math.nan
+    rows = deployment[
+        (deployment["method"] == method)
+        & (deployment["strategy"] == "separate")
+        & (deployment["batch_size"] == 1)
+        & (deployment["seq_len"].astype(str) == "natural")
+    ]
+    if rows.empty:
+        return math.nan, math.nan, math.nan
+    r = rows.iloc[0]
+    return tuple(float(r[c]) for c in ("overhead_vs_merged", "overhead_vs_merged_ci_low", "overhead_vs_merged_ci_high"))
 
 
 def method_rows(
-    flags: pd.DataFrame, summary: pd.DataFrame | None, probes: pd.DataFrame | None, config: StudyConfig
+    flags: pd.DataFrame,
+    summary: pd.DataFrame | None,
+    probes: pd.DataFrame | None,
+    config: StudyConfig,
+    deployment: pd.DataFrame | None = None,
 ) -> list[dict]:
     """Per task and method, over its finished runs: the primary metric (mean, t-interval over
     seeds), trainable parameters, training time, memory added and saved size (medians), drift
     (1 − linear CKA, mean pooling, mean over layers: the drift criterion's measure) and
     forgetting on the other probed tasks (points of probe accuracy), each with its t-interval;
-    and for every method but analysis.reference, the verdict's quality, drift and forgetting
+    separate-over-merged latency where deploy served the method (SERVED_CELL); and for every
+    method but analysis.reference, the verdict's quality, drift and forgetting
     criteria against the reference (paired by seed, with outcome and seeds needed)."""
     analysis, rows = config.analysis, []
     confidence, reference = analysis.confidence, analysis.reference
@@ -93,6 +120,7 @@ def method_rows(
                 if method != reference and reference in set(ok["method"])
                 else []
             )
+            served = separate_over_merged(deployment, method)
             versus = dict.fromkeys((f"{name}_{part}" for name in PAIRED for part in PARTS), math.nan)
             for name, criterion in zip(PAIRED, paired):
                 judged = verdict.row(task, criterion, confidence)
@@ -118,6 +146,9 @@ def method_rows(
                     "forgetting_pp": forget["mean"],
                     "forgetting_low": forget["ci_low"],
                     "forgetting_high": forget["ci_high"],
+                    **dict(
+                        zip(("separate_over_merged", "separate_over_merged_low", "separate_over_merged_high"), served)
+                    ),
                     **versus,
                 }
             )
@@ -127,5 +158,6 @@ def method_rows(
 def write_method_table(study: Study, config: StudyConfig) -> None:
     flags = FLAGS.read(study.tables)
     if flags is not None:
-        rows = method_rows(flags, DRIFT_SUMMARY.read(study.tables), FORGETTING.read(study.tables), config)
+        tables = study.tables
+        rows = method_rows(flags, DRIFT_SUMMARY.read(tables), FORGETTING.read(tables), config, DEPLOYMENT.read(tables))
         METHODS.write(study.tables, METHODS.frame(rows))

@@ -53,6 +53,52 @@ def _grid(doc: Document, dep: pd.DataFrame) -> None:
             doc.table(["overhead vs full FT (%, interval)"] + [f"batch {b}" for b in batches], overhead)
 
 
+def split_methods(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows of full FT and of the first adapter method, rows of further adapter methods): the
+    grid lists the first adapter method's strategies before any further method's."""
+    if "method" not in table:
+        return table, table.iloc[:0]
+    methods = table["method"].fillna("")
+    adapters = methods[(table["strategy"] != "full") & (table["status"] == "ok")]
+    main = (table["strategy"] == "full") | (methods == (adapters.iloc[0] if len(adapters) else ""))
+    return table[main], table[~main]
+
+
+def _further_methods(doc: Document, further: pd.DataFrame) -> None:
+    """Each further adapter method merged and separate, timed in the same turns as the others."""
+    batches = sorted(further["batch_size"].dropna().astype(int).unique())
+    for seq_len in ordered(further["seq_len"], ("natural",)):
+        part = further[further["seq_len"] == seq_len]
+        rows = []
+        for (method, strategy), group in part.groupby(["method", "strategy"], sort=False):
+            cells = [group[group["batch_size"] == b] for b in batches]
+            first = [c.iloc[0] if not c.empty else None for c in cells]
+            rows.append(
+                [str(method), strategy]
+                + [fmt.num(r["p50_ms"], 2) if r is not None else "—" for r in first]
+                + [_overhead(r) for r in first]
+                + [
+                    _overhead(r, "overhead_vs_merged", "overhead_vs_merged_ci_low", "overhead_vs_merged_ci_high")
+                    if r is not None and strategy == "separate"
+                    else ""
+                    for r in first
+                ]
+            )
+        doc.table(
+            ["method", "strategy"]
+            + [f"p50 ms, batch {b}" for b in batches]
+            + [f"vs full FT (%), batch {b}" for b in batches]
+            + [f"separate vs its merged (%), batch {b}" for b in batches],
+            rows,
+        )
+        doc.para(
+            f"Further adapter methods of the study at sequence length {seq_len}: each one's adapter of the "
+            "first task, merged into the base and kept separate, timed in the same turns as the strategies "
+            "above (PEFT in-process, one client).",
+            css="note",
+        )
+
+
 def _plain_table(headers, rows) -> str:
     widths = [max(len(str(h)), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths))]
@@ -66,7 +112,7 @@ def deployment_section(doc: Document, view: StudyView) -> None:
     if dep is None:
         doc.not_run(view.why["deployment"])
     else:
-        dep = dep.assign(seq_len=dep["seq_len"].astype(str))
+        dep, further = split_methods(dep.assign(seq_len=dep["seq_len"].astype(str)))
         doc.figure(
             view.save(latency_figure(dep), "deployment_latency"),
             "Median latency per batch against batch size, one panel per sequence "
@@ -84,6 +130,9 @@ def deployment_section(doc: Document, view: StudyView) -> None:
             "strategies take turns request by request on the same requests.",
             css="note",
         )
+        if not further.empty:
+            doc.heading(3, "Every adapter method, merged and separate")
+            _further_methods(doc, further)
         cols = list(dep.columns)
         doc.details(
             f"all {len(dep)} rows of tables/deployment.csv",
@@ -142,6 +191,7 @@ def engines_section(doc: Document, view: StudyView) -> None:
     if grid is None:
         doc.not_run("no engine was measured at natural length")
         return
+    grid, further = split_methods(grid)
     if set(grid["engine"]) == {"peft"}:
         doc.para(
             "Only PEFT in-process was measured; add vllm to deploy.engines (after `make vllm`) for the engine "
@@ -199,6 +249,8 @@ def engines_section(doc: Document, view: StudyView) -> None:
     missing = grid[grid["status"] != "ok"].drop_duplicates(["engine", "strategy"])
     for r in missing.itertuples():
         doc.para(f"{ENGINE_LABELS.get(r.engine, r.engine)} {r.strategy}: {r.status} — {r.note}", css="note")
+    for r in further[further["status"] != "ok"].drop_duplicates(["engine", "method"]).itertuples():
+        doc.para(f"{ENGINE_LABELS.get(r.engine, r.engine)}, {r.method}: {r.status} — {r.note}", css="note")
     requests = sorted(ok["requests"].dropna().astype(int).unique())
     doc.para(
         f"Each cell: {', '.join(map(str, requests)) or '—'} timed requests after warm-up, so p99 is "

@@ -10,9 +10,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from lorascope.analysis import DRIFT_STATISTICS, FLAGS, STATISTICS, VERDICT
+from lorascope.analysis import DRIFT_STATISTICS, FLAGS, VERDICT
 from lorascope.answers import ANSWER_EXAMPLES, ANSWERS
 from lorascope.atomic import atomic_write
+from lorascope.comparisons import STATISTICS
 from lorascope.drift import DRIFT_LAYERS, DRIFT_SUMMARY
 from lorascope.forgetting import FORGET_CORRELATION, FORGET_DRIFT, FORGET_STATISTICS, FORGETTING, LM_FORGETTING
 from lorascope.method_table import METHODS

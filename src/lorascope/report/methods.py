@@ -38,6 +38,7 @@ def methods_section(doc: Document, view: StudyView) -> None:
                 "saved (MB)",
                 f"drift, mean [{ci}]",
                 f"forgetting (points), mean [{ci}]",
+                "separate vs merged latency (%) [interval]",
             ],
             [
                 [
@@ -51,6 +52,7 @@ def methods_section(doc: Document, view: StudyView) -> None:
                     fmt.num(r.artifact_bytes / MB, 1) if finite(r.artifact_bytes) else "—",
                     _with_interval(r.drift_mean, r.drift_low, r.drift_high),
                     _with_interval(r.forgetting_pp, r.forgetting_low, r.forgetting_high, 2),
+                    _percent(r.separate_over_merged, r.separate_over_merged_low, r.separate_over_merged_high),
                 ]
                 for r in rows.itertuples()
             ],
@@ -93,9 +95,18 @@ def methods_section(doc: Document, view: StudyView) -> None:
         "drift (1 − linear CKA to the base, mean pooling, mean over layers) and forgetting (points of linear-probe "
         "accuracy lost on the probed tasks a run did not train on). Against the reference: the verdict's "
         "criteria and thresholds (analysis.*), each method paired with the reference by seed, over the seed pairs "
-        "without a flagged run. Methods and their PEFT types: docs/methods.md.",
+        "without a flagged run. Separate vs merged: the deploy stage's latency of the method's adapter kept "
+        "separate over the same adapter merged into the base (PEFT, one client, one example a request, "
+        "natural length; — where deploy did not run). Methods and their PEFT types: docs/methods.md.",
         css="note",
     )
+
+
+def _percent(ratio, low, high) -> str:
+    """A latency ratio as an overhead in percent, its interval in brackets; — where not served."""
+    if not finite(ratio):
+        return "—"
+    return f"{100 * (ratio - 1):+.1f}" + (f" [{100 * (low - 1):+.1f}, {100 * (high - 1):+.1f}]" if finite(low) else "")
 
 
 def _judged(row, name: str, digits: int) -> str:

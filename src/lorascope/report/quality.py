@@ -9,7 +9,8 @@ from typing import Any
 
 import pandas as pd
 
-from lorascope.analysis import DIFFERENCE, FORGETTING_CRITERION, pair_name
+from lorascope.analysis import FORGETTING_CRITERION
+from lorascope.comparisons import DIFFERENCE, pair_name
 from lorascope.report import format as fmt
 from lorascope.report.document import NOT_RUN, Document
 from lorascope.report.figures import finite, method_label, method_order, performance_figure

@@ -32,12 +32,14 @@ from lorascope.serving.grid import (
     measure,
     not_measured,
     overheads,
+    served_name,
     times_table,
 )
 from lorascope.serving.inputs import Models, forward_inputs, interleave, make_batches, num_labels_of
 from lorascope.serving.load import TURNS, others_busy_cores, say
 from lorascope.serving.memory import DEPLOYMENT_MEMORY, memory_table
 from lorascope.serving.strategies import REGISTRY, variants
+from lorascope.serving.vllm_adapters import vllm_refusal
 from lorascope.serving.vllm_engine import ENGINE_CHECKS, ENGINE_VERSIONS
 from lorascope.serving.vllm_server import find_vllm_python
 
@@ -56,11 +58,12 @@ class DeploymentResult:
 def validate(models: Models, examples: dict[str, list[dict]]) -> None:
     if not models.adapters:
         raise InputError("deployment needs at least one LoRA adapter")
-    for name, path in models.adapters.items():
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise InputError(f"adapter '{name}': no adapter_config.json in {path}")
+    for name in models.adapters:
         if not examples.get(name):
             raise InputError(f"adapter '{name}': no examples given for it")
+    for name, path in {**models.adapters, **models.methods}.items():
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise InputError(f"adapter '{name}': no adapter_config.json in {path}")
     if models.full is not None and not (Path(models.full) / "config.json").is_file():
         raise InputError(f"full model: no config.json in {models.full}")
 
@@ -80,10 +83,13 @@ def write_checks(out_dir: Path, checks: pd.DataFrame, skipped: dict[str, str], e
 
 def peft_memory(measured: list[Measured], strategies: list[str], models: Models, spec: dict) -> pd.DataFrame:
     """One fresh process per strategy (serving.memory); its whole-process peak becomes the engines
-    table's server memory of PEFT (a compiled variant: its source's)."""
+    table's server memory of PEFT (a compiled variant: its source's). Further methods' strategies
+    (served_name) are not measured apart."""
     table = memory_table(strategies, models, spec)
     by_strategy = {r["strategy"]: r for r in table.to_dict("records")}
     for m in measured:
+        if m.strategy not in REGISTRY:
+            continue
         row = by_strategy.get(REGISTRY[m.strategy].compiled_from or m.strategy)
         if row is not None:
             m.memory = {"server_rss_mb": row["process_mb"], "server_gpu_mb": row["gpu_mb"]}
@@ -103,6 +109,8 @@ def benchmark(
     bf16: bool = False,
     memory: bool = True,
     meta: dict | None = None,
+    methods: dict[str, str] | None = None,
+    names: tuple[str, str] = ("", ""),
 ) -> DeploymentResult:
     """Correctness checks, then the grid on each engine of cfg.engines, then PEFT's memory; writes
     deployment_checks.csv/.json, and with PEFT deployment.csv, deployment_times.csv (every timed
@@ -114,13 +122,18 @@ def benchmark(
     `examples[task]` are that task's tokenized eval examples (dicts with input_ids, optional
     token_type_ids and label: see `inputs.examples_from_dataset`, `inputs.tokenize_texts`);
     checks use the first cfg.checks.examples of each (all by default). `meta` (e.g. the caller's
-    fingerprint) is stored in deployment_checks.json. Raises DeploymentCheckFailed, after
-    writing the check tables, when a serving path changes the logits."""
+    fingerprint) is stored in deployment_checks.json. `methods`: adapters of further methods on
+    the first task, by method name, each checked and timed merged and separate in PEFT beside the
+    others (served_name); `names`: the methods of `adapters` and of `full`, for the tables' method
+    column. Raises DeploymentCheckFailed, after writing the check tables, when a serving path
+    changes the logits."""
     device, out_dir = torch.device(device), Path(out_dir)
-    models = Models(base, dict(adapters), full)
+    models = Models(base, dict(adapters), full, dict(methods or {}))
     validate(models, examples)
     strategies = variants(cfg.strategies, cfg.compile)
     skipped = {name: why for name in strategies if (why := REGISTRY[name].unavailable(models))}
+    one_adapter = [s for s in ("merged", "separate") if s in strategies]  # what further methods are served by
+    further = [served_name(s, m) for m in models.methods for s in one_adapter]
     threads = cfg.grid.threads or torch.get_num_threads()
     pad_token_id, input_names, num_labels = tokenizer.pad_token_id, forward_inputs(base), num_labels_of(models)
     env = runtime.hardware(device) | runtime.versions() | {"device": device.type, "threads": threads}
@@ -131,7 +144,11 @@ def benchmark(
 
     # the checks are not timed, so they use every core
     checked = {t: examples[t][: cfg.checks.examples] for t in models.adapters}
-    checks = check_correctness(models, checked, num_labels, pad_token_id, input_names, device)
+    shape = (num_labels, pad_token_id, input_names, device)
+    checks = [check_correctness(models, checked, *shape, names[0])]
+    for m in models.methods:  # a further method: its merged adapter against itself unmerged
+        checks.append(check_correctness(models.of_method(m), {models.first: checked[models.first]}, *shape, m))
+    checks = pd.concat(checks, ignore_index=True)
     write_checks(out_dir, checks, skipped, env, meta or {})
     if not checks["passed"].all():
         raise DeploymentCheckFailed(checks)
@@ -142,6 +159,8 @@ def benchmark(
         probe = make_batches(pool, 2, "natural", 1, pad_token_id, input_names, offset=len(pool) // 2)[0].to(device)
         wanted = strategies if peft else [s for s in vllm if s not in skipped]
         loaded = peft_engine.load(wanted, skipped, models, num_labels, pad_token_id, device, bf16, probe)
+        if peft:
+            loaded |= peft_engine.load_methods(one_adapter, models, num_labels, pad_token_id, device)
         for strategy in vllm:
             if strategy in loaded:
                 references[strategy] = peft_engine.references(
@@ -169,8 +188,10 @@ def benchmark(
     timings = pd.DataFrame(columns=DEPLOYMENT.columns)
     memory_rows = pd.DataFrame(columns=DEPLOYMENT_MEMORY.columns)
     if peft:
-        timings = DEPLOYMENT.write(out_dir, deployment_table(measured, strategies, skipped, cfg, threads, device.type))
-        DEPLOYMENT_TIMES.write(out_dir, times_table(measured))
+        timings = DEPLOYMENT.write(
+            out_dir, deployment_table(measured, strategies + further, skipped, cfg, threads, device.type, names)
+        )
+        DEPLOYMENT_TIMES.write(out_dir, times_table(measured, names))
         if memory:
             largest = [
                 make_batches(pool, max(cfg.grid.batch_sizes), s, 1, pad_token_id, input_names)[0]
@@ -198,6 +219,13 @@ def benchmark(
         if e == "peft" or s in vllm
         for r in not_measured(e, s, engine_cells(cfg.grid), "skipped", why, device.type)
     ]
+    extra += [  # further methods on vLLM: why not
+        r
+        for m, path in models.methods.items()
+        for s in one_adapter
+        if s in vllm
+        for r in not_measured("vllm", s, engine_cells(cfg.grid), "skipped", vllm_refusal(path), device.type, m)
+    ]
     versions = [
         {"engine": "peft", "package": p, "version": v}
         for p, v in runtime.versions().items()
@@ -216,7 +244,7 @@ def benchmark(
         checks,
         memory_rows,
         skipped,
-        DEPLOYMENT_ENGINES.write(out_dir, engines_table(measured, extra, device.type)),
+        DEPLOYMENT_ENGINES.write(out_dir, engines_table(measured, extra, device.type, names)),
         ENGINE_CHECKS.write(out_dir, pd.DataFrame(engine_checks, columns=ENGINE_CHECKS.columns)),
         ENGINE_VERSIONS.write(out_dir, pd.DataFrame(versions, columns=ENGINE_VERSIONS.columns)),
     )

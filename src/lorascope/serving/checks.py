@@ -22,6 +22,7 @@ DEPLOYMENT_CHECKS = Table(
     (
         "check",
         "task",
+        "method",
         "n_examples",
         "max_abs_diff",
         "prediction_mismatches",
@@ -114,10 +115,12 @@ def check_correctness(
     pad_token_id: int,
     input_names,
     device: torch.device,
+    method: str = "",
 ) -> pd.DataFrame:
     """fp32 logits of every serving path against its reference, on each task's examples:
     merged vs the same adapter unmerged; with 2+ adapters, the switch path and each example of
-    a batch holding every task (multi) vs a freshly loaded single adapter."""
+    a batch holding every task (multi) vs a freshly loaded single adapter. `method`: the adapter
+    method the rows are of, for the table."""
     rows, alone = [], {}
     # shortest first: batches pad to their longest, and every check row is order-free
     examples = {t: sorted(ex, key=lambda r: len(r["input_ids"])) for t, ex in examples.items()}
@@ -147,4 +150,6 @@ def check_correctness(
             rows.append(compare_logits("multi_vs_alone", task, together[task], alone[task], labels[task]))
         del multi
     gc.collect()
-    return DEPLOYMENT_CHECKS.frame(pd.DataFrame(rows, columns=DEPLOYMENT_CHECKS.columns))
+    return DEPLOYMENT_CHECKS.frame(
+        pd.DataFrame([r | {"method": method} for r in rows], columns=DEPLOYMENT_CHECKS.columns)
+    )

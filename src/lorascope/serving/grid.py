@@ -27,11 +27,27 @@ from lorascope.study import Table
 CLASSIFY = "classify"  # one forward pass, class scores back
 GENERATE = "generate"  # a fixed number of greedy tokens, streamed (serving.generation_grid)
 REFERENCES = ("full", "merged")  # every overhead is against one of these, in the same engine and cell
+METHOD_MARK = "@"  # "separate@dora": a strategy serving another adapter method (served_name)
+
+
+def served_name(strategy: str, method: str | None = None) -> str:
+    """What the grid calls a strategy serving one of the further adapter methods (Models.methods);
+    the study's first adapter method and full FT keep the strategy's plain name."""
+    return f"{strategy}{METHOD_MARK}{method}" if method else strategy
+
+
+def split_served(name: str, names: tuple[str, str] = ("", "")) -> tuple[str, str]:
+    """(strategy, method) of a served name; a plain name serves `names` = (the first adapter
+    method, the full FT method): its `full` the second, any other strategy the first."""
+    strategy, _, method = name.partition(METHOD_MARK)
+    return strategy, method or (names[1] if strategy == "full" else names[0])
+
 
 DEPLOYMENT = Table(
     "deployment",
     (
         "strategy",
+        "method",
         "batch_size",
         "seq_len",
         "p50_ms",
@@ -57,13 +73,15 @@ DEPLOYMENT = Table(
     ),
 )
 DEPLOYMENT_TIMES = Table(
-    "deployment_times", ("strategy", "batch_size", "seq_len", "repetition", "ms", "padded_tokens", "real_tokens")
+    "deployment_times",
+    ("strategy", "method", "batch_size", "seq_len", "repetition", "ms", "padded_tokens", "real_tokens"),
 )
 DEPLOYMENT_ENGINES = Table(
     "deployment_engines",
     (
         "engine",
         "strategy",
+        "method",
         "concurrency",
         "batch_size",
         "requests",
@@ -238,11 +256,13 @@ def overheads(
     per-request ratios of `value` (latency; generation: time per output token; request k carried
     the same inputs under both), with a bootstrap
     interval that resamples whole turns (a turn's requests shared a queue and a spell of the
-    machine; at one client on PEFT a turn is one request). See stats.median_paired_ratio."""
+    machine; at one client on PEFT a turn is one request). See stats.median_paired_ratio. A
+    further adapter method's strategies are compared with `full` and with its own `merged`."""
     by_cell = {(m.engine, m.cell, m.strategy): m for m in measured}
     for m in measured:
+        method = m.strategy.partition(METHOD_MARK)[2]
         for ref in REFERENCES:
-            other = by_cell.get((m.engine, m.cell, ref))
+            other = by_cell.get((m.engine, m.cell, served_name(ref, method if ref == "merged" else None)))
             if other is None:
                 continue
             values = stats.median_paired_ratio(value(m), value(other), bootstrap, blocks=m.turns)
@@ -265,16 +285,18 @@ def deployment_table(
     cfg: DeployConfig,
     threads: int,
     device: str,
+    names: tuple[str, str] = ("", ""),
 ) -> pd.DataFrame:
-    """PEFT's one-client cells: one row per strategy x batch size x seq_len; skipped strategies
-    keep their rows with the reason in `note`."""
+    """PEFT's one-client cells: one row per served strategy (see served_name; `names` as in
+    split_served) x batch size x seq_len; skipped strategies keep their rows with the reason in
+    `note`."""
     found = {(m.strategy, m.cell): m for m in measured if m.engine == "peft" and m.cell.concurrency == 1}
     rows = []
     for strategy in strategies:
         for seq_len in cfg.grid.seq_lens:
             for size in cfg.grid.batch_sizes:
                 row = {
-                    "strategy": strategy,
+                    **dict(zip(("strategy", "method"), split_served(strategy, names))),
                     "batch_size": size,
                     "seq_len": str(seq_len),
                     "threads": threads,
@@ -298,12 +320,12 @@ def deployment_table(
     return pd.DataFrame(rows).reindex(columns=DEPLOYMENT.columns)
 
 
-def times_table(measured: list[Measured]) -> pd.DataFrame:
+def times_table(measured: list[Measured], names: tuple[str, str] = ("", "")) -> pd.DataFrame:
     """Every timed request of PEFT's one-client cells (long format), so any statistic can be
     recomputed from the raw data."""
     rows = [
         {
-            "strategy": m.strategy,
+            **dict(zip(("strategy", "method"), split_served(m.strategy, names))),
             "batch_size": m.cell.size,
             "seq_len": str(m.cell.seq_len),
             "repetition": r,
@@ -318,12 +340,15 @@ def times_table(measured: list[Measured]) -> pd.DataFrame:
     return DEPLOYMENT_TIMES.frame(pd.DataFrame(rows, columns=DEPLOYMENT_TIMES.columns))
 
 
-def not_measured(engine: str, strategy: str, where: list[Cell], status: str, note: str, device: str) -> list[dict]:
+def not_measured(
+    engine: str, strategy: str, where: list[Cell], status: str, note: str, device: str, method: str = ""
+) -> list[dict]:
     """Rows of the engines table for a strategy an engine did not time, with the reason."""
     return [
         {
             "engine": engine,
             "strategy": strategy,
+            "method": method,
             "concurrency": c.concurrency,
             "batch_size": c.size,
             "requests": 0,
@@ -340,9 +365,11 @@ def engine_cells(grid: DeployGridConfig) -> list[Cell]:
     return [c for c in cells(grid) if c.seq_len == "natural"]
 
 
-def engines_table(measured: list[Measured], extra: list[dict], device: str) -> pd.DataFrame:
+def engines_table(
+    measured: list[Measured], extra: list[dict], device: str, names: tuple[str, str] = ("", "")
+) -> pd.DataFrame:
     """Every engine's natural-length cells; tokens_per_s counts real tokens (vLLM pads nothing)."""
-    rows = list(extra)
+    rows = []  # measured first: the first adapter method's strategies precede further methods' rows
     for m in measured:
         if m.cell.seq_len != "natural":
             continue
@@ -350,7 +377,7 @@ def engines_table(measured: list[Measured], extra: list[dict], device: str) -> p
         rows.append(
             {
                 "engine": m.engine,
-                "strategy": m.strategy,
+                **dict(zip(("strategy", "method"), split_served(m.strategy, names))),
                 "concurrency": m.cell.concurrency,
                 "batch_size": m.cell.size,
                 **{k: summary[k] for k in ("requests", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "requests_per_s")},
@@ -364,6 +391,7 @@ def engines_table(measured: list[Measured], extra: list[dict], device: str) -> p
                 "note": "",
             }
         )
+    rows += [r | {"method": r.get("method") or split_served(r["strategy"], names)[1]} for r in extra]
     table = pd.DataFrame(rows).reindex(columns=DEPLOYMENT_ENGINES.columns)
     return DEPLOYMENT_ENGINES.frame(in_strategy_order(table, "batch_size"))
 
@@ -371,9 +399,10 @@ def engines_table(measured: list[Measured], extra: list[dict], device: str) -> p
 def in_strategy_order(table: pd.DataFrame, size: str) -> pd.DataFrame:
     """Rows by engine, strategy (in the config's order), request size (column `size`), clients."""
     order = {s: i for i, s in enumerate(strategy_order(table["strategy"]))}
+    methods = {m: i for i, m in enumerate(dict.fromkeys(table["method"]))} if "method" in table else {}
     table = table.sort_values(
-        ["engine", "strategy", size, "concurrency"],
-        key=lambda c: c.map(order) if c.name == "strategy" else c,
+        ["engine", "strategy", *(["method"] if methods else []), size, "concurrency"],
+        key=lambda c: c.map(order) if c.name == "strategy" else c.map(methods) if c.name == "method" else c,
         kind="stable",
     )
     return table.reset_index(drop=True)

@@ -21,15 +21,21 @@ BATCH_SEED = 0
 @dataclasses.dataclass(frozen=True)
 class Models:
     """What is served: a base checkpoint, LoRA adapters by task (the first is the one served
-    by `merged` and `separate`), and optionally a fully fine-tuned checkpoint."""
+    by `merged` and `separate`), optionally a fully fine-tuned checkpoint, and adapters of
+    further methods on the first task by method name (each served merged and separate too)."""
 
     base: str
     adapters: dict[str, str]
     full: str | None = None
+    methods: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def first(self) -> str:
         return next(iter(self.adapters))
+
+    def of_method(self, method: str) -> Models:
+        """The further method's adapter as the one adapter served."""
+        return Models(self.base, {self.first: self.methods[method]}, self.full)
 
 
 @dataclasses.dataclass

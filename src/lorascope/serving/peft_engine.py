@@ -16,7 +16,7 @@ import torch
 
 from lorascope.runtime import autocast
 from lorascope.serving.checks import logits
-from lorascope.serving.grid import Request, Send
+from lorascope.serving.grid import Request, Send, served_name, split_served
 from lorascope.serving.inputs import Batch, Models
 from lorascope.serving.strategies import REGISTRY, compile_model
 
@@ -69,11 +69,25 @@ def load(
     return loaded
 
 
+def load_methods(
+    strategies: list[str], models: Models, num_labels: int, pad_token_id: int, device: torch.device
+) -> dict[str, torch.nn.Module]:
+    """The further adapter methods of `models` (Models.methods), each by every one of `strategies`
+    that serves one adapter (merged, separate), under its served name."""
+    return {
+        served_name(strategy, method): REGISTRY[strategy]
+        .load(models.of_method(method), num_labels, pad_token_id)
+        .to(device)
+        for method in models.methods
+        for strategy in strategies
+    }
+
+
 def sender(model: torch.nn.Module, strategy: str, tasks: list[str], device: torch.device, bf16: bool) -> Send:
     """One request: the strategy's forward pass on the request's padded batch under the model's
     lock (first come, first served), inference mode and autocast (both per thread); the logits
     stay on the device."""
-    call, lock = REGISTRY[strategy].call(model, tasks), FifoLock()
+    call, lock = REGISTRY[split_served(strategy)[0]].call(model, tasks), FifoLock()
 
     def send(request: Request) -> torch.Tensor:
         with lock, torch.inference_mode(), autocast(device, bf16):

@@ -26,11 +26,14 @@ def _config(adapter: str | os.PathLike) -> dict:
     return json.loads((Path(adapter) / CONFIG).read_text())
 
 
+def _rank(config: dict) -> int:
+    return max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
+
+
 def lora_rank(adapter: str | os.PathLike) -> int:
     """The smallest --max-lora-rank that admits this adapter (vLLM's default, 16, refuses larger ranks)."""
     try:
-        config = _config(adapter)
-        rank = max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
+        rank = _rank(_config(adapter))
     except (OSError, ValueError):
         return 16
     return next((r for r in LORA_RANKS if r >= rank), LORA_RANKS[-1])
@@ -82,3 +85,18 @@ def servable_adapter(adapter: str | os.PathLike, scratch: str | os.PathLike) -> 
             (scratch / item.name).symlink_to(item.resolve())
     (scratch / CONFIG).write_text(json.dumps(config | {"modules_to_save": kept or None}, indent=2))
     return str(scratch)
+
+
+def vllm_refusal(adapter: str | os.PathLike) -> str:
+    """Why a further adapter method has no vLLM rows: vLLM 0.32 serves plain LoRA (no DoRA) up to
+    rank 512; a plain LoRA it could serve is left out by lorascope, which starts vLLM servers for
+    the study's first adapter method only."""
+    config = _config(adapter)
+    kind = str(config.get("peft_type", "LORA")).upper()
+    if kind != "LORA":
+        return f"vLLM serves LoRA adapters only; this one is {kind}"
+    if config.get("use_dora"):
+        return "vLLM does not serve DoRA adapters (use_dora)"
+    if _rank(config) > LORA_RANKS[-1]:
+        return f"rank above vLLM's largest --max-lora-rank, {LORA_RANKS[-1]}"
+    return "not served: lorascope starts vLLM servers for the study's first adapter method only"
