@@ -204,6 +204,7 @@ def test_methods_mapping_defines_and_picks_them():
         (["training.x={lr: 1.0e-3}", "methods=[x]"], "training: x is not a method; a method of your own needs a type"),
         (["training.lroa.r=4"], "lroa is not a method; a method of your own needs a type (did you mean 'lora'?)"),
         (["methods=[lora, lora]"], "a method is named twice"),
+        (["deploy.methods=[full]"], "deploy.methods: full is not a further adapter method of `methods`"),
         (["training.x={type: prompt_tuning, lr: 1.0e-2}", "methods=[x]"], "learns prompts, which PEFT cannot merge"),
         (["analysis.reference=dora"], "analysis.reference: dora is not one of methods"),
         (

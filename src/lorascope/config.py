@@ -285,6 +285,11 @@ class DeployConfig(Strict):
         min_length=1,
         description="serving engines: peft = PEFT in-process, vllm = vLLM servers from their own virtualenv",
     )
+    methods: list[str] | None = Field(
+        None,
+        description="further adapter methods served merged and separate in PEFT beside the first adapter method "
+        "(each loads two more models at once); None = every adapter method of `methods`, [] = none",
+    )
     compile: bool = Field(False, description="also time torch.compile variants of merged and separate (PEFT)")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples of each overhead's interval (0 = none)")
     grid: DeployGridConfig = Field(default_factory=DeployGridConfig, description="cells and timing")
@@ -295,8 +300,8 @@ class DeployConfig(Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> DeployConfig:
-        for key in ("engines", "strategies"):
-            values = getattr(self, key)
+        for key in ("engines", "strategies", "methods"):
+            values = getattr(self, key) or []
             if len(set(values)) != len(values):
                 raise ValueError(f"`{key}` has duplicates: {values}")
         return self
@@ -447,6 +452,11 @@ class StudyConfig(Strict):
             )
         if self.analysis.reference != "full" and self.analysis.reference not in self.methods:  # full: none to compare
             raise ValueError(f"analysis.reference: {self.analysis.reference} is not one of methods {self.methods}")
+        if wrong := [m for m in self.deploy.methods or [] if m not in self.adapter_methods()[1:]]:
+            raise ValueError(
+                f"deploy.methods: {wrong[0]} is not a further adapter method of `methods` "
+                f"(those: {self.adapter_methods()[1:]}; the first adapter method is always served)"
+            )
         for method in self.tune.spaces:
             if not self.defines(method):
                 raise ValueError(f"tune.spaces.{method}: no method of that name is defined in `training`")

@@ -4,7 +4,7 @@
 The first adapter method of `methods` is served, beside the first full fine-tuning method.
 Classification: one seed's runs, full FT and the first task's adapter merged / separate, and
 every task's adapter on one base (switch / multi), on each task's eval examples; every further
-adapter method's run of the first task merged / separate in PEFT beside them; PEFT's tables
+adapter method's run of the first task (deploy.methods) merged / separate in PEFT beside them; PEFT's tables
 land before vLLM's servers start, whatever vLLM does. Generation (generative tasks): the first
 generative task's full run and adapter of that seed merged / separate, and every run of the
 adapter method on the generative tasks, every seed, on one base (multi), on their eval prompts
@@ -45,8 +45,9 @@ def classify(study: Study, config: StudyConfig, seed: int, tasks: list[str]) -> 
         return
     first = next(iter(adapters))
     full = str(study.run_dir(first, full_method, seed)) if (first, full_method) in served else None
-    further = {  # every other adapter method, merged and separate on the first task
-        m: str(study.run_dir(first, m, seed)) for m in config.adapter_methods()[1:] if (first, m) in served
+    wanted = config.adapter_methods()[1:] if config.deploy.methods is None else config.deploy.methods
+    further = {  # the other adapter methods, merged and separate on the first task
+        m: str(study.run_dir(first, m, seed)) for m in wanted if (first, m) in served
     }
     device = runtime.pick_device(config.runtime)
     bf16 = runtime.uses_bf16(config.runtime, device)
