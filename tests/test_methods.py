@@ -200,7 +200,10 @@ def test_methods_mapping_defines_and_picks_them():
         (["methods=[dora, full]"], "methods: dora is not defined; define it as training.dora"),
         (["training.x={type: lora, lr: 1.0e-3, use_dorra: true}", "methods=[x]"], "did you mean 'use_dora'?"),
         (["training.x={type: lorra, lr: 1.0e-3}", "methods=[x]"], "type 'lorra' is neither full nor a PEFT type"),
-        (["training.x={type: ia3, lr: 1.0e-3, r: 4}", "methods=[x]"], "'r' is neither an optimiser hyperparameter"),
+        (
+            ["training.x={type: ia3, lr: 1.0e-3, r: 4}", "methods=[x]"],
+            "'r' is neither an optimiser hyperparameter nor a field of PEFT's IA3Config",
+        ),
         (["training.x={lr: 1.0e-3}", "methods=[x]"], "training: x is not a method; a method of your own needs a type"),
         (["training.lroa.r=4"], "lroa is not a method; a method of your own needs a type (did you mean 'lora'?)"),
         (["methods=[lora, lora]"], "a method is named twice"),
@@ -222,6 +225,7 @@ def test_a_bad_method_is_one_line_and_exit_2_before_any_stage(overrides, message
     assert main([*argv, *(item for o in overrides for item in ("--set", o))]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+    assert "did you mean 'lr'" not in err  # IA3's r is LoRA's field, not a typo of the learning rate
     assert not out.exists()
 
 

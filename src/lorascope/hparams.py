@@ -107,8 +107,11 @@ class AdapterMethodConfig(MethodConfig):
             unknown = next((k for k in self.peft_fields() if f"'{k}'" in str(err)), None)
             if unknown is None:
                 raise ValueError(f"PEFT's {config_class.__name__} refuses it: {err}") from None
-            known = [f.name for f in dataclasses.fields(config_class)] + list(type(self).model_fields)
-            close = difflib.get_close_matches(unknown, known, n=1)
+            # the type's own fields first; an optimiser name only when very close ('r' is not a typo of 'lr')
+            fields = [f.name for f in dataclasses.fields(config_class)]
+            close = difflib.get_close_matches(unknown, fields, n=1) or difflib.get_close_matches(
+                unknown, list(type(self).model_fields), n=1, cutoff=0.8
+            )
             raise ValueError(
                 f"'{unknown}' is neither an optimiser hyperparameter nor a field of PEFT's {config_class.__name__}"
                 + (f" (did you mean '{close[0]}'?)" if close else "")
