@@ -265,3 +265,6 @@ def test_the_rank_sweep_figure_has_one_point_per_rank_and_full_ft_as_a_line():
     assert list(drift.lines[0].get_ydata()) == pytest.approx([0.01, 0.04, 0.16, 0.64, 2.56])
     assert quality.lines[-1].get_ydata()[0] == pytest.approx(0.8 + 512 / 1e4)  # full FT's dashed line
     assert methods_report.rank_figure(pd.DataFrame(rows), ["sst2"], {"lora": 8}) is None  # one rank: no sweep
+    unprobed = methods_report.rank_figure(pd.DataFrame(rows).assign(forgetting_pp=float("nan")), ["sst2"], ranks)
+    forgetting = unprobed.axes[2]  # the task a study probes has no forgetting: said, not an empty axis
+    assert not forgetting.lines and [t.get_text() for t in forgetting.texts] == ["not measured"]

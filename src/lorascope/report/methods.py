@@ -185,6 +185,11 @@ def rank_figure(table: pd.DataFrame, tasks: list[str], ranks: dict[str, int]):
         for ax, (mean, low, high, label) in zip(row, measures):
             swept = rows.loc[sorted((m for m in ranks if m in rows.index), key=ranks.get)]
             r = [ranks[m] for m in swept.index]
+            ax.set_title(f"{task}: {label}", fontsize=10)
+            if not swept[mean].map(finite).any():  # e.g. forgetting of the one task a study probes
+                ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="0.4")
+                ax.set_xticks([]), ax.set_yticks([])
+                continue
             ax.errorbar(
                 r,
                 swept[mean],
@@ -199,5 +204,4 @@ def rank_figure(table: pd.DataFrame, tasks: list[str], ranks: dict[str, int]):
             plain_ticks(ax.xaxis)
             ax.set_xlabel("rank r")
             ax.set_ylabel(rows["metric"].iloc[0] if mean == "quality_mean" else label)
-            ax.set_title(f"{task}: {label}", fontsize=10)
     return fig
