@@ -87,9 +87,9 @@ def _judged(seeds: set[int], clean: set[int]) -> tuple[set[int], bool, str]:
     return seeds, False, note + ": value over all pairs, no interval)"
 
 
-def _names(pair: tuple[str, str]) -> tuple[str, str]:
-    """How a criterion's rule names the two methods of its pair."""
-    return ("LoRA", "full FT") if pair == BUILT_IN else pair
+def _names(pair: tuple[str, str], full: str = "full FT") -> tuple[str, str]:
+    """How a criterion's rule names the two methods of its pair (the built-in one: LoRA and `full`)."""
+    return ("LoRA", full) if pair == BUILT_IN else pair
 
 
 def run_drifts(summary: pd.DataFrame, task: str, pooling: str, measure: str) -> dict[str, dict[int, float]]:
@@ -224,7 +224,7 @@ def drift_criterion(
     the paired contrast drift_LoRA − (1 − threshold)·drift_full has its upper t-bound ≤ 0,
     which tests the criterion without a ratio."""
     threshold = analysis.drift_min_reduction
-    a, b = ("LoRA", "full") if pair == BUILT_IN else pair
+    a, b = _names(pair, "full")
     rule = (
         f"1 − mean drift_{a} / mean drift_{b}, drift = 1 − linear CKA (mean over layers, mean pooling), "
         f"Fieller interval; met if the paired contrast drift_{a} − {1 - threshold:g}·drift_{b} has its upper "
@@ -335,15 +335,14 @@ def deployment_criterion(
     return verdict.Criterion("deployment", estimate, analysis.deploy_max_overhead, False, rule)
 
 
-def serving_criteria(study: Study, config: StudyConfig, method: str) -> list[verdict.Criterion]:
+def serving_criteria(
+    deployment: pd.DataFrame | None, generation: pd.DataFrame | None, config: StudyConfig, method: str
+) -> list[verdict.Criterion]:
     """The deployment rows of `method`: of its adapter served separately in PEFT (deployment.csv);
     generation serving (deployment_generation.csv) times the study's first adapter method only."""
-    analysis = config.analysis
-    classification = deployment_criterion(DEPLOYMENT.read(study.tables), analysis, method)
+    classification = deployment_criterion(deployment, config.analysis, method)
     if method == config.served_methods()[0]:
-        return verdict.serving_criteria(
-            classification, DEPLOYMENT_GENERATION.read(study.tables), analysis.deploy_max_overhead
-        )
+        return verdict.serving_criteria(classification, generation, config.analysis.deploy_max_overhead)
     return [classification]
 
 
@@ -363,14 +362,17 @@ def analyze(study: Study, config: StudyConfig) -> None:
     )
     probes = FORGETTING.read(tables)
     forgetting_tables(tables, probes, summary, analysis)
+    judged = [m for m, other in pairs if other == reference]
+    deployment, generation = DEPLOYMENT.read(tables), DEPLOYMENT_GENERATION.read(tables)
+    serving = {m: serving_criteria(deployment, generation, config, m) for m in judged}  # the same for every task
     rows = []
     for task in flags.loc[flags["status"] == "ok", "task"].unique():
-        for method in (m for m, other in pairs if other == reference):
+        for method in judged:
             criteria = [
                 *quality_criteria(flags, task, analysis, (method, reference)),
                 drift_criterion(summary, flags, task, analysis, (method, reference)),
                 forgetting_criterion(probes, flags, task, analysis, (method, reference)),
-                *serving_criteria(study, config, method),
+                *serving[method],
             ]
             rows += verdict.verdict_rows(task, criteria, analysis.confidence, method)
         for method in methods:

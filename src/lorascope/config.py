@@ -333,8 +333,8 @@ class AnalysisConfig(Strict):
     seed: int = Field(0, description="seed of the resampling and permutation tests")
     reference: str = Field(
         "full",
-        description="the method tables/methods.csv compares every other one with, paired by seed (the verdict "
-        "compares lora with full)",
+        description="the method every other one is judged against, paired by seed (verdict.csv, methods.csv); "
+        "statistics.csv also compares the others with each other",
     )
 
 
@@ -428,8 +428,9 @@ class StudyConfig(Strict):
         return [name for name in self.methods if self.method_kind(name) != "full"]
 
     def served_methods(self) -> tuple[str | None, str | None]:
-        """The adapter method deploy serves (the first of `methods`) and the full fine-tuning
-        method it serves as `full` (the first of that kind); None where the study has none."""
+        """The adapter method deploy serves with every strategy (the first of `methods`; further
+        ones only merged and separate) and the full fine-tuning method it serves as `full` (the
+        first of that kind); None where the study has none."""
         adapters = self.adapter_methods()
         full = [m for m in self.methods if m not in adapters]
         return (adapters[0] if adapters else None), (full[0] if full else None)

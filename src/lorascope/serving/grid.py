@@ -260,7 +260,7 @@ def overheads(
     further adapter method's strategies are compared with `full` and with its own `merged`."""
     by_cell = {(m.engine, m.cell, m.strategy): m for m in measured}
     for m in measured:
-        method = m.strategy.partition(METHOD_MARK)[2]
+        method = split_served(m.strategy)[1]
         for ref in REFERENCES:
             other = by_cell.get((m.engine, m.cell, served_name(ref, method if ref == "merged" else None)))
             if other is None:
